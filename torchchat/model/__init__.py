@@ -1,0 +1,1 @@
+"""The one Llama-family Transformer, its configuration and the table of known models."""

@@ -1,0 +1,46 @@
+"""Rotary position embeddings. Pairs are adjacent elements (Meta / llama2.c layout): checkpoints in
+Hugging Face's half-split layout are permuted back at load time, so the model has one RoPE."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from torchchat.model.config import RopeScaling
+
+
+def scaled_frequencies(freqs: Tensor, scaling: RopeScaling) -> Tensor:
+    """Llama 3.1 scaling: keep high frequencies, divide low ones by `factor`, blend in between."""
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * freqs / scaling.factor + smooth * freqs
+    out = torch.where(wavelen > low_wavelen, freqs / scaling.factor, blended)
+    return torch.where(wavelen < high_wavelen, freqs, out)
+
+
+def rope_table(seq_len: int, head_dim: int, base: float, scaling: RopeScaling | None = None) -> Tensor:
+    """cos/sin table, shape (seq_len, head_dim // 2, 2), float32."""
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64)[: head_dim // 2] / head_dim))
+    if scaling is not None:
+        freqs = scaled_frequencies(freqs, scaling)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), freqs)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+
+
+def apply_rope(x: Tensor, table: Tensor) -> Tensor:
+    """x: (B, S, H, D); table: (S, D/2, 2) rows for x's positions. Returns x rotated, in x's dtype."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, S, H, D/2, 2)
+    t = table.view(1, xs.size(1), 1, xs.size(3), 2)
+    out = torch.stack(
+        [
+            xs[..., 0] * t[..., 0] - xs[..., 1] * t[..., 1],
+            xs[..., 1] * t[..., 0] + xs[..., 0] * t[..., 1],
+        ],
+        dim=-1,
+    )
+    return out.flatten(3).type_as(x)

@@ -1,0 +1,124 @@
+"""The Llama-family Transformer (gpt-fast style): RMSNorm -> Attention -> FeedForward -> Block ->
+Transformer. Parameter names follow Meta's checkpoints (wq/wk/wv/wo, w1/w2/w3); other layouts are
+mapped to these at load time (torchchat/checkpoint)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchchat.model.config import ModelConfig
+from torchchat.model.kv_cache import KVCache
+from torchchat.model.rope import apply_rope, rope_table
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.scale = cfg.attention_scale
+        bias = cfg.attention_bias
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        """x: (B, S, dim); rope: (S, D/2, 2); mask: (1, 1, S, S_max) bool; input_pos: (S,)."""
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
+        if self.kv_cache is None:
+            raise RuntimeError("call Transformer.setup_caches(max_batch, max_seq) before forward")
+        k, v = self.kv_cache.update(input_pos, k, v)  # (B, H_kv, S_max, D)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads
+        )
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.residual_multiplier = cfg.residual_multiplier
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        h = x + self.residual_multiplier * self.attention(self.attention_norm(x), rope, mask, input_pos)
+        return h + self.residual_multiplier * self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.max_batch = -1
+        self.max_seq = -1
+
+    def setup_caches(self, max_batch: int, max_seq: int) -> None:
+        """Allocate KV caches, the RoPE table and the causal mask for up to `max_seq` positions.
+
+        Reallocates only when the size changes; caches are zeroed positions are overwritten anyway."""
+        max_seq = min(max_seq, self.config.max_seq_len)
+        if (max_batch, max_seq) == (self.max_batch, self.max_seq):
+            return
+        cfg = self.config
+        dtype = self.norm.weight.dtype
+        device = self.norm.weight.device
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch, max_seq, cfg.n_kv_heads, cfg.head_dim, dtype).to(device)
+        table = rope_table(max_seq, cfg.head_dim, cfg.rope_base, cfg.rope_scaling).to(device)
+        self.register_buffer("rope", table, persistent=False)  # (S_max, D/2, 2)
+        causal = torch.tril(torch.ones(max_seq, max_seq, dtype=torch.bool, device=device))
+        self.register_buffer("causal_mask", causal, persistent=False)  # (S_max, S_max)
+        self.max_batch, self.max_seq = max_batch, max_seq
+
+    def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        """tokens: (B, S) int64; input_pos: (S,) positions of those tokens. Returns logits (B, S, V) fp32."""
+        mask = self.causal_mask[input_pos].view(1, 1, input_pos.size(0), self.max_seq)
+        rope = self.rope[input_pos]
+        x = self.tok_embeddings(tokens)
+        if self.config.embedding_multiplier != 1.0:
+            x = x * self.config.embedding_multiplier
+        for layer in self.layers:
+            x = layer(x, rope, mask, input_pos)
+        logits = self.output(self.norm(x))
+        if self.config.logits_scaling != 1.0:
+            logits = logits / self.config.logits_scaling
+        return logits.float()
