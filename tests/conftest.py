@@ -1,0 +1,50 @@
+"""Shared fixtures: where the real test data lives, and a tiny random model."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("TORCHCHAT_SHARED", ROOT.parent / "shared"))
+STORIES260K = SHARED / "models" / "stories260K"
+
+# Tests never reach a model hub: fail fast instead of retrying for ~20 s.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def shared_path(*parts: str) -> Path:
+    """A file under ../shared, or skip (a user's own clone may not have it; CI always does)."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not found (set TORCHCHAT_SHARED to the shared data folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories260k_dir() -> Path:
+    return shared_path("models", "stories260K")
+
+
+@pytest.fixture
+def tiny_config():
+    from torchchat.model.config import ModelConfig
+
+    return ModelConfig.from_params(
+        dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=32, max_seq_len=128)
+    )
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    from torchchat.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    return model.eval()
