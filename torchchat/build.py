@@ -1,0 +1,244 @@
+"""BuildSpec -> a ready model: identify -> load (meta init, mmap, assign) -> dtype -> quantize -> device.
+
+Library callers make a BuildSpec themselves; the CLI makes one in `torchchat/cli/args.py`."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchchat.errors import CheckpointError, DeviceError, TokenizerError, UserInputError
+from torchchat.model.config import ModelConfig
+from torchchat.model.registry import ModelEntry, params_table, resolve_model
+
+
+def default_model_directory() -> Path:
+    return Path(os.environ.get("TORCHCHAT_MODELDIR", Path.home() / ".torchchat" / "model-cache"))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from. Exactly one of: a registry name, a checkpoint, a GGUF file, an
+    exported artifact, or (with dummy_weights) only a params table/JSON."""
+
+    name: str | None = None
+    checkpoint_path: Path | None = None
+    gguf_path: Path | None = None
+    params_table: str | None = None
+    params_path: Path | None = None
+    tokenizer_path: Path | None = None
+    model_directory: Path = field(default_factory=default_model_directory)
+    dummy_weights: bool = False
+    aoti_package_path: Path | None = None
+    dso_path: Path | None = None
+    pte_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    source: ModelSource
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    quant: Any = None  # torchchat.quantize.QuantPlan, or None
+    max_seq_len: int | None = None  # cap on the context (KV cache) length
+    seed: int = 1234  # for --dummy-weights
+
+
+@dataclass
+class BuiltModel:
+    runtime: Any  # torchchat.runtime.Runtime
+    tokenizer: Any  # torchchat.tokenizer.Tokenizer
+    config: ModelConfig
+    entry: ModelEntry | None = None
+    model: torch.nn.Module | None = None  # the eager module, when there is one
+    chat_template: str | None = None  # "llama2" | "llama3" | None (unknown / base)
+    is_chat: bool | None = None  # None: nothing says either way
+    name: str = "model"
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> str:
+    """'fast' -> cuda, then mps, then cpu. An explicit device must exist."""
+    if name == "fast":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    base = name.split(":")[0]
+    if base == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda: CUDA is not available on this machine; use --device cpu (or fast)")
+    if base == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("--device mps: MPS is not available on this machine; use --device cpu (or fast)")
+    if base not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"unknown device '{name}'; use one of fast, cpu, cuda, mps")
+    return name
+
+
+_DTYPES = {
+    "fp32": torch.float32, "float": torch.float32, "float32": torch.float32,
+    "fp16": torch.float16, "half": torch.float16, "float16": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+DTYPE_NAMES = (*_DTYPES, "fast", "fast16")
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """'fast'/'fast16': bfloat16, except float16 on MPS without bfloat16 support (as the original)."""
+    if name in ("fast", "fast16"):
+        if device.startswith("mps") and not torch.backends.mps.is_macos_or_newer(14, 0):
+            return torch.float16
+        return torch.bfloat16
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise UserInputError(f"unknown dtype '{name}'; use one of {', '.join(DTYPE_NAMES)}") from None
+
+
+def _find_in_dir(folder: Path, entry: ModelEntry | None) -> tuple[Path, Path | None]:
+    """(checkpoint, tokenizer) inside a downloaded model folder."""
+    if entry is not None and entry.checkpoint_file and (folder / entry.checkpoint_file).exists():
+        checkpoint = folder / entry.checkpoint_file
+    elif (folder / "config.json").is_file():
+        checkpoint = folder
+    else:
+        candidates = [folder / "model.pth", *sorted(folder.glob("*.gguf")), *sorted(folder.glob("original/consolidated.*.pth"))]
+        checkpoint = next((c for c in candidates if c.exists()), None)
+        if checkpoint is None:
+            raise CheckpointError(f"{folder}: no checkpoint found (model.pth, config.json + safetensors, *.gguf)")
+    tokenizer = None
+    names = [entry.tokenizer_file] if entry is not None else []
+    names += ["tokenizer.json", "tokenizer.model", "original/tokenizer.model"]
+    for name in names:
+        if (folder / name).is_file():
+            tokenizer = folder / name
+            break
+    return checkpoint, tokenizer
+
+
+def _tokenizer_beside(checkpoint: Path) -> Path | None:
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    for name in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _init_dummy(model: torch.nn.Module, device: str, dtype: torch.dtype, seed: int) -> None:
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.to(dtype)
+    if model.config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Assign a (memory-mapped) state dict onto a meta-initialised model, checking names and shapes."""
+    from torchchat.checkpoint.state_dict import check_fits
+
+    cfg: ModelConfig = model.config
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("output.weight")
+        state_dict.pop("output.weight", None)
+    elif "output.weight" not in state_dict and "tok_embeddings.weight" in state_dict:
+        raise CheckpointError(f"{source}: no output.weight, and the params do not say the embeddings are tied")
+    check_fits(state_dict, expected, source)
+    model.load_state_dict(state_dict, assign=True, strict=not cfg.tie_embeddings)
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+
+
+def build_model(spec: BuildSpec) -> BuiltModel:
+    """Build the runtime and tokenizer a BuildSpec names."""
+    from torchchat.model.transformer import Transformer
+    from torchchat.runtime.base import EagerRuntime
+    from torchchat.tokenizer.load import check_vocab, load_tokenizer
+
+    src = spec.source
+    device = resolve_device(spec.device)
+    entry = resolve_model(src.name) if src.name else None
+    checkpoint = src.checkpoint_path or src.gguf_path
+    tokenizer_path = src.tokenizer_path
+    notes: list[str] = []
+    if entry is not None and checkpoint is None and not src.dummy_weights:
+        folder = entry.local_dir(src.model_directory)
+        if not folder.exists():
+            raise CheckpointError(
+                f"model '{entry.name}' is not downloaded to {src.model_directory}; run: "
+                f"python3 torchchat.py download {src.name}"
+            )
+        checkpoint, found_tok = _find_in_dir(folder, entry)
+        tokenizer_path = tokenizer_path or found_tok
+
+    config: ModelConfig | None = None
+    if src.params_path is not None:
+        config = ModelConfig.from_json_file(src.params_path)
+    elif src.params_table is not None:
+        config = params_table(src.params_table)
+    elif entry is not None and (src.dummy_weights or checkpoint is None):
+        config = params_table(entry.params)
+
+    loaded = None
+    if checkpoint is not None and not src.dummy_weights:
+        from torchchat.checkpoint import load_checkpoint
+        from torchchat.checkpoint.state_dict import normalize
+
+        loaded = load_checkpoint(Path(checkpoint))
+        config = config or loaded.config
+        if config is None:
+            raise CheckpointError(
+                f"{checkpoint}: the checkpoint does not say its architecture; pass --params-table or --params-path"
+            )
+        loaded.state_dict = normalize(loaded.state_dict, config)
+        tokenizer_path = tokenizer_path or _tokenizer_beside(Path(checkpoint))
+    elif config is None:
+        raise UserInputError(
+            "no model given: name a model, or pass --checkpoint-path / --gguf-path, or --dummy-weights with "
+            "--params-table / --params-path"
+        )
+    if spec.max_seq_len is not None:
+        config = config.with_max_seq_len(min(spec.max_seq_len, config.max_seq_len))
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    if loaded is not None:
+        load_weights(model, loaded.state_dict, str(checkpoint))
+        model.to(device=device, dtype=spec.dtype)
+        if config.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+    else:
+        _init_dummy(model, device, spec.dtype, spec.seed)
+    if spec.quant is not None:
+        from torchchat.quantize import apply_quantization
+
+        apply_quantization(model, spec.quant, device)
+    model.eval()
+    model.requires_grad_(False)
+
+    if loaded is not None and loaded.tokenizer is not None and tokenizer_path is None:
+        tokenizer = loaded.tokenizer
+    elif tokenizer_path is not None:
+        tokenizer = load_tokenizer(Path(tokenizer_path))
+    else:
+        raise TokenizerError("no tokenizer found beside the checkpoint; pass --tokenizer-path")
+    check_vocab(tokenizer, config.vocab_size)
+
+    chat_template = entry.chat_template if entry is not None else None
+    is_chat = entry.is_chat if entry is not None else None
+    name = entry.name if entry is not None else Path(checkpoint or src.params_table or "model").name
+    return BuiltModel(
+        runtime=EagerRuntime(model), tokenizer=tokenizer, config=config, entry=entry, model=model,
+        chat_template=chat_template, is_chat=is_chat, name=name, notes=notes,
+    )

@@ -1,0 +1,117 @@
+"""Argument groups shared by the subcommands, and the conversions from the argparse Namespace to the
+typed specs the library takes. The Namespace goes no further than this package."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from torchchat.build import DTYPE_NAMES, BuildSpec, ModelSource, default_model_directory, resolve_device, resolve_dtype
+from torchchat.errors import UserInputError
+from torchchat.generation.engine import GenerationConfig
+from torchchat.generation.sampling import SamplingParams
+from torchchat.generation.steps import CompileOptions
+
+
+def add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", help="Show tracebacks and extra detail")
+
+
+def add_model_source(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model source")
+    g.add_argument("model", nargs="?", default=None, metavar="MODEL", help="A known model name or alias (see `list`)")
+    g.add_argument("--checkpoint-path", type=Path, help="A .pt/.pth state dict, llama2.c .bin, or Hugging Face directory")
+    g.add_argument("--gguf-path", type=Path, help="A llama-architecture GGUF file")
+    g.add_argument("--params-table", help="A shipped params table, e.g. stories15M, 7B, Meta-Llama-3.1-8B")
+    g.add_argument("--params-path", type=Path, help="A params JSON file describing the architecture")
+    g.add_argument("--tokenizer-path", type=Path, help="tokenizer.model (SentencePiece or tiktoken) or tokenizer.json")
+    g.add_argument("--model-directory", type=Path, default=None,
+                   help="Where downloaded models live (default $TORCHCHAT_MODELDIR or ~/.torchchat/model-cache)")
+    g.add_argument("--dummy-weights", action="store_true", help="Random weights of the params' shape (for benchmarks)")
+
+
+def add_build(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("precision, device and quantization")
+    g.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                   help="Weights and activations dtype (default: fast = bfloat16; fp32 on the CPU matches references)")
+    g.add_argument("--device", choices=("fast", "cpu", "cuda", "mps"), default=None,
+                   help="fast picks cuda, then mps, then cpu (default)")
+    g.add_argument("--quantize", default=None, help="Quantization recipe: JSON text, a JSON file, or a shipped recipe name")
+    g.add_argument("--max-seq-length", type=int, default=None, help="Context length (KV cache) to allocate")
+
+
+def add_sampling(p: argparse.ArgumentParser, max_new_tokens: int = 200) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="Tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    g.add_argument("--top-k", type=int, default=200, help="Keep the k most likely tokens (0: no limit)")
+    g.add_argument("--top-p", type=float, default=None, help="Nucleus sampling: keep the smallest set with mass >= p")
+    g.add_argument("--seed", type=int, default=None, help="Seed for reproducible sampling")
+
+
+def add_compile(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("compilation")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    g.add_argument("--compile-prefill", action="store_true", help="torch.compile the prefill step (dynamic shapes)")
+    g.add_argument("--max-autotune", action="store_true", help="Compile with mode max-autotune")
+    g.add_argument("--sequential-prefill", action="store_true", help="Feed the prompt one token at a time")
+
+
+def model_source(args: argparse.Namespace) -> ModelSource:
+    given = [x for x in (args.model, args.checkpoint_path, args.gguf_path) if x is not None]
+    if len(given) > 1 and not (args.model and args.dummy_weights):
+        raise UserInputError("give one model source: a MODEL name, --checkpoint-path, or --gguf-path")
+    for flag, path in (("--checkpoint-path", args.checkpoint_path), ("--gguf-path", args.gguf_path),
+                       ("--params-path", args.params_path), ("--tokenizer-path", args.tokenizer_path)):
+        if path is not None and not path.exists():
+            raise UserInputError(f"{flag}: {path} does not exist")
+    if args.dummy_weights and not (args.params_table or args.params_path or args.model):
+        raise UserInputError("--dummy-weights needs --params-table, --params-path or a MODEL name for the shapes")
+    return ModelSource(
+        name=args.model,
+        checkpoint_path=args.checkpoint_path,
+        gguf_path=args.gguf_path,
+        params_table=args.params_table,
+        params_path=args.params_path,
+        tokenizer_path=args.tokenizer_path,
+        model_directory=args.model_directory or default_model_directory(),
+        dummy_weights=args.dummy_weights,
+    )
+
+
+def build_spec(args: argparse.Namespace, notes: list[str] | None = None) -> BuildSpec:
+    """BuildSpec from the shared groups. Override messages (quantize precision/executor vs
+    --dtype/--device) are appended to `notes` for the command to print."""
+    plan = None
+    dtype_name, device_name = args.dtype, args.device
+    if args.quantize:
+        from torchchat.quantize import parse_quantize
+
+        plan = parse_quantize(args.quantize)
+        dtype_name, device_name, override_notes = plan.resolve(args.dtype, args.device)
+        if notes is not None:
+            notes.extend(override_notes)
+    device = resolve_device(device_name or "cpu")
+    dtype = resolve_dtype(dtype_name or "fast", device)
+    if args.max_seq_length is not None and args.max_seq_length <= 0:
+        raise UserInputError("--max-seq-length must be positive")
+    return BuildSpec(source=model_source(args), device=device, dtype=dtype, quant=plan, max_seq_len=args.max_seq_length)
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    if args.temperature < 0:
+        raise UserInputError("--temperature must be >= 0 (0 is greedy)")
+    if args.top_k is not None and args.top_k < 0:
+        raise UserInputError("--top-k must be >= 0 (0: no limit)")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise UserInputError("--top-p must be in (0, 1]")
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
+
+
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
+    if args.max_new_tokens <= 0:
+        raise UserInputError("--max-new-tokens must be positive")
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, sampling=sampling_params(args))
+
+
+def compile_options(args: argparse.Namespace) -> CompileOptions:
+    return CompileOptions(decode=args.compile, prefill=args.compile_prefill, max_autotune=args.max_autotune)

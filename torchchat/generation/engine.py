@@ -1,0 +1,150 @@
+"""The engine: prompt ids -> generated ids -> response records with text deltas and statistics.
+
+Layered iterators (tokens -> stream): `generate`, `chat`, the server and eval all consume these and
+none re-implements decoding."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from torchchat.errors import ContextLengthError
+from torchchat.generation.sampling import SamplingParams
+from torchchat.generation.steps import Steps
+from torchchat.runtime.base import Runtime
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 200
+    sampling: SamplingParams = SamplingParams()
+    stop_ids: frozenset[int] | None = None  # None: the tokenizer's stop ids
+    echo_stop: bool = False  # yield the stop token itself (never as text)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    time_to_first_token: float = 0.0  # seconds, prefill included
+    total_time: float = 0.0  # seconds, prefill to last token
+    prefill_parallel: bool = True
+
+    @property
+    def decode_time(self) -> float:
+        return self.total_time - self.time_to_first_token
+
+    @property
+    def total_tokens_per_s(self) -> float:
+        return self.generated_tokens / self.total_time if self.total_time > 0 else 0.0
+
+    @property
+    def first_token_per_s(self) -> float:
+        return 1.0 / self.time_to_first_token if self.time_to_first_token > 0 else 0.0
+
+    @property
+    def next_tokens_per_s(self) -> float:
+        n = self.generated_tokens - 1
+        return n / self.decode_time if n > 0 and self.decode_time > 0 else 0.0
+
+
+@dataclass
+class Response:
+    text: str  # text completed by this token (may be "" while a UTF-8 sequence is incomplete)
+    token: int | None  # the generated id, None on the final record
+    finish_reason: str | None = None  # "stop" | "length" on the final record
+    stats: GenerationStats | None = None  # on the final record
+    extra: dict = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, runtime: Runtime, tokenizer, steps: Steps, max_seq_len: int):
+        self.runtime = runtime
+        self.tokenizer = tokenizer
+        self.steps = steps
+        self.max_seq_len = max_seq_len
+        self.device = runtime.device
+        self.position = 0  # next free KV position after the last call (chat continues from here)
+        self.last_stats: GenerationStats | None = None
+        runtime.setup(1, max_seq_len)
+
+    def _check_fits(self, start_pos: int, n_prompt: int) -> None:
+        if n_prompt == 0:
+            raise ContextLengthError("the prompt is empty: give at least one token (BOS counts)")
+        if start_pos + n_prompt >= self.max_seq_len:
+            raise ContextLengthError(
+                f"the prompt needs {start_pos + n_prompt} positions but the context holds {self.max_seq_len}; "
+                "shorten it or raise --max-seq-length (up to the model's own limit)"
+            )
+
+    def tokens(self, prompt_ids: Sequence[int], cfg: GenerationConfig, start_pos: int = 0) -> Iterator[int]:
+        """Prefill `prompt_ids` at positions [start_pos, ...) and yield generated ids, stop token
+        included. Stops at a stop id, at max_new_tokens, or when the context is full. Afterwards
+        `self.position` is the position the last yielded token would take, and `self.last_stats` is set."""
+        self._check_fits(start_pos, len(prompt_ids))
+        stop_ids = self.tokenizer.stop_ids if cfg.stop_ids is None else cfg.stop_ids
+        budget = min(cfg.max_new_tokens, self.max_seq_len - start_pos - len(prompt_ids))
+        stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.last_stats = stats
+        if budget <= 0:
+            self.position = start_pos + len(prompt_ids)
+            return
+        t0 = time.perf_counter()
+        prompt = torch.tensor([list(prompt_ids)], dtype=torch.int64, device=self.device)
+        prefill = self.steps.prefill(cfg.sampling)
+        decode = self.steps.decode(cfg.sampling)
+        if self.runtime.supports_parallel_prefill:
+            pos = torch.arange(start_pos, start_pos + len(prompt_ids), device=self.device)
+            nxt = prefill(prompt, pos)
+        else:
+            stats.prefill_parallel = False
+            for i in range(len(prompt_ids)):
+                nxt = decode(prompt[:, i : i + 1], torch.tensor([start_pos + i], device=self.device))
+        pos = start_pos + len(prompt_ids)
+        token = int(nxt)
+        stats.time_to_first_token = time.perf_counter() - t0
+        stats.generated_tokens = 1
+        self.position = pos
+        yield token
+        while token not in stop_ids and stats.generated_tokens < budget:
+            nxt = decode(nxt.clone(), torch.tensor([pos], device=self.device))
+            pos += 1
+            token = int(nxt)
+            stats.generated_tokens += 1
+            stats.total_time = time.perf_counter() - t0
+            self.position = pos
+            yield token
+        stats.total_time = time.perf_counter() - t0
+
+    def stream(self, prompt_ids: Sequence[int], cfg: GenerationConfig, start_pos: int = 0) -> Iterator[Response]:
+        """Like `tokens`, as Response records carrying text deltas; the last record has finish_reason
+        and stats. Stop tokens are never rendered as text."""
+        from torchchat.tokenizer.stream import StreamDecoder
+
+        stop_ids = self.tokenizer.stop_ids if cfg.stop_ids is None else cfg.stop_ids
+        decoder = StreamDecoder(self.tokenizer)
+        finish = "length"
+        for token in self.tokens(prompt_ids, cfg, start_pos):
+            if token in stop_ids:
+                finish = "stop"
+                if cfg.echo_stop:
+                    yield Response(text="", token=token)
+                break
+            yield Response(text=decoder.add(token), token=token)
+        tail = decoder.flush()
+        yield Response(text=tail, token=None, finish_reason=finish, stats=self.last_stats)
+
+
+def make_engine(built, options=None, max_seq_len: int | None = None, parallel_prefill: bool = True) -> Engine:
+    """An Engine over a BuiltModel: steps compiled per `options` (a CompileOptions), context
+    `max_seq_len` (default: the model's own limit)."""
+    from torchchat.generation.steps import CompileOptions
+
+    runtime = built.runtime
+    if not parallel_prefill:
+        runtime.supports_parallel_prefill = False
+    steps = Steps(runtime.forward, runtime.device, options or CompileOptions())
+    ctx = min(max_seq_len or runtime.max_seq_len, runtime.max_seq_len)
+    return Engine(runtime, built.tokenizer, steps, ctx)

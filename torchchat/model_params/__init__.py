@@ -1,0 +1,1 @@
+"""Params tables shipped as data: one JSON file per known architecture, named by its table key."""

@@ -1,0 +1,42 @@
+"""The Runtime protocol and its eager implementation."""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from torchchat.model.config import ModelConfig
+
+
+class Runtime(Protocol):
+    config: ModelConfig
+    device: torch.device
+    max_seq_len: int  # the most positions setup() may ask for
+    supports_parallel_prefill: bool  # False: prompts are fed one token at a time
+
+    def setup(self, max_batch: int, max_seq: int) -> None:
+        """Make room for `max_batch` rows and `max_seq` positions (KV cache, RoPE table, mask)."""
+        ...
+
+    def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        """tokens: (B, S) int64, input_pos: (S,) int64 -> logits (B, S, V) float32."""
+        ...
+
+
+class EagerRuntime:
+    """A Transformer in this process; `forward` may be wrapped by torch.compile in the steps."""
+
+    supports_parallel_prefill = True
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.device = model.norm.weight.device
+        self.max_seq_len = model.config.max_seq_len
+
+    def setup(self, max_batch: int, max_seq: int) -> None:
+        self.model.setup_caches(max_batch, max_seq)
+
+    def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        return self.model(tokens, input_pos)
