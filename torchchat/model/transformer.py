@@ -44,8 +44,6 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
-        if self.kv_cache is None:
-            raise RuntimeError("call Transformer.setup_caches(max_batch, max_seq) before forward")
         k, v = self.kv_cache.update(input_pos, k, v)  # (B, H_kv, S_max, D)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads
@@ -111,6 +109,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         """tokens: (B, S) int64; input_pos: (S,) positions of those tokens. Returns logits (B, S, V) fp32."""
+        if self.max_seq < 0:
+            raise RuntimeError("call Transformer.setup_caches(max_batch, max_seq) before forward")
         mask = self.causal_mask[input_pos].view(1, 1, input_pos.size(0), self.max_seq)
         rope = self.rope[input_pos]
         x = self.tok_embeddings(tokens)
