@@ -152,8 +152,6 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], so
     if cfg.tie_embeddings:
         expected.pop("output.weight")
         state_dict.pop("output.weight", None)
-    elif "output.weight" not in state_dict and "tok_embeddings.weight" in state_dict:
-        raise CheckpointError(f"{source}: no output.weight, and the params do not say the embeddings are tied")
     check_fits(state_dict, expected, source)
     model.load_state_dict(state_dict, assign=True, strict=not cfg.tie_embeddings)
     if cfg.tie_embeddings:

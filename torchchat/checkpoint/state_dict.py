@@ -49,6 +49,11 @@ def check_fits(state_dict: Mapping[str, Tensor], expected: Mapping[str, torch.Si
     if unexpected:
         shown = ", ".join(unexpected[:6]) + (" ..." if len(unexpected) > 6 else "")
         raise CheckpointError(f"{source}: unknown weight name(s) {shown} ({len(unexpected)} in all)")
+    if missing == ["output.weight"]:
+        raise CheckpointError(
+            f"{source}: no output.weight; if the checkpoint shares the embedding table with the output layer, "
+            "its params must say tie_embeddings: true"
+        )
     if missing:
         shown = ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else "")
         raise CheckpointError(f"{source}: missing weight(s) {shown} ({len(missing)} in all)")
