@@ -15,7 +15,16 @@ from torchchat.tokenizer.base import add_bos_eos, check_ids
 # End-of-text / end-of-turn tokens of the common chat formats: a generation stops on any of these that
 # the vocabulary has as a special token, whatever the config names as eos (Llama 3 Instruct's
 # tokenizer_config says <|end_of_text|> while its turns end with <|eot_id|>).
-_END_TOKENS = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<end_of_turn>", "<eos>")
+_END_TOKENS = (
+    "</s>",
+    "<|end_of_text|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|im_end|>",
+    "<end_of_turn>",
+    "<eos>",
+)
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
@@ -44,13 +53,15 @@ class HFTokenizer:
             raise TokenizerError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}); the file is damaged") from e
         if not isinstance(spec, dict) or "model" not in spec:
             raise TokenizerError(
-                f"{file} is JSON but not a tokenizer.json (no \"model\" key); pass the tokenizer.json file "
+                f'{file} is JSON but not a tokenizer.json (no "model" key); pass the tokenizer.json file '
                 "(tokenizer_config.json only configures it)"
             )
         try:
             tok = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # the tokenizers library raises plain Exception for a bad spec
-            raise TokenizerError(f"{file} cannot be loaded by `tokenizers` ({str(e)[:160]}); the file is damaged") from e
+            raise TokenizerError(
+                f"{file} cannot be loaded by `tokenizers` ({str(e)[:160]}); the file is damaged"
+            ) from e
 
         folder = file.parent
         config = _read_json(folder / "tokenizer_config.json")
@@ -136,7 +147,9 @@ class HFTokenizer:
         # A ByteFallback decoder decodes each run of <0xNN> tokens as a whole and turns the entire run
         # into U+FFFD if it is not valid UTF-8, so a streamed run's text is known only once it ends.
         self.holdback_ids: frozenset[int] = (
-            frozenset(i for t, i in tok.get_vocab().items() if _BYTE_TOKEN.fullmatch(t)) if byte_fallback else frozenset()
+            frozenset(i for t, i in tok.get_vocab().items() if _BYTE_TOKEN.fullmatch(t))
+            if byte_fallback
+            else frozenset()
         )
 
     def _token_id(self, token: str | None, what: str) -> int | None:
@@ -144,7 +157,9 @@ class HFTokenizer:
             return None
         token_id = self._tok.token_to_id(token)
         if token_id is None:
-            raise TokenizerError(f"{self.source}: {what} {token!r} is not in the vocabulary; the tokenizer files disagree")
+            raise TokenizerError(
+                f"{self.source}: {what} {token!r} is not in the vocabulary; the tokenizer files disagree"
+            )
         return token_id
 
     @property

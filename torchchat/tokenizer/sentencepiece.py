@@ -56,9 +56,7 @@ class SentencePieceTokenizer:
         self.add_bos = add_bos
         self.chat_template: str | None = None
         sp = self._sp
-        self._specials = {
-            sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)
-        }
+        self._specials = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
         # sentencepiece never matches control pieces in text; allow_special splits the text on them.
         self._control_re = special_pattern(p for p, i in self._specials.items() if sp.is_control(i))
 
