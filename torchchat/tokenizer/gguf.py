@@ -129,8 +129,7 @@ def _sentencepiece_from_gguf(fields: dict[str, Any], name: str) -> Tokenizer:
     trainer.unk_piece = tokens[unk]
     bos = _token_id(fields, "bos_token_id", name, n)
     eos = _token_id(fields, "eos_token_id", name, n)
-    pad = _token_id(fields, "padding_token_id", name, n)
-    for role, token_id in (("bos", bos), ("eos", eos), ("pad", pad)):
+    for role, token_id in (("bos", bos), ("eos", eos)):
         setattr(trainer, f"{role}_id", -1 if token_id is None else token_id)
         if token_id is not None:
             setattr(trainer, f"{role}_piece", tokens[token_id])
@@ -147,6 +146,8 @@ def _sentencepiece_from_gguf(fields: dict[str, Any], name: str) -> Tokenizer:
         source=name,
         kind="gguf",
         add_bos=bos is not None if add_bos is None else bool(add_bos),
+        bos_id=bos,
+        eos_id=eos,
     )
     tok.chat_template = _scalar(fields, "tokenizer.chat_template", name)
     return tok

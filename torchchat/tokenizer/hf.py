@@ -71,7 +71,8 @@ class HFTokenizer:
         template_bos = _post_processor_bos(spec.get("post_processor"))
         bos_token = _token_text(config.get("bos_token")) or template_bos
         add_bos = config.get("add_bos_token")
-        extra_stops = generation.get("eos_token_id", [])
+        extra_stops = generation.get("eos_token_id")
+        extra_stops = extra_stops if isinstance(extra_stops, list) else [extra_stops]
         self._init(
             tok,
             source=str(file),
@@ -79,7 +80,7 @@ class HFTokenizer:
             eos_token=_token_text(config.get("eos_token")),
             add_bos=bool(template_bos) if add_bos is None else bool(add_bos),
             chat_template=chat_template,
-            extra_stop_ids=extra_stops if isinstance(extra_stops, list) else [extra_stops],
+            extra_stop_ids=[i for i in extra_stops if isinstance(i, int)],
             byte_fallback="ByteFallback" in json.dumps(spec.get("decoder")),
         )
 
@@ -95,9 +96,8 @@ class HFTokenizer:
         add_bos: bool,
         chat_template: str | None = None,
         extra_stop_ids: Sequence[int] = (),
-        byte_fallback: bool = False,
     ) -> "HFTokenizer":
-        """Wrap an in-memory `tokenizers.Tokenizer` (e.g. built from GGUF metadata)."""
+        """Wrap an in-memory byte-level `tokenizers.Tokenizer` (e.g. built from GGUF metadata)."""
         self = cls.__new__(cls)
         self.kind = kind
         self._init(
@@ -108,7 +108,7 @@ class HFTokenizer:
             add_bos=add_bos,
             chat_template=chat_template,
             extra_stop_ids=extra_stop_ids,
-            byte_fallback=byte_fallback,
+            byte_fallback=False,
         )
         return self
 
@@ -128,7 +128,8 @@ class HFTokenizer:
         # `encode_special_tokens` is a flag on the shared Tokenizer: set it and encode under one lock.
         self._lock = threading.Lock()
         self.source = source
-        self.vocab_size: int = tok.get_vocab_size(with_added_tokens=True)
+        # One past the highest id (ids need not be contiguous), so check_vocab compares with embedding rows.
+        self.vocab_size: int = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self._added = {t.content: i for i, t in tok.get_added_tokens_decoder().items()}
         specials = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
         if eos_token is None:
