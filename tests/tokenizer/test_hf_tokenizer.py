@@ -66,8 +66,11 @@ def test_post_processor_bos_is_not_applied(tmp_path, llama2_hf_dir):
 
 def test_chat_template_jinja_file_and_named_templates(tmp_path, llama2_hf_dir):
     shutil.copy(llama2_hf_dir / "tokenizer.json", tmp_path)
-    config = {"bos_token": {"content": "<s>", "__type": "AddedToken"}, "eos_token": "</s>",
-              "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}
+    config = {
+        "bos_token": {"content": "<s>", "__type": "AddedToken"},
+        "eos_token": "</s>",
+        "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}],
+    }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     tok = HFTokenizer(tmp_path)
     assert tok.chat_template == "D" and tok.bos_token == "<s>"

@@ -15,7 +15,12 @@ def test_once_upon_a_time(tok512, llama2_tok):
 
 def test_protocol_fields(llama2_tok, tok512):
     assert isinstance(llama2_tok, Tokenizer)
-    assert (llama2_tok.kind, llama2_tok.bos_id, llama2_tok.eos_id, llama2_tok.vocab_size) == ("sentencepiece", 1, 2, 32000)
+    assert (llama2_tok.kind, llama2_tok.bos_id, llama2_tok.eos_id, llama2_tok.vocab_size) == (
+        "sentencepiece",
+        1,
+        2,
+        32000,
+    )
     assert llama2_tok.stop_ids == frozenset({2})
     assert tok512.vocab_size == 512 and tok512.stop_ids == frozenset({2})
 

@@ -64,3 +64,23 @@ def test_window_stays_small(llama2_tok):
     for i in llama2_tok.encode("word " * 2000):
         decoder.add(i)
         assert len(decoder._window) <= 2
+
+
+def _stream_with_prefix(tok, prompt, ids):
+    decoder = StreamDecoder(tok, prefix=prompt)
+    return [decoder.add(i) for i in ids] + [decoder.flush()]
+
+
+@pytest.mark.parametrize("kind", ["llama2_tok", "llama3_tok", "llama2_hf"])
+def test_prompt_prefix_gives_the_first_token_its_space(request, kind, spm_cases):
+    tok = request.getfixturevalue(kind)
+    prompt, generated = tok.encode("Hello", bos=True), tok.encode("Hello world")[1:]
+    decoder = StreamDecoder(tok, prefix=prompt)
+    assert decoder.add(generated[0]) == " world"
+    rng = random.Random(7)
+    for text, _ in spm_cases:
+        ids = tok.encode(text, bos=True)
+        cut = rng.randrange(len(ids) + 1)
+        prompt, generated = ids[:cut], ids[cut:]
+        streamed = "".join(_stream_with_prefix(tok, prompt, generated))
+        assert tok.decode(prompt) + streamed == tok.decode(ids), text

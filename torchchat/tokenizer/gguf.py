@@ -36,14 +36,17 @@ def tokenizer_from_gguf(source: str | os.PathLike[str] | Any) -> Tokenizer:
     fields = reader.fields
     model = _scalar(fields, _K + "model", name)
     if model is None:
-        raise TokenizerError(f"{name} holds no tokenizer (no tokenizer.ggml.model); pass --tokenizer-path explicitly")
+        raise TokenizerError(
+            f"{name} holds no tokenizer (no tokenizer.ggml.model); "
+            "pass a tokenizer file (tokenizer.model or tokenizer.json) instead"
+        )
     if model == "llama":
         return _sentencepiece_from_gguf(fields, name)
     if model == "gpt2":
         return _bpe_from_gguf(fields, name)
     raise TokenizerError(
         f"{name}: GGUF tokenizer model {model!r} is not supported (supported: {', '.join(_SUPPORTED_MODELS)}); "
-        "pass a tokenizer file with --tokenizer-path"
+        "pass the model's own tokenizer file (tokenizer.model or tokenizer.json) instead"
     )
 
 
@@ -126,8 +129,7 @@ def _sentencepiece_from_gguf(fields: dict[str, Any], name: str) -> Tokenizer:
     trainer.unk_piece = tokens[unk]
     bos = _token_id(fields, "bos_token_id", name, n)
     eos = _token_id(fields, "eos_token_id", name, n)
-    pad = _token_id(fields, "padding_token_id", name, n)
-    for role, token_id in (("bos", bos), ("eos", eos), ("pad", pad)):
+    for role, token_id in (("bos", bos), ("eos", eos)):
         setattr(trainer, f"{role}_id", -1 if token_id is None else token_id)
         if token_id is not None:
             setattr(trainer, f"{role}_piece", tokens[token_id])
@@ -144,6 +146,8 @@ def _sentencepiece_from_gguf(fields: dict[str, Any], name: str) -> Tokenizer:
         source=name,
         kind="gguf",
         add_bos=bos is not None if add_bos is None else bool(add_bos),
+        bos_id=bos,
+        eos_id=eos,
     )
     tok.chat_template = _scalar(fields, "tokenizer.chat_template", name)
     return tok
@@ -158,7 +162,7 @@ def _bpe_from_gguf(fields: dict[str, Any], name: str) -> Tokenizer:
     if pre not in _LLAMA3_PRE:
         raise TokenizerError(
             f"{name}: GGUF BPE pre-tokenizer {pre!r} is not supported (supported: {', '.join(_LLAMA3_PRE)}); "
-            "pass the model's tokenizer.json with --tokenizer-path"
+            "pass the model's tokenizer.json instead"
         )
     tokens = _array(fields, _K + "tokens", name)
     merges = _array(fields, _K + "merges", name)
@@ -196,7 +200,9 @@ def _bpe_from_gguf(fields: dict[str, Any], name: str) -> Tokenizer:
     bos = _token_id(fields, "bos_token_id", name, n)
     eos = _token_id(fields, "eos_token_id", name, n)
     add_bos = _scalar(fields, _K + "add_bos_token", name)
-    extra_stops = [i for i in (_token_id(fields, k, name, n) for k in ("eot_token_id", "eom_token_id")) if i is not None]
+    extra_stops = [
+        i for i in (_token_id(fields, k, name, n) for k in ("eot_token_id", "eom_token_id")) if i is not None
+    ]
     return HFTokenizer.from_tokenizer(
         tok,
         source=name,

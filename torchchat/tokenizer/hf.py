@@ -15,7 +15,16 @@ from torchchat.tokenizer.base import add_bos_eos, check_ids
 # End-of-text / end-of-turn tokens of the common chat formats: a generation stops on any of these that
 # the vocabulary has as a special token, whatever the config names as eos (Llama 3 Instruct's
 # tokenizer_config says <|end_of_text|> while its turns end with <|eot_id|>).
-_END_TOKENS = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<end_of_turn>", "<eos>")
+_END_TOKENS = (
+    "</s>",
+    "<|end_of_text|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|im_end|>",
+    "<end_of_turn>",
+    "<eos>",
+)
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
@@ -44,13 +53,15 @@ class HFTokenizer:
             raise TokenizerError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}); the file is damaged") from e
         if not isinstance(spec, dict) or "model" not in spec:
             raise TokenizerError(
-                f"{file} is JSON but not a tokenizer.json (no \"model\" key); pass the tokenizer.json file "
+                f'{file} is JSON but not a tokenizer.json (no "model" key); pass the tokenizer.json file '
                 "(tokenizer_config.json only configures it)"
             )
         try:
             tok = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # the tokenizers library raises plain Exception for a bad spec
-            raise TokenizerError(f"{file} cannot be loaded by `tokenizers` ({str(e)[:160]}); the file is damaged") from e
+            raise TokenizerError(
+                f"{file} cannot be loaded by `tokenizers` ({str(e)[:160]}); the file is damaged"
+            ) from e
 
         folder = file.parent
         config = _read_json(folder / "tokenizer_config.json")
@@ -60,7 +71,8 @@ class HFTokenizer:
         template_bos = _post_processor_bos(spec.get("post_processor"))
         bos_token = _token_text(config.get("bos_token")) or template_bos
         add_bos = config.get("add_bos_token")
-        extra_stops = generation.get("eos_token_id", [])
+        extra_stops = generation.get("eos_token_id")
+        extra_stops = extra_stops if isinstance(extra_stops, list) else [extra_stops]
         self._init(
             tok,
             source=str(file),
@@ -68,7 +80,7 @@ class HFTokenizer:
             eos_token=_token_text(config.get("eos_token")),
             add_bos=bool(template_bos) if add_bos is None else bool(add_bos),
             chat_template=chat_template,
-            extra_stop_ids=extra_stops if isinstance(extra_stops, list) else [extra_stops],
+            extra_stop_ids=[i for i in extra_stops if isinstance(i, int)],
             byte_fallback="ByteFallback" in json.dumps(spec.get("decoder")),
         )
 
@@ -84,9 +96,8 @@ class HFTokenizer:
         add_bos: bool,
         chat_template: str | None = None,
         extra_stop_ids: Sequence[int] = (),
-        byte_fallback: bool = False,
     ) -> "HFTokenizer":
-        """Wrap an in-memory `tokenizers.Tokenizer` (e.g. built from GGUF metadata)."""
+        """Wrap an in-memory byte-level `tokenizers.Tokenizer` (e.g. built from GGUF metadata)."""
         self = cls.__new__(cls)
         self.kind = kind
         self._init(
@@ -97,7 +108,7 @@ class HFTokenizer:
             add_bos=add_bos,
             chat_template=chat_template,
             extra_stop_ids=extra_stop_ids,
-            byte_fallback=byte_fallback,
+            byte_fallback=False,
         )
         return self
 
@@ -117,7 +128,8 @@ class HFTokenizer:
         # `encode_special_tokens` is a flag on the shared Tokenizer: set it and encode under one lock.
         self._lock = threading.Lock()
         self.source = source
-        self.vocab_size: int = tok.get_vocab_size(with_added_tokens=True)
+        # One past the highest id (ids need not be contiguous), so check_vocab compares with embedding rows.
+        self.vocab_size: int = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self._added = {t.content: i for i, t in tok.get_added_tokens_decoder().items()}
         specials = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
         if eos_token is None:
@@ -136,7 +148,9 @@ class HFTokenizer:
         # A ByteFallback decoder decodes each run of <0xNN> tokens as a whole and turns the entire run
         # into U+FFFD if it is not valid UTF-8, so a streamed run's text is known only once it ends.
         self.holdback_ids: frozenset[int] = (
-            frozenset(i for t, i in tok.get_vocab().items() if _BYTE_TOKEN.fullmatch(t)) if byte_fallback else frozenset()
+            frozenset(i for t, i in tok.get_vocab().items() if _BYTE_TOKEN.fullmatch(t))
+            if byte_fallback
+            else frozenset()
         )
 
     def _token_id(self, token: str | None, what: str) -> int | None:
@@ -144,7 +158,9 @@ class HFTokenizer:
             return None
         token_id = self._tok.token_to_id(token)
         if token_id is None:
-            raise TokenizerError(f"{self.source}: {what} {token!r} is not in the vocabulary; the tokenizer files disagree")
+            raise TokenizerError(
+                f"{self.source}: {what} {token!r} is not in the vocabulary; the tokenizer files disagree"
+            )
         return token_id
 
     @property

@@ -29,13 +29,22 @@ class SentencePieceTokenizer:
 
     @classmethod
     def from_model_proto(
-        cls, proto: bytes, *, source: str, kind: str = "sentencepiece", add_bos: bool = True
+        cls,
+        proto: bytes,
+        *,
+        source: str,
+        kind: str = "sentencepiece",
+        add_bos: bool = True,
+        bos_id: int | None,
+        eos_id: int | None,
     ) -> "SentencePieceTokenizer":
         """Build from serialized ModelProto bytes (e.g. made from GGUF metadata); `source` names them
-        in error messages, `kind` is what the tokenizer reports (the GGUF loader says "gguf")."""
+        in error messages, `kind` is what the tokenizer reports (the GGUF loader says "gguf"), and
+        `bos_id` / `eos_id` (None: there is none) override what sentencepiece derives from the proto."""
         tok = cls.__new__(cls)
         tok.kind = kind
         tok._init(proto, source=source, add_bos=add_bos)
+        tok.bos_id, tok.eos_id = bos_id, eos_id
         return tok
 
     def _init(self, proto: bytes, *, source: str, add_bos: bool) -> None:
@@ -56,9 +65,7 @@ class SentencePieceTokenizer:
         self.add_bos = add_bos
         self.chat_template: str | None = None
         sp = self._sp
-        self._specials = {
-            sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)
-        }
+        self._specials = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
         # sentencepiece never matches control pieces in text; allow_special splits the text on them.
         self._control_re = special_pattern(p for p, i in self._specials.items() if sp.is_control(i))
 
