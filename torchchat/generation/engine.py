@@ -60,8 +60,9 @@ class Response:
 
 
 class Engine:
-    def __init__(self, runtime: Runtime, tokenizer, steps: Steps, max_seq_len: int):
+    def __init__(self, runtime: Runtime, tokenizer, steps: Steps, max_seq_len: int, parallel_prefill: bool = True):
         self.runtime = runtime
+        self.parallel_prefill = parallel_prefill and runtime.supports_parallel_prefill
         self.tokenizer = tokenizer
         self.steps = steps
         self.max_seq_len = max_seq_len
@@ -95,7 +96,7 @@ class Engine:
         prompt = torch.tensor([list(prompt_ids)], dtype=torch.int64, device=self.device)
         prefill = self.steps.prefill(cfg.sampling)
         decode = self.steps.decode(cfg.sampling)
-        if self.runtime.supports_parallel_prefill:
+        if self.parallel_prefill:
             pos = torch.arange(start_pos, start_pos + len(prompt_ids), device=self.device)
             nxt = prefill(prompt, pos)
         else:
@@ -124,7 +125,7 @@ class Engine:
         from torchchat.tokenizer.stream import StreamDecoder
 
         stop_ids = self.tokenizer.stop_ids if cfg.stop_ids is None else cfg.stop_ids
-        decoder = StreamDecoder(self.tokenizer)
+        decoder = StreamDecoder(self.tokenizer, prefix=prompt_ids)
         finish = "length"
         for token in self.tokens(prompt_ids, cfg, start_pos):
             if token in stop_ids:
@@ -143,8 +144,6 @@ def make_engine(built, options=None, max_seq_len: int | None = None, parallel_pr
     from torchchat.generation.steps import CompileOptions
 
     runtime = built.runtime
-    if not parallel_prefill:
-        runtime.supports_parallel_prefill = False
     steps = Steps(runtime.forward, runtime.device, options or CompileOptions())
     ctx = min(max_seq_len or runtime.max_seq_len, runtime.max_seq_len)
-    return Engine(runtime, built.tokenizer, steps, ctx)
+    return Engine(runtime, built.tokenizer, steps, ctx, parallel_prefill)
