@@ -1,0 +1,146 @@
+"""`server`: serve the model over an OpenAI-compatible HTTP API (and the chat page at `/`)."""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+
+from torchchat.cli import args as cli_args
+
+# Without --max-seq-length the KV cache holds this many positions (or the model's own limit, if
+# smaller): a Llama 3.1 model's 131072 would allocate tens of GB up front.
+DEFAULT_CONTEXT = 8192
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 5000  # 0: any free port (printed when ready)
+    api_key: str | None = None
+    open_browser: bool = False
+    verbose: bool = False
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Everything `server` and `browser` share."""
+    cli_args.add_model_source(p)
+    cli_args.add_build(p)
+    cli_args.add_compile(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface)")
+    g.add_argument("--port", type=int, default=5000, help="Port to listen on (0: any free port)")
+    g.add_argument("--api-key", default=os.environ.get("TORCHCHAT_API_KEY"),
+                   help="Require 'Authorization: Bearer KEY' on /v1 requests (default $TORCHCHAT_API_KEY)")
+    cli_args.add_verbose(p)
+
+
+def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    add_arguments(p)
+    return p
+
+
+def server_options(args: argparse.Namespace, open_browser: bool) -> ServerOptions:
+    from torchchat.errors import UserInputError
+
+    if not 0 <= args.port <= 65535:
+        raise UserInputError(f"--port {args.port}: give a port in 0..65535 (0 picks a free one)")
+    if args.api_key is not None and not args.api_key.strip():
+        raise UserInputError("--api-key is empty; give a key, or leave the flag out to accept every request")
+    return ServerOptions(host=args.host, port=args.port, api_key=args.api_key, open_browser=open_browser,
+                         verbose=bool(args.verbose))
+
+
+def run(args: argparse.Namespace) -> int:
+    return serve(args, server_options(args, open_browser=False))
+
+
+def _require_dependencies() -> None:
+    from torchchat.errors import MissingDependencyError
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"the server needs fastapi and uvicorn ({e.name} is missing); install them with: "
+            "pip install -e '.[server]'"
+        ) from e
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind before loading the model, so a taken port fails in a second, not after the load."""
+    from torchchat.errors import UserInputError
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        raise UserInputError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port or --host") from e
+
+
+def _url(host: str, port: int) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve(args: argparse.Namespace, options: ServerOptions) -> int:
+    _require_dependencies()
+    notes: list[str] = []
+    spec = cli_args.build_spec(args, notes)
+    compile_opts = cli_args.compile_options(args)
+    sock = _listen(options.host, options.port)
+    try:
+        return _serve_on(sock, args, spec, compile_opts, notes, options)
+    finally:
+        sock.close()
+
+
+def _serve_on(sock, args, spec, compile_opts, notes, options: ServerOptions) -> int:
+    import uvicorn
+
+    from torchchat.build import build_model
+    from torchchat.generation.engine import make_engine
+    from torchchat.server import protocol
+    from torchchat.server.app import ServedModel, create_app, downloaded_models
+    from torchchat.server.worker import ModelWorker
+
+    for note in notes:
+        print(note, file=sys.stderr)
+    built = build_model(spec)
+    context = args.max_seq_length or min(built.config.max_seq_len, DEFAULT_CONTEXT)
+    engine = make_engine(built, compile_opts, max_seq_len=context, parallel_prefill=not args.sequential_prefill)
+    served = ServedModel(
+        id=built.name,
+        tokenizer=built.tokenizer,
+        chat_template=built.chat_template,
+        context=engine.max_seq_len,
+        fingerprint=protocol.system_fingerprint(built.name, str(spec.dtype), str(engine.device), args.quantize or ""),
+        aliases=built.entry.aliases if built.entry is not None else (),
+    )
+    url = _url(options.host, sock.getsockname()[1])
+
+    def ready() -> None:
+        print(f"Serving {served.id} (context {served.context} tokens): API at {url}/v1, chat page at {url}/",
+              file=sys.stderr, flush=True)
+        if options.open_browser:
+            threading.Thread(target=_open_browser, args=(url,), daemon=True).start()
+
+    app = create_app(ModelWorker(engine), served, api_key=options.api_key,
+                     other_models=lambda: downloaded_models(spec.source.model_directory), on_ready=ready)
+    config = uvicorn.Config(app, log_level="info" if options.verbose else "warning", access_log=options.verbose,
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    return 0 if server.started else 1
+
+
+def _open_browser(url: str) -> None:
+    import webbrowser
+
+    if not webbrowser.open(url + "/"):
+        print(f"No web browser found: open {url}/ yourself", file=sys.stderr, flush=True)
