@@ -79,7 +79,9 @@ def _listen(host: str, port: int) -> socket.socket:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         return socket.create_server((host, port), family=family)
     except OSError as e:
-        raise UserInputError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port or --host") from e
+        # create_server's own message repeats the address; the errno's text is enough.
+        reason = e.strerror if isinstance(e, socket.gaierror) or not e.errno else os.strerror(e.errno)
+        raise UserInputError(f"cannot listen on {host}:{port}: {reason}; pick another --port or --host") from e
 
 
 def _url(host: str, port: int) -> str:
@@ -125,7 +127,8 @@ def _serve_on(sock, args, spec, compile_opts, notes, options: ServerOptions) -> 
     url = _url(options.host, sock.getsockname()[1])
 
     def ready() -> None:
-        print(f"Serving {served.id} (context {served.context} tokens): API at {url}/v1, chat page at {url}/",
+        where = "" if options.host in url else f" (listening on {options.host})"
+        print(f"Serving {served.id} (context {served.context} tokens): API at {url}/v1, chat page at {url}/{where}",
               file=sys.stderr, flush=True)
         if options.open_browser:
             threading.Thread(target=_open_browser, args=(url,), daemon=True).start()
