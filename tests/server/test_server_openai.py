@@ -42,6 +42,16 @@ def test_completion_from_bos_matches_llama2c_golden(client, model_id):
     assert out.usage.prompt_tokens == 1 and out.usage.completion_tokens == 200
 
 
+def test_completion_continues_the_prompts_text(client, model_id):
+    # A prompt cut from llama2.c's golden story is continued exactly as the golden goes on, spaces
+    # included: the returned text is what follows the prompt (" Lily", not "Lily"), as with OpenAI.
+    golden = shared_path("models", "stories260K", "expected_greedy_200.txt").read_text()
+    prompt = golden[: golden.index(" Lily")]  # "Once upon a time, there was a little girl named"
+    text = client.completions.create(model=model_id, prompt=prompt, max_tokens=30, temperature=0).choices[0].text
+    assert text.startswith(" Lily")
+    assert prompt + text == golden[: len(prompt) + len(text)]
+
+
 def test_chat_response_fields_and_usage(client, model_id, sp):
     out = chat(client, model_id, max_tokens=20, temperature=0)
     assert out.object == "chat.completion"
