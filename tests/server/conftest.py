@@ -17,6 +17,7 @@ import pytest
 from tests.conftest import ROOT, shared_path
 
 API_KEY = "sk-torchchat-test"
+DOWNLOADED = "meta-llama/Llama-3.2-1B-Instruct"  # alias llama3.2-1b
 _READY = re.compile(r"API at (http://[^\s/]+)/v1")
 
 
@@ -88,8 +89,11 @@ def stop_server(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="session")
 def api_server(tmp_path_factory):
     """One server with --api-key for every API test module."""
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    server = start_server("server", ["--api-key", API_KEY], log)
+    folder = tmp_path_factory.mktemp("server")
+    # A model directory in which one registry model counts as downloaded (its folder exists).
+    (folder / "models" / DOWNLOADED).mkdir(parents=True)
+    server = start_server("server", ["--api-key", API_KEY, "--model-directory", str(folder / "models")],
+                          folder / "server.log")
     try:
         yield server
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import shared_path
-from tests.server.conftest import API_KEY
+from tests.server.conftest import API_KEY, DOWNLOADED
 
 openai = pytest.importorskip("openai", reason="the openai client is in the test extra: pip install -e '.[test]'")
 
@@ -157,10 +157,23 @@ def test_seed_reproducibility(client, model_id):
 
 def test_models(client, model_id, api_server):
     listed = client.models.list().data
-    assert listed[0].id == model_id == api_server.health()["model"]
+    assert [m.id for m in listed] == [model_id, DOWNLOADED]
+    assert model_id == api_server.health()["model"]
+    assert all(m.object == "model" and m.created > 0 for m in listed)
     assert client.models.retrieve(model_id).id == model_id
+    assert client.models.retrieve(DOWNLOADED).id == DOWNLOADED  # an id with a slash
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
+
+
+def test_requested_model_name(client, model_id):
+    # A name that is no other model of ours is served by the loaded one (clients often send a fixed
+    # name); a downloaded model that is not loaded is a 404 rather than a silent substitute.
+    assert chat(client, "gpt-4o", max_tokens=3).model == model_id
+    for name in (DOWNLOADED, "llama3.2-1b"):
+        with pytest.raises(openai.NotFoundError, match="not loaded") as e:
+            chat(client, name, max_tokens=3)
+        assert e.value.code == "model_not_found"
 
 
 def test_errors(client, model_id, api_server):

@@ -36,6 +36,7 @@ STATIC = Path(__file__).with_name("static")
 class ListedModel:
     id: str
     created: int  # Unix seconds
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
         # send a fixed name); naming a different downloaded model is an error rather than a surprise.
         if name is None or name == served.id or name in served.aliases:
             return
-        if any(m.id == name for m in other_models()):
+        if any(name == m.id or name in m.aliases for m in other_models()):
             raise APIError(404, f"The model '{name}' is downloaded but not loaded; this server serves "
                                 f"'{served.id}'. Restart the server with that model to use it.",
                            param="model", code="model_not_found")
@@ -307,5 +308,5 @@ def downloaded_models(model_directory: Path) -> list[ListedModel]:
     for entry in known_models():
         folder = entry.local_dir(model_directory)
         if folder.is_dir():
-            found.append(ListedModel(entry.name, int(folder.stat().st_mtime)))
+            found.append(ListedModel(entry.name, int(folder.stat().st_mtime), entry.aliases))
     return sorted(found, key=lambda m: -m.created)

@@ -37,13 +37,18 @@ def _plain(tok, messages: Sequence[Message]) -> list[int]:
 
 def _llama3(tok, messages: Sequence[Message]) -> list[int]:
     # <|begin_of_text|> then, per message, <|start_header_id|>ROLE<|end_header_id|>\n\nTEXT<|eot_id|>,
-    # then an open assistant header.
+    # then an open assistant header. Only the template's own markers are special tokens: a message
+    # that contains "<|eot_id|>" is encoded as that plain text.
     roles = {"developer": "system", "tool": "ipython"}
-    parts = ["<|begin_of_text|>"]
+
+    def special(text: str) -> list[int]:
+        return tok.encode(text, allow_special=True)
+
+    ids = special("<|begin_of_text|>")
     for role, text in messages:
-        parts.append(f"<|start_header_id|>{roles.get(role, role)}<|end_header_id|>\n\n{text.strip()}<|eot_id|>")
-    parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
-    return tok.encode("".join(parts), allow_special=True)
+        ids += special(f"<|start_header_id|>{roles.get(role, role)}<|end_header_id|>\n\n")
+        ids += tok.encode(text.strip()) + special("<|eot_id|>")
+    return ids + special("<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
 def _llama2(tok, messages: Sequence[Message]) -> list[int]:
