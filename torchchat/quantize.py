@@ -1,0 +1,386 @@
+"""Quantization recipes: `--quantize` JSON -> a checked `QuantPlan` -> thin torchao `quantize_` calls.
+
+A recipe is a JSON object (given inline, as a file, or as the name of a recipe shipped in
+`torchchat/quant_config/`). Its keys:
+
+- `"embedding"`: `{"bitwidth": 8|4, "groupsize": 0|32|64|128|256}` (weight-only, `tok_embeddings`)
+- `"linear:int8"`: `{"bitwidth": 8|4, "groupsize": 0|32|64|128|256}` (weight-only)
+- `"linear:int4"`: `{"groupsize": 32|64|128|256}` (weight-only, asymmetric groupwise)
+- `"linear:a8w4dq"`: `{"groupsize": 32|64|128|256}` (int8 dynamic activations, int4 symmetric weights)
+- `"precision": {"dtype": ...}` and `"executor": {"accelerator": ...}`: defaults for --dtype / --device
+
+`groupsize` counts the consecutive input features (along a weight row) that share one scale; 0 means one
+scale per output channel (per embedding row). Everything is checked when the recipe is parsed and when
+it is validated against the model's config and device, before any weight is loaded. The order of calls
+(see torchchat/build.py): `parse_quantize` -> `QuantPlan.resolve` -> `QuantPlan.validate` ->
+load weights, set dtype and device -> `apply_quantization`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from torchchat.errors import MissingDependencyError, QuantizationError
+
+RECIPE_DIR = Path(__file__).resolve().parent / "quant_config"
+
+# Recipe dtype names -> canonical name. "fast"/"fast16" are resolved by build.py with the device.
+DTYPE_NAMES: Mapping[str, str] = {
+    "fp32": "fp32", "float32": "fp32", "float": "fp32",
+    "fp16": "fp16", "float16": "fp16", "half": "fp16",
+    "bf16": "bf16", "bfloat16": "bf16",
+    "fast": "fast", "fast16": "fast16",
+}
+DEVICE_NAMES = ("cpu", "cuda", "cuda:N", "mps", "fast")
+
+
+@dataclass(frozen=True)
+class SchemeSpec:
+    """What one quantization key accepts, and where torchao 0.18 has a kernel for it."""
+
+    key: str
+    targets: type[nn.Module]  # the module type whose `weight` it quantizes
+    valid: Mapping[str, tuple[int, ...]]  # option -> accepted values
+    defaults: Mapping[str, int]
+    devices: tuple[str, ...]  # device types it runs on (checked here: cpu; on the H100: cuda)
+
+
+SCHEMES: Mapping[str, SchemeSpec] = {
+    spec.key: spec
+    for spec in (
+        SchemeSpec("embedding", nn.Embedding, {"bitwidth": (8, 4), "groupsize": (0, 32, 64, 128, 256)},
+                   {"bitwidth": 8, "groupsize": 0}, ("cpu", "cuda")),
+        SchemeSpec("linear:int8", nn.Linear, {"bitwidth": (8, 4), "groupsize": (0, 32, 64, 128, 256)},
+                   {"bitwidth": 8, "groupsize": 0}, ("cpu", "cuda")),
+        SchemeSpec("linear:int4", nn.Linear, {"groupsize": (32, 64, 128, 256)},
+                   {"groupsize": 128}, ("cpu", "cuda")),
+        SchemeSpec("linear:a8w4dq", nn.Linear, {"groupsize": (32, 64, 128, 256)},
+                   {"groupsize": 256}, ("cpu", "cuda")),
+    )
+}
+SETTINGS = {"precision": "dtype", "executor": "accelerator"}  # key -> its one option
+VALID_KEYS = (*SCHEMES, *SETTINGS)
+# torchao's CPU int4 kernel (Int4OpaqueTensor) packs groups of 32, 64 or 128 only.
+INT4_CPU_GROUPSIZES = (32, 64, 128)
+
+
+def _join(values) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One quantization key with its options filled in (defaults included)."""
+
+    key: str
+    bitwidth: int | None  # None for the fixed-width linear:int4 / linear:a8w4dq
+    groupsize: int  # input features per scale; 0 = one scale per output channel
+
+    @property
+    def spec(self) -> SchemeSpec:
+        return SCHEMES[self.key]
+
+    def to_json(self) -> dict[str, int]:
+        out = {"groupsize": self.groupsize}
+        if self.bitwidth is not None:
+            out = {"bitwidth": self.bitwidth, **out}
+        return out
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """A parsed, self-consistent recipe. The empty plan (no --quantize) is valid and applies nothing."""
+
+    embedding: Scheme | None = None
+    linear: Scheme | None = None
+    dtype: str | None = None  # canonical name from "precision" (see DTYPE_NAMES)
+    device: str | None = None  # from "executor"
+    source: str = field(default="--quantize", compare=False)  # where it came from, for messages
+
+    @property
+    def schemes(self) -> tuple[Scheme, ...]:
+        """Embedding first, then linear: the order they are applied in."""
+        return tuple(s for s in (self.embedding, self.linear) if s is not None)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.schemes and self.dtype is None and self.device is None
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "--quantize") -> "QuantPlan":
+        """Check a recipe object key by key; the first problem raises QuantizationError."""
+        if not isinstance(data, Mapping):
+            raise QuantizationError(f"{source}: a recipe is a JSON object, got {type(data).__name__}")
+        embedding = linear = dtype = device = None
+        for key, options in data.items():
+            if key not in VALID_KEYS:
+                raise QuantizationError(
+                    f"{source}: unknown key {key!r}; valid keys: {_join(VALID_KEYS)}"
+                )
+            if key in SETTINGS:
+                value = _setting(source, key, options)
+                if key == "precision":
+                    dtype = value
+                else:
+                    device = value
+                continue
+            scheme = _scheme(source, key, options)
+            if key == "embedding":
+                embedding = scheme
+            elif linear is not None:
+                raise QuantizationError(
+                    f"{source}: {linear.key!r} and {key!r} both quantize the linear layers; keep one"
+                )
+            else:
+                linear = scheme
+        return cls(embedding, linear, dtype, device, source)
+
+    def to_json(self) -> dict[str, Any]:
+        """The normalized recipe (defaults filled in); `QuantPlan.from_dict` reads it back."""
+        out: dict[str, Any] = {s.key: s.to_json() for s in self.schemes}
+        if self.dtype is not None:
+            out["precision"] = {"dtype": self.dtype}
+        if self.device is not None:
+            out["executor"] = {"accelerator": self.device}
+        return out
+
+    def resolve(self, cli_dtype: str | None, cli_device: str | None) -> tuple[str | None, str | None, list[str]]:
+        """Pick dtype and device names. A flag given on the command line wins over the recipe's
+        "precision"/"executor", which wins over the defaults (None here: the caller applies its own).
+        Returns (dtype name, device name, notes saying what was overridden, for the caller to print)."""
+        notes = []
+        dtype, device = cli_dtype, cli_device
+        if cli_dtype is None:
+            dtype = self.dtype
+        elif self.dtype is not None and DTYPE_NAMES.get(cli_dtype, cli_dtype) != self.dtype:
+            notes.append(f"--dtype {cli_dtype} overrides the recipe's precision dtype {self.dtype}")
+        if cli_device is None:
+            device = self.device
+        elif self.device is not None and cli_device != self.device:
+            notes.append(f"--device {cli_device} overrides the recipe's executor accelerator {self.device}")
+        return dtype, device, notes
+
+    def validate(self, config, device: str, dtype: torch.dtype) -> list[str]:
+        """Check every scheme against the model's layer shapes (from `config`, no weights needed),
+        the device ("cpu", "cuda", "cuda:0", ...) and the model dtype. Raises QuantizationError with
+        what is valid; returns notes (layers left unquantized) for the caller to print."""
+        if not self.schemes:
+            return []
+        from torchchat.model.transformer import Transformer
+
+        with torch.device("meta"):
+            skeleton = Transformer(config)
+        return check_plan(self, skeleton, device, dtype)
+
+
+def _setting(source: str, key: str, options: Any) -> str:
+    option = SETTINGS[key]
+    if not isinstance(options, Mapping) or set(options) != {option}:
+        raise QuantizationError(f'{source}: {key!r} takes exactly {{"{option}": ...}}, got {json.dumps(options)}')
+    value = options[option]
+    if key == "precision":
+        if value not in DTYPE_NAMES:
+            raise QuantizationError(
+                f"{source}: precision dtype {value!r} is not valid; valid: {_join(dict.fromkeys(DTYPE_NAMES))}"
+            )
+        return DTYPE_NAMES[value]
+    base, _, index = str(value).partition(":")
+    if not isinstance(value, str) or base not in ("cpu", "cuda", "mps", "fast") or (index and not (base == "cuda" and index.isdigit())):
+        raise QuantizationError(f"{source}: executor accelerator {value!r} is not valid; valid: {_join(DEVICE_NAMES)}")
+    return value
+
+
+def _scheme(source: str, key: str, options: Any) -> Scheme:
+    spec = SCHEMES[key]
+    if not isinstance(options, Mapping):
+        raise QuantizationError(f"{source}: {key!r} takes an object of options ({_join(spec.valid)}), got {json.dumps(options)}")
+    values = dict(spec.defaults)
+    for name, value in options.items():
+        if name not in spec.valid:
+            raise QuantizationError(f"{source}: {key!r} has no option {name!r}; valid options: {_join(spec.valid)}")
+        # bool is an int in Python; `true` is never a bit width.
+        if isinstance(value, bool) or value not in spec.valid[name]:
+            raise QuantizationError(
+                f"{source}: {key!r} {name} {json.dumps(value)} is not valid; valid: {_join(spec.valid[name])}"
+                + (" (0 = per channel)" if 0 in spec.valid[name] else "")
+            )
+        values[name] = value
+    return Scheme(key, values.get("bitwidth"), values["groupsize"])
+
+
+def parse_quantize(text_or_path: str | None) -> QuantPlan:
+    """--quantize value -> plan. Accepts inline JSON (starts with "{"), a JSON file path, or the name
+    of a shipped recipe ("cuda.json" or "cuda"); an existing file wins over a shipped name."""
+    if text_or_path is None or not text_or_path.strip():
+        return QuantPlan()
+    text = text_or_path.strip()
+    source = "--quantize"
+    if not text.startswith(("{", "[")):
+        path = _recipe_path(text)
+        source = f"--quantize {text}"
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise QuantizationError(f"{source}: cannot read {path}: {e}") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise QuantizationError(f"{source}: not valid JSON ({e})") from e
+    return QuantPlan.from_dict(data, source)
+
+
+def shipped_recipes() -> list[str]:
+    """File names of the recipes in torchchat/quant_config/."""
+    return sorted(p.name for p in RECIPE_DIR.glob("*.json"))
+
+
+def _recipe_path(name: str) -> Path:
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    shipped = RECIPE_DIR / (path.name if path.suffix == ".json" else f"{path.name}.json")
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise QuantizationError(
+        f"--quantize {name}: not inline JSON, not a file, and not a shipped recipe; "
+        f"shipped recipes: {_join(shipped_recipes())}"
+    )
+
+
+def _skip_reason(scheme: Scheme, device_type: str, weight_shape: tuple[int, ...]) -> str | None:
+    """Why this weight (out_features, row length) cannot take the scheme, or None if it can."""
+    rows, row = weight_shape[0], weight_shape[-1]
+    if scheme.groupsize and row % scheme.groupsize:
+        return f"row length {row} is not a multiple of groupsize {scheme.groupsize}"
+    if scheme.key == "linear:int4" and device_type == "cpu" and rows % 16:
+        return f"{rows} output features are not a multiple of 16 (torchao's CPU int4 packing)"
+    return None
+
+
+def _targets(model: nn.Module, scheme: Scheme, device_type: str) -> tuple[list[str], dict[str, list[str]]]:
+    """Names of the modules the scheme quantizes, and the names it must skip grouped by reason."""
+    chosen, skipped = [], {}
+    for name, module in model.named_modules():
+        if type(module) is not scheme.spec.targets:
+            continue
+        reason = _skip_reason(scheme, device_type, tuple(module.weight.shape))
+        if reason is None:
+            chosen.append(name)
+        else:
+            skipped.setdefault(reason, []).append(name)
+    return chosen, skipped
+
+
+def check_plan(plan: QuantPlan, model: nn.Module, device: str, dtype: torch.dtype) -> list[str]:
+    """The checks behind `QuantPlan.validate`, on any module tree (real or on the meta device)."""
+    device_type = torch.device(device).type
+    notes = []
+    for scheme in plan.schemes:
+        where = f"{plan.source}: {scheme.key!r}"
+        if device_type not in scheme.spec.devices:
+            raise QuantizationError(f"{where} cannot run on {device_type}; it runs on: {_join(scheme.spec.devices)}")
+        if scheme.key == "linear:int4":
+            if device_type == "cpu" and scheme.groupsize not in INT4_CPU_GROUPSIZES:
+                raise QuantizationError(
+                    f"{where} groupsize {scheme.groupsize} has no CPU kernel in torchao; "
+                    f"on cpu valid groupsizes are {_join(INT4_CPU_GROUPSIZES)} (or use a recipe for cuda)"
+                )
+            if device_type == "cuda" and dtype != torch.bfloat16:
+                raise QuantizationError(f"{where} on cuda needs a bf16 model (torchao's tinygemm kernel); use --dtype bf16")
+        chosen, skipped = _targets(model, scheme, device_type)
+        if not chosen:
+            fits = [
+                g for g in scheme.spec.valid["groupsize"]
+                if _targets(model, Scheme(scheme.key, scheme.bitwidth, g), device_type)[0]
+                and (scheme.key != "linear:int4" or device_type != "cpu" or g in INT4_CPU_GROUPSIZES)
+            ]
+            raise QuantizationError(
+                f"{where} groupsize {scheme.groupsize} fits no layer of this model ({'; '.join(skipped)}), "
+                f"so nothing would be quantized; groupsizes that fit: {_join(fits) or 'none'}"
+            )
+        for reason, names in skipped.items():
+            notes.append(f"{scheme.key}: {len(names)} layer(s) left unquantized, {reason}: {_abbreviate(names)}")
+    return notes
+
+
+def _abbreviate(names: Iterator[str], limit: int = 4) -> str:
+    names = list(names)
+    shown = _join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _torchao_config(scheme: Scheme, device_type: str):
+    """The torchao 0.18 config that runs `scheme` on `device_type`. set_inductor_config=False: the
+    generation code owns inductor settings; quantizing must not change global state."""
+    try:
+        from torchao.quantization import (
+            Int4WeightOnlyConfig,
+            Int8DynamicActivationIntxWeightConfig,
+            Int8WeightOnlyConfig,
+            IntxWeightOnlyConfig,
+            PerAxis,
+            PerGroup,
+            PerRow,
+        )
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"--quantize needs torchao ({e}); install it with: pip install torchao==0.18.0"
+        ) from e
+
+    per_row = scheme.groupsize == 0
+    if scheme.key == "linear:int8" and scheme.bitwidth == 8:
+        return Int8WeightOnlyConfig(
+            granularity=PerRow() if per_row else PerGroup(scheme.groupsize), set_inductor_config=False
+        )
+    if scheme.key in ("linear:int8", "embedding"):
+        return IntxWeightOnlyConfig(
+            weight_dtype=torch.int8 if scheme.bitwidth == 8 else torch.int4,
+            granularity=PerAxis(0) if per_row else PerGroup(scheme.groupsize),
+        )
+    if scheme.key == "linear:int4" and device_type == "cpu":
+        return PrototypeInt4WeightOnlyConfig(group_size=scheme.groupsize, set_inductor_config=False)
+    if scheme.key == "linear:int4":
+        return Int4WeightOnlyConfig(
+            group_size=scheme.groupsize, int4_packing_format="tile_packed_to_4d", set_inductor_config=False
+        )
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(scheme.groupsize))
+
+
+def apply_quantization(model: nn.Module, plan: QuantPlan, device: str) -> None:
+    """Quantize `model` in place (weights loaded, dtype set, already on `device`). Layers whose row
+    length the groupsize does not divide stay unquantized (see `QuantPlan.validate`'s notes)."""
+    if not plan.schemes:
+        return
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    check_plan(plan, model, device, dtype)
+    from torchao.quantization import quantize_
+
+    device_type = torch.device(device).type
+    for scheme in plan.schemes:
+        chosen = set(_targets(model, scheme, device_type)[0])
+        quantize_(model, _torchao_config(scheme, device_type), filter_fn=lambda _m, fqn: fqn in chosen)
+
+
+def weight_nbytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters, counting what quantized tensor subclasses really store
+    (packed data, scales, zero points); a tied weight counts once."""
+    seen: set[int] = set()
+
+    def size(t: torch.Tensor) -> int:
+        if type(t) in (torch.Tensor, nn.Parameter):
+            return t.numel() * t.element_size()
+        inner, _ = t.__tensor_flatten__()
+        return sum(size(getattr(t, name)) for name in inner)
+
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += size(p)
+    return total
