@@ -171,12 +171,9 @@ def build_model(spec: BuildSpec) -> BuiltModel:
     tokenizer_path = src.tokenizer_path
     notes: list[str] = []
     if entry is not None and checkpoint is None and not src.dummy_weights:
-        folder = entry.local_dir(src.model_directory)
-        if not folder.exists():
-            raise CheckpointError(
-                f"model '{entry.name}' is not downloaded to {src.model_directory}; run: "
-                f"python3 torchchat.py download {src.name}"
-            )
+        from torchchat.inventory.download import DownloadOptions, download_model
+
+        folder = download_model(entry, DownloadOptions(model_directory=src.model_directory))
         checkpoint, found_tok = _find_in_dir(folder, entry)
         tokenizer_path = tokenizer_path or found_tok
 
@@ -190,17 +187,20 @@ def build_model(spec: BuildSpec) -> BuiltModel:
 
     loaded = None
     if checkpoint is not None and not src.dummy_weights:
-        from torchchat.checkpoint import load_checkpoint
+        from torchchat.checkpoint import LoadOptions, load_checkpoint
         from torchchat.checkpoint.state_dict import normalize
 
-        loaded = load_checkpoint(Path(checkpoint))
+        # GGUF Q4_0 weights stay 4-bit where an int4 kernel runs, unless --quantize asks for its own scheme.
+        options = LoadOptions(device=device, dtype=spec.dtype, keep_quantized=spec.quant is None)
+        loaded = load_checkpoint(Path(checkpoint), options)
         config = config or loaded.config
         if config is None:
             raise CheckpointError(
                 f"{checkpoint}: the checkpoint does not say its architecture; pass --params-table or --params-path"
             )
         loaded.state_dict = normalize(loaded.state_dict, config)
-        tokenizer_path = tokenizer_path or _tokenizer_beside(Path(checkpoint))
+        if loaded.tokenizer is None:  # a tokenizer carried by the checkpoint (GGUF) beats a file beside it
+            tokenizer_path = tokenizer_path or _tokenizer_beside(Path(checkpoint))
     elif config is None:
         raise UserInputError(
             "no model given: name a model, or pass --checkpoint-path / --gguf-path, or --dummy-weights with "

@@ -1,6 +1,6 @@
 """Checkpoint formats -> (state dict in our parameter names, config if the file says it).
 
 The format is decided from the file's content (magic bytes, directory contents), not its name."""
-from torchchat.checkpoint.detect import LoadedCheckpoint, load_checkpoint
+from torchchat.checkpoint.detect import LoadedCheckpoint, LoadOptions, load_checkpoint
 
-__all__ = ["LoadedCheckpoint", "load_checkpoint"]
+__all__ = ["LoadedCheckpoint", "LoadOptions", "load_checkpoint"]

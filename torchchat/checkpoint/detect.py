@@ -5,6 +5,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from torchchat.errors import CheckpointError
@@ -15,21 +16,38 @@ from torchchat.model.config import ModelConfig
 class LoadedCheckpoint:
     state_dict: dict[str, Tensor]
     config: ModelConfig | None  # None where the file says nothing about the architecture
-    format: str  # "pt" | "llama2c" | "hf" | "gguf"
+    format: str  # "pt" | "llama2c" | "hf" | "meta" | "gguf"
     tokenizer: object | None = None  # a Tokenizer, for formats that carry one (GGUF)
 
 
-def load_checkpoint(path: Path) -> LoadedCheckpoint:
-    from torchchat.checkpoint import hf, llama2c, pt
+@dataclass(frozen=True)
+class LoadOptions:
+    """What the caller will do with the weights, for formats that can prepare them for it (GGUF:
+    quantized tensors are dequantized to `dtype`, or kept 4-bit where an int4 kernel runs on `device`)."""
+
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    keep_quantized: bool = False  # False whenever another quantization will be applied afterwards
+
+
+def load_checkpoint(path: Path, options: LoadOptions | None = None) -> LoadedCheckpoint:
+    from torchchat.checkpoint import hf, llama2c, meta, pt
 
     path = Path(path)
+    options = options or LoadOptions()
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
         if hf.is_hf_dir(path):
             config, sd = hf.load_hf_dir(path)
             return LoadedCheckpoint(sd, config, "hf")
-        raise CheckpointError(f"{path}: a directory checkpoint needs a Hugging Face config.json")
+        meta_dir = meta.find_meta_dir(path)
+        if meta_dir is not None:
+            config, sd = meta.load_meta_dir(meta_dir)
+            return LoadedCheckpoint(sd, config, "meta")
+        raise CheckpointError(
+            f"{path}: a directory checkpoint needs a Hugging Face config.json, or Meta params.json + consolidated.*.pth"
+        )
     try:
         with path.open("rb") as f:
             head = f.read(256)
@@ -39,7 +57,10 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     if head[:4] == b"GGUF":
         from torchchat.checkpoint.gguf import load_gguf
 
-        return load_gguf(path)
+        return load_gguf(path, options)
+    if meta.is_meta_shard(path):
+        config, sd = meta.load_meta_dir(path.parent)
+        return LoadedCheckpoint(sd, config, "meta")
     if zipfile.is_zipfile(path) or head[:2] == b"\x80\x02":
         config, sd = pt.load_pt(path)
         return LoadedCheckpoint(sd, config, "pt")

@@ -118,12 +118,23 @@ def _read(file: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{file}: unreadable PyTorch weights ({str(e).splitlines()[0]})") from e
 
 
-def load_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
+def _read_config(path: Path) -> ModelConfig:
     try:
         hf = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path / 'config.json'} is not valid JSON: {e}") from e
-    config = config_from_hf(hf, source=str(path / "config.json"))
+    return config_from_hf(hf, source=str(path / "config.json"))
+
+
+def check_hf_dir(path: Path) -> ModelConfig:
+    """Read config.json and check that the weight files it needs are there, without loading them."""
+    config = _read_config(path)
+    _weight_files(path)
+    return config
+
+
+def load_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
+    config = _read_config(path)
     state: dict[str, Tensor] = {}
     unknown: list[str] = []
     for file in _weight_files(path):
