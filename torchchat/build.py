@@ -3,7 +3,6 @@
 Library callers make a BuildSpec themselves; the CLI makes one in `torchchat/cli/args.py`."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,12 +10,9 @@ from typing import Any
 import torch
 
 from torchchat.errors import CheckpointError, DeviceError, TokenizerError, UserInputError
+from torchchat.inventory.store import default_model_directory
 from torchchat.model.config import ModelConfig
 from torchchat.model.registry import ModelEntry, params_table, resolve_model
-
-
-def default_model_directory() -> Path:
-    return Path(os.environ.get("TORCHCHAT_MODELDIR", Path.home() / ".torchchat" / "model-cache"))
 
 
 @dataclass(frozen=True)
@@ -191,7 +187,9 @@ def build_model(spec: BuildSpec) -> BuiltModel:
         from torchchat.checkpoint.state_dict import normalize
 
         # GGUF Q4_0 weights stay 4-bit where an int4 kernel runs, unless --quantize asks for its own scheme.
-        options = LoadOptions(device=device, dtype=spec.dtype, keep_quantized=spec.quant is None)
+        options = LoadOptions(
+            device=device, dtype=spec.dtype, keep_quantized=spec.quant is None, tokenizer=tokenizer_path is None
+        )
         loaded = load_checkpoint(Path(checkpoint), options)
         config = config or loaded.config
         if config is None:

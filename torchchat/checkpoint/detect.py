@@ -28,6 +28,7 @@ class LoadOptions:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     keep_quantized: bool = False  # False whenever another quantization will be applied afterwards
+    tokenizer: bool = True  # build the tokenizer a checkpoint carries (False: the caller has its own)
 
 
 def load_checkpoint(path: Path, options: LoadOptions | None = None) -> LoadedCheckpoint:

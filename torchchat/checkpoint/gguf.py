@@ -228,5 +228,6 @@ def load_gguf(path: Path, options: LoadOptions | None = None) -> LoadedCheckpoin
             state[ours] = int4_weight(*unpack_q4_0(tensor), options.device, options.dtype)
         else:
             state[ours] = to_dense(tensor, options.dtype, source)
-    tokenizer = _tokenizer(reader) if reader.fields.get("tokenizer.ggml.model") is not None else None
+    has_vocab = reader.fields.get("tokenizer.ggml.model") is not None
+    tokenizer = _tokenizer(reader) if options.tokenizer and has_vocab else None
     return LoadedCheckpoint(state, config, "gguf", tokenizer)

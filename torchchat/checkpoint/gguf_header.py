@@ -19,6 +19,7 @@ from torchchat.errors import CheckpointError
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NAME = 1024  # bytes; llama.cpp's own limit for tensor names is 64
 
 # GGUF metadata value types -> size in bytes of a scalar; STRING (8) and ARRAY (9) are variable.
 _SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
@@ -58,6 +59,17 @@ class _Cursor:
         n = self.u64(what + " length")
         start = self.take(n, what)
         return bytes(self.buf[start : start + n])
+
+    def name(self, what: str) -> str:
+        """A key or tensor name: short, UTF-8 and printable, or the file is corrupted."""
+        raw = self.string(what)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = ""
+        if not text or len(raw) > MAX_NAME or not text.isprintable():
+            raise CheckpointError(f"{self.source}: corrupted GGUF file: {what} at byte {self.pos - len(raw)} is not a valid name")
+        return text
 
 
 def _skip_value(cur: _Cursor, type_id: int, key: str, depth: int = 0) -> None:
@@ -120,8 +132,7 @@ def check_gguf(path: Path) -> list[TensorExtent]:
                 )
             alignment = DEFAULT_ALIGNMENT
             for _ in range(n_kv):
-                key_bytes = cur.string("metadata key")
-                key = key_bytes.decode("utf-8", errors="replace")
+                key = cur.name("metadata key")
                 type_id = cur.u32(f"type of '{key}'")
                 if key == "general.alignment" and type_id == _UINT32:
                     alignment = cur.u32("general.alignment")
@@ -131,7 +142,7 @@ def check_gguf(path: Path) -> list[TensorExtent]:
                     _skip_value(cur, type_id, key)
             infos = []
             for i in range(n_tensors):
-                name = cur.string(f"name of tensor {i}").decode("utf-8", errors="replace")
+                name = cur.name(f"name of tensor {i}")
                 n_dims = cur.u32(f"dimension count of '{name}'")
                 if not 1 <= n_dims <= MAX_DIMS:
                     raise CheckpointError(f"{source}: corrupted GGUF file: tensor '{name}' has {n_dims} dimensions")

@@ -29,7 +29,7 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
 
 
 def request(args: argparse.Namespace) -> InventoryRequest:
-    from torchchat.build import default_model_directory
+    from torchchat.inventory.store import default_model_directory
 
     return InventoryRequest(
         command=args.command,

@@ -17,6 +17,11 @@ PARTIAL = ".partial"
 TRASH = ".trash"
 
 
+def default_model_directory() -> Path:
+    """$TORCHCHAT_MODELDIR, else ~/.torchchat/model-cache."""
+    return Path(os.environ.get("TORCHCHAT_MODELDIR", Path.home() / ".torchchat" / "model-cache")).expanduser()
+
+
 @dataclass(frozen=True)
 class ModelStatus:
     entry: ModelEntry
