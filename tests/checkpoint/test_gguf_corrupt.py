@@ -9,6 +9,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, shared_path
 
 _CHILD = r"""
@@ -80,8 +82,9 @@ def _run(tmp_path, with_tokenizer: bool) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_truncated_and_corrupted_files_fail_clearly(tmp_path):
-    result = _run(tmp_path, with_tokenizer=False)
+@pytest.mark.parametrize("with_tokenizer", [False, True], ids=["weights", "weights-and-tokenizer"])
+def test_truncated_and_corrupted_files_fail_clearly(tmp_path, with_tokenizer):
+    result = _run(tmp_path, with_tokenizer)
     for name, outcome in result["named"].items():
         assert outcome.startswith("error: "), f"{name}: {outcome}"
         assert str(tmp_path / "case.gguf") in outcome or "GGUF" in outcome, f"{name}: {outcome}"

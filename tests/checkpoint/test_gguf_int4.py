@@ -27,7 +27,7 @@ def test_q4_0_blocks_map_onto_int4_exactly():
 
     from torchchat.checkpoint.gguf_tensors import unpack_q4_0
 
-    w = np.random.default_rng(0).standard_normal((96, 128)).astype(np.float32)
+    w = np.random.default_rng(0).standard_normal((172, 128)).astype(np.float32)  # 172 rows: padded to 176
     blocks = quants.quantize(w, GGMLQuantizationType.Q4_0)
     reference = quants.dequantize(blocks, GGMLQuantizationType.Q4_0)
     weight = int4_weight(*unpack_q4_0(_Tensor(blocks, w.shape)), "cpu", torch.float32)
@@ -84,3 +84,24 @@ def test_kept_int4_model_matches_dequantized_model(q4_gguf):
     # bf16 on both sides; the only difference is the bf16 rounding of the fp16 block scales.
     assert (a - b).abs().max() <= 0.05 * b.abs().max()
     assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_q4_0_on_the_cuda_kernel_equals_the_dequantized_weight():
+    from gguf import GGMLQuantizationType, quants
+
+    from torchchat.checkpoint.gguf_tensors import unpack_q4_0
+
+    w = np.random.default_rng(1).standard_normal((172, 1120)).astype(np.float32)  # pads to (176, 2048)
+    blocks = quants.quantize(w, GGMLQuantizationType.Q4_0)
+    codes, scales = unpack_q4_0(_Tensor(blocks, w.shape))
+    assert int4_kernel_runs("cuda", torch.bfloat16)
+    weight = int4_weight(codes, scales, "cuda", torch.bfloat16)
+    assert type(weight).__name__ == "Int4TilePackedTo4dTensor" and tuple(weight.shape) == w.shape
+    # The kernel's weight: the fp16 scales rounded to bf16, times (code - 8).
+    expected = (torch.from_numpy(scales).bfloat16().float().repeat_interleave(32, dim=1)
+                * (torch.from_numpy(codes).float() - 8)).cuda()
+    x = torch.randn(5, 1120, device="cuda").bfloat16()
+    got = F.linear(x, weight).float()
+    want = x.float() @ expected.T
+    assert (got - want).abs().max() <= 1e-2 * want.abs().max()

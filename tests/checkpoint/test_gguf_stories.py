@@ -48,3 +48,31 @@ def test_greedy_text_matches_the_bin(stories260k_dir):
     tokens = _greedy((from_gguf.config, from_gguf.state_dict))
     sp = sentencepiece.SentencePieceProcessor(model_file=str(stories260k_dir / "tok512.model"))
     assert sp.decode(tokens) == (stories260k_dir / "expected_greedy_200.txt").read_text()
+
+
+def test_generate_from_gguf_alone_matches_llama2c(stories260k_dir):
+    """`--gguf-path` and nothing else: config and tokenizer come from the file."""
+    from tests.cli.helpers import run_cli
+
+    r = run_cli("generate", "--gguf-path", stories260k_dir / "stories260K.gguf", "--prompt", "", "--temperature", "0",
+                "--max-new-tokens", "200", "--dtype", "fp32", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == (stories260k_dir / "expected_greedy_200.txt").read_text() + "\n"
+
+
+def test_build_keeps_q4_0_linears_int4_on_cpu_bf16(stories260k_dir, tmp_path):
+    from tests.checkpoint.gguf_build import write_llama_gguf
+    from torchchat.build import BuildSpec, ModelSource, build_model
+
+    config, state = load_llama2c(stories260k_dir / "stories260K.bin")
+    path = tmp_path / "stories260K-q4_0.gguf"
+    # Rows of 172 (ffn_down) are not whole Q4_0 blocks: llama.cpp keeps such tensors in float, so do we.
+    write_llama_gguf(path, config, state, kind_of=lambda n, w: "Q4_0" if w.ndim == 2 and w.shape[1] % 32 == 0 else "F32")
+    built = build_model(BuildSpec(ModelSource(gguf_path=path, tokenizer_path=stories260k_dir / "tok512.model"),
+                                  dtype=torch.bfloat16))
+    layer = built.model.layers[0]
+    assert type(layer.attention.wq.weight).__name__ == "Int4OpaqueTensor"
+    assert type(layer.feed_forward.w2.weight) is torch.nn.Parameter and layer.feed_forward.w2.weight.dtype == torch.bfloat16
+    built.runtime.setup(1, 16)
+    logits = built.runtime.forward(torch.tensor([[1, 403, 407]]), torch.arange(3))
+    assert logits.shape == (1, 3, 512) and torch.isfinite(logits).all()

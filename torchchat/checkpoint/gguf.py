@@ -174,10 +174,14 @@ def config_from_gguf(meta: _Metadata, tensors: dict[str, Any]) -> ModelConfig:
     )
 
 
-def _tokenizer(reader):
+def _tokenizer(reader, source: str):
     from torchchat.tokenizer.gguf import tokenizer_from_gguf
 
-    return tokenizer_from_gguf(reader)
+    try:
+        return tokenizer_from_gguf(reader)
+    except (ValueError, IndexError, KeyError, UnicodeDecodeError) as e:
+        # Values the header walk cannot judge (a token type out of range, a broken piece) in a damaged file.
+        raise CheckpointError(f"{source}: corrupted tokenizer metadata ({e}); download the file again") from e
 
 
 def load_gguf(path: Path, options: LoadOptions | None = None) -> LoadedCheckpoint:
@@ -229,5 +233,5 @@ def load_gguf(path: Path, options: LoadOptions | None = None) -> LoadedCheckpoin
         else:
             state[ours] = to_dense(tensor, options.dtype, source)
     has_vocab = reader.fields.get("tokenizer.ggml.model") is not None
-    tokenizer = _tokenizer(reader) if options.tokenizer and has_vocab else None
+    tokenizer = _tokenizer(reader, source) if options.tokenizer and has_vocab else None
     return LoadedCheckpoint(state, config, "gguf", tokenizer)

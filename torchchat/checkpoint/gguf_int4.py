@@ -40,6 +40,16 @@ def _scale_and_zero(scales: Tensor) -> Tensor:
     return torch.stack([scales, torch.zeros_like(scales)], dim=-1).transpose(0, 1).contiguous()
 
 
+def _padded(codes: np.ndarray, scales: np.ndarray, n_pad: int, k_pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Codes and scales grown to (n_pad, k_pad); the new codes are 8 with scale 0, i.e. weight 0."""
+    n, k = codes.shape
+    full = np.full((n_pad, k_pad), 8, dtype=np.uint8)
+    full[:n, :k] = codes
+    full_scales = np.zeros((n_pad, k_pad // GROUP), dtype=np.float32)
+    full_scales[:n, : k // GROUP] = scales
+    return full, full_scales
+
+
 def int4_weight(codes: np.ndarray, scales: np.ndarray, device: str, dtype: torch.dtype) -> Tensor:
     """A torchao int4 weight tensor equal to scales * (codes - 8) in groups of 32 along K.
 
@@ -50,18 +60,16 @@ def int4_weight(codes: np.ndarray, scales: np.ndarray, device: str, dtype: torch
     if kind == "cpu":
         from torchao.prototype.quantization.int4 import Int4OpaqueTensor
 
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(codes.astype(np.int32)), 1)
-        qparams = _scale_and_zero(torch.from_numpy(scales).to(dtype))
+        # The CPU packing wants N a multiple of 16; the linear slices the padded outputs off.
+        full, full_scales = _padded(codes, scales, -(-n // 16) * 16, k)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(full.astype(np.int32)), 1)
+        qparams = _scale_and_zero(torch.from_numpy(full_scales).to(dtype))
         return Int4OpaqueTensor(qdata=packed, scale_and_zero=qparams, block_size=[1, GROUP], shape=torch.Size([n, k]))
     from torchao.quantization.quantize_.workflows.int4.int4_tile_packed_to_4d_tensor import Int4TilePackedTo4dTensor
 
-    # The CUDA kernel wants K padded to a multiple of 1024 and N to a multiple of 8; padded codes are 8
-    # (value 0) and their outputs are sliced off.
-    k_pad, n_pad = -(-k // 1024) * 1024, -(-n // 8) * 8
-    full = np.full((n_pad, k_pad), 8, dtype=np.uint8)
-    full[:n, :k] = codes
-    full_scales = np.zeros((n_pad, k_pad // GROUP), dtype=np.float32)
-    full_scales[:n, : k // GROUP] = scales
+    # The CUDA kernel wants K padded to a multiple of 1024 (the activations are zero-padded to match)
+    # and N to a multiple of 8.
+    full, full_scales = _padded(codes, scales, -(-n // 8) * 8, -(-k // 1024) * 1024)
     nibbles = torch.from_numpy(full[:, ::2] << 4 | full[:, 1::2]).to(device)
     packed = torch.ops.aten._convert_weight_to_int4pack(nibbles.contiguous(), 8)
     qparams = _scale_and_zero(torch.from_numpy(full_scales).to(device=device, dtype=torch.bfloat16))
