@@ -7,11 +7,11 @@ to bfloat16, the only difference from the dequantized weight.)
 
 Where it runs: the CPU kernel (`_weight_int4pack_mm_for_cpu`, torchao's Int4OpaqueTensor) with
 bfloat16 activations, and the CUDA kernel (`_weight_int4pack_mm`, Int4TilePackedTo4dTensor) on GPUs of
-compute capability 8.0 or newer with bfloat16. Elsewhere (float32 or float16 on the CPU, where the
-kernel is slower than a dense matmul, MPS) Q4_0 is dequantized like the other types.
+compute capability 8.0 or newer with bfloat16. Elsewhere Q4_0 is dequantized like the other types: in
+float32 the CPU kernel is 6-8x slower than a dense float32 matmul (bench/gguf_int4.py), and MPS has none.
 
 Q8_0 (int8 codes, one fp16 scale per 32) has no torchao kernel for 32-element groups: torchao's
-group-wise int8 weight tensors dequantize the whole matrix on every call, about 30x slower than a
+group-wise int8 weight tensor dequantizes the whole matrix on every call, about 30x slower than a
 dense matmul on the CPU, so Q8_0 is always dequantized.
 """
 from __future__ import annotations
