@@ -72,7 +72,6 @@ def main() -> None:
         print(f"{n:>6}x{k:<6} {t_dense:>9.3f}ms {t_int4:>10.3f}ms {t_dense / t_int4:>5.2f}x "
               f"{t_int8:>14.3f}ms {t_dense / t_int8:>5.2f}x {t_dense32:>9.3f}ms {t_int4_32:>8.3f}ms "
               f"{t_dense32 / t_int4_32:>5.2f}x")
-        del dense, kept, int8, dense32, kept32
 
 
 if __name__ == "__main__":

@@ -7,8 +7,6 @@ from torchchat.checkpoint import LoadOptions
 from torchchat.checkpoint.gguf import load_gguf
 from torchchat.checkpoint.llama2c import load_llama2c
 
-from tests.conftest import shared_path
-
 
 def _greedy(loaded, steps: int = 200) -> list[int]:
     """BOS, then `steps` argmax tokens, one position at a time (as llama2.c's run.c does)."""

@@ -15,15 +15,6 @@ _Q4_0_BLOCK = 32  # elements per block
 _Q4_0_BYTES = 18  # fp16 scale d + 16 bytes holding 32 4-bit codes
 
 
-def type_name(type_id: int) -> str:
-    from gguf.constants import GGMLQuantizationType
-
-    try:
-        return GGMLQuantizationType(type_id).name
-    except ValueError:
-        return str(type_id)
-
-
 def torch_shape(dims) -> tuple[int, ...]:
     """GGUF dims (innermost first) -> torch shape (outermost first)."""
     return tuple(int(d) for d in reversed(list(dims)))

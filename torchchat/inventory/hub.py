@@ -120,7 +120,7 @@ def _explain(e: Exception, repo: str, endpoint: str) -> str:
             "`hf auth login` (or pass --hf-token) if it is yours"
         )
     if isinstance(e, HfHubHTTPError) and status == 401:
-        return f"the Hugging Face token was rejected (401): run `hf auth login` again or pass a valid --hf-token"
+        return "the Hugging Face token was rejected (401): run `hf auth login` again or pass a valid --hf-token"
     if isinstance(e, HfHubHTTPError) and status == 403:
         return f"access to {repo} was refused (403): check that your token may read it ({page})"
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
