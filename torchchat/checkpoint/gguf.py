@@ -199,8 +199,7 @@ def load_gguf(path: Path, options: LoadOptions | None = None) -> LoadedCheckpoin
     path = Path(path)
     options = options or LoadOptions()
     source = str(path)
-    extents = check_gguf(path)
-    if not extents:
+    if check_gguf(path) == 0:
         raise CheckpointError(
             f"{source}: this GGUF file holds no tensors (a vocabulary-only file); it can be a --tokenizer-path, not a model"
         )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import mmap
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 from torchchat.errors import CheckpointError
@@ -24,15 +23,6 @@ MAX_NAME = 1024  # bytes; llama.cpp's own limit for tensor names is 64
 # GGUF metadata value types -> size in bytes of a scalar; STRING (8) and ARRAY (9) are variable.
 _SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY, _UINT32 = 8, 9, 4
-
-
-@dataclass(frozen=True)
-class TensorExtent:
-    name: str
-    type_id: int
-    dims: tuple[int, ...]  # GGUF order: dims[0] is the innermost (contiguous) dimension
-    start: int  # absolute byte offset in the file
-    nbytes: int
 
 
 class _Cursor:
@@ -98,9 +88,9 @@ def _skip_value(cur: _Cursor, type_id: int, key: str, depth: int = 0) -> None:
         raise CheckpointError(f"{cur.source}: corrupted GGUF file: unknown metadata type {type_id} for '{key}'")
 
 
-def check_gguf(path: Path) -> list[TensorExtent]:
+def check_gguf(path: Path) -> int:
     """Walk the header of `path`; raise CheckpointError if it is not a well-formed GGUF v2/v3 file whose
-    tensors all lie inside it. Returns the tensors' extents in file order."""
+    tensors all lie inside it. Returns the number of tensors."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     source = str(path)
@@ -151,7 +141,6 @@ def check_gguf(path: Path) -> list[TensorExtent]:
                 offset = cur.u64(f"data offset of '{name}'")
                 infos.append((name, dims, type_id, offset))
             data_start = -(-cur.pos // alignment) * alignment
-            extents = []
             for name, dims, type_id, offset in infos:
                 try:
                     block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
@@ -175,5 +164,4 @@ def check_gguf(path: Path) -> list[TensorExtent]:
                         f"{source}: truncated GGUF file: tensor '{name}' needs bytes {start}..{start + nbytes}, the "
                         f"file has {size}; download it again"
                     )
-                extents.append(TensorExtent(name, type_id, dims, start, nbytes))
-            return extents
+            return len(infos)

@@ -40,6 +40,7 @@ class _RecordingRedirects(urllib.request.HTTPRedirectHandler):
     (huggingface.co answers a file request with a redirect that carries X-Linked-Etag)."""
 
     def __init__(self):
+        super().__init__()
         self.sha256: str | None = None
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
