@@ -42,6 +42,10 @@ class ContextLengthError(UserInputError):
     """A prompt does not fit in the model's context."""
 
 
+class ChatTemplateError(UserInputError):
+    """A chat template does not parse, or refuses the conversation (e.g. roles out of order)."""
+
+
 class DownloadError(TorchchatError):
     """A download failed or was refused; the cache is left as it was."""
 
