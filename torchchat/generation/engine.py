@@ -5,12 +5,12 @@ none re-implements decoding."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 import torch
 
-from torchchat.errors import ContextLengthError
+from torchchat.errors import ChatTemplateError, ContextLengthError
 from torchchat.generation.sampling import SamplingParams
 from torchchat.generation.steps import Steps
 from torchchat.runtime.base import Runtime
@@ -31,6 +31,14 @@ class GenerationStats:
     time_to_first_token: float = 0.0  # seconds, prefill included
     total_time: float = 0.0  # seconds, prefill to last token
     prefill_parallel: bool = True
+    cached_tokens: int = 0  # prompt tokens whose K/V were already in the cache (chat turns), not in prompt_tokens
+    draft_proposed: int = 0  # speculative decoding: draft tokens proposed ...
+    draft_accepted: int = 0  # ... and accepted by the target
+    speculate_k: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.draft_accepted / self.draft_proposed if self.draft_proposed else 0.0
 
     @property
     def decode_time(self) -> float:
@@ -69,7 +77,24 @@ class Engine:
         self.device = runtime.device
         self.position = 0  # next free KV position after the last call (chat continues from here)
         self.last_stats: GenerationStats | None = None
+        # Ids whose K/V the cache holds at positions [0, len): chat reuses their common prefix with the
+        # next prompt. -1 marks a position of unknown content.
+        self.kv_ids: list[int] = []
+        self.draft = None  # torchchat.generation.speculative.Draft, when decoding speculatively
+        self.chat_format = None  # torchchat.generation.chat_format.ChatFormat used by chat()
         runtime.setup(1, max_seq_len)
+
+    def attach_draft(self, runtime: Runtime, k: int) -> None:
+        """Decode speculatively from now on: `runtime` (a smaller model with the same vocabulary)
+        proposes `k` tokens per step and this engine's model verifies them in one forward."""
+        from torchchat.generation.speculative import Draft
+
+        self.draft = Draft.create(runtime, k, self.max_seq_len, self.runtime)
+
+    def _claim_prefix(self, start_pos: int) -> None:
+        """Forget what the cache holds from `start_pos` on (it is about to be overwritten)."""
+        del self.kv_ids[start_pos:]
+        self.kv_ids.extend([-1] * (start_pos - len(self.kv_ids)))
 
     def _check_fits(self, start_pos: int, n_prompt: int) -> None:
         if n_prompt == 0:
@@ -84,7 +109,13 @@ class Engine:
         """Prefill `prompt_ids` at positions [start_pos, ...) and yield generated ids, stop token
         included. Stops at a stop id, at max_new_tokens, or when the context is full. Afterwards
         `self.position` is the position the last yielded token would take, and `self.last_stats` is set."""
+        if self.draft is not None:
+            from torchchat.generation.speculative import speculative_tokens
+
+            yield from speculative_tokens(self, self.draft, prompt_ids, cfg, start_pos)
+            return
         self._check_fits(start_pos, len(prompt_ids))
+        self._claim_prefix(start_pos)
         stop_ids = self.tokenizer.stop_ids if cfg.stop_ids is None else cfg.stop_ids
         budget = min(cfg.max_new_tokens, self.max_seq_len - start_pos - len(prompt_ids))
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
@@ -99,10 +130,12 @@ class Engine:
         if self.parallel_prefill:
             pos = torch.arange(start_pos, start_pos + len(prompt_ids), device=self.device)
             nxt = prefill(prompt, pos)
+            self.kv_ids.extend(int(i) for i in prompt_ids)
         else:
             stats.prefill_parallel = False
             for i in range(len(prompt_ids)):
                 nxt = decode(prompt[:, i : i + 1], torch.tensor([start_pos + i], device=self.device))
+                self.kv_ids.append(int(prompt_ids[i]))
         pos = start_pos + len(prompt_ids)
         token = int(nxt)
         stats.time_to_first_token = time.perf_counter() - t0
@@ -111,6 +144,7 @@ class Engine:
         yield token
         while token not in stop_ids and stats.generated_tokens < budget:
             nxt = decode(nxt.clone(), torch.tensor([pos], device=self.device))
+            self.kv_ids.append(token)
             pos += 1
             token = int(nxt)
             stats.generated_tokens += 1
@@ -136,6 +170,40 @@ class Engine:
             yield Response(text=decoder.add(token), token=token)
         tail = decoder.flush()
         yield Response(text=tail, token=None, finish_reason=finish, stats=self.last_stats)
+
+    def chat_prompt(self, messages, chat_format=None) -> list[int]:
+        """Token ids of a conversation (Message objects or {"role", "content"} dicts) rendered with
+        `chat_format` (default `self.chat_format`), ending in the assistant's generation prompt."""
+        fmt = chat_format or self.chat_format
+        if fmt is None:
+            raise ChatTemplateError("Engine.chat needs a chat format: set engine.chat_format or pass chat_format")
+        return fmt.encode(self.tokenizer, messages)
+
+    def chat(self, messages, cfg: GenerationConfig, chat_format=None) -> Iterator[Response]:
+        """Stream the assistant's reply to a conversation, as `stream` does. Give the whole conversation
+        every turn: the prompt's common prefix with what the KV cache already holds is reused, so a turn
+        that extends the previous one prefills only its new tokens (`stats.cached_tokens` says how many
+        were reused). The model sees exactly the tokenization of the full rendered conversation. The
+        format's stop tokens (eos, end-of-turn) end the reply and are never rendered as text."""
+        fmt = chat_format or self.chat_format
+        ids = self.chat_prompt(messages, fmt)
+        reuse = common_prefix_len(self.kv_ids, ids)
+        reuse = max(0, min(reuse, len(ids) - 1))  # at least one token is fed, for the next-token logits
+        base_stops = self.tokenizer.stop_ids if cfg.stop_ids is None else cfg.stop_ids
+        cfg = replace(cfg, stop_ids=frozenset(base_stops) | fmt.stop_ids(self.tokenizer))
+        for r in self.stream(ids[reuse:], cfg, start_pos=reuse):
+            if r.stats is not None:
+                r.stats.cached_tokens = reuse
+            yield r
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def make_engine(built, options=None, max_seq_len: int | None = None, parallel_prefill: bool = True) -> Engine:
