@@ -56,6 +56,32 @@ def add_compile(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sequential-prefill", action="store_true", help="Feed the prompt one token at a time")
 
 
+def add_chat_template(p: argparse.ArgumentParser, generate: bool = False) -> None:
+    from torchchat.generation.chat_format import TEMPLATE_CHOICES
+
+    g = p.add_argument_group("chat template")
+    if generate:
+        help_text = ("Format --prompt as one user turn of this chat template (auto: the model's own); "
+                     "default: the prompt is plain text to continue")
+    else:
+        help_text = ("Chat template (default auto: the registry's, else the tokenizer's chat_template, "
+                     "else plain text turns)")
+    g.add_argument("--chat-template", choices=(*TEMPLATE_CHOICES, "auto"), default=None, help=help_text)
+    g.add_argument("--system-prompt", default=None,
+                   help="System prompt" + (" (with --chat-template)" if generate else " (asked for when not given and stdin is a terminal)"))
+
+
+def add_speculative(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--draft-model", metavar="MODEL", default=None,
+                   help="A known model to draft tokens with (same tokenizer as the model)")
+    g.add_argument("--draft-checkpoint-path", type=Path, default=None,
+                   help="A draft model checkpoint (.bin, HF directory, or .pt with its config)")
+    g.add_argument("--speculate-k", type=int, default=5, help="Draft tokens proposed per verification step")
+    g.add_argument("--draft-quantize", default=None,
+                   help="Quantization recipe for the draft, or 'quantize' for the same as --quantize (default: none)")
+
+
 def model_source(args: argparse.Namespace) -> ModelSource:
     given = [x for x in (args.model, args.checkpoint_path, args.gguf_path) if x is not None]
     if len(given) > 1 and not (args.model and args.dummy_weights):
@@ -95,6 +121,34 @@ def build_spec(args: argparse.Namespace, notes: list[str] | None = None) -> Buil
     if args.max_seq_length is not None and args.max_seq_length <= 0:
         raise UserInputError("--max-seq-length must be positive")
     return BuildSpec(source=model_source(args), device=device, dtype=dtype, quant=plan, max_seq_len=args.max_seq_length)
+
+
+def draft_spec(args: argparse.Namespace, target: BuildSpec) -> BuildSpec | None:
+    """The draft model's BuildSpec (same device, dtype and context as the target), or None when no
+    draft is given. The draft uses the target's --tokenizer-path when it has none of its own."""
+    if args.draft_model is None and args.draft_checkpoint_path is None:
+        if args.draft_quantize is not None:
+            raise UserInputError("--draft-quantize needs a draft: --draft-model or --draft-checkpoint-path")
+        return None
+    if args.draft_model is not None and args.draft_checkpoint_path is not None:
+        raise UserInputError("give one draft: --draft-model or --draft-checkpoint-path")
+    if args.draft_checkpoint_path is not None and not args.draft_checkpoint_path.exists():
+        raise UserInputError(f"--draft-checkpoint-path: {args.draft_checkpoint_path} does not exist")
+    if args.speculate_k < 1:
+        raise UserInputError("--speculate-k must be at least 1")
+    plan = None
+    recipe = args.quantize if args.draft_quantize == "quantize" else args.draft_quantize
+    if recipe:
+        from torchchat.quantize import parse_quantize
+
+        plan = parse_quantize(recipe)
+    source = ModelSource(
+        name=args.draft_model,
+        checkpoint_path=args.draft_checkpoint_path,
+        tokenizer_path=target.source.tokenizer_path,
+        model_directory=target.source.model_directory,
+    )
+    return BuildSpec(source=source, device=target.device, dtype=target.dtype, quant=plan, max_seq_len=target.max_seq_len)
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:

@@ -14,11 +14,29 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     cli_args.add_build(p)
     p.add_argument("--prompt", default="Hello, my name is", help="Text to continue")
     p.add_argument("--num-samples", type=int, default=1, help="How many times to generate (metrics are averaged)")
+    cli_args.add_chat_template(p, generate=True)
     cli_args.add_sampling(p)
     cli_args.add_compile(p)
+    cli_args.add_speculative(p)
     p.add_argument("--metrics-json", type=Path, default=None, help="Also write the metrics as JSON to this file")
     cli_args.add_verbose(p)
     return p
+
+
+def _chat_prompt(args: argparse.Namespace, built, cfg):
+    """--prompt as one user turn (after --system-prompt) of the chat template, and a config that stops
+    at the template's end-of-turn tokens. Says so when the model is not known to be tuned for chat."""
+    from dataclasses import replace
+
+    from torchchat.generation.chat_format import Message, resolve_chat_format
+
+    override = None if args.chat_template == "auto" else args.chat_template
+    setup = resolve_chat_format(built.tokenizer, override, built.chat_template, built.is_chat)
+    for notice in setup.notices:
+        print(notice, file=sys.stderr)
+    messages = ([Message("system", args.system_prompt)] if args.system_prompt else []) + [Message("user", args.prompt)]
+    stops = built.tokenizer.stop_ids | setup.format.stop_ids(built.tokenizer)
+    return setup.format.encode(built.tokenizer, messages), replace(cfg, stop_ids=stops)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,14 +53,22 @@ def run(args: argparse.Namespace) -> int:
     spec = cli_args.build_spec(args, notes)
     cfg = cli_args.generation_config(args)
     options = cli_args.compile_options(args)
+    draft = cli_args.draft_spec(args, spec)
     for note in notes:
         print(note, file=sys.stderr)
     built = build_model(spec)
     tok = built.tokenizer
-    prompt_ids = tok.encode(args.prompt, bos=tok.bos_id is not None)
+    if args.chat_template is not None:
+        prompt_ids, cfg = _chat_prompt(args, built, cfg)
+    else:
+        if args.system_prompt is not None:
+            raise UserInputError("--system-prompt needs --chat-template (e.g. auto) to format the prompt as a chat turn")
+        prompt_ids = tok.encode(args.prompt, bos=tok.bos_id is not None)
     need = len(prompt_ids) + cfg.max_new_tokens
     engine = make_engine(built, options, max_seq_len=args.max_seq_length or need,
                          parallel_prefill=not args.sequential_prefill)
+    if draft is not None:
+        engine.attach_draft(build_model(draft).runtime, args.speculate_k)
     model_bytes = bytes_read_per_token(built.model) if built.model is not None else built.runtime.weight_bytes
     compiled = options.decode or options.prefill
     if args.seed is not None:
@@ -62,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
         report = sample_report(i + 1, stats, model_bytes, compile_sample=compiled and i == 0 and args.num_samples > 1)
         reports.append(report)
         print_sample(report, sys.stderr)
+        if stats.draft_proposed:
+            print(f"Acceptance rate: {stats.acceptance_rate:.1%} ({stats.draft_accepted} of {stats.draft_proposed} "
+                  f"draft tokens, k={stats.speculate_k})", file=sys.stderr)
     summary = Summary(reports, model_bytes, peak_memory_bytes(engine.device), str(engine.device), str(spec.dtype))
     summary.print(sys.stderr)
     if args.metrics_json is not None:

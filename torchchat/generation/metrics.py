@@ -65,6 +65,7 @@ class SampleReport:
     bandwidth_gb_s: float
     parallel_prefill: bool
     compile_sample: bool
+    acceptance_rate: float | None = None  # speculative decoding: accepted / proposed draft tokens
 
 
 def sample_report(i: int, stats: GenerationStats, model_bytes: int, compile_sample: bool) -> SampleReport:
@@ -80,6 +81,7 @@ def sample_report(i: int, stats: GenerationStats, model_bytes: int, compile_samp
         bandwidth_gb_s=model_bytes * stats.next_tokens_per_s / 1e9,
         parallel_prefill=stats.prefill_parallel,
         compile_sample=compile_sample,
+        acceptance_rate=stats.acceptance_rate if stats.draft_proposed else None,
     )
 
 

@@ -1,0 +1,111 @@
+"""`chat`: an interactive conversation. `User:` turns are read from stdin, replies stream to stdout,
+notices go to stderr. /bye, end of input (Ctrl-D) or Ctrl-C at the prompt leave; Ctrl-C during a
+reply stops that reply."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+
+from torchchat.cli import args as cli_args
+
+# Context allocated when --max-seq-length is not given: the model's own, up to this many positions
+# (a 128K-token KV cache for Llama 3.1 8B alone would take 16 GiB).
+DEFAULT_CHAT_CONTEXT = 8192
+
+
+def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    cli_args.add_model_source(p)
+    cli_args.add_build(p)
+    cli_args.add_chat_template(p)
+    cli_args.add_sampling(p)
+    cli_args.add_compile(p)
+    cli_args.add_speculative(p)
+    p.add_argument("--stats", action="store_true",
+                   help="After each reply, print tokens, speed, reused prompt tokens and draft acceptance to stderr")
+    cli_args.add_verbose(p)
+    return p
+
+
+def _stats_line(stats) -> str:
+    line = (f"[{stats.generated_tokens} tokens, {stats.next_tokens_per_s:.1f} tok/s; prompt: "
+            f"{stats.prompt_tokens} new + {stats.cached_tokens} reused tokens")
+    if stats.draft_proposed:
+        line += f"; draft acceptance {stats.acceptance_rate:.1%} at k={stats.speculate_k}"
+    return line + "]"
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from torchchat.build import build_model
+    from torchchat.errors import ContextLengthError
+    from torchchat.generation.chat_format import resolve_chat_format
+    from torchchat.generation.chat_session import ChatSession
+    from torchchat.generation.engine import make_engine
+
+    notes: list[str] = []
+    spec = cli_args.build_spec(args, notes)
+    cfg = cli_args.generation_config(args)
+    options = cli_args.compile_options(args)
+    draft = cli_args.draft_spec(args, spec)
+    for note in notes:
+        print(note, file=sys.stderr)
+    built = build_model(spec)
+    override = None if args.chat_template in (None, "auto") else args.chat_template
+    setup = resolve_chat_format(built.tokenizer, override, built.chat_template, built.is_chat)
+    context = args.max_seq_length or min(built.runtime.max_seq_len, DEFAULT_CHAT_CONTEXT)
+    engine = make_engine(built, options, max_seq_len=context, parallel_prefill=not args.sequential_prefill)
+    if draft is not None:
+        engine.attach_draft(build_model(draft).runtime, args.speculate_k)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    for notice in setup.notices:
+        print(notice, file=sys.stderr)
+
+    system = args.system_prompt
+    if system is None and sys.stdin.isatty():
+        try:
+            system = input("System prompt (Enter for none): ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+    session = ChatSession(engine, setup.format, system)
+    print(f"Chatting with {built.name} (chat template: {setup.format.name}, context: {engine.max_seq_len} tokens). "
+          "Type /bye to leave.", flush=True)
+    while True:
+        try:
+            line = input("User: ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            break
+        text = line.strip()
+        if text == "/bye":
+            break
+        if not text:
+            continue
+        try:
+            fresh = session.add_user(text, cfg)
+        except ContextLengthError as e:
+            print(f"[{e}]", flush=True)
+            continue
+        if fresh:
+            print("[The context is full: starting a fresh one (earlier turns are forgotten, the system prompt is kept).]")
+        print("Model: ", end="", flush=True)
+        with contextlib.closing(session.reply(cfg)) as reply:
+            try:
+                for r in reply:
+                    if r.text:
+                        sys.stdout.write(r.text)
+                        sys.stdout.flush()
+            except KeyboardInterrupt:
+                sys.stdout.write(" [interrupted]")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if session.last_finish == "length" and engine.position >= engine.max_seq_len - 1:
+            print("[The reply reached the end of the context; the next message starts a fresh one.]")
+        if args.stats and session.last_stats is not None:
+            print(_stats_line(session.last_stats), file=sys.stderr)
+    print("Exiting chat.")
+    return 0
