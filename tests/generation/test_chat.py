@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import shared_path
+from tests.generation.runtimes import stories_runtime
 from torchchat.errors import ChatTemplateError, ContextLengthError
 from torchchat.generation.chat_format import (
     HFTemplateFormat,
@@ -177,9 +178,7 @@ class Recording:
 
 
 def _stories_engine(folder, tok, max_seq=512, record=False):
-    from tests.generation.test_speculative import _stories_runtime
-
-    runtime = _stories_runtime(folder)
+    runtime = stories_runtime(folder)
     if record:
         runtime = Recording(runtime)
     return Engine(runtime, tok, Steps(runtime.forward, runtime.device), max_seq)
@@ -241,8 +240,6 @@ def test_fresh_context_when_full_and_overlong_message(stories260k_dir, tok512):
 
 
 def test_chat_with_a_draft_across_turns(stories260k_dir, tok512):
-    from tests.generation.test_speculative import _stories_runtime
-
     fmt = PlainFormat("<s>")
     cfg = GenerationConfig(max_new_tokens=25, sampling=GREEDY)
 
@@ -256,7 +253,7 @@ def test_chat_with_a_draft_across_turns(stories260k_dir, tok512):
 
     plain, _ = two_turns(_stories_engine(stories260k_dir, tok512))
     engine = _stories_engine(stories260k_dir, tok512)
-    engine.attach_draft(_stories_runtime(stories260k_dir), 4)
+    engine.attach_draft(stories_runtime(stories260k_dir), 4)
     spec, stats = two_turns(engine)
     assert spec == plain
     assert stats.cached_tokens > 0 and stats.acceptance_rate > 0.9  # the draft's cache followed the turns

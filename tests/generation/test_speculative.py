@@ -6,17 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torchchat.build import load_weights
-from torchchat.checkpoint import load_checkpoint
-from torchchat.checkpoint.state_dict import normalize
+from tests.generation.runtimes import random_runtime, stories_runtime
 from torchchat.errors import UserInputError
 from torchchat.generation.engine import Engine, GenerationConfig
 from torchchat.generation.sampling import SamplingParams
 from torchchat.generation.speculative import verify
 from torchchat.generation.steps import Steps
-from torchchat.model.config import ModelConfig
-from torchchat.model.transformer import Transformer
-from torchchat.runtime.base import EagerRuntime
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -27,37 +22,18 @@ class _StopIds:
     stop_ids = frozenset()
 
 
-def _stories_runtime(folder) -> EagerRuntime:
-    loaded = load_checkpoint(folder / "stories260K.bin")
-    with torch.device("meta"):
-        model = Transformer(loaded.config)
-    load_weights(model, normalize(loaded.state_dict, loaded.config), "stories260K.bin")
-    return EagerRuntime(model.eval().requires_grad_(False))
-
-
-def _random_runtime(vocab_size=512, seed=0) -> EagerRuntime:
-    cfg = ModelConfig.from_params(dict(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=vocab_size,
-                                       multiple_of=16, max_seq_len=512))
-    torch.manual_seed(seed)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.1)
-    return EagerRuntime(model.eval().requires_grad_(False))
-
-
 def _engine(runtime, max_seq=512) -> Engine:
     return Engine(runtime, _StopIds(), Steps(runtime.forward, runtime.device), max_seq)
 
 
 @pytest.fixture(scope="module")
 def target(stories260k_dir):
-    return _engine(_stories_runtime(stories260k_dir))
+    return _engine(stories_runtime(stories260k_dir))
 
 
 @pytest.fixture(scope="module")
 def stories_draft(stories260k_dir):
-    return _stories_runtime(stories260k_dir)
+    return stories_runtime(stories260k_dir)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +65,7 @@ def test_greedy_identical_with_the_same_model_as_draft(target, stories_draft, ba
 @pytest.mark.parametrize("k", [2, 5])
 def test_greedy_identical_with_a_draft_that_disagrees(target, baseline, k):
     cfg = GenerationConfig(max_new_tokens=200, sampling=GREEDY, stop_ids=frozenset())
-    out, stats = _run(target, _random_runtime(seed=k), k, cfg)
+    out, stats = _run(target, random_runtime(seed=k), k, cfg)
     assert out == baseline
     assert 0 < stats.draft_proposed
     assert stats.draft_accepted < stats.draft_proposed  # rejections happened and were repaired
@@ -103,18 +79,18 @@ def test_stop_token_and_budget_same_as_target(target, stories_draft, baseline):
     assert out == baseline[: first + 1]
     for n in (1, 2, 7, 13):
         cfg = GenerationConfig(max_new_tokens=n, sampling=GREEDY, stop_ids=frozenset())
-        out, stats = _run(target, _random_runtime(seed=3), 4, cfg)
+        out, stats = _run(target, random_runtime(seed=3), 4, cfg)
         assert out == baseline[:n]
         assert stats.generated_tokens == n
 
 
 def test_context_end_same_as_target(stories260k_dir):
     """At the end of a short context, speculation shrinks k and stops where the target alone stops."""
-    engine = _engine(_stories_runtime(stories260k_dir), max_seq=40)
+    engine = _engine(stories_runtime(stories260k_dir), max_seq=40)
     cfg = GenerationConfig(max_new_tokens=500, sampling=GREEDY, stop_ids=frozenset())
     alone = list(engine.tokens([1, 403, 407], cfg))
     assert len(alone) == 40 - 3
-    out, _ = _run(engine, _stories_runtime(stories260k_dir), 6, cfg, prompt=(1, 403, 407))
+    out, _ = _run(engine, stories_runtime(stories260k_dir), 6, cfg, prompt=(1, 403, 407))
     assert out == alone
 
 
@@ -127,9 +103,9 @@ def test_kv_ids_track_what_the_cache_holds(target, stories_draft, baseline):
 
 def test_draft_must_share_the_vocabulary(target):
     with pytest.raises(UserInputError, match="vocabulary"):
-        target.attach_draft(_random_runtime(vocab_size=256), 3)
+        target.attach_draft(random_runtime(vocab_size=256), 3)
     with pytest.raises(UserInputError, match="at least 1"):
-        target.attach_draft(_random_runtime(), 0)
+        target.attach_draft(random_runtime(), 0)
 
 
 def test_sampled_acceptance_rule_reproduces_the_target_distribution():

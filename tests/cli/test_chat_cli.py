@@ -1,0 +1,174 @@
+"""`torchchat.py chat` driven as a user drives it: through stdin, and through a pseudo-terminal."""
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.usefixtures("stories260k_dir")
+
+
+def _base_args(folder) -> list[str]:
+    return [sys.executable, str(ROOT / "torchchat.py"), "chat",
+            "--checkpoint-path", str(folder / "stories260K.bin"), "--tokenizer-path", str(folder / "tok512.model"),
+            "--device", "cpu", "--dtype", "fp32", "--temperature", "0"]
+
+
+def _chat(folder, stdin: str, *extra: str, timeout=120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(_base_args(folder) + list(extra), input=stdin, capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def _replies(stdout: str) -> list[str]:
+    return [line.split("Model: ", 1)[1] for line in stdout.splitlines() if "Model: " in line]
+
+
+def _expected_replies(folder, turns, max_new_tokens, system=None, template="none"):
+    """The same conversation through the library: what the CLI must print."""
+    from tests.generation.runtimes import stories_runtime
+    from torchchat.generation.chat_format import make_format
+    from torchchat.generation.chat_session import ChatSession
+    from torchchat.generation.engine import Engine, GenerationConfig
+    from torchchat.generation.sampling import SamplingParams
+    from torchchat.generation.steps import Steps
+    from torchchat.tokenizer.load import load_tokenizer
+
+    tok = load_tokenizer(folder / "tok512.model")
+    runtime = stories_runtime(folder)
+    engine = Engine(runtime, tok, Steps(runtime.forward, runtime.device), 512)
+    session = ChatSession(engine, make_format(template, tok), system)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature=0.0))
+    out = []
+    for text in turns:
+        session.add_user(text, cfg)
+        out.append("".join(r.text for r in session.reply(cfg)))
+    return out
+
+
+def test_two_turns_then_bye_with_a_draft(stories260k_dir):
+    turns = ["Once upon a time", "The dog was happy"]
+    draft = str(stories260k_dir / "stories260K.bin")
+    result = _chat(stories260k_dir, "\n".join(turns) + "\n/bye\nnever read\n", "--max-new-tokens", "30",
+                   "--draft-checkpoint-path", draft, "--speculate-k", "3", "--stats")
+    assert result.returncode == 0, result.stderr
+    assert "not known to be tuned for chat" in result.stderr  # a base model, said so
+    assert "Traceback" not in result.stderr
+    assert result.stdout.count("User: ") == 3 and result.stdout.rstrip().endswith("Exiting chat.")
+    # Greedy speculative replies are the model's own (computed here without a draft).
+    assert _replies(result.stdout) == _expected_replies(stories260k_dir, turns, 30)
+    stats = [line for line in result.stderr.splitlines() if line.startswith("[30 tokens")]
+    assert len(stats) == 2 and all("draft acceptance" in line and "k=3" in line for line in stats)
+    assert "+ 0 reused" in stats[0] and "+ 0 reused" not in stats[1]  # turn 2 reused turn 1's cache
+
+
+def test_llama2_template_and_system_prompt(stories260k_dir):
+    turns = ["Tell me a story.", "And then?"]
+    result = _chat(stories260k_dir, "\n".join(turns) + "\n/bye\n", "--max-new-tokens", "20",
+                   "--chat-template", "llama2", "--system-prompt", "You tell stories.")
+    assert result.returncode == 0, result.stderr
+    assert "chat template: llama2" in result.stdout
+    assert _replies(result.stdout) == _expected_replies(stories260k_dir, turns, 20, "You tell stories.", "llama2")
+    for stop_text in ("</s>", "<s>", "[INST]"):
+        assert all(stop_text not in reply for reply in _replies(result.stdout))
+
+
+def test_overlong_message_then_full_context_then_eof(stories260k_dir):
+    stdin = "word " * 120 + "\n" + "\n".join(f"Turn {i}: the cat sat." for i in range(5)) + "\n"  # no /bye: EOF
+    result = _chat(stories260k_dir, stdin, "--max-seq-length", "96", "--max-new-tokens", "30")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    out = result.stdout
+    assert "context holds 96; shorten it" in out  # the over-long message was refused, the chat went on
+    assert "[The context is full: starting a fresh one" in out
+    assert len(_replies(out)) == 5 and out.rstrip().endswith("Exiting chat.")
+
+
+def test_wrong_template_is_one_line_error(stories260k_dir):
+    result = _chat(stories260k_dir, "", "--chat-template", "llama3")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: the llama3 chat template needs a Llama 3 tokenizer")
+    assert "Traceback" not in result.stderr
+
+
+class Terminal:
+    """The chat command on a pseudo-terminal: what a user at a keyboard sees and types."""
+
+    def __init__(self, argv):
+        import pty
+
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: run the command with the pty as its controlling terminal
+            os.environ["OMP_NUM_THREADS"] = "1"
+            os.chdir(ROOT)
+            os.execv(argv[0], argv)
+        self.seen = ""
+        self.cursor = 0  # expect() looks for text after the previous match
+
+    def expect(self, text: str, timeout=120.0) -> str:
+        """Wait until `text` appears after the previous match; returns what was seen up to its end."""
+        deadline = time.monotonic() + timeout
+        while text not in self.seen[self.cursor :]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"timed out waiting for {text!r}; saw:\n{self.seen}")
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                try:
+                    chunk = os.read(self.fd, 4096)
+                except OSError:  # the child closed the terminal
+                    chunk = b""
+                if not chunk:
+                    raise AssertionError(f"the command ended before {text!r}; saw:\n{self.seen}")
+                self.seen += chunk.decode("utf-8", "replace")
+        start = self.cursor
+        self.cursor = self.seen.index(text, start) + len(text)
+        return self.seen[start : self.cursor]
+
+    def send(self, data: bytes) -> None:
+        os.write(self.fd, data)
+
+    def wait(self, timeout=30.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                ready, _, _ = select.select([self.fd], [], [], 0.2)
+                if ready:
+                    self.seen += os.read(self.fd, 4096).decode("utf-8", "replace")
+            except OSError:
+                pass
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+        os.kill(self.pid, 9)
+        raise AssertionError(f"the command did not exit; saw:\n{self.seen}")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX")
+def test_terminal_session_system_prompt_ctrl_c_ctrl_d(stories260k_dir):
+    term = Terminal(_base_args(stories260k_dir) + ["--max-new-tokens", "480"])
+    term.expect("System prompt (Enter for none): ")  # asked for, since no --system-prompt was given
+    term.send(b"You tell stories.\r")
+    term.expect("User: ")
+    for text in (b"Once upon a time\r", b"The end\r"):
+        term.send(text)
+        term.expect("Model: ")
+        term.send(b"\x03")  # Ctrl-C during a reply stops that reply; the chat goes on
+        term.expect("[interrupted]")
+        term.expect("User: ")
+    term.send(b"\x04")  # Ctrl-D at the prompt: leave cleanly
+    assert term.wait() == 0
+    assert term.seen.rstrip().endswith("Exiting chat.") and "Traceback" not in term.seen
+
+    term = Terminal(_base_args(stories260k_dir) + ["--system-prompt", ""])
+    term.expect("User: ")
+    term.send(b"\x03")  # Ctrl-C at the prompt: leave cleanly too
+    assert term.wait() == 0
+    assert term.seen.rstrip().endswith("Exiting chat.") and "Traceback" not in term.seen
