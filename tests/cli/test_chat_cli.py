@@ -9,21 +9,16 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
-
-pytestmark = pytest.mark.usefixtures("stories260k_dir")
+from tests.cli.helpers import ROOT, run_cli
 
 
-def _base_args(folder) -> list[str]:
-    return [sys.executable, str(ROOT / "torchchat.py"), "chat",
-            "--checkpoint-path", str(folder / "stories260K.bin"), "--tokenizer-path", str(folder / "tok512.model"),
+def _stories(folder) -> list[str]:
+    return ["--checkpoint-path", str(folder / "stories260K.bin"), "--tokenizer-path", str(folder / "tok512.model"),
             "--device", "cpu", "--dtype", "fp32", "--temperature", "0"]
 
 
-def _chat(folder, stdin: str, *extra: str, timeout=120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(_base_args(folder) + list(extra), input=stdin, capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+def _chat(folder, stdin: str, *extra: str) -> subprocess.CompletedProcess:
+    return run_cli("chat", *_stories(folder), *extra, input=stdin)
 
 
 def _replies(stdout: str) -> list[str]:
@@ -105,7 +100,7 @@ class Terminal:
 
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: run the command with the pty as its controlling terminal
-            os.environ["OMP_NUM_THREADS"] = "1"
+            os.environ["HF_HUB_OFFLINE"] = "1"
             os.chdir(ROOT)
             os.execv(argv[0], argv)
         self.seen = ""
@@ -153,7 +148,8 @@ class Terminal:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX")
 def test_terminal_session_system_prompt_ctrl_c_ctrl_d(stories260k_dir):
-    term = Terminal(_base_args(stories260k_dir) + ["--max-new-tokens", "480"])
+    term = Terminal([sys.executable, str(ROOT / "torchchat.py"), "chat", *_stories(stories260k_dir),
+                     "--max-new-tokens", "480"])
     term.expect("System prompt (Enter for none): ")  # asked for, since no --system-prompt was given
     term.send(b"You tell stories.\r")
     term.expect("User: ")
@@ -167,7 +163,8 @@ def test_terminal_session_system_prompt_ctrl_c_ctrl_d(stories260k_dir):
     assert term.wait() == 0
     assert term.seen.rstrip().endswith("Exiting chat.") and "Traceback" not in term.seen
 
-    term = Terminal(_base_args(stories260k_dir) + ["--system-prompt", ""])
+    term = Terminal([sys.executable, str(ROOT / "torchchat.py"), "chat", *_stories(stories260k_dir),
+                     "--system-prompt", ""])
     term.expect("User: ")
     term.send(b"\x03")  # Ctrl-C at the prompt: leave cleanly too
     assert term.wait() == 0

@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-from tests.conftest import ROOT
+from tests.cli.helpers import run_cli
 
 
 def test_generate_with_a_draft_prints_the_models_own_text(stories260k_dir, tmp_path):
@@ -19,13 +16,9 @@ def test_generate_with_a_draft_prints_the_models_own_text(stories260k_dir, tmp_p
     prompt = "Once upon a time"
     model, tokenizer = stories260k_dir / "stories260K.bin", stories260k_dir / "tok512.model"
     metrics = tmp_path / "metrics.json"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "torchchat.py"), "generate", "--checkpoint-path", str(model),
-         "--tokenizer-path", str(tokenizer), "--device", "cpu", "--dtype", "fp32", "--temperature", "0",
-         "--prompt", prompt, "--max-new-tokens", "60", "--draft-checkpoint-path", str(model),
-         "--speculate-k", "4", "--metrics-json", str(metrics)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT,
-    )
+    result = run_cli("generate", "--checkpoint-path", model, "--tokenizer-path", tokenizer, "--device", "cpu",
+                     "--dtype", "fp32", "--temperature", "0", "--prompt", prompt, "--max-new-tokens", "60",
+                     "--draft-checkpoint-path", model, "--speculate-k", "4", "--metrics-json", metrics)
     assert result.returncode == 0, result.stderr
 
     tok = load_tokenizer(tokenizer)

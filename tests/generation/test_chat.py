@@ -301,3 +301,27 @@ def test_tokenizer_config_chat_template_makes_a_chat_model(tmp_path):
     ids = setup.format.encode(tok, [Message("user", "hi")])
     assert ids == tok.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", allow_special=True)
     assert tok.special_id("<|im_end|>") in setup.format.stop_ids(tok)
+
+
+def test_interrupted_reply_joins_the_conversation_and_the_chat_goes_on(llama3_tok):
+    eot = llama3_tok.special_id("<|eot_id|>")
+    words = llama3_tok.encode(" one two three four five six")
+    runtime = ScriptedRuntime(llama3_tok.vocab_size, words + [eot] + words + [eot])
+    engine = Engine(runtime, llama3_tok, Steps(runtime.forward, runtime.device), 512)
+    session = ChatSession(engine, Llama3Format())
+    cfg = GenerationConfig(max_new_tokens=50, sampling=GREEDY)
+    session.add_user("count", cfg)
+    reply = session.reply(cfg)
+    shown = "".join(next(reply).text for _ in range(3))
+    reply.close()  # what Ctrl-C during the reply does
+    assert session.messages[-1] == Message("assistant", shown)
+    session.add_user("go on", cfg)
+    out = list(session.reply(cfg))
+    assert out[-1].finish_reason == "stop"
+    prompt = Llama3Format().encode(llama3_tok, session.messages[:-1])
+    assert runtime.seen(len(prompt)) == prompt  # the cut-short reply is what the model saw
+    # A message whose reply never started is replaced by the next one (roles keep alternating).
+    session.add_user("first", cfg)
+    session.add_user("second", cfg)
+    assert [m.role for m in session.messages[-3:]] == ["user", "assistant", "user"]
+    assert session.messages[-1].content == "second"

@@ -36,11 +36,34 @@ def _stats_line(stats) -> str:
     return line + "]"
 
 
+def _turn(session, engine, text: str, cfg, show_stats: bool) -> None:
+    """One exchange: the user's message, then the reply streamed to stdout."""
+    from torchchat.errors import ContextLengthError
+
+    try:
+        fresh = session.add_user(text, cfg)
+    except ContextLengthError as e:
+        print(f"[{e}]", flush=True)
+        return
+    if fresh:
+        print("[The context is full: starting a fresh one (earlier turns are forgotten, the system prompt is kept).]")
+    print("Model: ", end="", flush=True)
+    with contextlib.closing(session.reply(cfg)) as reply:
+        for r in reply:
+            if r.text:
+                sys.stdout.write(r.text)
+                sys.stdout.flush()
+    print(flush=True)
+    if session.last_finish == "length" and engine.position >= engine.max_seq_len - 1:
+        print("[The reply reached the end of the context; the next message starts a fresh one.]")
+    if show_stats and session.last_stats is not None:
+        print(_stats_line(session.last_stats), file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from torchchat.build import build_model
-    from torchchat.errors import ContextLengthError
     from torchchat.generation.chat_format import resolve_chat_format
     from torchchat.generation.chat_session import ChatSession
     from torchchat.generation.engine import make_engine
@@ -80,32 +103,14 @@ def run(args: argparse.Namespace) -> int:
         except (EOFError, KeyboardInterrupt):
             print()
             break
-        text = line.strip()
-        if text == "/bye":
-            break
-        if not text:
-            continue
         try:
-            fresh = session.add_user(text, cfg)
-        except ContextLengthError as e:
-            print(f"[{e}]", flush=True)
-            continue
-        if fresh:
-            print("[The context is full: starting a fresh one (earlier turns are forgotten, the system prompt is kept).]")
-        print("Model: ", end="", flush=True)
-        with contextlib.closing(session.reply(cfg)) as reply:
-            try:
-                for r in reply:
-                    if r.text:
-                        sys.stdout.write(r.text)
-                        sys.stdout.flush()
-            except KeyboardInterrupt:
-                sys.stdout.write(" [interrupted]")
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        if session.last_finish == "length" and engine.position >= engine.max_seq_len - 1:
-            print("[The reply reached the end of the context; the next message starts a fresh one.]")
-        if args.stats and session.last_stats is not None:
-            print(_stats_line(session.last_stats), file=sys.stderr)
+            text = line.strip()
+            if text == "/bye":
+                break
+            if text:
+                _turn(session, engine, text, cfg, args.stats)
+        except KeyboardInterrupt:
+            # Ctrl-C during a turn stops that turn (what was said so far stays in the conversation).
+            print(" [interrupted]", flush=True)
     print("Exiting chat.")
     return 0

@@ -119,6 +119,7 @@ class ChatFormat(ABC):
     """Renders a conversation to prompt text and says which tokens end a reply."""
 
     name: str = ""
+    continues_text = False  # True: the reply continues the prompt's text rather than starting a message
 
     @abstractmethod
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
@@ -196,6 +197,7 @@ class PlainFormat(ChatFormat):
     new line; the reply continues the text directly (as a base model completes a prompt)."""
 
     name = "none"
+    continues_text = True
 
     def __init__(self, bos_token: str | None = None):
         self.bos = bos_token or ""

@@ -39,6 +39,9 @@ class ChatSession:
         min(max_new_tokens, context / 2) positions for the reply, earlier turns are dropped (a fresh
         context with the system prompt) and True is returned. A message that does not fit even in a
         fresh context raises ContextLengthError and leaves the conversation as it was."""
+        if self.messages and self.messages[-1].role == "user":
+            # The previous message never got a reply (interrupted before it began): this one replaces it.
+            self.messages.pop()
         limit = self.engine.max_seq_len
         reserve = min(cfg.max_new_tokens, limit // 2)
         turn = [Message("user", text)]

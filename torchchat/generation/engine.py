@@ -153,13 +153,15 @@ class Engine:
             yield token
         stats.total_time = time.perf_counter() - t0
 
-    def stream(self, prompt_ids: Sequence[int], cfg: GenerationConfig, start_pos: int = 0) -> Iterator[Response]:
+    def stream(self, prompt_ids: Sequence[int], cfg: GenerationConfig, start_pos: int = 0, *,
+               text_prefix: Sequence[int] | None = None) -> Iterator[Response]:
         """Like `tokens`, as Response records carrying text deltas; the last record has finish_reason
-        and stats. Stop tokens are never rendered as text."""
+        and stats. Stop tokens are never rendered as text. The text continues `text_prefix` (default:
+        the prompt; () decodes the generated ids on their own, as a new message)."""
         from torchchat.tokenizer.stream import StreamDecoder
 
         stop_ids = self.tokenizer.stop_ids if cfg.stop_ids is None else cfg.stop_ids
-        decoder = StreamDecoder(self.tokenizer, prefix=prompt_ids)
+        decoder = StreamDecoder(self.tokenizer, prefix=prompt_ids if text_prefix is None else text_prefix)
         finish = "length"
         for token in self.tokens(prompt_ids, cfg, start_pos):
             if token in stop_ids:
@@ -184,14 +186,17 @@ class Engine:
         every turn: the prompt's common prefix with what the KV cache already holds is reused, so a turn
         that extends the previous one prefills only its new tokens (`stats.cached_tokens` says how many
         were reused). The model sees exactly the tokenization of the full rendered conversation. The
-        format's stop tokens (eos, end-of-turn) end the reply and are never rendered as text."""
+        format's stop tokens (eos, end-of-turn) end the reply and are never rendered as text. The reply
+        text is decoded as a message of its own, except with a format whose reply continues the text
+        (plain turns), where it keeps the spacing that joins it to the prompt."""
         fmt = chat_format or self.chat_format
         ids = self.chat_prompt(messages, fmt)
         reuse = common_prefix_len(self.kv_ids, ids)
         reuse = max(0, min(reuse, len(ids) - 1))  # at least one token is fed, for the next-token logits
         base_stops = self.tokenizer.stop_ids if cfg.stop_ids is None else cfg.stop_ids
         cfg = replace(cfg, stop_ids=frozenset(base_stops) | fmt.stop_ids(self.tokenizer))
-        for r in self.stream(ids[reuse:], cfg, start_pos=reuse):
+        text_prefix = None if fmt.continues_text else ()
+        for r in self.stream(ids[reuse:], cfg, start_pos=reuse, text_prefix=text_prefix):
             if r.stats is not None:
                 r.stats.cached_tokens = reuse
             yield r
