@@ -88,7 +88,8 @@ def test_overlong_message_then_full_context_then_eof(stories260k_dir):
 def test_wrong_template_is_one_line_error(stories260k_dir):
     result = _chat(stories260k_dir, "", "--chat-template", "llama3")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("Error: the llama3 chat template needs a Llama 3 tokenizer")
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: the llama3 chat template needs a Llama 3 tokenizer")
     assert "Traceback" not in result.stderr
 
 
@@ -169,3 +170,28 @@ def test_terminal_session_system_prompt_ctrl_c_ctrl_d(stories260k_dir):
     term.send(b"\x03")  # Ctrl-C at the prompt: leave cleanly too
     assert term.wait() == 0
     assert term.seen.rstrip().endswith("Exiting chat.") and "Traceback" not in term.seen
+
+
+def test_generate_with_a_chat_template_formats_one_turn_and_says_base_model(stories260k_dir):
+    from dataclasses import replace
+
+    from tests.generation.runtimes import stories_runtime
+    from torchchat.generation.chat_format import Message, make_format
+    from torchchat.generation.engine import Engine, GenerationConfig
+    from torchchat.generation.sampling import SamplingParams
+    from torchchat.generation.steps import Steps
+    from torchchat.tokenizer.load import load_tokenizer
+
+    result = run_cli("generate", *_stories(stories260k_dir), "--chat-template", "llama2", "--system-prompt",
+                     "You tell stories.", "--prompt", "Tell me a story.", "--max-new-tokens", "25")
+    assert result.returncode == 0, result.stderr
+    assert "not known to be tuned for chat" in result.stderr
+
+    tok = load_tokenizer(stories260k_dir / "tok512.model")
+    fmt = make_format("llama2", tok)
+    ids = fmt.encode(tok, [Message("system", "You tell stories."), Message("user", "Tell me a story.")])
+    runtime = stories_runtime(stories260k_dir)
+    engine = Engine(runtime, tok, Steps(runtime.forward, runtime.device), 512)
+    cfg = GenerationConfig(max_new_tokens=25, sampling=SamplingParams(temperature=0.0))
+    reply = "".join(r.text for r in engine.stream(ids, replace(cfg, stop_ids=fmt.stop_ids(tok))))
+    assert result.stdout == "Tell me a story." + reply + "\n"

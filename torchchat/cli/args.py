@@ -68,7 +68,8 @@ def add_chat_template(p: argparse.ArgumentParser, generate: bool = False) -> Non
                      "else plain text turns)")
     g.add_argument("--chat-template", choices=(*TEMPLATE_CHOICES, "auto"), default=None, help=help_text)
     g.add_argument("--system-prompt", default=None,
-                   help="System prompt" + (" (with --chat-template)" if generate else " (asked for when not given and stdin is a terminal)"))
+                   help="System prompt" + (" (with --chat-template)" if generate
+                                           else " (asked for when not given and stdin is a terminal)"))
 
 
 def add_speculative(p: argparse.ArgumentParser) -> None:
@@ -148,7 +149,8 @@ def draft_spec(args: argparse.Namespace, target: BuildSpec) -> BuildSpec | None:
         tokenizer_path=target.source.tokenizer_path,
         model_directory=target.source.model_directory,
     )
-    return BuildSpec(source=source, device=target.device, dtype=target.dtype, quant=plan, max_seq_len=target.max_seq_len)
+    return BuildSpec(source=source, device=target.device, dtype=target.dtype, quant=plan,
+                     max_seq_len=target.max_seq_len)
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:

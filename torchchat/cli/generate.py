@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         prompt_ids, cfg = _chat_prompt(args, built, cfg)
     else:
         if args.system_prompt is not None:
-            raise UserInputError("--system-prompt needs --chat-template (e.g. auto) to format the prompt as a chat turn")
+            raise UserInputError("--system-prompt needs --chat-template (e.g. auto), which formats the prompt "
+                                 "as a chat turn")
         prompt_ids = tok.encode(args.prompt, bos=tok.bos_id is not None)
     need = len(prompt_ids) + cfg.max_new_tokens
     engine = make_engine(built, options, max_seq_len=args.max_seq_length or need,

@@ -133,7 +133,8 @@ class ChatFormat(ABC):
         ids = {tokenizer.special_id(t) for t in self.stop_texts()}
         return frozenset(i for i in ids if i is not None) | tokenizer.stop_ids
 
-    def encode(self, tokenizer, messages: Iterable[Message | Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    def encode(self, tokenizer, messages: Iterable[Message | Mapping[str, Any]],
+               add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered conversation: the template's special tokens as special ids,
         message text as plain text. BOS comes from the template, never added on top."""
         marked = [Message(m.role, mark_specials(m.content, tokenizer)) for m in as_messages(messages)]
@@ -279,7 +280,8 @@ def _compile(template: str):
     def strftime_now(fmt):
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationBlock, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now

@@ -67,7 +67,8 @@ def _leading_true(mask: Tensor) -> int:
     return int(mask.to(torch.int64).cumprod(0).sum())
 
 
-def propose(draft: Draft, feed: Sequence[int], start: int, k: int, params: SamplingParams, device) -> tuple[list[int], Tensor | None]:
+def propose(draft: Draft, feed: Sequence[int], start: int, k: int, params: SamplingParams,
+            device) -> tuple[list[int], Tensor | None]:
     """Feed `feed` to the draft at positions [start, ...), then draw k tokens, feeding each but the
     last. Returns the tokens and their draft probabilities (k, V) (None when greedy)."""
     logits = _forward(draft.runtime, feed, start, device)[-1]
@@ -87,7 +88,8 @@ def propose(draft: Draft, feed: Sequence[int], start: int, k: int, params: Sampl
     return tokens, (torch.stack(probs) if probs else None)
 
 
-def verify(target_logits: Tensor, proposed: list[int], draft_probs: Tensor | None, params: SamplingParams) -> tuple[int, int]:
+def verify(target_logits: Tensor, proposed: list[int], draft_probs: Tensor | None,
+           params: SamplingParams) -> tuple[int, int]:
     """target_logits: (k+1, V) for the positions of [x, d_1..d_k]. Returns (n accepted, next token)."""
     k = len(proposed)
     d = torch.tensor(proposed, dtype=torch.int64, device=target_logits.device)
@@ -130,8 +132,9 @@ def speculative_tokens(engine: "Engine", draft: Draft, prompt_ids: Sequence[int]
     params = cfg.sampling
     t0 = time.perf_counter()
     prompt = torch.tensor([[int(i) for i in prompt_ids]], dtype=torch.int64, device=device)
+    positions = torch.arange(start_pos, start_pos + len(prompt_ids), device=device)
     with torch.no_grad():
-        first = engine.steps.prefill(params)(prompt, torch.arange(start_pos, start_pos + len(prompt_ids), device=device))
+        first = engine.steps.prefill(params)(prompt, positions)
     engine.kv_ids.extend(int(i) for i in prompt_ids)
     x = int(first)
     stats.time_to_first_token = time.perf_counter() - t0
