@@ -29,7 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     cli_args.add_model_source(p)
     cli_args.add_build(p)
     cli_args.add_compile(p)
+    from torchchat.generation.chat_format import TEMPLATE_CHOICES
+
     g = p.add_argument_group("server")
+    g.add_argument("--chat-template", choices=(*TEMPLATE_CHOICES, "auto"), default=None,
+                   help="How chat messages become a prompt (default auto: the registry's template, else the "
+                        "tokenizer's chat_template, else plain text turns)")
     g.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface)")
     g.add_argument("--port", type=int, default=5000, help="Port to listen on (0: any free port)")
     g.add_argument("--api-key", default=os.environ.get("TORCHCHAT_API_KEY"),
@@ -106,6 +111,7 @@ def _serve_on(sock, args, spec, compile_opts, notes, options: ServerOptions) -> 
     import uvicorn
 
     from torchchat.build import build_model
+    from torchchat.generation.chat_format import resolve_chat_format
     from torchchat.generation.engine import make_engine
     from torchchat.server import protocol
     from torchchat.server.app import ServedModel, create_app, downloaded_models
@@ -116,10 +122,15 @@ def _serve_on(sock, args, spec, compile_opts, notes, options: ServerOptions) -> 
     built = build_model(spec)
     context = args.max_seq_length or min(built.config.max_seq_len, DEFAULT_CONTEXT)
     engine = make_engine(built, compile_opts, max_seq_len=context, parallel_prefill=not args.sequential_prefill)
+    override = None if args.chat_template in (None, "auto") else args.chat_template
+    setup = resolve_chat_format(built.tokenizer, override, built.chat_template, built.is_chat)
+    for notice in setup.notices:
+        print(notice, file=sys.stderr)
     served = ServedModel(
         id=built.name,
         tokenizer=built.tokenizer,
-        chat_template=built.chat_template,
+        chat_format=setup.format,
+        chat_stop_ids=setup.format.stop_ids(built.tokenizer),
         context=engine.max_seq_len,
         fingerprint=protocol.system_fingerprint(built.name, str(spec.dtype), str(engine.device), args.quantize or ""),
         aliases=built.entry.aliases if built.entry is not None else (),

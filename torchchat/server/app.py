@@ -23,7 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from torchchat.generation.engine import GenerationConfig
 from torchchat.generation.sampling import SamplingParams
 from torchchat.server import protocol
-from torchchat.server.prompt import chat_prompt_ids, completion_prompt_ids
+from torchchat.errors import ChatTemplateError
+from torchchat.server.prompt import completion_prompt_ids
 from torchchat.server.protocol import ChatCompletionRequest, CompletionRequest, Head, SamplingFields
 from torchchat.server.worker import Delta, Finished, Job, ModelWorker
 
@@ -45,7 +46,8 @@ class ServedModel:
 
     id: str
     tokenizer: object  # torchchat.tokenizer.Tokenizer
-    chat_template: str | None  # "llama2" | "llama3" | None (base model: messages are joined)
+    chat_format: object  # torchchat.generation.chat_format.ChatFormat: messages -> prompt ids
+    chat_stop_ids: frozenset[int]  # the format's end-of-turn ids plus the tokenizer's own
     context: int  # positions in the KV cache: prompt + completion must fit
     fingerprint: str
     aliases: tuple[str, ...] = ()
@@ -136,7 +138,8 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
                                 f"'{served.id}'. Restart the server with that model to use it.",
                            param="model", code="model_not_found")
 
-    def job_for(body: SamplingFields, prompt_ids: list[int], param: str) -> Job:
+    def job_for(body: SamplingFields, prompt_ids: list[int], param: str,
+                stop_ids: frozenset[int] | None = None) -> Job:
         n = len(prompt_ids)
         if n == 0:
             raise APIError(400, "The prompt is empty; give at least one token.", param=param)
@@ -152,7 +155,8 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
         else:
             sampling = SamplingParams(temperature=body.temperature, top_k=body.top_k or None,
                                       top_p=body.top_p if body.top_p < 1.0 else None)
-        return Job(prompt_ids=prompt_ids, cfg=GenerationConfig(max_new_tokens=limit, sampling=sampling),
+        cfg = GenerationConfig(max_new_tokens=limit, sampling=sampling, stop_ids=stop_ids)
+        return Job(prompt_ids=prompt_ids, cfg=cfg,
                    stop=body.stop_list, seed=body.seed)
 
     async def collect(request: Request, job: Job) -> tuple[str, Finished] | None:
@@ -218,8 +222,12 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        messages = [(m.role, m.text) for m in body.messages]
-        job = job_for(body, chat_prompt_ids(tok, served.chat_template, messages), "messages")
+        messages = [{"role": m.role, "content": m.text} for m in body.messages]
+        try:
+            prompt_ids = served.chat_format.encode(tok, messages)
+        except ChatTemplateError as e:
+            raise APIError(400, str(e), param="messages") from e
+        job = job_for(body, prompt_ids, "messages", served.chat_stop_ids)
         head = Head(protocol.new_id("chatcmpl"), served.id, served.fingerprint)
         if not body.stream:
             done = await collect(request, job)
