@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from torchchat.errors import CheckpointError, DeviceError, TokenizerError, UserInputError
+from torchchat.errors import CheckpointError, DeviceError, QuantizationError, TokenizerError, UserInputError
 from torchchat.inventory.store import default_model_directory
 from torchchat.model.config import ModelConfig
 from torchchat.model.registry import ModelEntry, params_table, resolve_model
@@ -41,6 +41,7 @@ class BuildSpec:
     quant: Any = None  # torchchat.quantize.QuantPlan, or None
     max_seq_len: int | None = None  # cap on the context (KV cache) length
     seed: int = 1234  # for --dummy-weights
+    tp: Any = None  # torchchat.distributed.tensor_parallel.TPContext: shard the model over its ranks
 
 
 @dataclass
@@ -139,16 +140,21 @@ def _init_dummy(model: torch.nn.Module, device: str, dtype: torch.dtype, seed: i
         model.output.weight = model.tok_embeddings.weight
 
 
-def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Assign a (memory-mapped) state dict onto a meta-initialised model, checking names and shapes."""
+def check_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Check a state dict's names and shapes against an (unsharded) model; a tied output is dropped."""
     from torchchat.checkpoint.state_dict import check_fits
 
-    cfg: ModelConfig = model.config
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    if cfg.tie_embeddings:
+    if model.config.tie_embeddings:
         expected.pop("output.weight")
         state_dict.pop("output.weight", None)
     check_fits(state_dict, expected, source)
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Assign a (memory-mapped) state dict onto a meta-initialised model, checking names and shapes."""
+    cfg: ModelConfig = model.config
+    check_weights(model, state_dict, source)
     model.load_state_dict(state_dict, assign=True, strict=not cfg.tie_embeddings)
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
@@ -209,7 +215,16 @@ def build_model(spec: BuildSpec) -> BuiltModel:
 
     with torch.device("meta"):
         model = Transformer(config)
-    if loaded is not None:
+    if spec.tp is not None:
+        from torchchat.distributed.tensor_parallel import materialize, parallelize
+
+        if spec.quant is not None:
+            raise QuantizationError("--quantize does not run with --tp yet; drop one of them")
+        if loaded is not None:
+            check_weights(model, loaded.state_dict, str(checkpoint))
+        parallelize(model, spec.tp.mesh)
+        materialize(model, loaded.state_dict if loaded is not None else None, spec.tp, spec.dtype, spec.seed)
+    elif loaded is not None:
         load_weights(model, loaded.state_dict, str(checkpoint))
         model.to(device=device, dtype=spec.dtype)
         if config.tie_embeddings:

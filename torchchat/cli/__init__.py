@@ -54,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = None
     parser = build_parser(command)
     args = parser.parse_args(argv)
+    args.argv = argv  # a command that re-launches itself (generate --tp) passes its arguments on
     if args.command is None:
         parser.print_help()
         return 0 if not argv or argv[0] in ("-h", "--help") else 2

@@ -83,6 +83,23 @@ def add_speculative(p: argparse.ArgumentParser) -> None:
                    help="Quantization recipe for the draft, or 'quantize' for the same as --quantize (default: none)")
 
 
+def add_tensor_parallel(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tensor parallelism")
+    g.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="Split the model over N processes (gloo on cpu, NCCL on cuda: one GPU each); "
+                        "starts them itself unless run under torchrun")
+
+
+def tensor_parallel_size(args: argparse.Namespace) -> int:
+    if args.tp < 1:
+        raise UserInputError("--tp must be >= 1")
+    if args.tp > 1 and args.quantize:
+        raise UserInputError("--quantize does not run with --tp yet; drop one of them")
+    if args.tp > 1 and (args.draft_model or args.draft_checkpoint_path):
+        raise UserInputError("speculative decoding (--draft-model / --draft-checkpoint-path) does not run with --tp yet")
+    return args.tp
+
+
 def model_source(args: argparse.Namespace) -> ModelSource:
     given = [x for x in (args.model, args.checkpoint_path, args.gguf_path) if x is not None]
     if len(given) > 1 and not (args.model and args.dummy_weights):

@@ -18,6 +18,7 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     cli_args.add_sampling(p)
     cli_args.add_compile(p)
     cli_args.add_speculative(p)
+    cli_args.add_tensor_parallel(p)
     p.add_argument("--metrics-json", type=Path, default=None, help="Also write the metrics as JSON to this file")
     cli_args.add_verbose(p)
     return p
@@ -40,6 +41,43 @@ def _chat_prompt(args: argparse.Namespace, built, cfg):
 
 
 def run(args: argparse.Namespace) -> int:
+    from torchchat.errors import UserInputError
+
+    if args.num_samples <= 0:
+        raise UserInputError("--num-samples must be positive")
+    notes: list[str] = []
+    spec = cli_args.build_spec(args, notes)
+    tp = cli_args.tensor_parallel_size(args)
+    if tp == 1:
+        return _generate(args, spec, notes, args.seed, writes=True)
+    from torchchat.distributed.launch import inside_torchrun, relaunch
+
+    if not inside_torchrun():
+        return relaunch(args.argv, tp, verbose=args.verbose)
+    return _generate_tp(args, spec, notes, tp)
+
+
+def _generate_tp(args: argparse.Namespace, spec, notes: list[str], tp: int) -> int:
+    """One rank of a `--tp` run: every rank computes, only rank 0 writes."""
+    import os
+    from dataclasses import replace
+
+    from torchchat.distributed.tensor_parallel import agree_on_seed, init_tp, shutdown
+
+    ctx = init_tp(tp, spec.device)
+    try:
+        if ctx.rank != 0:
+            sys.stdout = open(os.devnull, "w")
+            if not args.verbose:
+                sys.stderr = open(os.devnull, "w")
+        seed = agree_on_seed(args.seed)
+        return _generate(args, replace(spec, device=ctx.device, tp=ctx), notes, seed, writes=ctx.rank == 0)
+    finally:
+        shutdown()
+
+
+def _generate(args: argparse.Namespace, spec, notes: list[str], seed: int | None, writes: bool) -> int:
+    """Build, generate, print; `writes`: this process also writes --metrics-json (rank 0 only under --tp)."""
     import torch
 
     from torchchat.build import build_model
@@ -47,10 +85,6 @@ def run(args: argparse.Namespace) -> int:
     from torchchat.generation.engine import make_engine
     from torchchat.generation.metrics import Summary, bytes_read_per_token, peak_memory_bytes, print_sample, sample_report
 
-    if args.num_samples <= 0:
-        raise UserInputError("--num-samples must be positive")
-    notes: list[str] = []
-    spec = cli_args.build_spec(args, notes)
     cfg = cli_args.generation_config(args)
     options = cli_args.compile_options(args)
     draft = cli_args.draft_spec(args, spec)
@@ -72,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
         engine.attach_draft(build_model(draft).runtime, args.speculate_k)
     model_bytes = bytes_read_per_token(built.model) if built.model is not None else built.runtime.weight_bytes
     compiled = options.decode or options.prefill
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
+    if seed is not None:
+        torch.manual_seed(seed)
     reports = []
     for i in range(args.num_samples):
         sys.stdout.write(args.prompt)
@@ -94,6 +128,6 @@ def run(args: argparse.Namespace) -> int:
                   f"draft tokens, k={stats.speculate_k})", file=sys.stderr)
     summary = Summary(reports, model_bytes, peak_memory_bytes(engine.device), str(engine.device), str(spec.dtype))
     summary.print(sys.stderr)
-    if args.metrics_json is not None:
+    if writes and args.metrics_json is not None:
         summary.write_json(args.metrics_json)
     return 0

@@ -17,10 +17,12 @@ from torchchat.generation.engine import GenerationStats
 
 def tensor_bytes(t: Tensor) -> int:
     """Bytes a tensor really stores: for tensor subclasses (torchao quantized weights), the sum of the
-    inner tensors (packed data, scales, zero points)."""
+    inner tensors (packed data, scales, zero points); for a DTensor, this rank's shard (its device mesh,
+    also an inner attribute, is not a tensor)."""
     if type(t) not in (Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
         names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, n)) for n in names)
+        inner = (getattr(t, n) for n in names)
+        return sum(tensor_bytes(x) for x in inner if isinstance(x, Tensor))
     return t.numel() * t.element_size()
 
 

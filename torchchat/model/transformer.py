@@ -100,7 +100,9 @@ class Transformer(nn.Module):
         dtype = self.norm.weight.dtype
         device = self.norm.weight.device
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch, max_seq, cfg.n_kv_heads, cfg.head_dim, dtype).to(device)
+            attn = layer.attention
+            # The layer's own head count: under tensor parallelism it holds n_kv_heads / N of them.
+            attn.kv_cache = KVCache(max_batch, max_seq, attn.n_kv_heads, cfg.head_dim, dtype).to(device)
         table = rope_table(max_seq, cfg.head_dim, cfg.rope_base, cfg.rope_scaling).to(device)
         self.register_buffer("rope", table, persistent=False)  # (S_max, D/2, 2)
         causal = torch.tril(torch.ones(max_seq, max_seq, dtype=torch.bool, device=device))
