@@ -1,0 +1,123 @@
+"""The lm-eval adapter on stories260K: each request type against a computation by hand with the runtime
+and the engine."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.evaluation.reference import continuation_logprob, token_logprobs
+from torchchat.errors import UserInputError
+
+pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[eval]')")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+
+from torchchat.evaluation.adapter import TorchchatLM  # noqa: E402
+
+STORY = (
+    "Tom had a little red boat. Every morning he took it to the pond and watched it float. One day the wind "
+    "pushed the boat far away. Tom ran around the pond, and a friendly duck pushed the boat back to him."
+)
+
+
+def _req(kind: str, *args) -> Instance:
+    return Instance(request_type=kind, doc={}, arguments=args, idx=0)
+
+
+def test_rolling_loglikelihood_of_a_short_text_is_one_forward_summed_by_hand(stories):
+    lm = TorchchatLM(stories.runtime, stories.tokenizer, max_length=256, batch_size=2)
+    got = lm.loglikelihood_rolling([_req("loglikelihood_rolling", STORY), _req("loglikelihood_rolling", "Once upon a time")])
+    tok = stories.tokenizer
+    for text, value in zip((STORY, "Once upon a time"), got):
+        want = float(token_logprobs(stories.runtime, tok.encode(text, bos=True)).sum())
+        assert value == pytest.approx(want, abs=1e-3)
+    assert math.isfinite(got[0]) and got[0] < 0
+
+
+def test_rolling_windows_predict_each_token_once_with_the_documented_context(stories):
+    """max_length 16: the first window sees BOS + the text, later ones are disjoint blocks of 16 predictions,
+    the last one with a full 16-token input (lm-eval's loglikelihood_rolling contract)."""
+    L = 16
+    tok = stories.tokenizer
+    ids = tok.encode(STORY)
+    n = len(ids)
+    assert n > 3 * L
+    seq = [tok.bos_id, *ids]  # ids[j] is seq[j + 1]
+    want = 0.0
+    for s in range(0, n, L):  # predictions ids[s:e] share one input
+        e = min(s + L, n)
+        start = 0 if s == 0 else e - L  # in seq: the L ids before seq[e]
+        lp = token_logprobs(stories.runtime, seq[start : e + 1])  # predicts seq[start+1 : e+1]
+        want += float(lp[s - start :].sum())
+    lm = TorchchatLM(stories.runtime, stories.tokenizer, max_length=L, batch_size=3)
+    (got,) = lm.loglikelihood_rolling([_req("loglikelihood_rolling", STORY)])
+    assert got == pytest.approx(want, abs=1e-3)
+
+
+def test_loglikelihood_matches_hand_computation_and_batching_changes_nothing(stories):
+    pairs = [
+        ("Lily was thirsty, so she drank a glass of", " water"),
+        ("Lily was thirsty, so she drank a glass of", " sand"),
+        ("The cat climbed up the tree and could not get", " down"),
+        ("Once upon a time, there was a", " little girl named Lily"),
+        ("", "Once upon a time"),
+    ]
+    reqs = [_req("loglikelihood", c, x) for c, x in pairs]
+    one = TorchchatLM(stories.runtime, stories.tokenizer, max_length=128, batch_size=1).loglikelihood(reqs, disable_tqdm=True)
+    four = TorchchatLM(stories.runtime, stories.tokenizer, max_length=128, batch_size=4).loglikelihood(reqs, disable_tqdm=True)
+    tok = stories.tokenizer
+    for (ctx, cont), (lp1, g1), (lp4, g4) in zip(pairs, one, four):
+        assert lp4 == pytest.approx(lp1, abs=1e-4) and g4 == g1
+        if ctx:
+            want = continuation_logprob(stories.runtime, tok, ctx, cont)
+        else:  # an empty context is BOS
+            want = float(token_logprobs(stories.runtime, tok.encode(cont, bos=True)).sum())
+        assert lp1 == pytest.approx(want, abs=1e-3)
+    assert one[0][0] > one[1][0]  # water beats sand
+
+
+def _free_run(stories, prompt: str, n: int) -> str:
+    """The engine's greedy text for `prompt`, with no stop strings."""
+    from torchchat.generation.engine import GenerationConfig, make_engine
+    from torchchat.generation.sampling import SamplingParams
+
+    engine = make_engine(stories, max_seq_len=128)
+    ids = stories.tokenizer.encode(prompt, bos=True)
+    cfg = GenerationConfig(max_new_tokens=n, sampling=SamplingParams(temperature=0.0, top_k=None))
+    return "".join(r.text for r in engine.stream(ids, cfg))
+
+
+def test_generate_until_stops_at_the_first_stop_string(stories):
+    prompts = [
+        "Once upon a time, there was a little girl named Lily. She",
+        "Tom had a red ball. He liked to play with his ball every day. One day",
+        "The sun was hot, so the children went to the",
+    ]
+    stops = [".", ",", "!"]
+    lm = TorchchatLM(stories.runtime, stories.tokenizer, max_length=128, batch_size=4)
+    got = lm.generate_until([_req("generate_until", p, {"until": stops, "max_gen_toks": 40, "do_sample": False}) for p in prompts])
+    cut_somewhere = False
+    for prompt, text in zip(prompts, got):
+        free = _free_run(stories, prompt, 40)
+        cuts = [i for i in (free.find(s) for s in stops) if i >= 0]
+        want = free[: min(cuts)] if cuts else free
+        assert text == want
+        assert not any(s in text for s in stops)
+        cut_somewhere |= len(want) < len(free)
+    assert cut_somewhere  # a stop string really ended some generation early
+
+
+def test_generate_until_honours_max_gen_toks(stories):
+    prompt = "Once upon a time"
+    lm = TorchchatLM(stories.runtime, stories.tokenizer, max_length=128)
+    (text,) = lm.generate_until([_req("generate_until", prompt, {"until": [], "max_gen_toks": 6})])
+    assert text == _free_run(stories, prompt, 6)
+    assert len(stories.tokenizer.encode(text)) <= 7  # 6 tokens; re-encoding may merge or split one
+
+
+def test_generation_options_the_engine_lacks_are_refused(stories):
+    lm = TorchchatLM(stories.runtime, stories.tokenizer, max_length=128)
+    with pytest.raises(UserInputError, match="num_beams"):
+        lm.generate_until([_req("generate_until", "Hi", {"until": ["."], "num_beams": 4})])

@@ -1,0 +1,90 @@
+"""Run lm-eval tasks on a built model and report metrics and timing."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torchchat.evaluation.scoring import forward_time_lines
+from torchchat.evaluation.tasks import LoadedTasks, require_lm_eval
+
+DEFAULT_TASKS = ("wikitext",)
+DEFAULT_MAX_LENGTH = 2048  # positions per forward unless --max-seq-length says otherwise (as the original)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    task_dirs: tuple[Path, ...] = ()  # local task folders, searched before lm-eval's registry
+    limit: int | None = None  # documents per task; None: all
+    batch_size: int = 1  # rows per forward when scoring (eager models; exported programs take one)
+    max_length: int | None = None  # positions per forward; None: the model's context, at most 2048
+
+
+@dataclass
+class EvalReport:
+    results: dict[str, Any]  # what lm_eval.simple_evaluate returned, plus torchchat's settings in "config"
+    eval_seconds: float  # wall time of the whole evaluation
+    forward_seconds: list[float] = field(default_factory=list)  # one entry per model forward
+    notes: list[str] = field(default_factory=list)  # settings changed to fit the runtime
+
+    def timing_lines(self) -> list[str]:
+        return [f"Time to run eval: {self.eval_seconds:.2f}s.", *forward_time_lines(self.forward_seconds)]
+
+    def table(self) -> str:
+        """lm-eval's markdown table of metrics (and of group aggregates, when a group ran)."""
+        from lm_eval.utils import make_table
+
+        text = make_table(self.results)
+        if self.results.get("groups"):
+            text += "\n" + make_table(self.results, "groups")
+        return text
+
+    def write_json(self, path: Path) -> None:
+        """Write the results as JSON, atomically: a failed write leaves no partial file."""
+        from lm_eval.utils import handle_non_serializable
+
+        text = json.dumps(self.results, indent=2, default=handle_non_serializable, ensure_ascii=False)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def run_eval(runtime, tokenizer, tasks: LoadedTasks, spec: EvalSpec, model_name: str = "model") -> EvalReport:
+    """Evaluate `tasks` (from load_tasks) on a runtime + tokenizer with lm-eval.
+
+    Exported programs take one row per call (docs/export-metadata.md), so their batch size is 1."""
+    require_lm_eval()
+    import lm_eval
+
+    from torchchat.evaluation.adapter import TorchchatLM
+    from torchchat.runtime.base import EagerRuntime
+
+    notes = []
+    batch = spec.batch_size
+    if batch > 1 and not (isinstance(runtime, EagerRuntime) and runtime.supports_parallel_prefill):
+        notes.append(f"this runtime scores one row per forward; --batch-size {batch} ignored")
+        batch = 1
+    max_length = min(spec.max_length or DEFAULT_MAX_LENGTH, runtime.max_seq_len)
+    lm = TorchchatLM(runtime, tokenizer, max_length=max_length, batch_size=batch)
+    start = time.perf_counter()
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=tasks.objects, task_manager=tasks.manager, limit=spec.limit, log_samples=False
+    )
+    seconds = time.perf_counter() - start
+    results["config"].update(
+        model=model_name, batch_size=batch, max_length=max_length,
+        runtime=type(runtime).__name__, device=str(runtime.device),
+    )
+    return EvalReport(results=results, eval_seconds=seconds, forward_seconds=list(lm.timer.seconds), notes=notes)
