@@ -61,12 +61,34 @@ class EvalReport:
             raise
 
 
+def _evaluate(lm, tasks: LoadedTasks, limit: int | None) -> dict[str, Any]:
+    """lm_eval.evaluator.evaluate with the task preparation and seeds lm_eval.simple_evaluate applies
+    (zero-shot unless a task says otherwise, lm-eval's default seeds), but without simple_evaluate's
+    environment report (a `pip list` subprocess and a transformers import: seconds on every run)."""
+    import random
+
+    import numpy as np
+    import torch
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+    from lm_eval.evaluator import evaluate
+
+    loaded = tasks.manager.load(tasks.objects)
+    for task in loaded["tasks"].values():
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
+    random.seed(DEFAULT_RANDOM_SEED)
+    np.random.seed(DEFAULT_OTHER_SEED)
+    torch.manual_seed(DEFAULT_OTHER_SEED)
+    return evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=False)
+
+
 def run_eval(runtime, tokenizer, tasks: LoadedTasks, spec: EvalSpec, model_name: str = "model") -> EvalReport:
     """Evaluate `tasks` (from load_tasks) on a runtime + tokenizer with lm-eval.
 
     Exported programs take one row per call (docs/export-metadata.md), so their batch size is 1."""
     require_lm_eval()
-    import lm_eval
+    from importlib.metadata import version
 
     from torchchat.evaluation.adapter import TorchchatLM
     from torchchat.runtime.base import EagerRuntime
@@ -79,12 +101,11 @@ def run_eval(runtime, tokenizer, tasks: LoadedTasks, spec: EvalSpec, model_name:
     max_length = min(spec.max_length or DEFAULT_MAX_LENGTH, runtime.max_seq_len)
     lm = TorchchatLM(runtime, tokenizer, max_length=max_length, batch_size=batch)
     start = time.perf_counter()
-    results = lm_eval.simple_evaluate(
-        model=lm, tasks=tasks.objects, task_manager=tasks.manager, limit=spec.limit, log_samples=False
-    )
+    results = _evaluate(lm, tasks, spec.limit)
     seconds = time.perf_counter() - start
-    results["config"].update(
-        model=model_name, batch_size=batch, max_length=max_length,
-        runtime=type(runtime).__name__, device=str(runtime.device),
+    results["config"] = dict(
+        model=model_name, runtime=type(runtime).__name__, device=str(runtime.device), batch_size=batch,
+        max_length=max_length, limit=spec.limit,
     )
+    results["lm_eval_version"] = version("lm_eval")
     return EvalReport(results=results, eval_seconds=seconds, forward_seconds=list(lm.timer.seconds), notes=notes)
