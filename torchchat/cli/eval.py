@@ -22,8 +22,8 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     g.add_argument("--tasks-dir", type=Path, action="append", default=[], metavar="DIR",
                    help="A folder of task YAMLs to search before lm-eval's registry (repeatable)")
     g.add_argument("--limit", type=int, default=None, help="Evaluate at most N documents per task")
-    g.add_argument("--batch-size", type=int, default=4,
-                   help="Sequences per forward when scoring log-likelihoods (eager models; exported take 1)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="Sequences per forward when scoring log-likelihoods (default 4; exported models take 1)")
     g.add_argument("--output-json", type=Path, default=None, metavar="PATH", help="Write lm-eval's results as JSON")
     cli_args.add_verbose(p)
     return p
@@ -35,7 +35,7 @@ def _eval_spec(args: argparse.Namespace):
 
     if args.limit is not None and args.limit <= 0:
         raise UserInputError("--limit must be positive")
-    if args.batch_size <= 0:
+    if args.batch_size is not None and args.batch_size <= 0:
         raise UserInputError("--batch-size must be positive")
     if args.output_json is not None and args.output_json.is_dir():
         raise UserInputError(f"--output-json {args.output_json}: is a folder; give a file path")

@@ -14,6 +14,7 @@ from torchchat.evaluation.tasks import LoadedTasks, require_lm_eval
 
 DEFAULT_TASKS = ("wikitext",)
 DEFAULT_MAX_LENGTH = 2048  # positions per forward unless --max-seq-length says otherwise (as the original)
+DEFAULT_BATCH_SIZE = 4  # rows per scoring forward on eager models (bench/eval_bench.py)
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class EvalSpec:
     tasks: tuple[str, ...] = DEFAULT_TASKS
     task_dirs: tuple[Path, ...] = ()  # local task folders, searched before lm-eval's registry
     limit: int | None = None  # documents per task; None: all
-    batch_size: int = 1  # rows per forward when scoring (eager models; exported programs take one)
+    batch_size: int | None = None  # rows per scoring forward; None: 4 on eager models, 1 on exported ones
     max_length: int | None = None  # positions per forward; None: the model's context, at most 2048
 
 
@@ -94,8 +95,9 @@ def run_eval(runtime, tokenizer, tasks: LoadedTasks, spec: EvalSpec, model_name:
     from torchchat.runtime.base import EagerRuntime
 
     notes = []
-    batch = spec.batch_size
-    if batch > 1 and not (isinstance(runtime, EagerRuntime) and runtime.supports_parallel_prefill):
+    batched = isinstance(runtime, EagerRuntime) and runtime.supports_parallel_prefill
+    batch = spec.batch_size or (DEFAULT_BATCH_SIZE if batched else 1)
+    if batch > 1 and not batched:
         notes.append(f"this runtime scores one row per forward; --batch-size {batch} ignored")
         batch = 1
     max_length = min(spec.max_length or DEFAULT_MAX_LENGTH, runtime.max_seq_len)
