@@ -31,7 +31,7 @@ def test_eval_prints_timing_and_metrics_and_writes_json(model_args, tmp_path, ca
     cloze, gen = saved["results"]["storybook_cloze"], saved["results"]["storybook_gen"]
     assert 0.0 <= cloze["acc,none"] <= 1.0 and 0.0 <= gen["exact_match,none"] <= 1.0
     assert saved["n-samples"]["storybook_cloze"]["effective"] == 4
-    assert saved["config"]["max_length"] == 128 and saved["config"]["batch_size"] == 4
+    assert saved["config"]["max_length"] == 128 and saved["config"]["batch_size"] == 8
     row = re.search(r"^\|storybook_cloze\s*\|.*\|acc\s*\|[^|]*\|\s*([\d.]+)\|", stdout, re.M)  # Metric, arrow, Value
     assert row and float(row.group(1)) == pytest.approx(cloze["acc,none"], abs=1e-4)
 

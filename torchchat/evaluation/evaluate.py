@@ -14,7 +14,8 @@ from torchchat.evaluation.tasks import LoadedTasks, require_lm_eval
 
 DEFAULT_TASKS = ("wikitext",)
 DEFAULT_MAX_LENGTH = 2048  # positions per forward unless --max-seq-length says otherwise (as the original)
-DEFAULT_BATCH_SIZE = 4  # rows per scoring forward on eager models (bench/eval_bench.py)
+DEFAULT_BATCH_SIZE = 8  # rows per scoring forward on eager models (bench/eval_bench.py)
+LOGITS_BUDGET_BYTES = 1 << 30  # the default batch shrinks so one forward's fp32 logits stay under 1 GiB
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class EvalSpec:
     tasks: tuple[str, ...] = DEFAULT_TASKS
     task_dirs: tuple[Path, ...] = ()  # local task folders, searched before lm-eval's registry
     limit: int | None = None  # documents per task; None: all
-    batch_size: int | None = None  # rows per scoring forward; None: 4 on eager models, 1 on exported ones
+    batch_size: int | None = None  # rows per scoring forward; None: default_batch_size()
     max_length: int | None = None  # positions per forward; None: the model's context, at most 2048
 
 
@@ -62,6 +63,15 @@ class EvalReport:
             raise
 
 
+def default_batch_size(batched: bool, max_length: int, vocab_size: int) -> int:
+    """Rows per scoring forward when none is asked for: 1 where the runtime takes one row (exported
+    programs), else DEFAULT_BATCH_SIZE, fewer if a forward's logits (B, max_length, vocab) fp32 would
+    pass LOGITS_BUDGET_BYTES (Llama 3 at 2048 positions: 1 GiB per row)."""
+    if not batched:
+        return 1
+    return max(1, min(DEFAULT_BATCH_SIZE, LOGITS_BUDGET_BYTES // (max_length * vocab_size * 4)))
+
+
 def _evaluate(lm, tasks: LoadedTasks, limit: int | None) -> dict[str, Any]:
     """lm_eval.evaluator.evaluate with the task preparation and seeds lm_eval.simple_evaluate applies
     (zero-shot unless a task says otherwise, lm-eval's default seeds), but without simple_evaluate's
@@ -96,11 +106,11 @@ def run_eval(runtime, tokenizer, tasks: LoadedTasks, spec: EvalSpec, model_name:
 
     notes = []
     batched = isinstance(runtime, EagerRuntime) and runtime.supports_parallel_prefill
-    batch = spec.batch_size or (DEFAULT_BATCH_SIZE if batched else 1)
+    max_length = min(spec.max_length or DEFAULT_MAX_LENGTH, runtime.max_seq_len)
+    batch = spec.batch_size or default_batch_size(batched, max_length, runtime.config.vocab_size)
     if batch > 1 and not batched:
         notes.append(f"this runtime scores one row per forward; --batch-size {batch} ignored")
         batch = 1
-    max_length = min(spec.max_length or DEFAULT_MAX_LENGTH, runtime.max_seq_len)
     lm = TorchchatLM(runtime, tokenizer, max_length=max_length, batch_size=batch)
     start = time.perf_counter()
     results = _evaluate(lm, tasks, spec.limit)
