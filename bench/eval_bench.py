@@ -39,7 +39,8 @@ def requests():
 
     rows = lambda name: [json.loads(line) for line in (DATA / name).read_text().splitlines() if line.strip()]  # noqa: E731
     rolling = [Instance("loglikelihood_rolling", {}, (r["text"],), 0) for r in rows("stories.jsonl")]
-    pairs = [Instance("loglikelihood", {}, (r["context"], " " + c), 0) for r in rows("cloze.jsonl") for c in r["choices"]]
+    pairs = [Instance("loglikelihood", {}, (r["context"], " " + c), 0)
+             for r in rows("cloze.jsonl") for c in r["choices"]]
     return rolling, pairs
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from tests.evaluation.reference import continuation_logprob, token_logprobs
 from torchchat.errors import UserInputError
@@ -28,7 +27,7 @@ def _req(kind: str, *args) -> Instance:
 
 def test_rolling_loglikelihood_of_a_short_text_is_one_forward_summed_by_hand(stories):
     lm = TorchchatLM(stories.runtime, stories.tokenizer, max_length=256, batch_size=2)
-    got = lm.loglikelihood_rolling([_req("loglikelihood_rolling", STORY), _req("loglikelihood_rolling", "Once upon a time")])
+    got = lm.loglikelihood_rolling([_req("loglikelihood_rolling", t) for t in (STORY, "Once upon a time")])
     tok = stories.tokenizer
     for text, value in zip((STORY, "Once upon a time"), got):
         want = float(token_logprobs(stories.runtime, tok.encode(text, bos=True)).sum())
@@ -65,8 +64,8 @@ def test_loglikelihood_matches_hand_computation_and_batching_changes_nothing(sto
         ("", "Once upon a time"),
     ]
     reqs = [_req("loglikelihood", c, x) for c, x in pairs]
-    one = TorchchatLM(stories.runtime, stories.tokenizer, max_length=128, batch_size=1).loglikelihood(reqs, disable_tqdm=True)
-    four = TorchchatLM(stories.runtime, stories.tokenizer, max_length=128, batch_size=4).loglikelihood(reqs, disable_tqdm=True)
+    one, four = (TorchchatLM(stories.runtime, stories.tokenizer, max_length=128, batch_size=b).loglikelihood(reqs)
+                 for b in (1, 4))
     tok = stories.tokenizer
     for (ctx, cont), (lp1, g1), (lp4, g4) in zip(pairs, one, four):
         assert lp4 == pytest.approx(lp1, abs=1e-4) and g4 == g1
@@ -97,7 +96,8 @@ def test_generate_until_stops_at_the_first_stop_string(stories):
     ]
     stops = [".", ",", "!"]
     lm = TorchchatLM(stories.runtime, stories.tokenizer, max_length=128, batch_size=4)
-    got = lm.generate_until([_req("generate_until", p, {"until": stops, "max_gen_toks": 40, "do_sample": False}) for p in prompts])
+    options = {"until": stops, "max_gen_toks": 40, "do_sample": False}
+    got = lm.generate_until([_req("generate_until", p, options) for p in prompts])
     cut_somewhere = False
     for prompt, text in zip(prompts, got):
         free = _free_run(stories, prompt, 40)

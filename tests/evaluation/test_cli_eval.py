@@ -25,7 +25,8 @@ def test_eval_prints_timing_and_metrics_and_writes_json(model_args, tmp_path, ca
     assert code == 0
     assert re.search(r"^Time to run eval: [\d.]+s\.$", stdout, re.M)
     assert re.search(r"^Time in model\.forward: [\d.]+s, over \d+ model evaluations$", stdout, re.M)
-    assert re.search(r"^forward run time stats - Median: [\d.]+s Min: [\d.]+s Max: [\d.]+s Mean: [\d.]+s$", stdout, re.M)
+    stats = r"^forward run time stats - Median: [\d.]+s Min: [\d.]+s Max: [\d.]+s Mean: [\d.]+s$"
+    assert re.search(stats, stdout, re.M)
     assert "For model stories260K.bin" in stdout
     saved = json.loads(out.read_text())
     cloze, gen = saved["results"]["storybook_cloze"], saved["results"]["storybook_gen"]

@@ -32,7 +32,8 @@ def _eval(args: list[str], out) -> dict:
 @pytest.fixture(scope="module")
 def eager(files, tmp_path_factory):
     tok, checkpoint = files
-    return _eval(["--checkpoint-path", str(checkpoint), *tok, "--dtype", "fp32"], tmp_path_factory.mktemp("eager") / "r.json")
+    out = tmp_path_factory.mktemp("eager") / "r.json"
+    return _eval(["--checkpoint-path", str(checkpoint), *tok, "--dtype", "fp32"], out)
 
 
 @pytest.mark.slow

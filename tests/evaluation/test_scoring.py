@@ -23,7 +23,8 @@ def _requests(seed: int, n: int = 7) -> list[tuple[list[int], list[int]]]:
     for _ in range(n):
         c = int(torch.randint(1, 30, (1,), generator=g))
         k = int(torch.randint(1, 8, (1,), generator=g))
-        out.append((torch.randint(0, 512, (c,), generator=g).tolist(), torch.randint(0, 512, (k,), generator=g).tolist()))
+        ids = torch.randint(0, 512, (c + k,), generator=g).tolist()
+        out.append((ids[:c], ids[c:]))
     return out
 
 
@@ -45,7 +46,8 @@ def _by_hand(model, context: list[int], continuation: list[int]) -> tuple[float,
 def _score(runtime, requests, batch, **kw):
     runtime.setup(batch, MAX)
     with torch.no_grad():
-        return score_continuations(runtime.forward, requests, max_len=MAX, batch_size=batch, device=runtime.device, **kw)
+        return score_continuations(runtime.forward, requests, max_len=MAX, batch_size=batch, device=runtime.device,
+                                   **kw)
 
 
 def test_scores_match_a_full_forward_summed_by_hand(runtime, tiny_model):

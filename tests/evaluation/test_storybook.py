@@ -74,7 +74,8 @@ def test_accuracy_equals_the_argmax_of_hand_log_likelihoods(report, stories):
     got = report.results["results"]["storybook_cloze"]
     acc, acc_norm = [], []
     for doc in _docs("cloze.jsonl"):
-        lls = np.array([continuation_logprob(stories.runtime, stories.tokenizer, doc["context"], " " + c) for c in doc["choices"]])
+        lls = np.array([continuation_logprob(stories.runtime, stories.tokenizer, doc["context"], " " + c)
+                        for c in doc["choices"]])
         lengths = np.array([len(c) for c in doc["choices"]], dtype=float)
         acc.append(float(np.argmax(lls) == doc["answer"]))
         acc_norm.append(float(np.argmax(lls / lengths) == doc["answer"]))
@@ -106,7 +107,8 @@ def test_report_lines_table_and_json(report, tmp_path):
     assert re.match(r"Time in model\.forward: [\d.]+s, over (\d+) model evaluations", lines[1])
     assert int(re.match(r".*over (\d+)", lines[1]).group(1)) == len(report.forward_seconds) > 0
     table = report.table()
-    for task, metric in (("storybook_ppl", "word_perplexity"), ("storybook_cloze", "acc"), ("storybook_gen", "exact_match")):
+    expected = (("storybook_ppl", "word_perplexity"), ("storybook_cloze", "acc"), ("storybook_gen", "exact_match"))
+    for task, metric in expected:
         assert task in table and metric in table
     out = tmp_path / "results.json"
     report.write_json(out)

@@ -23,7 +23,8 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
                    help="A folder of task YAMLs to search before lm-eval's registry (repeatable)")
     g.add_argument("--limit", type=int, default=None, help="Evaluate at most N documents per task")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="Sequences per forward when scoring log-likelihoods (default 8, fewer for large vocabularies; exported: 1)")
+                   help="Sequences per forward when scoring log-likelihoods "
+                        "(default 8, fewer for large vocabularies; exported models: 1)")
     g.add_argument("--output-json", type=Path, default=None, metavar="PATH", help="Write lm-eval's results as JSON")
     cli_args.add_verbose(p)
     return p

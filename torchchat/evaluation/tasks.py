@@ -67,7 +67,8 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+    flags = (os.environ.get(v, "").lower() for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+    return any(f in ("1", "true", "yes", "on") for f in flags)
 
 
 def _behind_proxy() -> bool:
@@ -96,7 +97,9 @@ def _load_one(manager, name: str) -> list[Any]:
                 f"task '{name}' needs its dataset from the Hugging Face Hub, which is switched off "
                 f"(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) and the dataset is not cached; go online once, or run {where}"
             ) from e
-        raise DownloadError(f"task '{name}': its dataset could not be fetched ({e}); check the network, or run {where}") from e
+        raise DownloadError(
+            f"task '{name}': its dataset could not be fetched ({e}); check the network, or run {where}"
+        ) from e
     except FileNotFoundError as e:
         raise UserInputError(
             f"task '{name}': data file not found ({e}); lm-eval reads data_files paths relative to the "
