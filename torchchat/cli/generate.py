@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         report = sample_report(i + 1, stats, model_bytes, compile_sample=compiled and i == 0 and args.num_samples > 1)
         reports.append(report)
         print_sample(report, sys.stderr)
-    summary = Summary(reports, model_bytes, peak_memory_bytes(engine.device), str(engine.device), str(spec.dtype))
+    summary = Summary(reports, model_bytes, peak_memory_bytes(engine.device), str(engine.device), str(built.dtype))
     summary.print(sys.stderr)
     if args.metrics_json is not None:
         summary.write_json(args.metrics_json)
