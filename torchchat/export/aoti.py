@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from torch.export import ExportedProgram
@@ -34,7 +32,7 @@ def write_package(ep: ExportedProgram, meta: ArtifactMetadata, path: Path) -> Pa
     import torch._inductor
 
     path = Path(path)
-    with written_in_place(path, ".pt2") as tmp:  # the packager insists on a .pt2 suffix
+    with written_in_place(path) as tmp:
         try:
             torch._inductor.aoti_compile_and_package(
                 ep, package_path=str(tmp), inductor_configs={"aot_inductor.metadata": {METADATA_KEY: meta.to_json()}}
@@ -54,24 +52,20 @@ def write_shared_library(ep: ExportedProgram, meta: ArtifactMetadata, path: Path
     import torch._inductor
 
     path = Path(path)
-    workdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    side = sidecar_path(path)
+    with written_in_place(path) as tmp, written_in_place(side) as side_tmp:
         options = {
             "aot_inductor.package": False,
-            "aot_inductor.output_path": str(workdir / "model.so"),
+            "aot_inductor.output_path": str(tmp),
             "aot_inductor.metadata": {METADATA_KEY: meta.to_json()},
         }
         try:
             built = torch._inductor.aot_compile(ep.module(), ep.example_inputs[0], options=options)
-        except Exception as e:
+        except Exception as e:  # compilation errors come as many types (C++ compiler, lowering)
             raise _compile_error(e) from e
-        built = Path(built)
+        if Path(built) != tmp:
+            os.replace(built, tmp)
         data = meta.to_dict()
-        data["artifact_bytes"] = built.stat().st_size
-        sidecar_tmp = workdir / "model.so.json"
-        sidecar_tmp.write_text(json.dumps(data, sort_keys=True, indent=1) + "\n")
-        os.replace(built, path)
-        os.replace(sidecar_tmp, sidecar_path(path))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        data["artifact_bytes"] = tmp.stat().st_size
+        side_tmp.write_text(json.dumps(data, sort_keys=True, indent=1) + "\n")
     return path

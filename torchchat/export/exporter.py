@@ -46,11 +46,11 @@ class ExportTargets:
 
 
 def quantize_recipe(plan) -> tuple[dict[str, Any] | None, frozenset[str]]:
-    """(the recipe as JSON for the metadata, its scheme names) of a QuantPlan or None."""
-    if plan is None:
+    """(the normalised recipe for the metadata, its scheme keys such as "linear:int8") of a
+    torchchat.quantize.QuantPlan, or (None, empty) for no quantization."""
+    if plan is None or plan.is_empty:
         return None, frozenset()
-    recipe = plan.to_dict()
-    return recipe, frozenset(recipe)
+    return plan.to_json(), frozenset(s.key for s in plan.schemes)
 
 
 def check_supported(backend: str, dtype: torch.dtype, device: str, schemes: frozenset[str]) -> None:

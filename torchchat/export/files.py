@@ -2,19 +2,22 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 
 @contextmanager
-def written_in_place(path: Path, suffix: str = "") -> Iterator[Path]:
-    """Yields a temporary name beside `path` (ending in `suffix`: some writers insist on one) to write
-    to; renames it to `path` when the block succeeds and removes it whatever happens."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+def written_in_place(path: Path) -> Iterator[Path]:
+    """Yields a path of the same name inside a temporary folder beside `path` (writers such as the
+    .pt2 packager derive names from it); moves it to `path` when the block succeeds, and removes the
+    temporary folder whatever happens."""
+    workdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
+        tmp = workdir / path.name
         yield tmp
-        os.replace(tmp, path)  # same folder: atomic
+        os.replace(tmp, path)  # same file system: atomic
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        shutil.rmtree(workdir, ignore_errors=True)

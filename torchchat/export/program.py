@@ -15,12 +15,28 @@ def example_inputs(max_seq_len: int, dynamic: bool, device: torch.device) -> tup
     return torch.zeros(1, n, dtype=torch.int64, device=device), torch.arange(n, dtype=torch.int64, device=device)
 
 
+def give_own_storage(model: torch.nn.Module) -> None:
+    """Copy parameters that are views into a larger storage (a memory-mapped llama2.c or GGUF file)
+    into storage of their own: AOT Inductor serialises each constant's whole storage, so 48 views
+    of one 1 MB file would become a 50 MB library."""
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if type(p) is not torch.nn.Parameter:
+                    continue  # tensor subclasses (quantized weights) own packed storage already
+                if p.untyped_storage().nbytes() > p.numel() * p.element_size():
+                    setattr(module, name, torch.nn.Parameter(p.detach().clone(), requires_grad=False))
+    if getattr(model.config, "tie_embeddings", False):
+        model.output.weight = model.tok_embeddings.weight
+
+
 def export_forward(model: torch.nn.Module, max_seq_len: int, dynamic: bool) -> ExportedProgram:
     """Trace `model` with a KV cache of `max_seq_len` positions for batch 1. dynamic: the sequence
     dimension S of tokens (dim 1) and input_pos (dim 0) may be any of [1, max_seq_len] (parallel
     prefill); otherwise S == 1 (one token per call)."""
     if max_seq_len < 2 and dynamic:
         raise ExportError("--max-seq-length must be at least 2 with dynamic shapes")
+    give_own_storage(model)
     model.setup_caches(1, max_seq_len)
     device = model.norm.weight.device
     tokens, input_pos = example_inputs(max_seq_len, dynamic, device)

@@ -70,8 +70,8 @@ class AOTIRuntime(ExportedRuntime):
             raise ExportError(f"{flag}: {side} (the metadata written beside {path.name} at export) is missing; "
                               "keep the two files together or export again")
         try:
-            text = side.read_text()
-        except (OSError, UnicodeDecodeError) as e:
+            text = side.read_bytes()
+        except OSError as e:
             raise ExportError(f"{flag}: cannot read {side} ({e})") from e
         meta = ArtifactMetadata.from_json(text, str(side))
         size = meta.extra.get("artifact_bytes")
