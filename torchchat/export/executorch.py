@@ -3,6 +3,7 @@ constant methods carry the metadata (`torchchat_metadata`: the JSON text as a 1-
 for runners that read only these, `get_max_seq_len` and `get_vocab_size`."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,7 +61,10 @@ def write_pte(ep: ExportedProgram, meta: ArtifactMetadata, path: Path, timer=Non
                 compile_config=EdgeCompileConfig(_check_ir_validity=False),
                 constant_methods=constant_methods(meta),
             )
-        with step("Planning memory and serialising the .pte"):
+        with step("Planning memory and serialising the .pte"), warnings.catch_warnings():
+            # The KV cache's initial contents are not stored (only its shape): runtimes hand the program
+            # zeroed memory, and every position is written before attention reads it unmasked.
+            warnings.filterwarnings("ignore", message="Mutation on a buffer in the model is detected")
             program = edge.to_executorch(
                 ExecutorchBackendConfig(
                     extract_delegate_segments=True,

@@ -56,6 +56,14 @@ def quantize_recipe(plan) -> tuple[dict[str, Any] | None, frozenset[str]]:
 def check_supported(backend: str, dtype: torch.dtype, device: str, schemes: frozenset[str]) -> None:
     """The combinations docs/export.md lists as supported; anything else is refused up front rather
     than failing minutes into a compile. `schemes`: the --quantize keys (e.g. {"linear:int8"})."""
+    if backend == "aoti":
+        if dtype == torch.float16 and device.startswith("cpu"):
+            raise UserInputError("AOT Inductor export on the CPU supports --dtype fp32 or bf16 (fp16 CPU kernels are slow)")
+        if "linear:a8w4dq" in schemes:
+            raise UserInputError(
+                "--quantize linear:a8w4dq is the ExecuTorch (--output-pte-path) recipe: under AOT Inductor it runs "
+                "a slow reference kernel; use linear:int8 or linear:int4"
+            )
     if backend == "executorch":
         if dtype != torch.float32:
             raise UserInputError(

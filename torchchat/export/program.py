@@ -18,16 +18,18 @@ def example_inputs(max_seq_len: int, dynamic: bool, device: torch.device) -> tup
 def give_own_storage(model: torch.nn.Module) -> None:
     """Copy parameters that are views into a larger storage (a memory-mapped llama2.c or GGUF file)
     into storage of their own: AOT Inductor serialises each constant's whole storage, so 48 views
-    of one 1 MB file would become a 50 MB library."""
+    of one 1 MB file would become a 50 MB library. A parameter shared by two modules (tied
+    embeddings) stays shared."""
+    copies: dict[int, torch.nn.Parameter] = {}
     with torch.no_grad():
         for module in model.modules():
             for name, p in list(module.named_parameters(recurse=False)):
                 if type(p) is not torch.nn.Parameter:
                     continue  # tensor subclasses (quantized weights) own packed storage already
-                if p.untyped_storage().nbytes() > p.numel() * p.element_size():
-                    setattr(module, name, torch.nn.Parameter(p.detach().clone(), requires_grad=False))
-    if getattr(model.config, "tie_embeddings", False):
-        model.output.weight = model.tok_embeddings.weight
+                if id(p) not in copies and p.untyped_storage().nbytes() > p.numel() * p.element_size():
+                    copies[id(p)] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                if id(p) in copies:
+                    setattr(module, name, copies[id(p)])
 
 
 def export_forward(model: torch.nn.Module, max_seq_len: int, dynamic: bool) -> ExportedProgram:
