@@ -37,7 +37,7 @@ class ModelSource:
 class BuildSpec:
     source: ModelSource
     device: str = "cpu"
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype | None = torch.float32  # None: an exported artifact's own (it is fixed at export)
     quant: Any = None  # torchchat.quantize.QuantPlan, or None
     max_seq_len: int | None = None  # cap on the context (KV cache) length
     seed: int = 1234  # for --dummy-weights
@@ -55,6 +55,7 @@ class BuiltModel:
     is_chat: bool | None = None  # None: nothing says either way
     name: str = "model"
     notes: list[str] = field(default_factory=list)
+    dtype: torch.dtype | None = None  # the weights' dtype (an exported artifact's, from its metadata)
 
 
 def resolve_device(name: str) -> str:
@@ -160,8 +161,66 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], so
         model.output.weight = model.tok_embeddings.weight
 
 
+def _exported_artifact(src: ModelSource) -> tuple[str, Path] | None:
+    """(flag, path) of the exported artifact a source names, if any."""
+    given = [(flag, path) for flag, path in (("--aoti-package-path", src.aoti_package_path),
+                                             ("--dso-path", src.dso_path), ("--pte-path", src.pte_path))
+             if path is not None]
+    if len(given) > 1:
+        raise UserInputError(f"give one exported artifact, not {' and '.join(flag for flag, _ in given)}")
+    return given[0] if given else None
+
+
+def build_exported(spec: BuildSpec, flag: str, path: Path) -> BuiltModel:
+    """A BuiltModel over an exported artifact: runtime from the artifact, config and tokenizer kind
+    from its metadata, tokenizer from --tokenizer-path (or the named model's download). No checkpoint."""
+    from torchchat.tokenizer.load import load_tokenizer
+
+    src = spec.source
+    if src.checkpoint_path or src.gguf_path or src.dummy_weights:
+        raise UserInputError(f"{flag} runs an exported model: drop --checkpoint-path / --gguf-path / --dummy-weights")
+    if spec.quant is not None:
+        raise UserInputError(f"{flag}: quantization is fixed when a model is exported; drop --quantize")
+    if flag == "--pte-path":
+        from torchchat.runtime.executorch import ExecuTorchRuntime
+
+        runtime = ExecuTorchRuntime.load(path)
+    else:
+        from torchchat.runtime.aoti import AOTIRuntime
+
+        runtime = AOTIRuntime.load_package(path) if flag == "--aoti-package-path" else AOTIRuntime.load_shared_library(path)
+    meta = runtime.meta
+    if spec.dtype is not None and spec.dtype != meta.torch_dtype:
+        raise UserInputError(f"--dtype: {path} was exported in {meta.dtype}; drop --dtype or re-export with the one you want")
+    entry = resolve_model(src.name) if src.name else None
+    if src.params_path is not None:
+        meta.check_config(ModelConfig.from_json_file(src.params_path), f"--params-path {src.params_path}", str(path))
+    elif src.params_table is not None:
+        meta.check_config(params_table(src.params_table), f"--params-table {src.params_table}", str(path))
+    elif entry is not None:
+        meta.check_config(params_table(entry.params), f"model '{entry.name}'", str(path))
+    tokenizer_path = src.tokenizer_path
+    if tokenizer_path is None and entry is not None:
+        candidate = entry.local_dir(src.model_directory) / entry.tokenizer_file
+        tokenizer_path = candidate if candidate.is_file() else None
+    if tokenizer_path is None:
+        raise TokenizerError(f"{flag} needs the model's tokenizer: pass --tokenizer-path")
+    tokenizer = load_tokenizer(Path(tokenizer_path))
+    meta.check_tokenizer(tokenizer, str(path))
+    return BuiltModel(
+        runtime=runtime, tokenizer=tokenizer, config=runtime.config, entry=entry, model=None,
+        chat_template=meta.chat_template, is_chat=True if meta.chat_template else (entry.is_chat if entry else None),
+        name=meta.model_name, dtype=meta.torch_dtype,
+    )
+
+
 def build_model(spec: BuildSpec) -> BuiltModel:
     """Build the runtime and tokenizer a BuildSpec names."""
+    artifact = _exported_artifact(spec.source)
+    if artifact is not None:
+        return build_exported(spec, *artifact)
+    if spec.dtype is None:
+        raise UserInputError("a dtype is needed to build a model from a checkpoint")
     from torchchat.model.transformer import Transformer
     from torchchat.runtime.base import EagerRuntime
     from torchchat.tokenizer.load import check_vocab, load_tokenizer
@@ -251,5 +310,5 @@ def build_model(spec: BuildSpec) -> BuiltModel:
     name = entry.name if entry is not None else Path(checkpoint or src.params_table or "model").name
     return BuiltModel(
         runtime=EagerRuntime(model), tokenizer=tokenizer, config=config, entry=entry, model=model,
-        chat_template=chat_template, is_chat=is_chat, name=name, notes=notes,
+        chat_template=chat_template, is_chat=is_chat, name=name, notes=notes, dtype=spec.dtype,
     )

@@ -27,6 +27,10 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-directory", type=Path, default=None,
                    help="Where downloaded models live (default $TORCHCHAT_MODELDIR or ~/.torchchat/model-cache)")
     g.add_argument("--dummy-weights", action="store_true", help="Random weights of the params' shape (for benchmarks)")
+    e = p.add_argument_group("exported model (instead of a checkpoint; give --tokenizer-path too)")
+    e.add_argument("--aoti-package-path", type=Path, help="An AOT Inductor package (.pt2) written by `export`")
+    e.add_argument("--dso-path", type=Path, help="An AOT Inductor shared library (.so, with its .so.json) written by `export`")
+    e.add_argument("--pte-path", type=Path, help="An ExecuTorch program (.pte) written by `export`")
 
 
 def add_build(p: argparse.ArgumentParser) -> None:
@@ -110,6 +114,10 @@ def model_source(args: argparse.Namespace) -> ModelSource:
             raise UserInputError(f"{flag}: {path} does not exist")
     if args.dummy_weights and not (args.params_table or args.params_path or args.model):
         raise UserInputError("--dummy-weights needs --params-table, --params-path or a MODEL name for the shapes")
+    for flag, path in (("--aoti-package-path", args.aoti_package_path), ("--dso-path", args.dso_path),
+                       ("--pte-path", args.pte_path)):
+        if path is not None and not path.exists():
+            raise UserInputError(f"{flag}: {path} does not exist")
     return ModelSource(
         name=args.model,
         checkpoint_path=args.checkpoint_path,
@@ -119,14 +127,29 @@ def model_source(args: argparse.Namespace) -> ModelSource:
         tokenizer_path=args.tokenizer_path,
         model_directory=args.model_directory or default_model_directory(),
         dummy_weights=args.dummy_weights,
+        aoti_package_path=args.aoti_package_path,
+        dso_path=args.dso_path,
+        pte_path=args.pte_path,
     )
 
 
-def build_spec(args: argparse.Namespace, notes: list[str] | None = None) -> BuildSpec:
+def exported_flag(args: argparse.Namespace) -> str | None:
+    """The exported-model flag given (--aoti-package-path, --dso-path, --pte-path), if any."""
+    for flag in ("aoti_package_path", "dso_path", "pte_path"):
+        if getattr(args, flag, None) is not None:
+            return "--" + flag.replace("_", "-")
+    return None
+
+
+def build_spec(args: argparse.Namespace, notes: list[str] | None = None, default_dtype: str = "fast") -> BuildSpec:
     """BuildSpec from the shared groups. Override messages (quantize precision/executor vs
-    --dtype/--device) are appended to `notes` for the command to print."""
+    --dtype/--device) are appended to `notes` for the command to print. `default_dtype` applies
+    when neither --dtype nor the quantize recipe names one."""
     plan = None
     dtype_name, device_name = args.dtype, args.device
+    exported = exported_flag(args)
+    if exported and args.quantize:
+        raise UserInputError(f"{exported}: quantization is fixed when a model is exported; drop --quantize")
     if args.quantize:
         from torchchat.quantize import parse_quantize
 
@@ -135,7 +158,11 @@ def build_spec(args: argparse.Namespace, notes: list[str] | None = None) -> Buil
         if notes is not None:
             notes.extend(override_notes)
     device = resolve_device(device_name or "cpu")
-    dtype = resolve_dtype(dtype_name or "fast", device)
+    if exported:
+        # The artifact fixes its dtype; a --dtype given is only checked against it.
+        dtype = resolve_dtype(dtype_name, device) if dtype_name else None
+    else:
+        dtype = resolve_dtype(dtype_name or default_dtype, device)
     if args.max_seq_length is not None and args.max_seq_length <= 0:
         raise UserInputError("--max-seq-length must be positive")
     return BuildSpec(source=model_source(args), device=device, dtype=dtype, quant=plan, max_seq_len=args.max_seq_length)
@@ -187,4 +214,7 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
 
 
 def compile_options(args: argparse.Namespace) -> CompileOptions:
+    exported = exported_flag(args)
+    if exported and (args.compile or args.compile_prefill or args.max_autotune):
+        raise UserInputError(f"{exported}: an exported model is compiled already; drop --compile / --compile-prefill")
     return CompileOptions(decode=args.compile, prefill=args.compile_prefill, max_autotune=args.max_autotune)

@@ -126,7 +126,7 @@ def _generate(args: argparse.Namespace, spec, notes: list[str], seed: int | None
         if stats.draft_proposed:
             print(f"Acceptance rate: {stats.acceptance_rate:.1%} ({stats.draft_accepted} of {stats.draft_proposed} "
                   f"draft tokens, k={stats.speculate_k})", file=sys.stderr)
-    summary = Summary(reports, model_bytes, peak_memory_bytes(engine.device), str(engine.device), str(spec.dtype))
+    summary = Summary(reports, model_bytes, peak_memory_bytes(engine.device), str(engine.device), str(built.dtype))
     summary.print(sys.stderr)
     if writes and args.metrics_json is not None:
         summary.write_json(args.metrics_json)

@@ -1,0 +1,144 @@
+"""A built model -> exported artifacts (.pt2, .so, .pte), each with its metadata."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchchat.errors import UserInputError
+from torchchat.export.metadata import DTYPE_NAMES, ArtifactMetadata, TokenizerInfo
+from torchchat.export.progress import StepTimer
+
+
+# The KV cache is allocated inside the artifact: a Llama 3.1 context of 131072 positions would take
+# tens of GB, so without --max-seq-length the export stops here.
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
+@dataclass(frozen=True)
+class ExportTargets:
+    aoti_package_path: Path | None = None  # .pt2
+    dso_path: Path | None = None  # .so (+ .so.json)
+    pte_path: Path | None = None  # .pte
+    dynamic_shapes: bool = True  # False: S == 1 only (prompts fed one token at a time)
+    max_seq_len: int | None = None  # KV cache positions; None: the model's context, at most DEFAULT_MAX_SEQ_LEN
+
+    def paths(self) -> list[Path]:
+        return [p for p in (self.aoti_package_path, self.dso_path, self.pte_path) if p is not None]
+
+    def check(self) -> None:
+        """Names and folders, checked before minutes of compiling."""
+        if not self.paths():
+            raise UserInputError("nothing to export: give --output-aoti-package-path, --output-dso-path or --output-pte-path")
+        for flag, path, suffix in (("--output-aoti-package-path", self.aoti_package_path, ".pt2"),
+                                   ("--output-dso-path", self.dso_path, ".so"),
+                                   ("--output-pte-path", self.pte_path, ".pte")):
+            if path is None:
+                continue
+            if Path(path).suffix != suffix:
+                raise UserInputError(f"{flag} {path}: the file name must end in {suffix}")
+            if not Path(path).parent.is_dir():
+                raise UserInputError(f"{flag} {path}: the folder {Path(path).parent} does not exist")
+        if len(set(map(str, self.paths()))) != len(self.paths()):
+            raise UserInputError("the output paths must differ")
+
+
+def quantize_recipe(plan) -> tuple[dict[str, Any] | None, frozenset[str]]:
+    """(the normalised recipe for the metadata, its scheme keys such as "linear:int8") of a
+    torchchat.quantize.QuantPlan, or (None, empty) for no quantization."""
+    if plan is None or plan.is_empty:
+        return None, frozenset()
+    return plan.to_json(), frozenset(s.key for s in plan.schemes)
+
+
+def check_supported(backend: str, dtype: torch.dtype, device: str, schemes: frozenset[str]) -> None:
+    """The combinations docs/export.md lists as supported; anything else is refused up front rather
+    than failing minutes into a compile. `schemes`: the --quantize keys (e.g. {"linear:int8"})."""
+    if backend == "aoti":
+        if dtype == torch.float16 and device.startswith("cpu"):
+            raise UserInputError("AOT Inductor export on the CPU supports --dtype fp32 or bf16 (fp16 CPU kernels are slow)")
+        if "linear:a8w4dq" in schemes:
+            raise UserInputError(
+                "--quantize linear:a8w4dq is the ExecuTorch (--output-pte-path) recipe: under AOT Inductor it runs "
+                "a slow reference kernel; use linear:int8 or linear:int4"
+            )
+    if backend == "executorch":
+        if dtype != torch.float32:
+            raise UserInputError(
+                f"ExecuTorch export supports --dtype fp32 (got {DTYPE_NAMES.get(dtype, dtype)}); XNNPACK "
+                "delegates fp32 and int8/int4-quantized linears, not half-precision models"
+            )
+        if not device.startswith("cpu"):
+            raise UserInputError(f"ExecuTorch export runs on the CPU: use --device cpu (got {device})")
+        unsupported = schemes - {"linear:a8w4dq", "embedding"}
+        if unsupported:
+            raise UserInputError(
+                f"ExecuTorch export supports --quantize linear:a8w4dq and embedding, not {', '.join(sorted(unsupported))}; "
+                'the mobile recipe is {"embedding": {"bitwidth": 8, "groupsize": 0}, "linear:a8w4dq": {"groupsize": 256}}'
+            )
+
+
+def check_export(targets: ExportTargets, dtype: torch.dtype, device: str, schemes: frozenset[str]) -> None:
+    """Everything about an export that can be checked before building the model."""
+    targets.check()
+    if targets.aoti_package_path or targets.dso_path:
+        check_supported("aoti", dtype, device, schemes)
+    if targets.pte_path:
+        check_supported("executorch", dtype, device, schemes)
+
+
+def metadata_for(built, backend: str, max_seq_len: int, dynamic: bool, quantize: dict[str, Any] | None) -> ArtifactMetadata:
+    """The metadata of `built` (a BuiltModel with an eager model) exported for `backend`."""
+    from torchchat.generation.metrics import bytes_read_per_token
+
+    model = built.model
+    return ArtifactMetadata(
+        model_name=built.name,
+        config=built.config,
+        tokenizer=TokenizerInfo.of(built.tokenizer),
+        max_seq_len=max_seq_len,
+        dtype=DTYPE_NAMES[model.norm.weight.dtype],
+        backend=backend,
+        device=model.norm.weight.device.type,
+        dynamic_shapes=dynamic,
+        weight_bytes=bytes_read_per_token(model),
+        quantize=quantize,
+        chat_template=built.chat_template,
+    )
+
+
+def export_model(built, targets: ExportTargets, quantize: dict[str, Any] | None = None,
+                 schemes: frozenset[str] = frozenset(), timer: StepTimer | None = None) -> list[Path]:
+    """Export `built` (a BuiltModel from torchchat.build, with its eager model) to every path in
+    `targets`. Returns the paths written."""
+    from torchchat.export.program import export_forward
+
+    timer = timer or StepTimer()
+    if built.model is None:
+        raise UserInputError("export needs a model built from a checkpoint, not an exported artifact")
+    check_export(targets, built.model.norm.weight.dtype, str(built.model.norm.weight.device), schemes)
+    max_seq_len = min(targets.max_seq_len or DEFAULT_MAX_SEQ_LEN, built.config.max_seq_len)
+    with timer.step(f"Tracing with torch.export ({'dynamic' if targets.dynamic_shapes else 'one-token'} shapes, "
+                    f"{max_seq_len} positions)"):
+        ep = export_forward(built.model, max_seq_len, targets.dynamic_shapes)
+    written = []
+    if targets.aoti_package_path:
+        from torchchat.export.aoti import write_package
+
+        meta = metadata_for(built, "aoti", max_seq_len, targets.dynamic_shapes, quantize)
+        with timer.step(f"Compiling with AOT Inductor -> {targets.aoti_package_path}"):
+            written.append(write_package(ep, meta, targets.aoti_package_path))
+    if targets.dso_path:
+        from torchchat.export.aoti import write_shared_library
+
+        meta = metadata_for(built, "aoti", max_seq_len, targets.dynamic_shapes, quantize)
+        with timer.step(f"Compiling with AOT Inductor -> {targets.dso_path}"):
+            written.append(write_shared_library(ep, meta, targets.dso_path))
+    if targets.pte_path:
+        from torchchat.export.executorch import write_pte
+
+        meta = metadata_for(built, "executorch", max_seq_len, targets.dynamic_shapes, quantize)
+        written.append(write_pte(ep, meta, targets.pte_path, timer))
+    return written

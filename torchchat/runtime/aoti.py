@@ -1,0 +1,98 @@
+"""Running AOT Inductor artifacts: a .pt2 package (metadata inside) or a bare .so (metadata in the
+sidecar `X.so.json`, see torchchat/export/aoti.py)."""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from torchchat.errors import DeviceError, ExportError
+from torchchat.export.aoti import METADATA_KEY, sidecar_path
+from torchchat.export.metadata import ArtifactMetadata
+from torchchat.runtime.exported import ExportedRuntime, read_head
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_ELF_MAGIC = b"\x7fELF"
+
+
+def _check_device(meta: ArtifactMetadata, path: Path) -> None:
+    if meta.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"{path} was compiled for CUDA and this machine has none; re-export with --device cpu")
+
+
+class AOTIRuntime(ExportedRuntime):
+    """Loads and runs an AOT Inductor .pt2 package or .so library. The KV cache lives in the
+    compiled model's constant buffers and is updated in place by each call."""
+
+    backend = "aoti"
+
+    def __init__(self, path: Path, meta: ArtifactMetadata, run):
+        super().__init__(path, meta)
+        self._run = run  # (tokens, input_pos) -> logits
+
+    @classmethod
+    def load_package(cls, path: Path) -> "AOTIRuntime":
+        path = Path(path)
+        flag = "--aoti-package-path"
+        if read_head(path, 4, flag) != _ZIP_MAGIC:
+            raise ExportError(f"{flag}: {path} is not an AOT Inductor package (.pt2 is a zip archive); export one with "
+                              "`torchchat.py export MODEL --output-aoti-package-path X.pt2`")
+        try:
+            # Reads the archive's directory, at its end: a truncated file fails here, not deep in the loader.
+            with zipfile.ZipFile(path) as zf:
+                zf.infolist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ExportError(f"{flag}: {path} is damaged or truncated ({e}); export it again") from e
+        import torch._inductor
+
+        try:
+            compiled = torch._inductor.aoti_load_package(str(path))
+        except Exception as e:  # the loader raises RuntimeError, AssertionError, KeyError... for a bad archive
+            raise ExportError(f"{flag}: {path} could not be loaded as an AOT Inductor package ({e}); export it again") from e
+        text = compiled.get_metadata().get(METADATA_KEY)
+        if text is None:
+            raise ExportError(f"{flag}: {path} carries no torchchat metadata; export it with `torchchat.py export`")
+        meta = ArtifactMetadata.from_json(text, str(path))
+        _check_device(meta, path)
+        return cls(path, meta, compiled)
+
+    @classmethod
+    def load_shared_library(cls, path: Path) -> "AOTIRuntime":
+        path = Path(path)
+        flag = "--dso-path"
+        if read_head(path, 4, flag) != _ELF_MAGIC:
+            raise ExportError(f"{flag}: {path} is not a shared library; export one with "
+                              "`torchchat.py export MODEL --output-dso-path X.so`")
+        side = sidecar_path(path)
+        if not side.is_file():
+            raise ExportError(f"{flag}: {side} (the metadata written beside {path.name} at export) is missing; "
+                              "keep the two files together or export again")
+        try:
+            text = side.read_bytes()
+        except OSError as e:
+            raise ExportError(f"{flag}: cannot read {side} ({e})") from e
+        meta = ArtifactMetadata.from_json(text, str(side))
+        size = meta.extra.get("artifact_bytes")
+        if size is not None and size != path.stat().st_size:
+            raise ExportError(f"{flag}: {side} describes a different library than {path} (sizes differ); "
+                              "keep each .so with its own .so.json or export again")
+        _check_device(meta, path)
+        try:
+            if meta.device.startswith("cuda"):
+                runner = torch._C._aoti.AOTIModelContainerRunnerCuda(str(path), 1, meta.device)
+            else:
+                runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
+        except Exception as e:  # RuntimeError from dlopen or the model container
+            raise ExportError(f"{flag}: {path} could not be loaded ({str(e).splitlines()[0]}); export it again") from e
+
+        def run(tokens: Tensor, input_pos: Tensor) -> Tensor:
+            return runner.run([tokens, input_pos])[0]
+
+        return cls(path, meta, run)
+
+    def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        """tokens (1, S) int64, input_pos (S,) int64 -> logits (1, S, V) float32."""
+        self._check_inputs(tokens, input_pos)
+        return self._run(tokens, input_pos)
