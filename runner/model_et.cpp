@@ -5,8 +5,10 @@
 #include <executorch/runtime/core/exec_aten/exec_aten.h>
 #include <executorch/runtime/executor/method.h>
 #include <executorch/runtime/executor/program.h>
+#include <executorch/runtime/platform/platform.h>
 #include <executorch/runtime/platform/runtime.h>
 
+#include <cstdio>
 #include <filesystem>
 #include <optional>
 #include <vector>
@@ -25,6 +27,12 @@ using executorch::extension::MallocMemoryAllocator;
 using executorch::extension::MmapDataLoader;
 
 constexpr const char* kMetadataMethod = "torchchat_metadata";
+
+// The runtime logs CPU probing at Info level on every start; keep errors only, on stderr.
+void log_errors_only(et_timestamp_t, et_pal_log_level_t level, const char*, const char*, size_t, const char* message,
+                     size_t length) {
+  if (level == kError || level == kFatal) std::fprintf(stderr, "executorch: %.*s\n", static_cast<int>(length), message);
+}
 
 std::string error_name(et::Error e) { return "ExecuTorch error " + std::to_string(static_cast<int>(e)); }
 
@@ -79,6 +87,7 @@ std::string read_metadata(const et::Program& program, const std::string& path) {
 class EtModel : public Model {
  public:
   explicit EtModel(const std::string& path) {
+    et::register_pal(et::PalImpl::create(log_errors_only, __FILE__));
     et::runtime_init();
     auto loader = MmapDataLoader::from(path.c_str());
     if (!loader.ok()) throw UsageError("cannot open " + path + " (" + error_name(loader.error()) + ")");

@@ -1,6 +1,9 @@
 // aoti_run / et_run: generate text or chat with an exported model, in the style of llama2.c's run.c.
 // This file is the same for both runners; model.h's load_model() is whichever backend was linked in.
+#include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
@@ -26,7 +29,7 @@ struct RunOptions {
   std::string prompt;
   std::string system_prompt;
   std::string mode = "generate";
-  int64_t steps = 256;  // new tokens to generate; 0: until the context is full
+  int64_t steps = 200;  // new tokens to generate; 0: until the context is full
   SamplerConfig sampler;
   MetadataOverrides overrides;
 };
@@ -38,10 +41,10 @@ void print_usage(const char* prog) {
                "Options:\n"
                "  -z <path>   tokenizer file (its kind, sentencepiece or tiktoken, comes from the model)\n"
                "  -i <text>   prompt (generate) or first user message (chat); default empty\n"
-               "  -n <int>    number of tokens to generate, default 256; 0 = until the context is full\n"
-               "  -t <float>  temperature in [0, inf), default 1.0; 0 = greedy\n"
-               "  -p <float>  top-p (nucleus) in (0, 1], default 0.9; 1 = off\n"
-               "  -k <int>    top-k, default 0 = off\n"
+               "  -n <int>    number of tokens to generate, default 200; 0 = until the context is full\n"
+               "  -t <float>  temperature in [0, inf), default 0.8; 0 = greedy\n"
+               "  -k <int>    top-k, default 200; 0 = off\n"
+               "  -p <float>  top-p (nucleus) in (0, 1], default 1 = off\n"
                "  -s <int>    random seed, default the time\n"
                "  -m <mode>   generate | chat, default generate\n"
                "  -y <text>   system prompt (chat)\n"
@@ -163,19 +166,26 @@ struct Stats {
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
-// Samples up to `max_new` tokens (0: until the context is full) starting from `logits`, streaming each
-// and feeding it back, until a stop token (not printed, not fed) or a full context. Returns the count.
-int64_t generate_reply(Session& session, Sampler& sampler, std::span<const float> logits, int64_t max_new,
-                       const std::unordered_set<int64_t>& stop_ids, TextStream& out, double& decode_s) {
+// Samples up to `steps` tokens (0: as many as the context holds) starting from `logits`, streaming each
+// and feeding it back, until a stop token (not printed, not fed). Returns the count. As in the Python
+// engine, a reply gets at most the positions left after its prompt. When it ends at the limit rather
+// than at a stop token, its last token is printed but not yet fed: `*unfed` is set to it (else -1).
+int64_t generate_reply(Session& session, Sampler& sampler, std::span<const float> logits, int64_t steps,
+                       const std::unordered_set<int64_t>& stop_ids, TextStream& out, double& decode_s,
+                       int64_t* unfed) {
   const auto start = Clock::now();
+  const int64_t max_new = steps == 0 ? session.room() : std::min(steps, session.room());
   int64_t generated = 0;
-  while (max_new == 0 || generated < max_new) {
+  *unfed = -1;
+  while (generated < max_new) {
     const int64_t next = sampler.sample(logits);
     if (stop_ids.count(next)) break;
     out.put(next);
     ++generated;
-    // The last token needs no forward unless another will be sampled after it.
-    if ((max_new != 0 && generated == max_new) || session.room() == 0) break;
+    if (generated == max_new) {  // nothing is sampled after it, so it need not be fed yet
+      *unfed = next;
+      break;
+    }
     logits = session.feed({next});
   }
   decode_s += seconds_since(start);
@@ -220,6 +230,11 @@ void run_generate(const RunOptions& opt, Loaded& l) {
   std::vector<int64_t> prompt{l.bos_id};
   const auto body = l.tokenizer->encode(opt.prompt);
   prompt.insert(prompt.end(), body.begin(), body.end());
+  const int64_t max_seq_len = l.model->info().max_seq_len;
+  if (static_cast<int64_t>(prompt.size()) >= max_seq_len) {
+    throw UsageError("the prompt is " + std::to_string(prompt.size()) + " tokens but the model holds " +
+                     std::to_string(max_seq_len) + " positions, one of which the reply needs; shorten it");
+  }
 
   Stats stats;
   stats.prompt_tokens = static_cast<int64_t>(prompt.size());
@@ -228,7 +243,8 @@ void run_generate(const RunOptions& opt, Loaded& l) {
   stats.prefill_s = seconds_since(start);
   std::fwrite(opt.prompt.data(), 1, opt.prompt.size(), stdout);
   out.begin(body.empty());
-  stats.generated = generate_reply(session, sampler, logits, opt.steps, l.stop_ids, out, stats.decode_s);
+  int64_t unfed = -1;
+  stats.generated = generate_reply(session, sampler, logits, opt.steps, l.stop_ids, out, stats.decode_s, &unfed);
   std::fputc('\n', stdout);
   std::fflush(stdout);
   print_stats(stats);
@@ -241,13 +257,15 @@ void run_chat(const RunOptions& opt, Loaded& l) {
   TextStream out(*l.tokenizer);
   Stats stats;
   std::string user = opt.prompt;
+  int64_t unfed = -1;  // the last reply's final token, when the reply ended at -n rather than a stop token
   for (bool first = true;; first = false) {
     if (!first || user.empty()) {
       std::fputs("User: ", stdout);
       std::fflush(stdout);
       if (!std::getline(std::cin, user)) break;
     }
-    const auto ids = first ? format->first_turn(opt.system_prompt, user) : format->next_turn(user);
+    std::vector<int64_t> ids = first ? format->first_turn(opt.system_prompt, user) : format->next_turn(user);
+    if (unfed >= 0) ids.insert(ids.begin(), unfed);
     if (static_cast<int64_t>(ids.size()) >= session.room()) {
       std::fprintf(stderr, "The conversation has filled the model's %lld positions; start a new chat.\n",
                    static_cast<long long>(l.model->info().max_seq_len));
@@ -259,7 +277,7 @@ void run_chat(const RunOptions& opt, Loaded& l) {
     stats.prompt_tokens += static_cast<int64_t>(ids.size());
     std::fputs("Assistant: ", stdout);
     out.begin(true);
-    stats.generated += generate_reply(session, sampler, logits, opt.steps, l.stop_ids, out, stats.decode_s);
+    stats.generated += generate_reply(session, sampler, logits, opt.steps, l.stop_ids, out, stats.decode_s, &unfed);
     std::fputc('\n', stdout);
     std::fflush(stdout);
   }

@@ -11,9 +11,10 @@
 namespace torchchat {
 
 struct SamplerConfig {
-  float temperature = 1.0f;  // 0: greedy (argmax)
-  float top_p = 0.9f;  // in (0, 1]; 1 keeps every candidate
-  int top_k = 0;  // 0: no top-k cut
+  // Defaults as the Python CLI's.
+  float temperature = 0.8f;  // 0: greedy (argmax)
+  float top_p = 1.0f;  // in (0, 1]; 1 keeps every candidate
+  int top_k = 200;  // 0: no top-k cut
   uint64_t seed = 0;
 };
 

@@ -34,6 +34,9 @@ int main(int argc, char** argv) {
         std::cout << json(tok->decode(ids)).dump(-1, ' ', false, json::error_handler_t::replace) << '\n';
       }
     }
+  } catch (const torchchat::UsageError& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;
