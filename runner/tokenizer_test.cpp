@@ -3,30 +3,43 @@
 //                                                                     stdout: its ids, space-separated
 //   tokenizer_test <sentencepiece|tiktoken> <tokenizer file> decode   stdin: space-separated ids per line;
 //                                                                     stdout: the text as a JSON string
+//   tokenizer_test <sentencepiece|tiktoken> <tokenizer file> chat-<llama2|llama3>
+//       stdin: one JSON object per turn, {"system": ..., "user": ...} first, then {"user": ...};
+//       stdout: the ids the chat format gives each turn, space-separated
 #include <cstdio>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 
+#include "chat_format.h"
 #include "errors.h"
 #include "tokenizer.h"
 
 int main(int argc, char** argv) {
   using nlohmann::json;
-  if (argc != 4 || (std::string(argv[3]) != "encode" && std::string(argv[3]) != "decode")) {
-    std::fprintf(stderr, "usage: %s <sentencepiece|tiktoken> <tokenizer file> encode|decode < lines\n", argv[0]);
+  const std::string mode = argc == 4 ? argv[3] : "";
+  if (mode != "encode" && mode != "decode" && mode.rfind("chat-", 0) != 0) {
+    std::fprintf(stderr, "usage: %s <sentencepiece|tiktoken> <tokenizer file> encode|decode|chat-<format> < lines\n",
+                 argv[0]);
     return 2;
   }
+  auto print_ids = [](const std::vector<int64_t>& ids) {
+    for (size_t i = 0; i < ids.size(); ++i) std::cout << (i ? " " : "") << ids[i];
+    std::cout << '\n';
+  };
   try {
     auto tok = torchchat::load_tokenizer(argv[1], argv[2]);
-    const bool encode = std::string(argv[3]) == "encode";
+    std::unique_ptr<torchchat::ChatFormat> format;
+    if (mode.rfind("chat-", 0) == 0) format = torchchat::make_chat_format(mode.substr(5), *tok);
     std::string line;
-    while (std::getline(std::cin, line)) {
-      if (encode) {
-        const auto ids = tok->encode(json::parse(line).get<std::string>());
-        for (size_t i = 0; i < ids.size(); ++i) std::cout << (i ? " " : "") << ids[i];
-        std::cout << '\n';
+    for (bool first = true; std::getline(std::cin, line); first = false) {
+      if (mode == "encode") {
+        print_ids(tok->encode(json::parse(line).get<std::string>()));
+      } else if (format) {
+        const json turn = json::parse(line);
+        const std::string user = turn.at("user").get<std::string>();
+        print_ids(first ? format->first_turn(turn.value("system", ""), user) : format->next_turn(user));
       } else {
         std::vector<int64_t> ids;
         std::istringstream in(line);

@@ -85,3 +85,40 @@ def test_wrong_kind_of_tokenizer_file_is_one_clear_line(runner_bins, kind, tok_p
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and kind in lines[0], res.stderr
+
+
+def chat_turn_ids(bins, kind, tok_path, fmt, turns):
+    stdin = "".join(json.dumps(t) + "\n" for t in turns)
+    res = run_binary(bins / "tokenizer_test", kind, tok_path, f"chat-{fmt}", stdin=stdin)
+    assert res.returncode == 0, res.stderr
+    return [[int(t) for t in line.split()] for line in res.stdout.splitlines()]
+
+
+SYSTEM, USER1, REPLY, USER2 = "You answer briefly.", "What is a llama? ", "A camelid.", "  And an alpaca?"
+
+
+def test_llama3_chat_turns_match_the_python_prompt_format(runner_bins):
+    from torchchat.server.prompt import chat_prompt_ids
+    from torchchat.tokenizer.load import load_tokenizer
+
+    path = shared_path("tokenizers", "llama3", "tokenizer.model")
+    tok = load_tokenizer(path)
+    first, second = chat_turn_ids(runner_bins, "tiktoken", path, "llama3",
+                                  [{"system": SYSTEM, "user": USER1}, {"user": USER2}])
+    assert first == chat_prompt_ids(tok, "llama3", [("system", SYSTEM), ("user", USER1)])
+    # The reply's tokens sit between the turns in the KV cache; the next turn closes it with <|eot_id|>.
+    whole = chat_prompt_ids(tok, "llama3", [("system", SYSTEM), ("user", USER1), ("assistant", REPLY), ("user", USER2)])
+    assert first + tok.encode(REPLY) + second == whole
+
+
+def test_llama2_chat_turns_match_the_python_prompt_format(runner_bins):
+    from torchchat.server.prompt import chat_prompt_ids
+    from torchchat.tokenizer.load import load_tokenizer
+
+    path = shared_path("tokenizers", "llama2", "tokenizer.model")
+    tok = load_tokenizer(path)
+    first, second = chat_turn_ids(runner_bins, "sentencepiece", path, "llama2",
+                                  [{"system": SYSTEM, "user": USER1}, {"user": USER2}])
+    assert first == chat_prompt_ids(tok, "llama2", [("system", SYSTEM), ("user", USER1)])
+    # The next turn closes the reply with EOS, then opens its own BOS [INST] ... [/INST].
+    assert second == [tok.eos_id] + chat_prompt_ids(tok, "llama2", [("user", USER2)])
