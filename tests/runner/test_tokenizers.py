@@ -97,28 +97,33 @@ def chat_turn_ids(bins, kind, tok_path, fmt, turns):
 SYSTEM, USER1, REPLY, USER2 = "You answer briefly.", "What is a llama? ", "A camelid.", "  And an alpaca?"
 
 
-def test_llama3_chat_turns_match_the_python_prompt_format(runner_bins):
-    from torchchat.server.prompt import chat_prompt_ids
+def python_chat_ids(tok, fmt, messages):
+    """The Python chat command's prompt ids for (role, content) messages."""
+    from torchchat.generation.chat_format import Message, make_format
+
+    return make_format(fmt, tok).encode(tok, [Message(role, content) for role, content in messages])
+
+
+def test_llama3_chat_turns_match_the_python_chat_format(runner_bins):
     from torchchat.tokenizer.load import load_tokenizer
 
     path = shared_path("tokenizers", "llama3", "tokenizer.model")
     tok = load_tokenizer(path)
     first, second = chat_turn_ids(runner_bins, "tiktoken", path, "llama3",
                                   [{"system": SYSTEM, "user": USER1}, {"user": USER2}])
-    assert first == chat_prompt_ids(tok, "llama3", [("system", SYSTEM), ("user", USER1)])
+    assert first == python_chat_ids(tok, "llama3", [("system", SYSTEM), ("user", USER1)])
     # The reply's tokens sit between the turns in the KV cache; the next turn closes it with <|eot_id|>.
-    whole = chat_prompt_ids(tok, "llama3", [("system", SYSTEM), ("user", USER1), ("assistant", REPLY), ("user", USER2)])
+    whole = python_chat_ids(tok, "llama3", [("system", SYSTEM), ("user", USER1), ("assistant", REPLY), ("user", USER2)])
     assert first + tok.encode(REPLY) + second == whole
 
 
-def test_llama2_chat_turns_match_the_python_prompt_format(runner_bins):
-    from torchchat.server.prompt import chat_prompt_ids
+def test_llama2_chat_turns_match_the_python_chat_format(runner_bins):
     from torchchat.tokenizer.load import load_tokenizer
 
     path = shared_path("tokenizers", "llama2", "tokenizer.model")
     tok = load_tokenizer(path)
     first, second = chat_turn_ids(runner_bins, "sentencepiece", path, "llama2",
                                   [{"system": SYSTEM, "user": USER1}, {"user": USER2}])
-    assert first == chat_prompt_ids(tok, "llama2", [("system", SYSTEM), ("user", USER1)])
+    assert first == python_chat_ids(tok, "llama2", [("system", SYSTEM), ("user", USER1)])
     # The next turn closes the reply with EOS, then opens its own BOS [INST] ... [/INST].
-    assert second == [tok.eos_id] + chat_prompt_ids(tok, "llama2", [("user", USER2)])
+    assert second == [tok.eos_id] + python_chat_ids(tok, "llama2", [("user", USER2)])
