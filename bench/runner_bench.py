@@ -1,0 +1,117 @@
+"""Decode speed of the C++ runners (aoti_run on a .pt2, et_run on a .pte) against Python's engine (eager,
+and with the decode step compiled), on the stories15M shape with random weights.
+
+    ./install/build_runner.sh all
+    PYTHONPATH=. python3 bench/runner_bench.py [--runs 5] [--threads 1] [--tokens 200]
+
+Exports once into bench/out/stories15M/ (reused on later runs). Each round runs every contender once, so
+they share the machine's state; the figure is the median over rounds of decode tok/s (tokens after the
+first / time after the first), greedy from "Once upon a time".
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out" / "stories15M"
+TOKENIZER = Path(os.environ.get("TORCHCHAT_SHARED", ROOT.parent / "shared")) / "tokenizers" / "llama2" / "tokenizer.model"
+PROMPT = "Once upon a time"
+DECODE = re.compile(r"generated tokens: (\d+), prefill: [\d.]+ ms, decode: ([\d.]+) tok/s")
+
+
+def artifacts_module():
+    """tests/runner/runner_artifacts.py, which writes artifacts to docs/export-metadata.md's contract."""
+    spec = importlib.util.spec_from_file_location("runner_artifacts", ROOT / "tests" / "runner" / "runner_artifacts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def export_if_missing(threads: int) -> None:
+    missing = [k for k in ("pt2", "pte") if not (OUT / f"model.{k}").exists()]
+    if missing:
+        print(f"exporting stories15M as {', '.join(missing)} into {OUT} (minutes) ...", file=sys.stderr)
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
+        subprocess.run([sys.executable, str(ROOT / "tests" / "runner" / "runner_artifacts.py"), "--params-table",
+                        "stories15M", "--out", str(OUT), "--kinds", ",".join(missing)], check=True, env=env)
+
+
+def run_native(binary: str, model: Path, tokens: int, threads: int) -> float:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run([str(ROOT / "cmake-out" / binary), str(model), "-z", str(TOKENIZER), "-i", PROMPT,
+                           "-n", str(tokens), "-t", "0"], capture_output=True, text=True, env=env, check=True)
+    m = DECODE.search(proc.stderr)
+    if int(m.group(1)) != tokens:
+        print(f"note: {binary} stopped after {m.group(1)} tokens", file=sys.stderr)
+    return float(m.group(2))
+
+
+def python_contenders(tokens: int):
+    """name -> callable giving decode tok/s of one greedy generation in this process."""
+    import sentencepiece
+    import torch
+
+    from torchchat.generation.engine import Engine, GenerationConfig
+    from torchchat.generation.sampling import SamplingParams
+    from torchchat.generation.steps import CompileOptions, Steps
+    from torchchat.model.registry import params_table
+    from torchchat.runtime.base import EagerRuntime
+
+    ra = artifacts_module()
+    runtime = EagerRuntime(ra.random_model(params_table("stories15M")))  # the weights the exports hold
+    ids = [1] + sentencepiece.SentencePieceProcessor(model_file=str(TOKENIZER)).encode(PROMPT)
+    cfg = GenerationConfig(max_new_tokens=tokens, sampling=SamplingParams(temperature=0.0), stop_ids=frozenset())
+
+    def make(options):
+        engine = Engine(runtime, None, Steps(runtime.forward, runtime.device, options), runtime.max_seq_len)
+
+        def once() -> float:
+            with torch.no_grad():
+                for _ in engine.tokens(ids, cfg):
+                    pass
+            return engine.last_stats.next_tokens_per_s
+
+        return once
+
+    return {"python eager": make(CompileOptions()), "python --compile": make(CompileOptions(decode=True))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--tokens", type=int, default=200)
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    export_if_missing(args.threads)
+    contenders = {
+        "aoti_run .pt2": lambda: run_native("aoti_run", OUT / "model.pt2", args.tokens, args.threads),
+        "et_run .pte": lambda: run_native("et_run", OUT / "model.pte", args.tokens, args.threads),
+        **python_contenders(args.tokens),
+    }
+    for fn in contenders.values():  # warm-up: compile, page in the libraries and weights
+        fn()
+    results = {name: [] for name in contenders}
+    for _ in range(args.runs):
+        for name, fn in contenders.items():
+            results[name].append(fn())
+    base = statistics.median(results["python eager"])
+    print(f"stories15M shape, fp32, {args.tokens} tokens greedy, {args.threads} thread(s), median of {args.runs}")
+    print(f"{'contender':<18} {'decode tok/s':>12} {'vs python eager':>16}   all runs")
+    for name, values in results.items():
+        med = statistics.median(values)
+        print(f"{name:<18} {med:>12.1f} {med / base:>15.2f}x   {' '.join(f'{v:.0f}' for v in values)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+#include "artifact_info.h"
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "errors.h"
+
+namespace torchchat {
+namespace {
+
+using nlohmann::json;
+
+constexpr int kFormatVersion = 1;
+
+template <typename T>
+T get_or(const json& obj, const char* key, T fallback) {
+  auto it = obj.find(key);
+  if (it == obj.end() || it->is_null()) return fallback;
+  return it->get<T>();
+}
+
+}  // namespace
+
+ArtifactInfo parse_artifact_info(const std::string& json_text, const std::string& source) {
+  json doc;
+  try {
+    doc = json::parse(json_text);
+  } catch (const json::parse_error& e) {
+    throw RunnerError(source + ": metadata is not valid JSON (" + e.what() +
+                      "); re-export the model with this version of torchchat");
+  }
+  if (!doc.is_object()) throw RunnerError(source + ": metadata must be a JSON object; re-export the model");
+  ArtifactInfo info;
+  try {
+    int version = get_or<int>(doc, "format_version", 0);
+    if (version != kFormatVersion) {
+      throw RunnerError(source + ": metadata format_version " + std::to_string(version) + ", this runner reads " +
+                        std::to_string(kFormatVersion) + "; rebuild the runner or re-export the model");
+    }
+    info.model_name = get_or<std::string>(doc, "model_name", "");
+    info.max_seq_len = get_or<int64_t>(doc, "max_seq_len", 0);
+    info.dynamic_shapes = get_or<bool>(doc, "dynamic_shapes", false);
+    info.chat_template = get_or<std::string>(doc, "chat_template", "");
+    if (auto cfg = doc.find("config"); cfg != doc.end() && cfg->is_object()) {
+      info.vocab_size = get_or<int64_t>(*cfg, "vocab_size", 0);
+      if (info.max_seq_len == 0) info.max_seq_len = get_or<int64_t>(*cfg, "max_seq_len", 0);
+    }
+    auto tok = doc.find("tokenizer");
+    if (tok == doc.end() || !tok->is_object()) {
+      throw RunnerError(source + ": metadata has no \"tokenizer\" object; re-export the model");
+    }
+    info.tokenizer.kind = get_or<std::string>(*tok, "kind", "");
+    info.tokenizer.bos_id = get_or<int64_t>(*tok, "bos_id", -1);
+    info.tokenizer.eos_id = get_or<int64_t>(*tok, "eos_id", -1);
+    info.tokenizer.stop_ids = get_or<std::vector<int64_t>>(*tok, "stop_ids", {});
+  } catch (const json::exception& e) {
+    throw RunnerError(source + ": metadata has a field of the wrong type (" + e.what() + "); re-export the model");
+  }
+  if (info.max_seq_len <= 0) throw RunnerError(source + ": metadata has no positive max_seq_len; re-export the model");
+  return info;
+}
+
+ArtifactInfo read_artifact_info_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw UsageError("cannot open metadata file " + path + "; check the path given with -j");
+  std::stringstream text;
+  text << in.rdbuf();
+  return parse_artifact_info(text.str(), path);
+}
+
+ArtifactInfo artifact_info_from_outside(const std::string& artifact, const std::string& sidecar_path,
+                                        const MetadataOverrides& overrides) {
+  if (!overrides.metadata_path.empty()) return read_artifact_info_file(overrides.metadata_path);
+  if (std::ifstream(sidecar_path).good()) return read_artifact_info_file(sidecar_path);
+  if (overrides.tokenizer_kind.empty() || overrides.max_seq_len <= 0) {
+    throw UsageError(artifact + " carries no metadata and " + sidecar_path +
+                     " is missing; pass -j METADATA.json, or -l sentencepiece|tiktoken and -c MAX_SEQ_LEN "
+                     "(the max_seq_len it was exported with)");
+  }
+  if (overrides.tokenizer_kind != "sentencepiece" && overrides.tokenizer_kind != "tiktoken") {
+    throw UsageError("-l " + overrides.tokenizer_kind + ": the tokenizer kind is sentencepiece or tiktoken");
+  }
+  ArtifactInfo info;
+  info.model_name = artifact;
+  info.max_seq_len = overrides.max_seq_len;
+  info.tokenizer.kind = overrides.tokenizer_kind;
+  info.chat_template = overrides.tokenizer_kind == "tiktoken" ? "llama3" : "llama2";
+  return info;
+}
+
+}  // namespace torchchat

@@ -1,0 +1,95 @@
+// AOT Inductor artifacts: a .pt2 package (AOTIModelPackageLoader; its metadata under key "torchchat")
+// or a bare .so (AOTIModelContainerRunnerCpu; metadata from the .so.json sidecar or the command line).
+#include <ATen/ATen.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <torch/csrc/inductor/aoti_runner/model_container_runner_cpu.h>
+
+#include <filesystem>
+#include <functional>
+
+#include "errors.h"
+#include "model.h"
+
+namespace torchchat {
+namespace {
+
+constexpr const char* kMetadataKey = "torchchat";
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+class AotiModel : public Model {
+ public:
+  using RunFn = std::function<std::vector<at::Tensor>(std::vector<at::Tensor>&)>;
+
+  AotiModel(ArtifactInfo info, RunFn run) : run_(std::move(run)) { info_ = std::move(info); }
+
+  std::span<const float> forward(const int64_t* tokens, int64_t n, int64_t start_pos) override {
+    auto opts = at::TensorOptions().dtype(at::kLong);
+    // from_blob does not copy; the inputs only need to live through run().
+    std::vector<at::Tensor> inputs{
+        at::from_blob(const_cast<int64_t*>(tokens), {1, n}, opts),
+        at::arange(start_pos, start_pos + n, opts),
+    };
+    std::vector<at::Tensor> outputs;
+    try {
+      outputs = run_(inputs);
+    } catch (const c10::Error& e) {
+      throw RunnerError(info_.model_name + ": forward failed at position " + std::to_string(start_pos) + ": " +
+                        e.what_without_backtrace());
+    }
+    if (outputs.size() != 1 || outputs[0].dim() != 3 || outputs[0].scalar_type() != at::kFloat) {
+      throw RunnerError(info_.model_name + ": forward did not return float32 logits (1, S, vocab); re-export it");
+    }
+    last_ = outputs[0].select(1, n - 1).contiguous();  // (1, vocab)
+    return {last_.data_ptr<float>(), static_cast<size_t>(last_.numel())};
+  }
+
+ private:
+  RunFn run_;
+  at::Tensor last_;
+};
+
+std::unique_ptr<Model> load_package(const std::string& path) {
+  auto loader = std::make_shared<torch::inductor::AOTIModelPackageLoader>(path);
+  auto metadata = loader->get_metadata();
+  auto it = metadata.find(kMetadataKey);
+  if (it == metadata.end()) {
+    throw UsageError(path + " has no \"" + kMetadataKey +
+                     "\" metadata: it was not exported by torchchat; export it with `torchchat.py export "
+                     "--output-aoti-package-path`");
+  }
+  ArtifactInfo info = parse_artifact_info(it->second, path);
+  if (info.model_name.empty()) info.model_name = path;
+  return std::make_unique<AotiModel>(std::move(info),
+                                     [loader](std::vector<at::Tensor>& in) { return loader->run(in); });
+}
+
+std::unique_ptr<Model> load_shared_library(const std::string& path, const MetadataOverrides& overrides) {
+  ArtifactInfo info = artifact_info_from_outside(path, path + ".json", overrides);
+  auto runner = std::make_shared<torch::inductor::AOTIModelContainerRunnerCpu>(path);
+  return std::make_unique<AotiModel>(std::move(info),
+                                     [runner](std::vector<at::Tensor>& in) { return runner->run(in); });
+}
+
+}  // namespace
+
+std::unique_ptr<Model> load_model(const std::string& path, const MetadataOverrides& overrides) {
+  if (!std::filesystem::is_regular_file(path)) {
+    throw UsageError("model file " + path + " not found; pass the .pt2 or .so that export wrote");
+  }
+  try {
+    if (ends_with(path, ".pt2")) return load_package(path);
+    if (ends_with(path, ".so")) return load_shared_library(path, overrides);
+  } catch (const c10::Error& e) {
+    throw RunnerError("cannot load " + path + ": " + e.what_without_backtrace() +
+                      "; re-export it with the torch version this runner was built against");
+  }
+  throw UsageError(path + ": aoti_run reads AOT Inductor .pt2 packages and .so libraries; use et_run for .pte");
+}
+
+const char* backend_name() { return "aoti"; }
+const char* backend_artifacts() { return ".pt2 or .so"; }
+
+}  // namespace torchchat

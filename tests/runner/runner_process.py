@@ -1,0 +1,26 @@
+"""Running the C++ runner binaries from tests."""
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILD_DIR = ROOT / "cmake-out"
+
+
+@dataclass
+class RunResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_binary(binary: Path, *args: str | Path, stdin: str | None = None, timeout: float = 120) -> RunResult:
+    """Runs `binary` on one thread in an environment without Python variables (runners need none)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([str(binary), *map(str, args)], input=None if stdin is None else stdin.encode(),
+                          capture_output=True, env=env, timeout=timeout)
+    return RunResult(proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace"))
