@@ -120,7 +120,14 @@ def test_validate_names_the_layers_a_groupsize_skips(stories260k_config):
         "layers.0.feed_forward.w2, layers.1.feed_forward.w2, layers.2.feed_forward.w2, layers.3.feed_forward.w2 "
         "and 1 more"
     ]
-    assert parse_quantize('{"linear:int8": {"groupsize": 0}}').validate(stories260k_config, "cpu", torch.float32) == []
+    assert parse_quantize('{"linear:int8": {"groupsize": 0}}').validate(stories260k_config, "cpu", torch.bfloat16) == []
+
+
+def test_validate_warns_where_int8_is_slower_than_no_quantization(stories260k_config):
+    notes = parse_quantize('{"linear:int8": {}}').validate(stories260k_config, "cpu", torch.float32)
+    assert notes == ["linear:int8 on an fp32 CPU model runs slower than no quantization (torchao 0.18); "
+                     "it pays off with --dtype bf16"]
+    assert parse_quantize('{"linear:int8": {"bitwidth": 4}}').validate(stories260k_config, "cpu", torch.float32) == []
 
 
 def test_validate_rejects_a_groupsize_that_fits_no_layer(stories260k_config):
@@ -144,8 +151,10 @@ def test_validate_rejects_schemes_the_device_cannot_run(stories260k_config):
     cfg = params_table("stories15M")
     with pytest.raises(QuantizationError, match="'linear:int8' cannot run on mps; it runs on: cpu, cuda"):
         parse_quantize('{"linear:int8": {}}').validate(cfg, "mps", torch.float16)
-    with pytest.raises(QuantizationError, match="'linear:int4' on cuda needs a bf16 model"):
+    with pytest.raises(QuantizationError, match="'linear:int4' needs a bf16 model .*got fp16; use --dtype bf16"):
         parse_quantize("cuda.json").validate(cfg, "cuda:0", torch.float16)
+    with pytest.raises(QuantizationError, match="'linear:int4' needs a bf16 model .*got fp32; use --dtype bf16"):
+        parse_quantize("desktop.json").validate(cfg, "cpu", torch.float32)
     # precision/executor alone run anywhere
     assert parse_quantize('{"precision": {"dtype": "fp16"}}').validate(cfg, "mps", torch.float16) == []
 
@@ -155,7 +164,7 @@ def test_validate_matches_the_real_module_tree():
     from torchchat.model.transformer import Transformer
 
     cfg = ModelConfig.from_params(dict(dim=64, hidden_dim=96, n_layers=2, n_heads=4, vocab_size=256))
-    notes = parse_quantize('{"linear:int8": {"groupsize": 64}}').validate(cfg, "cpu", torch.float32)
+    notes = parse_quantize('{"linear:int8": {"groupsize": 64}}').validate(cfg, "cpu", torch.bfloat16)
     skipped = [name for name, m in Transformer(cfg).named_modules() if isinstance(m, torch.nn.Linear) and m.in_features == 96]
     assert skipped == ["layers.0.feed_forward.w2", "layers.1.feed_forward.w2"]
     assert notes == [f"linear:int8: 2 layer(s) left unquantized, row length 96 is not a multiple of groupsize 64: "

@@ -290,8 +290,15 @@ def check_plan(plan: QuantPlan, model: nn.Module, device: str, dtype: torch.dtyp
                     f"{where} groupsize {scheme.groupsize} has no CPU kernel in torchao; "
                     f"on cpu valid groupsizes are {_join(INT4_CPU_GROUPSIZES)} (or use a recipe for cuda)"
                 )
-            if device_type == "cuda" and dtype != torch.bfloat16:
-                raise QuantizationError(f"{where} on cuda needs a bf16 model (torchao's tinygemm kernel); use --dtype bf16")
+            if dtype != torch.bfloat16:
+                # On cuda the tinygemm kernel takes bf16 only; on cpu other dtypes run, but several times
+                # slower than the unquantized model (measured: docs/quantization.md).
+                raise QuantizationError(
+                    f"{where} needs a bf16 model (torchao's int4 kernels), got {_dtype_name(dtype)}; use --dtype bf16"
+                )
+        if scheme.key == "linear:int8" and scheme.bitwidth == 8 and device_type == "cpu" and dtype == torch.float32:
+            notes.append("linear:int8 on an fp32 CPU model runs slower than no quantization (torchao 0.18); "
+                         "it pays off with --dtype bf16")
         chosen, skipped = _targets(model, scheme, device_type)
         if not chosen:
             fits = [
@@ -306,6 +313,10 @@ def check_plan(plan: QuantPlan, model: nn.Module, device: str, dtype: torch.dtyp
         for reason, names in skipped.items():
             notes.append(f"{scheme.key}: {len(names)} layer(s) left unquantized, {reason}: {_abbreviate(names)}")
     return notes
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 
 
 def _abbreviate(names: Iterator[str], limit: int = 4) -> str:

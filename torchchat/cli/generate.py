@@ -38,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     for note in notes:
         print(note, file=sys.stderr)
     built = build_model(spec)
+    for note in built.notes:
+        print(note, file=sys.stderr)
     tok = built.tokenizer
     prompt_ids = tok.encode(args.prompt, bos=tok.bos_id is not None)
     need = len(prompt_ids) + cfg.max_new_tokens
