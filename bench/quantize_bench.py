@@ -69,7 +69,8 @@ def main() -> None:
         sizes[name] = (weight_nbytes(built.model), bytes_read_per_token(built.model))
         prompt = built.tokenizer.encode("Once upon a time", bos=True)
         for mode in a.modes:
-            engine = make_engine(built, CompileOptions(decode=mode == "compile"), max_seq_len=len(prompt) + a.tokens + 1)
+            options = CompileOptions(decode=mode == "compile")
+            engine = make_engine(built, options, max_seq_len=len(prompt) + a.tokens + 1)
             list(engine.tokens(prompt, GenerationConfig(max_new_tokens=4, sampling=cfg.sampling)))  # warm-up / compile
             runs[name, mode] = (engine, prompt)
         print(f"built {name} in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -84,7 +85,8 @@ def main() -> None:
 
     print(f"\n{a.shape}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{a.samples} samples x {a.tokens} tokens, greedy, median next-token rate")
-    print(f"{'config':<16} {'mode':<8} {'weights MB':>10} {'MB/token':>9} {'tok/s':>7} {'min':>7} {'max':>7} {'vs fp32':>8}")
+    print(f"{'config':<16} {'mode':<8} {'weights MB':>10} {'MB/token':>9} {'tok/s':>7} {'min':>7} {'max':>7} "
+          f"{'vs fp32':>8}")
     for (name, mode), values in rates.items():
         median = statistics.median(values)
         base = rates.get(("none-fp32", mode))

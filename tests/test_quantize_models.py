@@ -44,7 +44,8 @@ class Reference:
 
 
 def _build_260k(stories260k_dir, dtype: torch.dtype, recipe: str | None = None):
-    src = ModelSource(checkpoint_path=stories260k_dir / "stories260K.bin", tokenizer_path=stories260k_dir / "tok512.model")
+    src = ModelSource(checkpoint_path=stories260k_dir / "stories260K.bin",
+                      tokenizer_path=stories260k_dir / "tok512.model")
     built = build_model(BuildSpec(source=src, dtype=dtype, quant=parse_quantize(recipe) if recipe else None))
     built.model.setup_caches(1, 256)
     return built
@@ -128,7 +129,8 @@ def test_a8w4dq_is_int4_symmetric_groupwise_weights_with_dynamic_activations(sto
 def test_tied_output_and_embedding_are_quantized_each_their_own_way(stories260k_dir):
     plain = _build_260k(stories260k_dir, torch.bfloat16).model
     assert plain.output.weight is plain.tok_embeddings.weight
-    model = _build_260k(stories260k_dir, torch.bfloat16, '{"embedding": {"bitwidth": 8}, "linear:int4": {"groupsize": 64}}').model
+    recipe = '{"embedding": {"bitwidth": 8}, "linear:int4": {"groupsize": 64}}'
+    model = _build_260k(stories260k_dir, torch.bfloat16, recipe).model
     assert type(model.output.weight).__name__ == "Int4OpaqueTensor"
     assert type(model.tok_embeddings.weight).__name__ == "IntxUnpackedToInt8Tensor"
     assert weight_nbytes(model) < weight_nbytes(plain)
@@ -172,7 +174,8 @@ CASES_15M = {
     "int8-4bit-g32": ('{"linear:int8": {"bitwidth": 4, "groupsize": 32}}', torch.float32,
                       "IntxUnpackedToInt8Tensor", "Parameter", 0.75, 0.4),
     "int4": ('{"linear:int4": {"groupsize": 32}}', torch.bfloat16, "Int4OpaqueTensor", "Parameter", 0.45, 0.4),
-    "a8w4dq": ('{"linear:a8w4dq": {"groupsize": 32}}', torch.float32, "IntxUnpackedToInt8Tensor", "Parameter", 0.75, 0.4),
+    "a8w4dq": ('{"linear:a8w4dq": {"groupsize": 32}}', torch.float32,
+               "IntxUnpackedToInt8Tensor", "Parameter", 0.75, 0.4),
     "embedding4": ('{"embedding": {"bitwidth": 4, "groupsize": 32}}', torch.float32, "Parameter",
                    "IntxUnpackedToInt8Tensor", 0.75, 0.4),
     "embedding8+int4": ('{"embedding": {"bitwidth": 8}, "linear:int4": {"groupsize": 32}}', torch.bfloat16,
