@@ -71,9 +71,11 @@ def test_defaults_are_filled_in_and_the_plan_round_trips():
                                 "linear:a8w4dq, precision, executor"),
         ('{"linear:int8": {"bitwidth": 3}}', "'linear:int8' bitwidth 3 is not valid; valid: 8, 4"),
         ('{"embedding": {"bitwidth": 2}}', "'embedding' bitwidth 2 is not valid; valid: 8, 4"),
-        ('{"linear:int8": {"groupsize": 48}}', "groupsize 48 is not valid; valid: 0, 32, 64, 128, 256 (0 = per channel)"),
+        ('{"linear:int8": {"groupsize": 48}}',
+         "groupsize 48 is not valid; valid: 0, 32, 64, 128, 256 (0 = per channel)"),
         ('{"linear:int4": {"groupsize": 0}}', "'linear:int4' groupsize 0 is not valid; valid: 32, 64, 128, 256"),
-        ('{"linear:a8w4dq": {"groupsize": 512}}', "'linear:a8w4dq' groupsize 512 is not valid; valid: 32, 64, 128, 256"),
+        ('{"linear:a8w4dq": {"groupsize": 512}}',
+         "'linear:a8w4dq' groupsize 512 is not valid; valid: 32, 64, 128, 256"),
         ('{"embedding": {"groupsize": true}}', "groupsize true is not valid"),
         ('{"linear:int8": {"groupsize": "32"}}', 'groupsize "32" is not valid'),
         ('{"linear:int4": {"bitwidth": 4}}', "'linear:int4' has no option 'bitwidth'; valid options: groupsize"),
@@ -81,7 +83,8 @@ def test_defaults_are_filled_in_and_the_plan_round_trips():
         ('{"linear:int8": {}, "linear:int4": {}}', "'linear:int8' and 'linear:int4' both quantize the linear layers"),
         ('{"precision": {"dtype": "int8"}}', "precision dtype 'int8' is not valid; valid: fp32, float32, float, fp16"),
         ('{"precision": "bf16"}', 'takes exactly {"dtype": ...}'),
-        ('{"executor": {"accelerator": "tpu"}}', "executor accelerator 'tpu' is not valid; valid: cpu, cuda, cuda:N, mps"),
+        ('{"executor": {"accelerator": "tpu"}}',
+         "executor accelerator 'tpu' is not valid; valid: cpu, cuda, cuda:N, mps"),
         ('{"executor": {"accelerator": "cuda", "threads": 4}}', 'takes exactly {"accelerator": ...}'),
         ('{"linear:int8": {"groupsize": 32}', "not valid JSON"),
         ("[1, 2]", "a recipe is a JSON object, got list"),
@@ -120,19 +123,28 @@ def test_validate_names_the_layers_a_groupsize_skips(stories260k_config):
         "layers.0.feed_forward.w2, layers.1.feed_forward.w2, layers.2.feed_forward.w2, layers.3.feed_forward.w2 "
         "and 1 more"
     ]
-    assert parse_quantize('{"linear:int8": {"groupsize": 0}}').validate(stories260k_config, "cpu", torch.float32) == []
+    assert parse_quantize('{"linear:int8": {"groupsize": 0}}').validate(stories260k_config, "cpu", torch.bfloat16) == []
+
+
+def test_validate_warns_where_int8_is_slower_than_no_quantization(stories260k_config):
+    notes = parse_quantize('{"linear:int8": {}}').validate(stories260k_config, "cpu", torch.float32)
+    assert notes == ["linear:int8 on an fp32 CPU model runs slower than no quantization (torchao 0.18); "
+                     "it pays off with --dtype bf16"]
+    assert parse_quantize('{"linear:int8": {"bitwidth": 4}}').validate(stories260k_config, "cpu", torch.float32) == []
 
 
 def test_validate_rejects_a_groupsize_that_fits_no_layer(stories260k_config):
     with pytest.raises(QuantizationError, match=r"groupsize 128 fits no layer of this model \(row length 64 is not "
                        r"a multiple of groupsize 128; row length 172 .*groupsizes that fit: 0, 32, 64$"):
         parse_quantize('{"linear:int8": {"groupsize": 128}}').validate(stories260k_config, "cpu", torch.float32)
-    with pytest.raises(QuantizationError, match="'embedding' groupsize 256 fits no layer.*groupsizes that fit: 0, 32, 64$"):
+    with pytest.raises(QuantizationError,
+                       match="'embedding' groupsize 256 fits no layer.*groupsizes that fit: 0, 32, 64$"):
         parse_quantize('{"embedding": {"groupsize": 256}}').validate(stories260k_config, "cpu", torch.float32)
 
 
 def test_validate_int4_cpu_packing_limits(stories260k_config):
-    with pytest.raises(QuantizationError, match="groupsize 256 has no CPU kernel in torchao; on cpu valid groupsizes are 32, 64, 128"):
+    with pytest.raises(QuantizationError,
+                       match="groupsize 256 has no CPU kernel in torchao; on cpu valid groupsizes are 32, 64, 128"):
         parse_quantize("cuda.json").validate(params_table("stories110M"), "cpu", torch.bfloat16)
     # torchao's CPU int4 packing also needs out_features % 16 == 0: stories260K's w1/w3 (172 outputs) stay float.
     notes = parse_quantize('{"linear:int4": {"groupsize": 32}}').validate(stories260k_config, "cpu", torch.bfloat16)
@@ -144,8 +156,10 @@ def test_validate_rejects_schemes_the_device_cannot_run(stories260k_config):
     cfg = params_table("stories15M")
     with pytest.raises(QuantizationError, match="'linear:int8' cannot run on mps; it runs on: cpu, cuda"):
         parse_quantize('{"linear:int8": {}}').validate(cfg, "mps", torch.float16)
-    with pytest.raises(QuantizationError, match="'linear:int4' on cuda needs a bf16 model"):
+    with pytest.raises(QuantizationError, match="'linear:int4' needs a bf16 model .*got fp16; use --dtype bf16"):
         parse_quantize("cuda.json").validate(cfg, "cuda:0", torch.float16)
+    with pytest.raises(QuantizationError, match="'linear:int4' needs a bf16 model .*got fp32; use --dtype bf16"):
+        parse_quantize("desktop.json").validate(cfg, "cpu", torch.float32)
     # precision/executor alone run anywhere
     assert parse_quantize('{"precision": {"dtype": "fp16"}}').validate(cfg, "mps", torch.float16) == []
 
@@ -155,8 +169,9 @@ def test_validate_matches_the_real_module_tree():
     from torchchat.model.transformer import Transformer
 
     cfg = ModelConfig.from_params(dict(dim=64, hidden_dim=96, n_layers=2, n_heads=4, vocab_size=256))
-    notes = parse_quantize('{"linear:int8": {"groupsize": 64}}').validate(cfg, "cpu", torch.float32)
-    skipped = [name for name, m in Transformer(cfg).named_modules() if isinstance(m, torch.nn.Linear) and m.in_features == 96]
+    notes = parse_quantize('{"linear:int8": {"groupsize": 64}}').validate(cfg, "cpu", torch.bfloat16)
+    modules = Transformer(cfg).named_modules()
+    skipped = [name for name, m in modules if isinstance(m, torch.nn.Linear) and m.in_features == 96]
     assert skipped == ["layers.0.feed_forward.w2", "layers.1.feed_forward.w2"]
     assert notes == [f"linear:int8: 2 layer(s) left unquantized, row length 96 is not a multiple of groupsize 64: "
                      f"{', '.join(skipped)}"]

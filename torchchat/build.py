@@ -271,6 +271,9 @@ def build_model(spec: BuildSpec) -> BuiltModel:
         )
     if spec.max_seq_len is not None:
         config = config.with_max_seq_len(min(spec.max_seq_len, config.max_seq_len))
+    if spec.quant is not None:
+        # Shapes and device checked before any weight is read (the checkpoint is only mapped so far).
+        notes.extend(spec.quant.validate(config, device, spec.dtype))
 
     with torch.device("meta"):
         model = Transformer(config)

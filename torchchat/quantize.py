@@ -20,12 +20,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
 
 from torchchat.errors import MissingDependencyError, QuantizationError
+
+if TYPE_CHECKING:
+    from torchchat.model.config import ModelConfig
 
 RECIPE_DIR = Path(__file__).resolve().parent / "quant_config"
 
@@ -47,7 +50,7 @@ class SchemeSpec:
     targets: type[nn.Module]  # the module type whose `weight` it quantizes
     valid: Mapping[str, tuple[int, ...]]  # option -> accepted values
     defaults: Mapping[str, int]
-    devices: tuple[str, ...]  # device types it runs on (checked here: cpu; on the H100: cuda)
+    devices: tuple[str, ...]  # device types torchao runs it on
 
 
 SCHEMES: Mapping[str, SchemeSpec] = {
@@ -165,7 +168,7 @@ class QuantPlan:
             notes.append(f"--device {cli_device} overrides the recipe's executor accelerator {self.device}")
         return dtype, device, notes
 
-    def validate(self, config, device: str, dtype: torch.dtype) -> list[str]:
+    def validate(self, config: ModelConfig, device: str, dtype: torch.dtype) -> list[str]:
         """Check every scheme against the model's layer shapes (from `config`, no weights needed),
         the device ("cpu", "cuda", "cuda:0", ...) and the model dtype. Raises QuantizationError with
         what is valid; returns notes (layers left unquantized) for the caller to print."""
@@ -190,7 +193,8 @@ def _setting(source: str, key: str, options: Any) -> str:
             )
         return DTYPE_NAMES[value]
     base, _, index = str(value).partition(":")
-    if not isinstance(value, str) or base not in ("cpu", "cuda", "mps", "fast") or (index and not (base == "cuda" and index.isdigit())):
+    known = base in ("cpu", "cuda", "mps", "fast") and (not index or (base == "cuda" and index.isdigit()))
+    if not isinstance(value, str) or not known:
         raise QuantizationError(f"{source}: executor accelerator {value!r} is not valid; valid: {_join(DEVICE_NAMES)}")
     return value
 
@@ -198,7 +202,9 @@ def _setting(source: str, key: str, options: Any) -> str:
 def _scheme(source: str, key: str, options: Any) -> Scheme:
     spec = SCHEMES[key]
     if not isinstance(options, Mapping):
-        raise QuantizationError(f"{source}: {key!r} takes an object of options ({_join(spec.valid)}), got {json.dumps(options)}")
+        raise QuantizationError(
+            f"{source}: {key!r} takes an object of options ({_join(spec.valid)}), got {json.dumps(options)}"
+        )
     values = dict(spec.defaults)
     for name, value in options.items():
         if name not in spec.valid:
@@ -290,8 +296,15 @@ def check_plan(plan: QuantPlan, model: nn.Module, device: str, dtype: torch.dtyp
                     f"{where} groupsize {scheme.groupsize} has no CPU kernel in torchao; "
                     f"on cpu valid groupsizes are {_join(INT4_CPU_GROUPSIZES)} (or use a recipe for cuda)"
                 )
-            if device_type == "cuda" and dtype != torch.bfloat16:
-                raise QuantizationError(f"{where} on cuda needs a bf16 model (torchao's tinygemm kernel); use --dtype bf16")
+            if dtype != torch.bfloat16:
+                # On cuda the tinygemm kernel takes bf16 only; on cpu other dtypes run, but several times
+                # slower than the unquantized model (measured: docs/quantization.md).
+                raise QuantizationError(
+                    f"{where} needs a bf16 model (torchao's int4 kernels), got {_dtype_name(dtype)}; use --dtype bf16"
+                )
+        if scheme.key == "linear:int8" and scheme.bitwidth == 8 and device_type == "cpu" and dtype == torch.float32:
+            notes.append("linear:int8 on an fp32 CPU model runs slower than no quantization (torchao 0.18); "
+                         "it pays off with --dtype bf16")
         chosen, skipped = _targets(model, scheme, device_type)
         if not chosen:
             fits = [
@@ -308,8 +321,11 @@ def check_plan(plan: QuantPlan, model: nn.Module, device: str, dtype: torch.dtyp
     return notes
 
 
-def _abbreviate(names: Iterator[str], limit: int = 4) -> str:
-    names = list(names)
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
+def _abbreviate(names: list[str], limit: int = 4) -> str:
     shown = _join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
@@ -349,7 +365,9 @@ def _torchao_config(scheme: Scheme, device_type: str):
         return Int4WeightOnlyConfig(
             group_size=scheme.groupsize, int4_packing_format="tile_packed_to_4d", set_inductor_config=False
         )
-    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(scheme.groupsize))
+    return Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int4, weight_granularity=PerGroup(scheme.groupsize)
+    )
 
 
 def apply_quantization(model: nn.Module, plan: QuantPlan, device: str) -> None:
@@ -368,19 +386,8 @@ def apply_quantization(model: nn.Module, plan: QuantPlan, device: str) -> None:
 
 
 def weight_nbytes(model: nn.Module) -> int:
-    """Bytes held by the model's parameters, counting what quantized tensor subclasses really store
-    (packed data, scales, zero points); a tied weight counts once."""
-    seen: set[int] = set()
+    """Bytes the model's parameters hold, quantized tensors at what they really store (packed data,
+    scales, zero points); a tied weight counts once."""
+    from torchchat.generation.metrics import tensor_bytes
 
-    def size(t: torch.Tensor) -> int:
-        if type(t) in (torch.Tensor, nn.Parameter):
-            return t.numel() * t.element_size()
-        inner, _ = t.__tensor_flatten__()
-        return sum(size(getattr(t, name)) for name in inner)
-
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += size(p)
-    return total
+    return sum(tensor_bytes(p) for p in model.parameters())

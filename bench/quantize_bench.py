@@ -1,0 +1,100 @@
+"""Decode speed and model size of each --quantize scheme, eager and compiled (not a test).
+
+Builds every configuration first (random weights of a params table's shapes, through the same
+build_model / make_engine path as `generate --dummy-weights`), compiles what is to be compiled, then
+runs the samples round-robin so that all configurations see the same machine load: a busy shared
+machine slows each of them alike, and the ratios stay comparable. Prints, per configuration: weight
+bytes (quantized tensors at what they really store), bytes read per decoded token, and the median
+next-token rate with its ratio to the unquantized fp32 model in the same mode.
+
+    python3 bench/quantize_bench.py                                  # stories110M, the default table
+    python3 bench/quantize_bench.py --shape stories15M --tokens 50 --samples 3 --modes compile
+    python3 bench/quantize_bench.py --only none-fp32 int4-bf16
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("TORCHCHAT_SHARED", ROOT.parent / "shared"))
+
+# name -> (dtype, recipe)
+CONFIGS = {
+    "none-fp32": ("fp32", None),
+    "none-bf16": ("bf16", None),
+    "int8-fp32": ("fp32", '{"linear:int8": {"bitwidth": 8, "groupsize": 0}}'),
+    "int8-bf16": ("bf16", '{"linear:int8": {"bitwidth": 8, "groupsize": 0}}'),
+    "int4-bf16": ("bf16", '{"linear:int4": {"groupsize": 128}}'),
+    "a8w4dq-fp32": ("fp32", '{"linear:a8w4dq": {"groupsize": 256}}'),
+    "emb8-fp32": ("fp32", '{"embedding": {"bitwidth": 8, "groupsize": 0}}'),
+    "emb4-fp32": ("fp32", '{"embedding": {"bitwidth": 4, "groupsize": 32}}'),
+    "emb8+int4-bf16": ("bf16", '{"embedding": {"bitwidth": 8, "groupsize": 0}, "linear:int4": {"groupsize": 128}}'),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="stories110M", help="params table for the random weights")
+    p.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--modes", nargs="+", choices=["eager", "compile"], default=["eager", "compile"])
+    p.add_argument("--samples", type=int, default=5, help="timed samples per configuration (after one warm-up)")
+    p.add_argument("--tokens", type=int, default=200, help="new tokens per sample")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--tokenizer", type=Path, default=SHARED / "tokenizers" / "llama2" / "tokenizer.model")
+    a = p.parse_args()
+
+    import torch
+
+    from torchchat.build import BuildSpec, ModelSource, build_model, resolve_dtype
+    from torchchat.generation.engine import GenerationConfig, make_engine
+    from torchchat.generation.metrics import bytes_read_per_token
+    from torchchat.generation.sampling import SamplingParams
+    from torchchat.generation.steps import CompileOptions
+    from torchchat.quantize import parse_quantize, weight_nbytes
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    source = ModelSource(params_table=a.shape, dummy_weights=True, tokenizer_path=a.tokenizer)
+    cfg = GenerationConfig(max_new_tokens=a.tokens, sampling=SamplingParams(temperature=0), stop_ids=frozenset())
+    runs = {}  # (config, mode) -> (engine, prompt)
+    sizes = {}
+    for name in a.only:
+        dtype, recipe = CONFIGS[name]
+        t0 = time.perf_counter()
+        built = build_model(BuildSpec(source=source, dtype=resolve_dtype(dtype, "cpu"), quant=parse_quantize(recipe)))
+        sizes[name] = (weight_nbytes(built.model), bytes_read_per_token(built.model))
+        prompt = built.tokenizer.encode("Once upon a time", bos=True)
+        for mode in a.modes:
+            options = CompileOptions(decode=mode == "compile")
+            engine = make_engine(built, options, max_seq_len=len(prompt) + a.tokens + 1)
+            list(engine.tokens(prompt, GenerationConfig(max_new_tokens=4, sampling=cfg.sampling)))  # warm-up / compile
+            runs[name, mode] = (engine, prompt)
+        print(f"built {name} in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    rates: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+    for i in range(a.samples):
+        for key, (engine, prompt) in runs.items():
+            n = sum(1 for _ in engine.tokens(prompt, cfg))
+            assert n == a.tokens
+            rates[key].append(engine.last_stats.next_tokens_per_s)
+        print(f"round {i + 1}/{a.samples} done", flush=True)
+
+    print(f"\n{a.shape}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{a.samples} samples x {a.tokens} tokens, greedy, median next-token rate")
+    print(f"{'config':<16} {'mode':<8} {'weights MB':>10} {'MB/token':>9} {'tok/s':>7} {'min':>7} {'max':>7} "
+          f"{'vs fp32':>8}")
+    for (name, mode), values in rates.items():
+        median = statistics.median(values)
+        base = rates.get(("none-fp32", mode))
+        ratio = f"{median / statistics.median(base):.2f}x" if base else "-"
+        total, per_token = sizes[name]
+        print(f"{name:<16} {mode:<8} {total / 1e6:>10.1f} {per_token / 1e6:>9.1f} {median:>7.1f} {min(values):>7.1f} "
+              f"{max(values):>7.1f} {ratio:>8}")
+
+
+if __name__ == "__main__":
+    main()
