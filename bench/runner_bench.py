@@ -2,16 +2,16 @@
 and with the decode step compiled), on the stories15M shape with random weights.
 
     ./install/build_runner.sh all
-    PYTHONPATH=. python3 bench/runner_bench.py [--runs 5] [--threads 1] [--tokens 200]
+    python3 bench/runner_bench.py [--runs 5] [--threads 1] [--tokens 200]
 
-Exports once into bench/out/stories15M/ (reused on later runs). Each round runs every contender once, so
-they share the machine's state; the figure is the median over rounds of decode tok/s (tokens after the
-first / time after the first), greedy from "Once upon a time".
+Exports once with `torchchat.py export --dummy-weights --params-table stories15M` into
+bench/out/stories15M/ (reused on later runs); Python builds the same weights (the same seed). Each round
+runs every contender once, so they share the machine's state; the figure is the median over rounds of
+decode tok/s (tokens after the first / time after the first), greedy from "Once upon a time".
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import statistics
@@ -26,21 +26,19 @@ PROMPT = "Once upon a time"
 DECODE = re.compile(r"generated tokens: (\d+), prefill: [\d.]+ ms, decode: ([\d.]+) tok/s")
 
 
-def artifacts_module():
-    """tests/runner/runner_artifacts.py, which writes artifacts to docs/export-metadata.md's contract."""
-    spec = importlib.util.spec_from_file_location("runner_artifacts", ROOT / "tests" / "runner" / "runner_artifacts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def source_args() -> list[str]:
+    return ["--params-table", "stories15M", "--dummy-weights", "--tokenizer-path", str(TOKENIZER), "--dtype", "fp32"]
 
 
 def export_if_missing(threads: int) -> None:
-    missing = [k for k in ("pt2", "pte") if not (OUT / f"model.{k}").exists()]
+    outputs = {"pt2": "--output-aoti-package-path", "pte": "--output-pte-path"}
+    missing = [k for k in outputs if not (OUT / f"model.{k}").exists()]
     if missing:
         print(f"exporting stories15M as {', '.join(missing)} into {OUT} (minutes) ...", file=sys.stderr)
-        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
-        subprocess.run([sys.executable, str(ROOT / "tests" / "runner" / "runner_artifacts.py"), "--params-table",
-                        "stories15M", "--out", str(OUT), "--kinds", ",".join(missing)], check=True, env=env)
+        OUT.mkdir(parents=True, exist_ok=True)
+        targets = [arg for k in missing for arg in (outputs[k], str(OUT / f"model.{k}"))]
+        subprocess.run([sys.executable, str(ROOT / "torchchat.py"), "export", *source_args(), *targets], check=True,
+                       cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
 
 
 def run_native(binary: str, model: Path, tokens: int, threads: int) -> float:
@@ -55,22 +53,20 @@ def run_native(binary: str, model: Path, tokens: int, threads: int) -> float:
 
 def python_contenders(tokens: int):
     """name -> callable giving decode tok/s of one greedy generation in this process."""
-    import sentencepiece
     import torch
 
-    from torchchat.generation.engine import Engine, GenerationConfig
+    from torchchat.build import BuildSpec, ModelSource, build_model
+    from torchchat.generation.engine import GenerationConfig, make_engine
     from torchchat.generation.sampling import SamplingParams
-    from torchchat.generation.steps import CompileOptions, Steps
-    from torchchat.model.registry import params_table
-    from torchchat.runtime.base import EagerRuntime
+    from torchchat.generation.steps import CompileOptions
 
-    ra = artifacts_module()
-    runtime = EagerRuntime(ra.random_model(params_table("stories15M")))  # the weights the exports hold
-    ids = [1] + sentencepiece.SentencePieceProcessor(model_file=str(TOKENIZER)).encode(PROMPT)
+    source = ModelSource(params_table="stories15M", dummy_weights=True, tokenizer_path=TOKENIZER)
+    built = build_model(BuildSpec(source=source, dtype=torch.float32))  # the weights the exports hold
+    ids = built.tokenizer.encode(PROMPT, bos=True)
     cfg = GenerationConfig(max_new_tokens=tokens, sampling=SamplingParams(temperature=0.0), stop_ids=frozenset())
 
     def make(options):
-        engine = Engine(runtime, None, Steps(runtime.forward, runtime.device, options), runtime.max_seq_len)
+        engine = make_engine(built, options)
 
         def once() -> float:
             with torch.no_grad():

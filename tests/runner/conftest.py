@@ -1,14 +1,16 @@
 """Fixtures for the C++ runner tests: the binaries (built once per session with install/build_runner.sh)
-and stories260K exported to each artifact form the runners read."""
+and stories260K exported by `torchchat.py export` to each artifact form the runners read."""
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from runner_process import BUILD_DIR, ROOT
+from runner_process import BUILD_DIR, MAX_SEQ_LEN, ROOT
 
 
 @dataclass(frozen=True)
@@ -28,22 +30,22 @@ def runner_bins() -> Path:
     return BUILD_DIR
 
 
+def export(*args: str | Path) -> None:
+    """`torchchat.py export` as a user runs it, on one thread (exporting is compile-bound; the other core
+    stays with the rest of the suite)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "torchchat.py"), "export", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        pytest.fail(f"torchchat.py export failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+
+
 @pytest.fixture(scope="session")
 def stories_artifacts(tmp_path_factory, stories260k_dir) -> Artifacts:
-    import torch
-
-    import runner_artifacts as ra
-
     out = tmp_path_factory.mktemp("stories260K_exports")
-    model = ra.load_llama2c_model(stories260k_dir / "stories260K.bin")
-    max_seq_len = model.config.max_seq_len
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # exporting is compile-bound; leave the other core to the rest of the suite
-    try:
-        pt2 = ra.export_pt2(model, out / "model.pt2", ra.metadata("stories260K", model.config, max_seq_len, dynamic=True))
-        so = ra.export_so(model, out / "model.so", ra.metadata("stories260K", model.config, max_seq_len, dynamic=False))
-        pte = ra.export_pte(model, out / "model.pte", ra.metadata("stories260K", model.config, max_seq_len, dynamic=True))
-    finally:
-        torch.set_num_threads(threads)
-    return Artifacts(pt2=pt2, so=so, pte=pte, tokenizer=stories260k_dir / "tok512.model")
-
+    source = ["--checkpoint-path", stories260k_dir / "stories260K.bin", "--tokenizer-path",
+              stories260k_dir / "tok512.model", "--dtype", "fp32", "--max-seq-length", str(MAX_SEQ_LEN)]
+    export(*source, "--output-aoti-package-path", out / "model.pt2", "--output-pte-path", out / "model.pte")
+    export(*source, "--output-dso-path", out / "model.so", "--no-dynamic-shapes")
+    return Artifacts(pt2=out / "model.pt2", so=out / "model.so", pte=out / "model.pte",
+                     tokenizer=stories260k_dir / "tok512.model")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_DIR = ROOT / "cmake-out"
+MAX_SEQ_LEN = 512  # the tests export stories260K with its whole context
 
 
 @dataclass

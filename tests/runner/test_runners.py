@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from runner_process import run_binary
+from runner_process import MAX_SEQ_LEN, run_binary
 from tests.conftest import shared_path
 
 pytestmark = pytest.mark.slow  # builds the runners and exports three artifacts (a few minutes)
@@ -29,14 +29,13 @@ def artifact(arts, form):
 
 @pytest.fixture(scope="module")
 def python_engine(stories260k_dir):
-    """Python's generation engine over the same weights, eager."""
-    import runner_artifacts as ra
-    from torchchat.generation.engine import Engine
-    from torchchat.generation.steps import Steps
-    from torchchat.runtime.base import EagerRuntime
+    """Python's generation engine over the same checkpoint, eager fp32."""
+    from torchchat.build import BuildSpec, ModelSource, build_model
+    from torchchat.generation.engine import make_engine
 
-    runtime = EagerRuntime(ra.load_llama2c_model(stories260k_dir / "stories260K.bin"))
-    return Engine(runtime, tokenizer=None, steps=Steps(runtime.forward, runtime.device), max_seq_len=512)
+    source = ModelSource(checkpoint_path=stories260k_dir / "stories260K.bin",
+                         tokenizer_path=stories260k_dir / "tok512.model")
+    return make_engine(build_model(BuildSpec(source=source, dtype=torch.float32)), max_seq_len=MAX_SEQ_LEN)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +88,7 @@ def test_generation_stops_when_the_context_is_full(runner_bins, stories_artifact
     assert res.stdout == sp.decode(ids[1:] + generated) + "\n"
     assert int(STATS.search(res.stderr).group(2)) == len(generated)
     if not stopped:
-        assert len(ids) + len(generated) == 512  # every position used
+        assert len(ids) + len(generated) == MAX_SEQ_LEN  # every position used
 
 
 def sampled(bins, arts, *flags):
@@ -151,7 +150,7 @@ def so_without_metadata(stories_artifacts, tmp_path):
 
 def test_so_without_sidecar_runs_with_kind_and_context_flags(runner_bins, stories_artifacts, so_without_metadata):
     res = run_binary(runner_bins / "aoti_run", so_without_metadata, "-z", stories_artifacts.tokenizer,
-                     "-l", "sentencepiece", "-c", "512", "-n", "200", "-t", "0")
+                     "-l", "sentencepiece", "-c", str(MAX_SEQ_LEN), "-n", "200", "-t", "0")
     assert res.returncode == 0, res.stderr
     assert res.stdout == shared_path("models", "stories260K", "expected_greedy_200.txt").read_text() + "\n"
 
@@ -171,7 +170,7 @@ BAD_INPUT = {
     "chat with a base model": ("pt2", ["-z", "{tok}", "-m", "chat"], "generate"),
     "prompt longer than the context": ("pte", ["-z", "{tok}", "-i", "{long}"], "shorten"),
     "so without metadata or flags": ("bare-so", ["-z", "{tok}"], "-j"),
-    "unknown tokenizer kind for a so": ("bare-so", ["-z", "{tok}", "-l", "bpe", "-c", "512"], "-l"),
+    "unknown tokenizer kind for a so": ("bare-so", ["-z", "{tok}", "-l", "bpe", "-c", "{ctx}"], "-l"),
 }
 
 
@@ -190,6 +189,7 @@ def test_bad_input_is_one_line_and_exit_2(runner_bins, stories_artifacts, so_wit
         "llama3_tok": str(shared_path("tokenizers", "llama3", "tokenizer.model")),
         "llama2_tok": str(shared_path("tokenizers", "llama2", "tokenizer.model")),
         "long": "Once upon a time " * 200,
+        "ctx": str(MAX_SEQ_LEN),
     }
     res = run_binary(runner_bins / binary, model, *(a.format(**values) for a in args))
     assert res.returncode == 2, (res.returncode, res.stderr)
