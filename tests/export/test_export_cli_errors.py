@@ -30,11 +30,27 @@ def stories(stories260k_dir):
     (["--output-dso-path", "{tmp}/model.dll"], r"must end in \.so"),
     (["--output-pte-path", "{tmp}/no/such/folder/model.pte"], r"folder .* does not exist"),
     (["--output-pte-path", "{tmp}/m.pte", "--dtype", "bf16"], r"ExecuTorch export supports --dtype fp32"),
+    (["--output-pte-path", "{tmp}/m.pte", "--quantize", '{"linear:int8": {"groupsize": 0}}'],
+     r"ExecuTorch export supports --quantize linear:a8w4dq and embedding, not linear:int8"),
+    (["--output-aoti-package-path", "{tmp}/m.pt2", "--quantize", '{"linear:a8w4dq": {"groupsize": 32}}'],
+     r"linear:a8w4dq is the ExecuTorch .* recipe"),
+    (["--output-aoti-package-path", "{tmp}/m.pt2", "--dtype", "fp16"], r"supports --dtype fp32 or bf16"),
 ])
-def test_export_refuses_before_building(outputs, pattern, stories, tmp_path, capsys):
-    args = [a.format(tmp=tmp_path) for a in outputs]
+def test_export_refuses_before_compiling(outputs, pattern, stories, tmp_path, capsys):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in outputs]
     assert main(["export", *stories, *args]) == 2
     assert re.search(pattern, _one_error_line(capsys))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_a_combination_that_would_crash(stories, tmp_path, capsys):
+    """Known from the model's shapes once it is loaded: the last line is the error, nothing is written."""
+    out = tmp_path / "m.pt2"
+    code = main(["export", *stories, "--output-aoti-package-path", str(out), "--dtype", "bf16",
+                 "--quantize", '{"linear:int8": {"groupsize": 0}}'])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert re.search(r"^Error: .*crashes torch 2\.13's CPU int8 kernel .*this model has 172", lines[-1])
     assert list(tmp_path.iterdir()) == []
 
 
