@@ -91,6 +91,8 @@ def _generate(args: argparse.Namespace, spec, notes: list[str], seed: int | None
     for note in notes:
         print(note, file=sys.stderr)
     built = build_model(spec)
+    for note in built.notes:
+        print(note, file=sys.stderr)
     tok = built.tokenizer
     if args.chat_template is not None:
         prompt_ids, cfg = _chat_prompt(args, built, cfg)
