@@ -28,11 +28,23 @@ def cfg():
                                         hidden_dim=256, max_seq_len=64))
 
 
-def _fused(cfg, device, dtype, quant=None):
+def _norm_weight(name, shape, device, dtype):
+    """A norm weight that is not all ones (dummy weights' are), so that folding it shows."""
+    gen = torch.Generator().manual_seed(len(name))
+    return (0.5 + torch.rand(shape, generator=gen)).to(device=device, dtype=dtype)
+
+
+def _fused(cfg, device, dtype, quant=None, random_norms=False):
     with torch.device("meta"):
         model = Transformer(cfg)
     shapes = {n: p.shape for n, p in model.named_parameters()}
-    notes = fuse_model(model, lambda n: dummy_tensor(n, shapes[n], device, dtype, SEED), quant, device, dtype)
+
+    def source(n):
+        if random_norms and n.endswith("norm.weight"):
+            return _norm_weight(n, shapes[n], device, dtype)
+        return dummy_tensor(n, shapes[n], device, dtype, SEED)
+
+    notes = fuse_model(model, source, quant, device, dtype)
     return model.eval(), notes
 
 
@@ -88,21 +100,37 @@ def _dequantized_reference(cfg, fused, device):
             rb.feed_forward.w1.weight.copy_(f.w13.dequantized(slice(0, hid)))
             rb.feed_forward.w3.weight.copy_(f.w13.dequantized(slice(hid, None)))
             rb.feed_forward.w2.weight.copy_(f.w2.dequantized())
+            # Integer formats fold the norm weights into the next layer (the norms then hold ones).
+            rb.attention_norm.weight.copy_(fb.attention_norm.weight)
+            rb.ffn_norm.weight.copy_(fb.ffn_norm.weight)
         ref.output.weight.copy_(fused.output.dequantized())
+        ref.norm.weight.copy_(fused.norm.weight)
     return ref
 
 
 @pytest.mark.parametrize("quant", [LinearQuant("int8", 0), LinearQuant("int8", 32), LinearQuant("int4", 32)])
 def test_quantized_fused_model_matches_its_dequantized_weights(cfg, device, quant):
-    fused, notes = _fused(cfg, device, torch.float32, quant)
+    fused, notes = _fused(cfg, device, torch.float32, quant, random_norms=True)
     assert fused.layers[0].attention.wqkv.fmt == quant.kind
     assert notes == []  # every row length (128, 256) fits the packing block
+    # The norm weights went into the next layers' columns; the norms now hold ones.
+    assert fused.layers[0].attention.wqkv.norm_folded and bool((fused.layers[0].ffn_norm.weight == 1).all())
     ref = _dequantized_reference(cfg, fused, device)
     prompt = [3, 1, 4, 1, 5]
     ref_tokens, ref_logits = _greedy(ref, prompt, 5, device)
     tokens, logits = _greedy(fused, prompt, 5, device)
     assert tokens == ref_tokens
     assert rel_err(logits, ref_logits) < 1e-5
+    if quant.kind != "int8":
+        return  # int4's own error on random weights (~15% of the logits) would hide a folding mistake
+    # And it is still the model it was made from (norm weights applied), up to int8's error.
+    original = _reference(cfg, device, torch.float32)
+    with torch.no_grad():
+        for name, p in original.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(_norm_weight(name, p.shape, device, torch.float32))
+    _, original_logits = _greedy(original, prompt, 5, device)
+    assert rel_err(logits, original_logits) < 0.02
 
 
 def test_unfit_groups_stay_in_model_dtype(cfg, device):

@@ -27,6 +27,16 @@ def _reference(x, w, norm=None, eps=1e-5, swiglu=False, residual=None, res_scale
     return residual + res_scale * y if residual is not None else y
 
 
+def _stored(fmt, group, w, dtype):
+    st = empty_storage(fmt, w.shape[0], w.shape[1], group, dtype, w.device)
+    quantize_into(st, fmt, group, 0, w)
+    return st["weight"], st.get("scales"), st.get("mins")
+
+
+def _dequant(fmt, group, w, dtype):
+    return dequantize(fmt, group, *_stored(fmt, group, w, dtype), dtype)
+
+
 CASES = [("float", 0), ("int8", 0), ("int8", 32), ("int4", 32), ("int4", 64)]
 
 
@@ -52,6 +62,9 @@ def test_gemv_fused_prologue_epilogue(device, fmt, group, n, k, dtype):
     fused = gemv(x, *args, norm_weight=g, eps=1e-5, swiglu=True, residual=res, res_scale=0.5)
     expect = _reference(x, wd, norm=g, swiglu=True, residual=res, res_scale=0.5)
     assert fused.shape == (n // 2,) and rel_err(fused, expect) < tol
+    folded = gemv(x, fmt, group, *_stored(fmt, group, w.float() * g.float(), dtype), rms_only=True, eps=1e-5)
+    rms = torch.rsqrt(x.float().pow(2).mean() + 1e-5)
+    assert rel_err(folded, F.linear(x.float() * rms, _dequant(fmt, group, w.float() * g.float(), dtype).float())) < tol
     logits = gemv(x, *args, out_dtype=torch.float32)
     assert logits.dtype == torch.float32 and torch.equal(logits.to(dtype), logits.to(dtype).float().to(dtype))
 

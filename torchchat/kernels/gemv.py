@@ -61,14 +61,23 @@ def _rstd(x_ptr, K, eps, NORM: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _load_x(x_ptr, g_ptr, idx, mask, rstd, NORM: tl.constexpr):
-    """x[idx] as float32; with NORM, RMSNorm'd with weight g, rounded as the RMSNorm module rounds."""
+    """x[idx] as float32; with NORM == 1, RMSNorm'd with weight g, rounded as the RMSNorm module
+    rounds. (NORM == 2 scales the finished product by rstd instead: see _scale_rms.)"""
     xv = tl.load(x_ptr + idx, mask=mask, other=0.0)
-    if NORM:
+    if NORM == 1:
         dt = x_ptr.dtype.element_ty
         xv = (xv.to(tl.float32) * rstd).to(dt)
         gv = tl.load(g_ptr + idx, mask=mask, other=0.0)
         xv = (xv.to(tl.float32) * gv.to(tl.float32)).to(dt)
     return xv.to(tl.float32)
+
+
+@triton.jit
+def _scale_rms(y, rstd, NORM: tl.constexpr):
+    """NORM == 2: the RMSNorm weight is folded into W, so norm(x) W^T = rstd * (x W^T)."""
+    if NORM == 2:
+        y = y * rstd
+    return y
 
 
 @triton.jit
@@ -104,25 +113,26 @@ def _rows_float(x_ptr, g_ptr, eps, w_ptr, rows64, rmask, K,
         kk = k0 + ki
         xv = _load_x(x_ptr, g_ptr, kk, kk < K, rstd, NORM)
         acc += w.to(tl.float32) * xv[None, :]
-    return tl.sum(acc, 1)
+    return _scale_rms(tl.sum(acc, 1), rstd, NORM)
 
 
 @triton.jit
 def _unpack(src, P: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
-    """The field of width BITS at bit P of int32 `src` (P + BITS <= 23), as the float (field * 2**P),
-    exactly: OR-ing the masked bits into the float 2**23 and subtracting 2**23 needs no shift and no
-    (slow) integer-to-float conversion instruction. With ASM the mask-and-or is one PTX lop3 (the
-    compiler otherwise emits two instructions)."""
+    """The unsigned field of width BITS at bit P of int32 `src` (P + BITS <= 23), as a float, exactly
+    and without a shift or an integer-to-float conversion (a slow instruction): OR the masked bits
+    into the mantissa of 2**(23 - P), whose mantissa unit is 2**-P, and subtract 2**(23 - P). With ASM
+    the mask-and-or is one PTX lop3 (the compiler otherwise emits two instructions)."""
     mask: tl.constexpr = ((1 << BITS) - 1) << P
+    magic: tl.constexpr = (150 - P) << 23  # the bits of the float 2**(23 - P)
     if ASM:
         bits = tl.inline_asm_elementwise(
             "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
-            [src, tl.full(src.shape, mask, tl.int32), tl.full(src.shape, 0x4B000000, tl.int32)],
+            [src, tl.full(src.shape, mask, tl.int32), tl.full(src.shape, magic, tl.int32)],
             dtype=tl.int32, is_pure=True, pack=1,
         )
     else:
-        bits = (src & mask) | 0x4B000000
-    return bits.to(tl.float32, bitcast=True) - 8388608.0
+        bits = (src & mask) | magic
+    return bits.to(tl.float32, bitcast=True) - (1 << (23 - P))
 
 
 @triton.jit
@@ -155,10 +165,8 @@ def _rows_int8(x_ptr, g_ptr, eps, w_ptr, s_ptr, rows64, rmask, K, KW, KB,
         xs = tl.zeros([1, NB, WB], tl.float32)
         for j in tl.static_range(4):
             xv = _load_x(x_ptr, g_ptr, b[:, None] * GROUP + j * WB + wi[None, :], bmask[:, None], rstd, NORM)[None, :, :]
-            # Byte j sits at bit 8*(j % 2) of `words` (j < 2) or of `high`; the field comes out
-            # times 2**(8*(j % 2)), which the input absorbs exactly.
-            v = _unpack(words if j < 2 else high, 8 * (j % 2), 8, ASM)
-            dq += v * (xv * (1.0 / (1 << (8 * (j % 2)))))
+            # Byte j sits at bit 8*(j % 2) of `words` (j < 2) or of `high`.
+            dq += _unpack(words if j < 2 else high, 8 * (j % 2), 8, ASM) * xv
             xs += xv
         if PER_ROW:
             acc += dq
@@ -171,7 +179,7 @@ def _rows_int8(x_ptr, g_ptr, eps, w_ptr, s_ptr, rows64, rmask, K, KW, KB,
         y = tl.sum(tl.sum(acc - 128.0 * xb, 2), 1) * s
     else:
         y = tl.sum(tl.sum(acc, 2), 1)
-    return y
+    return _scale_rms(y, rstd, NORM)
 
 
 @triton.jit
@@ -200,10 +208,8 @@ def _rows_int4(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KG,
         for i in tl.static_range(8):
             # Nibble i of word w in group g is input g*GROUP + i*WS + w (formats.py).
             xv = _load_x(x_ptr, g_ptr, g[:, None] * GROUP + i * WS + wi[None, :], gmask[:, None], rstd, NORM)[None, :, :]
-            # Nibble i sits at bit 4i of `words` (i < 5) or 4i - 12 of `high`; the field comes out
-            # times 2**bit, which the input absorbs exactly.
-            v = _unpack(words if i < 5 else high, 4 * i - 12 * (i >= 5), 4, ASM)
-            dq += v * (xv * (1.0 / (1 << (4 * i - 12 * (i >= 5)))))
+            # Nibble i sits at bit 4i of `words` (i < 5) or 4i - 12 of `high`.
+            dq += _unpack(words if i < 5 else high, 4 * i - 12 * (i >= 5), 4, ASM) * xv
             xs += xv
         soff = rows64[:, None] * KG + g[None, :]
         smask = rmask[:, None] & gmask[None, :]
@@ -211,7 +217,7 @@ def _rows_int4(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KG,
         m = tl.load(m_ptr + soff, mask=smask, other=0.0).to(tl.float32)
         # sum_k (q s + m) x = s * sum(q x) + m * sum(x), per group.
         acc += dq * s[:, :, None] + m[:, :, None] * xs
-    return tl.sum(tl.sum(acc, 2), 1)
+    return _scale_rms(tl.sum(tl.sum(acc, 2), 1), rstd, NORM)
 
 
 @triton.jit
@@ -297,13 +303,14 @@ def pick_config(fmt: str, n: int, k: int, block: int) -> GemvConfig:
 
 def gemv(x: Tensor, fmt: str, groupsize: int, weight: Tensor, scales: Tensor | None = None,
          mins: Tensor | None = None, *, norm_weight: Tensor | None = None, eps: float = 0.0,
-         swiglu: bool = False, residual: Tensor | None = None, res_scale: float = 1.0,
-         out_dtype: torch.dtype | None = None, config: GemvConfig | None = None) -> Tensor:
+         rms_only: bool = False, swiglu: bool = False, residual: Tensor | None = None,
+         res_scale: float = 1.0, out_dtype: torch.dtype | None = None, config: GemvConfig | None = None) -> Tensor:
     """y = epilogue(W @ prologue(x)) for one input row.
 
     x: (K,) contiguous, the model dtype. weight/scales/mins: a stored format (formats.py) of an
     (N_w, K) matrix; with `swiglu`, N_w = 2 N (w1 rows, then w3 rows). norm_weight: (K,) RMSNorm
-    weight applied to x first. residual: (N,) added (after scaling the product by res_scale).
+    weight applied to x first; rms_only: RMSNorm whose weight is already folded into W (the product
+    is scaled by 1/rms(x)). residual: (N,) added (after scaling the product by res_scale).
     Returns (N,) in `out_dtype` (default x's dtype); values are rounded to x's dtype either way."""
     k = x.numel()
     n_w = weight.shape[0]
@@ -319,7 +326,7 @@ def gemv(x: Tensor, fmt: str, groupsize: int, weight: Tensor, scales: Tensor | N
         residual if residual is not None else x, out,
         n, k, weight.shape[1], k // block if block else 1, n, eps, res_scale,
         FMT=_FMT_CODE[fmt], GROUP=block, PER_ROW=fmt == "int8" and groupsize == 0,
-        NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
+        NORM=2 if rms_only else int(norm_weight is not None), SWIGLU=swiglu, RESIDUAL=residual is not None,
         EVEN_K=k % cfg.block_k == 0, PDL=use_pdl, ASM=x.is_cuda, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         NORM_BLOCK=min(8192, triton.next_power_of_2(k)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl,

@@ -41,6 +41,7 @@ class FusedLinear(nn.Module):
         self.fmt, self.groupsize = fmt, groupsize
         self.dtype = dtype  # the model dtype (activations, scales)
         self.out_dtype = out_dtype  # dtype of a one-row result (None: the model dtype)
+        self.norm_folded = False  # the preceding RMSNorm's weight is folded into this weight (transform.py)
         for name, t in empty_storage(fmt, out_features, in_features, groupsize, dtype, device).items():
             setattr(self, name, nn.Parameter(t, requires_grad=False))
         if fmt != "int4":
@@ -77,8 +78,11 @@ class FusedLinear(nn.Module):
         """F.linear over a row range of the stored weight, as the unfused layer for those rows computes."""
         return F.linear(x, self.dequantized(rows))
 
-    def gemv(self, x: Tensor, **fused) -> Tensor:
-        """One-row product with optional fused prologue/epilogue (see torchchat.kernels.gemv.gemv)."""
+    def gemv(self, x: Tensor, norm: RMSNorm | None = None, **fused) -> Tensor:
+        """One-row product with optional fused prologue/epilogue (see torchchat.kernels.gemv.gemv);
+        `norm`: the RMSNorm module applied to x first (only 1/rms when its weight is folded in)."""
+        if norm is not None:
+            fused.update(eps=norm.eps, norm_weight=None if self.norm_folded else norm.weight, rms_only=self.norm_folded)
         return gemv(x.view(-1), self.fmt, self.groupsize, self.weight, self.scales, self.mins, **fused)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -164,9 +168,9 @@ class FusedBlock(nn.Module):
             return h + self.residual_multiplier * self.feed_forward(self.ffn_norm(h))
         attn, ffn, mult = self.attention, self.feed_forward, self.residual_multiplier
         xv = x.view(-1)
-        qkv = attn.wqkv.gemv(xv, norm_weight=self.attention_norm.weight, eps=self.attention_norm.eps)
+        qkv = attn.wqkv.gemv(xv, norm=self.attention_norm)
         a = attn.decode(qkv, rope, input_pos)
         h = attn.wo.gemv(a, residual=xv, res_scale=mult)
-        f = ffn.w13.gemv(h, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps, swiglu=True)
+        f = ffn.w13.gemv(h, norm=self.ffn_norm, swiglu=True)
         out = ffn.w2.gemv(f, residual=h, res_scale=mult)
         return out.view(x.shape)

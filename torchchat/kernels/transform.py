@@ -5,6 +5,9 @@ Each original matrix is fetched onto the GPU, written (quantized, when the plan 
 rows of its fused matrix, and released before the next is fetched. The GPU therefore never holds more
 than the finished part of the fused model plus one original matrix and a bounded quantization
 scratch: peak memory stays close to the final model size instead of the full-precision model's.
+
+Integer formats fold the RMSNorm weight that precedes a layer into its columns before quantizing
+(W diag(g), the norm module then holding ones), so their kernels need no per-input norm arithmetic.
 """
 from __future__ import annotations
 
@@ -29,8 +32,10 @@ class _Builder:
         self.unquantized: list[str] = []
 
     def linear(self, names: list[str], rows: list[int], in_features: int, label: str,
-               out_dtype: torch.dtype | None = None) -> FusedLinear:
-        """Stack the original weights `names` (with `rows` rows each) into one fused layer."""
+               out_dtype: torch.dtype | None = None, norm: str | None = None) -> FusedLinear:
+        """Stack the original weights `names` (with `rows` rows each) into one fused layer. `norm`: the
+        RMSNorm weight applied to this layer's input; an integer format folds it into the weight's
+        columns (quantizing W diag(g)), so its kernel only scales by 1/rms (see gemv's NORM modes)."""
         fmt, groupsize = "float", 0
         if self.quant is not None:
             if self.quant.fits(in_features):
@@ -38,33 +43,40 @@ class _Builder:
             else:
                 self.unquantized.append(label)
         lin = FusedLinear(sum(rows), in_features, fmt, groupsize, self.dtype, self.device, out_dtype)
+        g = self.source(norm).float() if norm is not None and fmt != "float" else None
+        lin.norm_folded = g is not None
         row0 = 0
         for name, n in zip(names, rows):
             w = self.source(name)
             if w.shape != (n, in_features):
                 raise ValueError(f"{name}: expected shape {(n, in_features)}, got {tuple(w.shape)}")
-            lin.fill(row0, w)
+            lin.fill(row0, w if g is None else w.float() * g)
             row0 += n
             del w
         return lin
 
-    def norm(self, name: str, cls=RMSNorm) -> RMSNorm:
+    def norm(self, name: str, folded: bool, cls=RMSNorm) -> RMSNorm:
+        """The RMSNorm module; all ones when its weight was folded into the next layer."""
         with torch.device("meta"):
             norm = cls(self.cfg.dim, self.cfg.norm_eps)
-        norm.weight = nn.Parameter(self.source(name), requires_grad=False)
+        weight = self.source(name)
+        if folded:
+            weight = torch.ones_like(weight)
+        norm.weight = nn.Parameter(weight, requires_grad=False)
         return norm
 
     def block(self, i: int) -> FusedBlock:
         cfg, p = self.cfg, f"layers.{i}."
         nq, nkv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         wqkv = self.linear([p + "attention.wq.weight", p + "attention.wk.weight", p + "attention.wv.weight"],
-                           [nq, nkv, nkv], cfg.dim, "wq/wk/wv")
+                           [nq, nkv, nkv], cfg.dim, "wq/wk/wv", norm=p + "attention_norm.weight")
         wo = self.linear([p + "attention.wo.weight"], [cfg.dim], nq, "wo")
         w13 = self.linear([p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"],
-                          [cfg.hidden_dim, cfg.hidden_dim], cfg.dim, "w1/w3")
+                          [cfg.hidden_dim, cfg.hidden_dim], cfg.dim, "w1/w3", norm=p + "ffn_norm.weight")
         w2 = self.linear([p + "feed_forward.w2.weight"], [cfg.dim], cfg.hidden_dim, "w2")
         return FusedBlock(cfg, FusedAttention(cfg, wqkv, wo), FusedFeedForward(w13, w2),
-                          self.norm(p + "attention_norm.weight"), self.norm(p + "ffn_norm.weight"))
+                          self.norm(p + "attention_norm.weight", wqkv.norm_folded),
+                          self.norm(p + "ffn_norm.weight", w13.norm_folded))
 
 
 def fuse_model(model: Transformer, source: WeightSource, quant: LinearQuant | None,
@@ -77,13 +89,14 @@ def fuse_model(model: Transformer, source: WeightSource, quant: LinearQuant | No
     model.tok_embeddings.weight = nn.Parameter(source("tok_embeddings.weight"), requires_grad=False)
     for i in range(cfg.n_layers):
         model.layers[i] = b.block(i)
-    model.norm = b.norm("norm.weight", FusedRMSNorm)
     if cfg.tie_embeddings:
         model.output = FusedLinear.sharing(model.tok_embeddings.weight, out_dtype=torch.float32)
         if quant is not None:
             b.unquantized.append("output (tied to the embedding)")
     else:
-        model.output = b.linear(["output.weight"], [cfg.vocab_size], cfg.dim, "output", out_dtype=torch.float32)
+        model.output = b.linear(["output.weight"], [cfg.vocab_size], cfg.dim, "output", out_dtype=torch.float32,
+                                norm="norm.weight")
+    model.norm = b.norm("norm.weight", model.output.norm_folded, FusedRMSNorm)
     model.fused_kernels = True
     notes = []
     if b.unquantized:
