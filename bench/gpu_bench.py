@@ -140,73 +140,102 @@ def _nbytes(st) -> int:
     return sum(t.numel() * t.element_size() for t in st.values())
 
 
+ROLES = ("qkv", "wo", "w13", "w2", "output")  # the order of SHAPES' entries
+
+
+def _role_args(role: str, fmt: str, k: int, n: int):
+    """The fused prologue/epilogue each layer uses in the model (torchchat/kernels/modules.py)."""
+    import torch
+
+    args = {}
+    if role in ("qkv", "w13"):
+        if fmt == "float":
+            args["norm_weight"] = torch.rand(k, dtype=torch.bfloat16, device="cuda") + 0.5
+        else:
+            args["rms_only"] = True
+        args["eps"] = 1e-5
+    if role == "w13":
+        args["swiglu"] = True
+    if role in ("wo", "w2"):
+        args["residual"] = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    if role == "output":
+        args["out_dtype"] = torch.float32
+    return args
+
+
+def _tile_name(cfg) -> str:
+    return f"{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}"
+
+
 def cmd_kernels(a) -> dict:
-    """Per format, per shape: achieved GB/s for each tile config; correctness against dequant+matmul."""
+    """Per format and layer shape, with the layer's fused prologue/epilogue: achieved GB/s for each
+    tile; the best tile over all shapes (time-weighted), also for layers of <= SMALL_ROWS outputs."""
     import torch
 
     from torchchat.kernels.formats import dequantize, pack_block
-    from torchchat.kernels.gemv import GemvConfig, gemv, pick_config
+    from torchchat.kernels.gemv import SMALL_ROWS, GemvConfig, gemv, pick_config
 
     grids = {
-        "float": [GemvConfig(bn, bk, w) for bn in (2, 4) for bk in (512, 1024, 2048) for w in (4, 8)],
-        "int8": [GemvConfig(bn, bk, w) for bn in (8, 16, 32) for bk in (512, 1024) for w in (4, 8)],
-        "int4": [GemvConfig(bn, bk, w) for bn in (16, 32, 64) for bk in (512, 1024) for w in (4, 8)],
+        "float": [GemvConfig(2, 2048, 8), GemvConfig(2, 2048, 4), GemvConfig(2, 1024, 4), GemvConfig(4, 1024, 8)],
+        "int8": [GemvConfig(bn, bk, w) for bn, bk, w in [(8, 512, 8), (16, 512, 8), (16, 512, 4), (32, 512, 8),
+                                                          (8, 1024, 8), (16, 1024, 8), (16, 1024, 4), (32, 1024, 4)]],
+        "int4": [GemvConfig(bn, bk, w) for bn, bk, w in [(16, 512, 8), (16, 512, 4), (32, 512, 4), (32, 512, 8),
+                                                          (16, 1024, 8), (16, 1024, 4), (32, 1024, 4), (64, 512, 4)]],
     }
     groups = {"float": 0, "int8": 0, "int4": 128}
-    shapes = [s for m in a.models for s in SHAPES[m]]
-    shapes = list(dict.fromkeys(shapes))
-    results = {}
+    shapes = list(dict.fromkeys((role, n, k) for m in a.models for role, (n, k) in zip(ROLES, SHAPES[m])))
+    results, tiles = {}, {}
     for fmt in a.formats:
         group = groups[fmt]
         rows = []
-        for n, k in shapes:
-            probe = _weights(fmt, n, k, group, 1)[0]
+        for role, n_w, k in shapes:
+            n = n_w // 2 if role == "w13" else n_w
+            probe = _weights(fmt, n_w, k, group, 1)[0]
             copies = max(1, -(-400_000_000 // _nbytes(probe)))  # rotate through > 8x the L2
-            sets = [probe] + _weights(fmt, n, k, group, copies - 1)
+            sets = [probe] + _weights(fmt, n_w, k, group, copies - 1)
             x = torch.randn(k, dtype=torch.bfloat16, device="cuda")
+            extra = _role_args(role, fmt, k, n)
             wd = dequantize(fmt, group, probe["weight"], probe.get("scales"), probe.get("mins"), torch.bfloat16)
             ref = (wd.double() @ x.double())
             got = gemv(x, fmt, group, probe["weight"], probe.get("scales"), probe.get("mins")).double()
             err = ((got - ref).norm() / ref.norm()).item()
             byt = _nbytes(probe)
-            row = {"n": n, "k": k, "bytes": byt, "rel_err": err, "configs": {}}
+            row = {"role": role, "n": n_w, "k": k, "bytes": byt, "rel_err": err, "configs": {}}
             default = pick_config(fmt, n, k, pack_block(fmt, group) if fmt != "float" else 0)
             for cfg in dict.fromkeys(grids[fmt] + [default]):
                 def call(cfg=cfg):
                     for st in sets:
-                        gemv(x, fmt, group, st["weight"], st.get("scales"), st.get("mins"), config=cfg)
+                        gemv(x, fmt, group, st["weight"], st.get("scales"), st.get("mins"), config=cfg, **extra)
                 try:
                     t = _graph_time(call, 4) / len(sets)
                 except Exception as e:  # a tile the compiler rejects (resources): report, go on
-                    row["configs"][str(cfg)] = f"error {type(e).__name__}"
+                    row["configs"][_tile_name(cfg)] = f"error {type(e).__name__}"
                     continue
-                row["configs"][f"{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}"] = byt / t / 1e9
+                row["configs"][_tile_name(cfg)] = byt / t / 1e9
             best = max((v, c) for c, v in row["configs"].items() if isinstance(v, float))
             row["best"] = best
-            row["default"] = row["configs"].get(f"{default.block_n}x{default.block_k}w{default.num_warps}")
-            print(f"{fmt:>5} {n:>6}x{k:<6} err {err:.1e}  default {row['default']:.0f} GB/s  "
+            row["default"] = row["configs"].get(_tile_name(default))
+            print(f"{fmt:>5} {role:<6} {n_w:>6}x{k:<6} err {err:.1e}  default {row['default']:.0f} GB/s  "
                   f"best {best[0]:.0f} GB/s ({best[1]})", flush=True)
             rows.append(row)
             del sets, probe
             torch.cuda.empty_cache()
         results[fmt] = rows
-        # Which config is best summed over all shapes (time-weighted: total bytes / total time)?
-        totals = {}
-        for row in rows:
-            for c, v in row["configs"].items():
-                if isinstance(v, float):
-                    totals.setdefault(c, []).append(row["bytes"] / v)
-        whole = {c: sum(r["bytes"] for r in rows) / sum(ts) for c, ts in totals.items() if len(ts) == len(rows)}
-        top = sorted(whole.items(), key=lambda kv: -kv[1])[:5]
-        print(f"{fmt:>5} best overall: " + ", ".join(f"{c} {v:.0f}" for c, v in top), flush=True)
-        results[fmt + "_overall"] = top
-    # The best tiles, in the form TORCHCHAT_GEMV_TILES takes.
-    tiles = {}
-    for fmt in a.formats:
-        name = results[fmt + "_overall"][0][0]  # "{block_n}x{block_k}w{num_warps}"
-        bn, rest = name.split("x")
-        bk, w = rest.split("w")
-        tiles[fmt] = [int(bn), int(bk), int(w)]
+        for label, subset in ((fmt, rows), (fmt + ":small", [r for r in rows if r["n"] // (2 if r["role"] == "w13" else 1) <= SMALL_ROWS])):
+            # Best tile over the subset, time-weighted: total bytes / total time.
+            totals = {}
+            for row in subset:
+                for c, v in row["configs"].items():
+                    if isinstance(v, float):
+                        totals.setdefault(c, []).append(row["bytes"] / v)
+            whole = {c: sum(r["bytes"] for r in subset) / sum(ts) for c, ts in totals.items() if len(ts) == len(subset)}
+            top = sorted(whole.items(), key=lambda kv: -kv[1])[:4]
+            print(f"{label:>11} best: " + ", ".join(f"{c} {v:.0f}" for c, v in top), flush=True)
+            results[label + "_best"] = top
+            if top:
+                bn, rest = top[0][0].split("x")
+                bk, w = rest.split("w")
+                tiles[label] = [int(bn), int(bk), int(w)]
     print("TORCHCHAT_GEMV_TILES=" + json.dumps(tiles))
     _save(a.out, "tiles.json", tiles)
     return results

@@ -29,8 +29,8 @@ FORMATS = ("float", "int8", "int4")
 INT4_GROUPSIZES = (32, 64, 128, 256)
 INT8_GROUPSIZES = (0, 32, 64, 128, 256)
 INT8_ROW_BLOCK = 128  # packing block of per-channel int8 (rows must be a multiple of it)
-# Rows quantized at a time: bounds the float32 temporaries to about 64 MB for K = 4096.
-_CHUNK_ELEMENTS = 1 << 24
+# Weights quantized at a time: bounds the temporaries (float32 and int64 copies) to about 100 MB.
+_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)

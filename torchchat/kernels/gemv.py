@@ -272,12 +272,14 @@ class GemvConfig:
     num_stages: int = 1
 
 
-# Tile shapes measured best on the H100 (bench/gpu_bench.py kernels), per format. Other GPUs can
-# override them: TORCHCHAT_GEMV_TILES='{"int4": [block_n, block_k, num_warps], ...}'.
+# Tile shapes measured best on the H100 (bench/gpu_bench.py kernels) per format, and per format for
+# layers of at most SMALL_ROWS outputs ("fmt:small"). Other GPUs can override them:
+# TORCHCHAT_GEMV_TILES='{"int4": [block_n, block_k, num_warps], "int4:small": [...], ...}'.
+SMALL_ROWS = 8192
 _CONFIGS = {
-    "float": GemvConfig(block_n=2, block_k=1024, num_warps=4),
-    "int8": GemvConfig(block_n=16, block_k=1024, num_warps=4),
-    "int4": GemvConfig(block_n=32, block_k=1024, num_warps=4),
+    "float": GemvConfig(block_n=2, block_k=2048, num_warps=8),
+    "int8": GemvConfig(block_n=16, block_k=512, num_warps=8),
+    "int4": GemvConfig(block_n=16, block_k=512, num_warps=8),
 }
 
 
@@ -285,15 +287,17 @@ _CONFIGS = {
 def _tiles(text: str) -> dict[str, GemvConfig]:
     tiles = dict(_CONFIGS)
     if text:
-        for fmt, (block_n, block_k, num_warps) in json.loads(text).items():
-            tiles[fmt] = GemvConfig(block_n, block_k, num_warps)
+        for key, (block_n, block_k, num_warps) in json.loads(text).items():
+            tiles[key] = GemvConfig(block_n, block_k, num_warps)
     return tiles
 
 
 def pick_config(fmt: str, n: int, k: int, block: int) -> GemvConfig:
-    """The tile for an (n, k) weight: the format's measured best, shrunk for small matrices. `block`:
-    the packing block of integer formats, which a tile step must be a multiple of."""
-    base = _tiles(os.environ.get("TORCHCHAT_GEMV_TILES", ""))[fmt]
+    """The tile for n outputs of k inputs: the measured best for the format (and size class),
+    shrunk for small matrices. `block`: the packing block of integer formats, which a tile step must
+    be a multiple of."""
+    tiles = _tiles(os.environ.get("TORCHCHAT_GEMV_TILES", ""))
+    base = tiles.get(f"{fmt}:small", tiles[fmt]) if n <= SMALL_ROWS else tiles[fmt]
     block_k = min(base.block_k, triton.next_power_of_2(k))
     if fmt != "float":
         block_k = max(block_k, block)
