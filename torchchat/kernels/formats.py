@@ -137,23 +137,25 @@ def unpack_int8(words: Tensor, block: int) -> Tensor:
     return torch.where(u >= 128, u - 256, u)
 
 
-def quantize_into(storage: dict[str, Tensor], fmt: str, groupsize: int, row0: int, w: Tensor) -> None:
+def quantize_into(storage: dict[str, Tensor], fmt: str, groupsize: int, row0: int, w: Tensor,
+                  col_scale: Tensor | None = None) -> None:
     """Write weight rows `w` (r, K) into rows [row0, row0 + r) of `storage`, quantizing on w's device
-    a chunk of rows at a time."""
+    a chunk of rows at a time. `col_scale` (K,): store w * col_scale (each input's column scaled)."""
     r, k = w.shape
     group = group_of(fmt, groupsize, k) if fmt != "float" else k
     step = max(1, _CHUNK_ELEMENTS // k)
     for a in range(0, r, step):
         b = min(a + step, r)
         rows = slice(row0 + a, row0 + b)
+        part = w[a:b] if col_scale is None else w[a:b].float() * col_scale.float()
         if fmt == "float":
-            storage["weight"][rows].copy_(w[a:b])
+            storage["weight"][rows].copy_(part)
         elif fmt == "int8":
-            q, s = _quantize_int8(w[a:b], group, pack_block(fmt, groupsize), storage["scales"].dtype)
+            q, s = _quantize_int8(part, group, pack_block(fmt, groupsize), storage["scales"].dtype)
             storage["weight"][rows].copy_(q)
             storage["scales"][rows].copy_(s)
         else:
-            q, s, m = _quantize_int4(w[a:b], group, storage["scales"].dtype)
+            q, s, m = _quantize_int4(part, group, storage["scales"].dtype)
             storage["weight"][rows].copy_(q)
             storage["scales"][rows].copy_(s)
             storage["mins"][rows].copy_(m)

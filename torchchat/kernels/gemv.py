@@ -277,9 +277,12 @@ class GemvConfig:
 # TORCHCHAT_GEMV_TILES='{"int4": [block_n, block_k, num_warps], "int4:small": [...], ...}'.
 SMALL_ROWS = 8192
 _CONFIGS = {
-    "float": GemvConfig(block_n=2, block_k=2048, num_warps=8),
-    "int8": GemvConfig(block_n=16, block_k=512, num_warps=8),
-    "int4": GemvConfig(block_n=16, block_k=512, num_warps=8),
+    "float": GemvConfig(block_n=2, block_k=2048, num_warps=4),
+    "float:small": GemvConfig(block_n=2, block_k=2048, num_warps=8),
+    "int8": GemvConfig(block_n=32, block_k=512, num_warps=8),
+    "int8:small": GemvConfig(block_n=16, block_k=512, num_warps=8),
+    "int4": GemvConfig(block_n=64, block_k=512, num_warps=4),
+    "int4:small": GemvConfig(block_n=16, block_k=1024, num_warps=8),
 }
 
 

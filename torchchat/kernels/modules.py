@@ -61,15 +61,16 @@ class FusedLinear(nn.Module):
         lin.weight = weight
         return lin
 
-    def fill(self, row0: int, w: Tensor) -> None:
-        """Store original weight rows w (r, in_features) at rows [row0, row0 + r)."""
+    def fill(self, row0: int, w: Tensor, col_scale: Tensor | None = None) -> None:
+        """Store original weight rows w (r, in_features) at rows [row0, row0 + r), scaled per input
+        column by `col_scale` when given."""
         storage = {"weight": self.weight.data}
         if self.scales is not None:
             storage["scales"] = self.scales.data
         if self.mins is not None:
             storage["mins"] = self.mins.data
         with torch.no_grad():
-            quantize_into(storage, self.fmt, self.groupsize, row0, w)
+            quantize_into(storage, self.fmt, self.groupsize, row0, w, col_scale)
 
     def dequantized(self, rows: slice = slice(None)) -> Tensor:
         """The weight rows this layer stands for, in the model dtype (prefill and reference math)."""

@@ -43,14 +43,14 @@ class _Builder:
             else:
                 self.unquantized.append(label)
         lin = FusedLinear(sum(rows), in_features, fmt, groupsize, self.dtype, self.device, out_dtype)
-        g = self.source(norm).float() if norm is not None and fmt != "float" else None
+        g = self.source(norm) if norm is not None and fmt != "float" else None
         lin.norm_folded = g is not None
         row0 = 0
         for name, n in zip(names, rows):
             w = self.source(name)
             if w.shape != (n, in_features):
                 raise ValueError(f"{name}: expected shape {(n, in_features)}, got {tuple(w.shape)}")
-            lin.fill(row0, w if g is None else w.float() * g)
+            lin.fill(row0, w, col_scale=g)
             row0 += n
             del w
         return lin
@@ -87,8 +87,8 @@ def fuse_model(model: Transformer, source: WeightSource, quant: LinearQuant | No
     cfg: ModelConfig = model.config
     b = _Builder(cfg, source, quant, dtype, device)
     model.tok_embeddings.weight = nn.Parameter(source("tok_embeddings.weight"), requires_grad=False)
-    for i in range(cfg.n_layers):
-        model.layers[i] = b.block(i)
+    # The output projection first: its full-precision original (vocabulary x dim, the largest
+    # matrix) is then the only thing on the GPU besides the embedding.
     if cfg.tie_embeddings:
         model.output = FusedLinear.sharing(model.tok_embeddings.weight, out_dtype=torch.float32)
         if quant is not None:
@@ -97,6 +97,8 @@ def fuse_model(model: Transformer, source: WeightSource, quant: LinearQuant | No
         model.output = b.linear(["output.weight"], [cfg.vocab_size], cfg.dim, "output", out_dtype=torch.float32,
                                 norm="norm.weight")
     model.norm = b.norm("norm.weight", model.output.norm_folded, FusedRMSNorm)
+    for i in range(cfg.n_layers):
+        model.layers[i] = b.block(i)
     model.fused_kernels = True
     notes = []
     if b.unquantized:
