@@ -3,6 +3,7 @@
 Library callers make a BuildSpec themselves; the CLI makes one in `torchchat/cli/args.py`."""
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ class BuildSpec:
     max_seq_len: int | None = None  # cap on the context (KV cache) length
     seed: int = 1234  # for --dummy-weights
     tp: Any = None  # torchchat.distributed.tensor_parallel.TPContext: shard the model over its ranks
+    cuda_kernels: bool = True  # on CUDA, torchchat's fused Triton kernels (torchchat.kernels); False: PyTorch modules
 
 
 @dataclass
@@ -125,18 +127,34 @@ def _tokenizer_beside(checkpoint: Path) -> Path | None:
     return None
 
 
+# Random weights are drawn this many values at a time (bounded float32 scratch on the device).
+_DUMMY_CHUNK = 1 << 24
+
+
+def dummy_tensor(name: str, shape: torch.Size, device: str, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """The random (--dummy-weights) value of one parameter: N(0, 0.02) from a generator seeded by
+    `seed` and the parameter's name, norm weights 1 and biases 0. Depending only on the name makes the
+    weights the same whatever order or grouping a build path materializes them in."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if name.endswith("norm.weight"):
+        return out.fill_(1.0)
+    if name.endswith(".bias"):
+        return out.zero_()
+    gen = torch.Generator(device=device).manual_seed(seed + zlib.crc32(name.encode()))
+    flat = out.view(-1)
+    scratch = torch.empty(min(flat.numel(), _DUMMY_CHUNK), dtype=torch.float32, device=device)
+    for a in range(0, flat.numel(), _DUMMY_CHUNK):
+        part = scratch[: min(_DUMMY_CHUNK, flat.numel() - a)]
+        flat[a : a + part.numel()].copy_(part.normal_(0.0, 0.02, generator=gen))
+    return out
+
+
 def _init_dummy(model: torch.nn.Module, device: str, dtype: torch.dtype, seed: int) -> None:
-    model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    model.to(dtype)
+        for module_name, module in model.named_modules():
+            for pname, p in list(module.named_parameters(recurse=False)):
+                name = f"{module_name}.{pname}" if module_name else pname
+                setattr(module, pname, torch.nn.Parameter(dummy_tensor(name, p.shape, device, dtype, seed)))
     if model.config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
 
@@ -214,6 +232,44 @@ def build_exported(spec: BuildSpec, flag: str, path: Path) -> BuiltModel:
     )
 
 
+def _use_cuda_kernels(spec: BuildSpec, device: str, config: ModelConfig, loaded, notes: list[str]) -> bool:
+    """Whether to build the fused CUDA model (torchchat.kernels); says why not in `notes` on CUDA."""
+    if not spec.cuda_kernels or torch.device(device).type != "cuda":
+        return False
+    from torchchat.kernels import unsupported_reason
+
+    reason = unsupported_reason(config, spec.dtype, spec.quant)
+    if reason is None and loaded is not None and any(
+        type(t) not in (torch.Tensor, torch.nn.Parameter) for t in loaded.state_dict.values()
+    ):
+        reason = "the checkpoint's weights stay in its own quantized format"
+    if reason is not None:
+        notes.append(f"fused CUDA kernels not used ({reason}); running the PyTorch modules")
+    return reason is None
+
+
+def _build_fused(model: torch.nn.Module, spec: BuildSpec, device: str, loaded: bool, notes: list[str]) -> None:
+    """Materialize the weights one matrix at a time straight into the fused (and, per the plan,
+    quantized) model on the GPU; what the fused kernels do not quantize (embeddings) goes to torchao."""
+    from torchchat.kernels import linear_quant
+    from torchchat.kernels.transform import fuse_model
+
+    quant, rest = linear_quant(spec.quant)
+
+    def source(name: str) -> torch.Tensor:
+        p = model.get_parameter(name)
+        if loaded:
+            return p.detach().to(device=device, dtype=spec.dtype)
+        return dummy_tensor(name, p.shape, device, spec.dtype, spec.seed)
+
+    with torch.no_grad():
+        notes.extend(fuse_model(model, source, quant, device, spec.dtype))
+    if rest is not None:
+        from torchchat.quantize import apply_quantization
+
+        apply_quantization(model, rest, device)
+
+
 def build_model(spec: BuildSpec) -> BuiltModel:
     """Build the runtime and tokenizer a BuildSpec names."""
     artifact = _exported_artifact(spec.source)
@@ -286,17 +342,22 @@ def build_model(spec: BuildSpec) -> BuiltModel:
             check_weights(model, loaded.state_dict, str(checkpoint))
         parallelize(model, spec.tp.mesh)
         materialize(model, loaded.state_dict if loaded is not None else None, spec.tp, spec.dtype, spec.seed)
-    elif loaded is not None:
-        load_weights(model, loaded.state_dict, str(checkpoint))
-        model.to(device=device, dtype=spec.dtype)
-        if config.tie_embeddings:
-            model.output.weight = model.tok_embeddings.weight
     else:
-        _init_dummy(model, device, spec.dtype, spec.seed)
-    if spec.quant is not None:
-        from torchchat.quantize import apply_quantization
+        if loaded is not None:
+            load_weights(model, loaded.state_dict, str(checkpoint))
+        if _use_cuda_kernels(spec, device, config, loaded, notes):
+            _build_fused(model, spec, device, loaded is not None, notes)
+        else:
+            if loaded is not None:
+                model.to(device=device, dtype=spec.dtype)
+                if config.tie_embeddings:
+                    model.output.weight = model.tok_embeddings.weight
+            else:
+                _init_dummy(model, device, spec.dtype, spec.seed)
+            if spec.quant is not None:
+                from torchchat.quantize import apply_quantization
 
-        apply_quantization(model, spec.quant, device)
+                apply_quantization(model, spec.quant, device)
     model.eval()
     model.requires_grad_(False)
 

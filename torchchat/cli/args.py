@@ -41,6 +41,8 @@ def add_build(p: argparse.ArgumentParser) -> None:
                    help="fast picks cuda, then mps, then cpu (default)")
     g.add_argument("--quantize", default=None, help="Quantization recipe: JSON text, a JSON file, or a shipped recipe name")
     g.add_argument("--max-seq-length", type=int, default=None, help="Context length (KV cache) to allocate")
+    g.add_argument("--no-cuda-kernels", action="store_true",
+                   help="On CUDA, run the plain PyTorch modules instead of torchchat's fused Triton kernels")
 
 
 def add_sampling(p: argparse.ArgumentParser, max_new_tokens: int = 200) -> None:
@@ -165,7 +167,8 @@ def build_spec(args: argparse.Namespace, notes: list[str] | None = None, default
         dtype = resolve_dtype(dtype_name or default_dtype, device)
     if args.max_seq_length is not None and args.max_seq_length <= 0:
         raise UserInputError("--max-seq-length must be positive")
-    return BuildSpec(source=model_source(args), device=device, dtype=dtype, quant=plan, max_seq_len=args.max_seq_length)
+    return BuildSpec(source=model_source(args), device=device, dtype=dtype, quant=plan, max_seq_len=args.max_seq_length,
+                     cuda_kernels=not args.no_cuda_kernels)
 
 
 def draft_spec(args: argparse.Namespace, target: BuildSpec) -> BuildSpec | None:

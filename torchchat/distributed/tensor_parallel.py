@@ -100,15 +100,6 @@ def _local_slice(full: Tensor, placements, rank: int, world: int) -> Tensor:
     return full
 
 
-def _dummy_full(name: str, shape: torch.Size, gen: torch.Generator, device: str) -> Tensor:
-    """The value `torchchat.build` gives parameter `name` with --dummy-weights (same draws, same order)."""
-    if name.endswith("norm.weight"):
-        return torch.ones(shape, device=device)
-    if name.endswith(".bias"):
-        return torch.zeros(shape, device=device)
-    return torch.empty(shape, device=device).normal_(0.0, 0.02, generator=gen)
-
-
 def materialize(model: nn.Module, state_dict: dict[str, Tensor] | None, ctx: TPContext, dtype: torch.dtype,
                 seed: int) -> None:
     """Give a parallelized meta-device model real weights: from the (memory-mapped) `state_dict`, each
@@ -116,9 +107,13 @@ def materialize(model: nn.Module, state_dict: dict[str, Tensor] | None, ctx: TPC
     a one-process --dummy-weights build draws (each full tensor drawn, sliced, and dropped)."""
     from torch.distributed.tensor import DTensor
 
-    gen = torch.Generator(device=ctx.device).manual_seed(seed)
+    from torchchat.build import dummy_tensor
+
     for name, param in list(model.named_parameters()):
-        full = state_dict[name] if state_dict is not None else _dummy_full(name, param.shape, gen, ctx.device)
+        if state_dict is not None:
+            full = state_dict[name]
+        else:
+            full = dummy_tensor(name, param.shape, ctx.device, torch.float32, seed)
         if isinstance(param, DTensor):
             local = _local_slice(full, param.placements, ctx.rank, ctx.world_size)
             local = local.to(device=ctx.device, dtype=dtype).contiguous()

@@ -217,6 +217,6 @@ def make_engine(built, options=None, max_seq_len: int | None = None, parallel_pr
     from torchchat.generation.steps import CompileOptions
 
     runtime = built.runtime
-    steps = Steps(runtime.forward, runtime.device, options or CompileOptions())
+    steps = Steps(runtime.forward, runtime.device, options or CompileOptions(), getattr(runtime, "graph_key", None))
     ctx = min(max_seq_len or runtime.max_seq_len, runtime.max_seq_len)
     return Engine(runtime, built.tokenizer, steps, ctx, parallel_prefill)

@@ -3,7 +3,7 @@ the compiled functions are returned to the caller rather than installed anywhere
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 from torch import Tensor
@@ -29,13 +29,56 @@ def _step(forward: Forward, params: SamplingParams) -> Callable[[Tensor, Tensor]
     return step
 
 
-class Steps:
-    """Builds (and caches, per sampling setting) the prefill and decode functions for one runtime."""
+class CudaGraphStep:
+    """A step function replayed from one CUDA graph: the whole forward and sampling in one launch.
 
-    def __init__(self, forward: Forward, device: torch.device, options: CompileOptions = CompileOptions()):
+    For forwards made of kernels that need no compiler (torchchat.kernels' fused model). The first call
+    runs the function once eagerly (compiling the kernels; it writes the same KV-cache entries and
+    draws from the same random generator as the replay that follows), captures it, and replays. Any
+    change of input shapes or of `key()` (the runtime's cache size) captures again. The returned
+    tensor is the graph's output buffer, overwritten by the next call: copy what you keep."""
+
+    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], key: Callable[[], Hashable]):
+        self.fn, self.key = fn, key
+        self._signature: Hashable = None
+        self._graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        signature = (tuple(tokens.shape), tuple(input_pos.shape), self.key())
+        if signature != self._signature:
+            self._capture(tokens, input_pos)
+            self._signature = signature
+        self._tokens.copy_(tokens)
+        self._pos.copy_(input_pos)
+        self._graph.replay()
+        return self._out
+
+    def _capture(self, tokens: Tensor, input_pos: Tensor) -> None:
+        self._graph = None
+        self._tokens, self._pos = tokens.clone(), input_pos.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.fn(self._tokens, self._pos)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._out = self.fn(self._tokens, self._pos)
+        self._graph = graph
+
+
+class Steps:
+    """Builds (and caches, per sampling setting) the prefill and decode functions for one runtime.
+
+    `graph_key`, given by runtimes whose forward can be captured into a CUDA graph as it is, makes
+    the compiled decode step a CudaGraphStep on CUDA instead of a torch.compile'd function."""
+
+    def __init__(self, forward: Forward, device: torch.device, options: CompileOptions = CompileOptions(),
+                 graph_key: Callable[[], Hashable] | None = None):
         self.forward = forward
         self.device = device
         self.options = options
+        self.graph_key = graph_key if device.type == "cuda" else None
         self._cache: dict[tuple[str, SamplingParams], Callable[[Tensor, Tensor], Tensor]] = {}
 
     def _compile(self, fn, dynamic: bool):
@@ -52,7 +95,9 @@ class Steps:
         key = ("decode", params)
         if key not in self._cache:
             fn = _step(self.forward, params)
-            self._cache[key] = self._compile(fn, dynamic=False) if self.options.decode else fn
+            if self.options.decode:
+                fn = CudaGraphStep(fn, self.graph_key) if self.graph_key else self._compile(fn, dynamic=False)
+            self._cache[key] = fn
         return self._cache[key]
 
     def prefill(self, params: SamplingParams) -> Callable[[Tensor, Tensor], Tensor]:

@@ -28,12 +28,17 @@ class EagerRuntime:
     """A Transformer in this process; `forward` may be wrapped by torch.compile in the steps."""
 
     supports_parallel_prefill = True
+    graph_key = None  # see torchchat.generation.steps.Steps
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.config: ModelConfig = model.config
         self.device = model.norm.weight.device
         self.max_seq_len = model.config.max_seq_len
+        if getattr(model, "fused_kernels", False):
+            # The fused model (torchchat.kernels) is captured into CUDA graphs as it is; a capture
+            # holds the caches' addresses, which change only when their size does.
+            self.graph_key = lambda: (model.max_batch, model.max_seq)
 
     def setup(self, max_batch: int, max_seq: int) -> None:
         self.model.setup_caches(max_batch, max_seq)

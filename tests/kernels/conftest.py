@@ -1,0 +1,23 @@
+"""Kernel tests run the Triton kernels on the GPU when there is one, else on the CPU through Triton's
+interpreter (TRITON_INTERPRET=1, set here before any kernel module is imported). Without triton
+installed (`pip install -e .[gpu]` brings it) the tests that need it skip."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()

@@ -1,0 +1,86 @@
+"""The fused GEMV kernel against PyTorch on the dequantized weight (float32: tight; bf16: one rounding)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from tests.kernels.conftest import rel_err  # noqa: E402
+from torchchat.kernels.formats import dequantize, empty_storage, quantize_into  # noqa: E402
+from torchchat.kernels.gemv import GemvConfig, gemv  # noqa: E402
+from torchchat.model.transformer import RMSNorm  # noqa: E402
+
+
+def _reference(x, w, norm=None, eps=1e-5, swiglu=False, residual=None, res_scale=1.0):
+    """The unfused modules' math: RMSNorm module, F.linear per weight, silu * up, residual add."""
+    if norm is not None:
+        rms = RMSNorm(x.numel(), eps).to(device=x.device, dtype=x.dtype)
+        rms.weight.data.copy_(norm)
+        x = rms(x)
+    if swiglu:
+        n = w.shape[0] // 2
+        y = F.silu(F.linear(x, w[:n])) * F.linear(x, w[n:])
+    else:
+        y = F.linear(x, w)
+    return residual + res_scale * y if residual is not None else y
+
+
+def _stored(fmt, group, w, dtype):
+    st = empty_storage(fmt, w.shape[0], w.shape[1], group, dtype, w.device)
+    quantize_into(st, fmt, group, 0, w)
+    return st["weight"], st.get("scales"), st.get("mins")
+
+
+def _dequant(fmt, group, w, dtype):
+    return dequantize(fmt, group, *_stored(fmt, group, w, dtype), dtype)
+
+
+CASES = [("float", 0), ("int8", 0), ("int8", 32), ("int4", 32), ("int4", 64)]
+
+
+@pytest.mark.parametrize("fmt,group", CASES)
+@pytest.mark.parametrize("n,k", [(40, 128), (24, 172)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_fused_prologue_epilogue(device, fmt, group, n, k, dtype):
+    if fmt != "float" and k % (group or 128):
+        pytest.skip("the packing block does not divide the row")
+    gen = torch.Generator().manual_seed(n * k + group)
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(dtype).to(device)
+    st = empty_storage(fmt, n, k, group, dtype, device)
+    quantize_into(st, fmt, group, 0, w)
+    wd = dequantize(fmt, group, st["weight"], st.get("scales"), st.get("mins"), dtype)
+    x = torch.randn(k, generator=gen).to(dtype).to(device)
+    g = (torch.rand(k, generator=gen) + 0.5).to(dtype).to(device)
+    res = torch.randn(n // 2, generator=gen).to(dtype).to(device)
+    tol = 1e-5 if dtype == torch.float32 else 1.5e-2
+    args = (fmt, group, st["weight"], st.get("scales"), st.get("mins"))
+
+    plain = gemv(x, *args)
+    assert plain.dtype == dtype and rel_err(plain, _reference(x, wd)) < tol
+    fused = gemv(x, *args, norm_weight=g, eps=1e-5, swiglu=True, residual=res, res_scale=0.5)
+    expect = _reference(x, wd, norm=g, swiglu=True, residual=res, res_scale=0.5)
+    assert fused.shape == (n // 2,) and rel_err(fused, expect) < tol
+    folded = gemv(x, fmt, group, *_stored(fmt, group, w.float() * g.float(), dtype), rms_only=True, eps=1e-5)
+    rms = torch.rsqrt(x.float().pow(2).mean() + 1e-5)
+    assert rel_err(folded, F.linear(x.float() * rms, _dequant(fmt, group, w.float() * g.float(), dtype).float())) < tol
+    logits = gemv(x, *args, out_dtype=torch.float32)
+    assert logits.dtype == torch.float32 and torch.equal(logits.to(dtype), logits.to(dtype).float().to(dtype))
+
+
+@pytest.mark.parametrize("block_n,block_k", [(4, 32), (16, 64), (8, 256)])
+def test_gemv_any_tile_covers_every_row(device, block_n, block_k):
+    """Odd sizes against several tiles: every output row written, masked edges correct."""
+    gen = torch.Generator().manual_seed(block_n)
+    n, k = 45, 96
+    w = torch.randn(n, k, generator=gen).to(device)
+    x = torch.randn(k, generator=gen).to(device)
+    cfg = GemvConfig(block_n=block_n, block_k=block_k)
+    y = gemv(x, "float", 0, w, config=cfg)
+    assert rel_err(y, w.double() @ x.double()) < 1e-6
+    st = empty_storage("int4", n, k, 32, torch.float32, device)
+    quantize_into(st, "int4", 32, 0, w)
+    wd = dequantize("int4", 32, st["weight"], st["scales"], st["mins"], torch.float32)
+    y4 = gemv(x, "int4", 32, st["weight"], st["scales"], st["mins"], config=GemvConfig(block_n, max(block_k, 32)))
+    assert rel_err(y4, wd.double() @ x.double()) < 1e-6

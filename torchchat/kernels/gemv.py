@@ -1,0 +1,341 @@
+"""Batch-1 matrix-vector products (GEMV) in Triton, with the neighbouring work of a decoder layer
+fused in: y = epilogue(W @ prologue(x)).
+
+Decoding one token at batch 1 reads every weight once and does two flops per weight, so it is bound
+by memory bandwidth; these kernels stream the weight in its stored format (formats.py), dequantize in
+registers and accumulate in float32. Fused around the product:
+
+- prologue `norm`: RMSNorm of x (each program reduces the whole vector, which is L2/L1-resident);
+- epilogue `swiglu`: the weight is [w1; w3] stacked, the output is silu(w1 x) * (w3 x);
+- epilogue `residual`: out = residual + res_scale * (W x).
+
+Roundings follow the unfused PyTorch modules (each module's output rounded to the model dtype), so
+the fused path matches eager decoding up to float32 summation order.
+
+Import only on CUDA machines (or with TRITON_INTERPRET=1 for the CPU tests): this module imports triton.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from torchchat.kernels.formats import pack_block
+
+_FMT_CODE = {"float": 0, "int8": 1, "int4": 2}
+
+
+def pdl_enabled(x: Tensor) -> bool:
+    """Programmatic dependent launch (Hopper and newer): each kernel's programs get scheduled while
+    the previous kernel finishes, and wait (griddepcontrol) only before reading its results.
+    TORCHCHAT_PDL=0 turns it off."""
+    return x.is_cuda and _pdl_device(x.device.index or 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_device(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9 and os.environ.get("TORCHCHAT_PDL", "1") != "0"
+
+
+@triton.jit
+def _rstd(x_ptr, K, eps, NORM: tl.constexpr, BLOCK: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) over the K entries of x (1.0 without NORM). BLOCK covers rows up to
+    8192 wide in one pass, so all the loads are in flight at once."""
+    if NORM:
+        acc = tl.zeros([BLOCK], tl.float32)
+        for k0 in range(0, K, BLOCK):
+            kk = k0 + tl.arange(0, BLOCK)
+            xv = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            acc += xv * xv
+        r = 1.0 / tl.sqrt(tl.sum(acc, 0) / K + eps)
+    else:
+        r = 1.0
+    return r
+
+
+@triton.jit
+def _load_x(x_ptr, g_ptr, idx, mask, rstd, NORM: tl.constexpr):
+    """x[idx] as float32; with NORM == 1, RMSNorm'd with weight g, rounded as the RMSNorm module
+    rounds. (NORM == 2 scales the finished product by rstd instead: see _scale_rms.)"""
+    xv = tl.load(x_ptr + idx, mask=mask, other=0.0)
+    if NORM == 1:
+        dt = x_ptr.dtype.element_ty
+        xv = (xv.to(tl.float32) * rstd).to(dt)
+        gv = tl.load(g_ptr + idx, mask=mask, other=0.0)
+        xv = (xv.to(tl.float32) * gv.to(tl.float32)).to(dt)
+    return xv.to(tl.float32)
+
+
+@triton.jit
+def _scale_rms(y, rstd, NORM: tl.constexpr):
+    """NORM == 2: the RMSNorm weight is folded into W, so norm(x) W^T = rstd * (x W^T)."""
+    if NORM == 2:
+        y = y * rstd
+    return y
+
+
+@triton.jit
+def _wait(PDL: tl.constexpr):
+    """With programmatic dependent launch, block until the previous kernel's writes are visible:
+    nothing that kernel writes (our inputs) may be read, and nothing it reads may be written, before."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+# Each _rows_* returns the (BLOCK_N,) float32 products of its rows with the (prologue'd) input. The
+# loops are software-pipelined by hand: the next weight tile is loaded before the current one is
+# used, and the first tile is loaded before waiting on the previous kernel (weights never depend on
+# it), so with PDL the weight stream starts while the previous kernel drains.
+
+@triton.jit
+def _rows_float(x_ptr, g_ptr, eps, w_ptr, rows64, rmask, K,
+                NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    ki = tl.arange(0, BLOCK_K)
+    base = w_ptr + rows64[:, None] * K + ki[None, :]
+    if EVEN_K:
+        w_next = tl.load(base, mask=rmask[:, None], other=0.0)
+    else:
+        w_next = tl.load(base, mask=rmask[:, None] & (ki < K)[None, :], other=0.0)
+    _wait(PDL)
+    rstd = _rstd(x_ptr, K, eps, NORM, NORM_BLOCK)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        w = w_next
+        kn = k0 + BLOCK_K + ki
+        w_next = tl.load(base + k0 + BLOCK_K, mask=rmask[:, None] & (kn < K)[None, :], other=0.0)
+        kk = k0 + ki
+        xv = _load_x(x_ptr, g_ptr, kk, kk < K, rstd, NORM)
+        acc += w.to(tl.float32) * xv[None, :]
+    return _scale_rms(tl.sum(acc, 1), rstd, NORM)
+
+
+@triton.jit
+def _unpack(src, P: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    """The unsigned field of width BITS at bit P of int32 `src` (P + BITS <= 23), as a float, exactly
+    and without a shift or an integer-to-float conversion (a slow instruction): OR the masked bits
+    into the mantissa of 2**(23 - P), whose mantissa unit is 2**-P, and subtract 2**(23 - P). With ASM
+    the mask-and-or is one PTX lop3 (the compiler otherwise emits two instructions)."""
+    mask: tl.constexpr = ((1 << BITS) - 1) << P
+    magic: tl.constexpr = (150 - P) << 23  # the bits of the float 2**(23 - P)
+    if ASM:
+        bits = tl.inline_asm_elementwise(
+            "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+            [src, tl.full(src.shape, mask, tl.int32), tl.full(src.shape, magic, tl.int32)],
+            dtype=tl.int32, is_pure=True, pack=1,
+        )
+    else:
+        bits = (src & mask) | magic
+    return bits.to(tl.float32, bitcast=True) - (1 << (23 - P))
+
+
+@triton.jit
+def _rows_int8(x_ptr, g_ptr, eps, w_ptr, s_ptr, rows64, rmask, K, KW, KB,
+               NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr):
+    # KW words and KB blocks of GROUP inputs per row. In each block, byte j of word w is input
+    # j*GROUP/4 + w (formats.py). Bytes are read biased (q + 128, by flipping their top bits) so that
+    # they unpack as unsigned fields; the bias comes off as 128 * sum(x). The input slices are only
+    # ever used broadcast over rows ([1, NB, WB]), which keeps every tile in one register layout.
+    NB: tl.constexpr = BLOCK_K // GROUP
+    WB: tl.constexpr = GROUP // 4  # words per block
+    bi = tl.arange(0, NB)
+    wi = tl.arange(0, WB)
+    base = w_ptr + rows64[:, None, None] * KW + (bi[:, None] * WB + wi[None, :])[None, :, :]
+    words_next = tl.load(base, mask=rmask[:, None, None] & (bi < KB)[None, :, None], other=0)
+    _wait(PDL)
+    rstd = _rstd(x_ptr, K, eps, NORM, NORM_BLOCK)
+    acc = tl.zeros([BLOCK_N, NB, WB], tl.float32)
+    xb = tl.zeros([1, NB, WB], tl.float32)
+    for b0 in range(0, KB, NB):
+        words = words_next
+        words_next = tl.load(base + (b0 + NB) * WB, mask=rmask[:, None, None] & (b0 + NB + bi < KB)[None, :, None],
+                             other=0)
+        b = b0 + bi
+        bmask = b < KB
+        words = words ^ -2139062144  # 0x80808080: q + 128 in every byte
+        high = words >> 16
+        dq = tl.zeros([BLOCK_N, NB, WB], tl.float32)
+        xs = tl.zeros([1, NB, WB], tl.float32)
+        for j in tl.static_range(4):
+            xv = _load_x(x_ptr, g_ptr, b[:, None] * GROUP + j * WB + wi[None, :], bmask[:, None], rstd, NORM)[None, :, :]
+            # Byte j sits at bit 8*(j % 2) of `words` (j < 2) or of `high`.
+            dq += _unpack(words if j < 2 else high, 8 * (j % 2), 8, ASM) * xv
+            xs += xv
+        if PER_ROW:
+            acc += dq
+            xb += xs
+        else:
+            s = tl.load(s_ptr + rows64[:, None] * KB + b[None, :], mask=rmask[:, None] & bmask[None, :], other=0.0)
+            acc += (dq - 128.0 * xs) * s.to(tl.float32)[:, :, None]
+    if PER_ROW:
+        s = tl.load(s_ptr + rows64, mask=rmask, other=0.0).to(tl.float32)
+        y = tl.sum(tl.sum(acc - 128.0 * xb, 2), 1) * s
+    else:
+        y = tl.sum(tl.sum(acc, 2), 1)
+    return _scale_rms(y, rstd, NORM)
+
+
+@triton.jit
+def _rows_int4(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KG,
+               NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    # KW words and KG groups per row; the input slices are only used broadcast over rows (see int8).
+    NG: tl.constexpr = BLOCK_K // GROUP
+    WS: tl.constexpr = GROUP // 8  # words per group
+    gi = tl.arange(0, NG)
+    wi = tl.arange(0, WS)
+    base = w_ptr + rows64[:, None, None] * KW + (gi[:, None] * WS + wi[None, :])[None, :, :]
+    words_next = tl.load(base, mask=rmask[:, None, None] & (gi < KG)[None, :, None], other=0)
+    _wait(PDL)
+    rstd = _rstd(x_ptr, K, eps, NORM, NORM_BLOCK)
+    acc = tl.zeros([BLOCK_N, NG, WS], tl.float32)
+    for g0 in range(0, KG, NG):
+        words = words_next
+        words_next = tl.load(base + (g0 + NG) * WS, mask=rmask[:, None, None] & (g0 + NG + gi < KG)[None, :, None],
+                             other=0)
+        g = g0 + gi
+        gmask = g < KG
+        high = words >> 12  # nibbles 5..7 down to bits 8..19
+        dq = tl.zeros([BLOCK_N, NG, WS], tl.float32)
+        xs = tl.zeros([1, NG, WS], tl.float32)
+        for i in tl.static_range(8):
+            # Nibble i of word w in group g is input g*GROUP + i*WS + w (formats.py).
+            xv = _load_x(x_ptr, g_ptr, g[:, None] * GROUP + i * WS + wi[None, :], gmask[:, None], rstd, NORM)[None, :, :]
+            # Nibble i sits at bit 4i of `words` (i < 5) or 4i - 12 of `high`.
+            dq += _unpack(words if i < 5 else high, 4 * i - 12 * (i >= 5), 4, ASM) * xv
+            xs += xv
+        soff = rows64[:, None] * KG + g[None, :]
+        smask = rmask[:, None] & gmask[None, :]
+        s = tl.load(s_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+        # sum_k (q s + m) x = s * sum(q x) + m * sum(x), per group.
+        acc += dq * s[:, :, None] + m[:, :, None] * xs
+    return _scale_rms(tl.sum(tl.sum(acc, 2), 1), rstd, NORM)
+
+
+@triton.jit
+def _rows(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KB,
+          FMT: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, NORM: tl.constexpr,
+          NORM_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    if FMT == 0:
+        y = _rows_float(x_ptr, g_ptr, eps, w_ptr, rows64, rmask, K, NORM, NORM_BLOCK, EVEN_K, PDL, BLOCK_N, BLOCK_K)
+    elif FMT == 1:
+        y = _rows_int8(x_ptr, g_ptr, eps, w_ptr, s_ptr, rows64, rmask, K, KW, KB, NORM, NORM_BLOCK, PDL, ASM,
+                       BLOCK_N, BLOCK_K, GROUP, PER_ROW)
+    else:
+        y = _rows_int4(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KB, NORM, NORM_BLOCK, PDL, ASM,
+                       BLOCK_N, BLOCK_K, GROUP)
+    return y
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
+                 N, K, KW, KB, ROWS2, eps, res_scale,
+                 FMT: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, NORM: tl.constexpr,
+                 SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+                 ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK: tl.constexpr):
+    """Rows [pid*BLOCK_N, ...) of y = epilogue(W prologue(x)); x (K,), y (N,)."""
+    if PDL:  # let the next kernel's programs get ready as soon as all of ours have started
+        tl.extra.cuda.gdc_launch_dependents()
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    dt = x_ptr.dtype.element_ty
+    y = _rows(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KB,
+              FMT, GROUP, PER_ROW, NORM, NORM_BLOCK, EVEN_K, PDL, ASM, BLOCK_N, BLOCK_K).to(dt)
+    if SWIGLU:
+        up = _rows(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64 + ROWS2, rmask, K, KW, KB,
+                   FMT, GROUP, PER_ROW, NORM, NORM_BLOCK, EVEN_K, PDL, ASM, BLOCK_N, BLOCK_K).to(dt)
+        a = y.to(tl.float32)
+        y = (a / (1.0 + tl.exp(-a))).to(dt)  # silu, as PyTorch computes it
+        y = (y.to(tl.float32) * up.to(tl.float32)).to(dt)
+    if RESIDUAL:
+        r = tl.load(r_ptr + rows, mask=rmask, other=0.0)
+        y = (y.to(tl.float32) * res_scale).to(dt)
+        y = (r.to(tl.float32) + y.to(tl.float32)).to(dt)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int
+    block_k: int  # inputs per loop step (a multiple of the group for grouped formats)
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+# Tile shapes measured best on the H100 (bench/gpu_bench.py kernels) per format, and per format for
+# layers of at most SMALL_ROWS outputs ("fmt:small"). Other GPUs can override them:
+# TORCHCHAT_GEMV_TILES='{"int4": [block_n, block_k, num_warps], "int4:small": [...], ...}'.
+SMALL_ROWS = 8192
+_CONFIGS = {
+    "float": GemvConfig(block_n=2, block_k=2048, num_warps=4),
+    "float:small": GemvConfig(block_n=2, block_k=2048, num_warps=8),
+    "int8": GemvConfig(block_n=32, block_k=512, num_warps=8),
+    "int8:small": GemvConfig(block_n=16, block_k=512, num_warps=8),
+    "int4": GemvConfig(block_n=64, block_k=512, num_warps=4),
+    "int4:small": GemvConfig(block_n=16, block_k=1024, num_warps=8),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _tiles(text: str) -> dict[str, GemvConfig]:
+    tiles = dict(_CONFIGS)
+    if text:
+        for key, (block_n, block_k, num_warps) in json.loads(text).items():
+            tiles[key] = GemvConfig(block_n, block_k, num_warps)
+    return tiles
+
+
+def pick_config(fmt: str, n: int, k: int, block: int) -> GemvConfig:
+    """The tile for n outputs of k inputs: the measured best for the format (and size class),
+    shrunk for small matrices. `block`: the packing block of integer formats, which a tile step must
+    be a multiple of."""
+    tiles = _tiles(os.environ.get("TORCHCHAT_GEMV_TILES", ""))
+    base = tiles.get(f"{fmt}:small", tiles[fmt]) if n <= SMALL_ROWS else tiles[fmt]
+    block_k = min(base.block_k, triton.next_power_of_2(k))
+    if fmt != "float":
+        block_k = max(block_k, block)
+    block_n = min(base.block_n, triton.next_power_of_2(n))
+    return GemvConfig(block_n, block_k, base.num_warps, base.num_stages)
+
+
+def gemv(x: Tensor, fmt: str, groupsize: int, weight: Tensor, scales: Tensor | None = None,
+         mins: Tensor | None = None, *, norm_weight: Tensor | None = None, eps: float = 0.0,
+         rms_only: bool = False, swiglu: bool = False, residual: Tensor | None = None,
+         res_scale: float = 1.0, out_dtype: torch.dtype | None = None, config: GemvConfig | None = None) -> Tensor:
+    """y = epilogue(W @ prologue(x)) for one input row.
+
+    x: (K,) contiguous, the model dtype. weight/scales/mins: a stored format (formats.py) of an
+    (N_w, K) matrix; with `swiglu`, N_w = 2 N (w1 rows, then w3 rows). norm_weight: (K,) RMSNorm
+    weight applied to x first; rms_only: RMSNorm whose weight is already folded into W (the product
+    is scaled by 1/rms(x)). residual: (N,) added (after scaling the product by res_scale).
+    Returns (N,) in `out_dtype` (default x's dtype); values are rounded to x's dtype either way."""
+    k = x.numel()
+    n_w = weight.shape[0]
+    n = n_w // 2 if swiglu else n_w
+    block = pack_block(fmt, groupsize) if fmt != "float" else 0
+    cfg = config or pick_config(fmt, n, k, block)
+    out = torch.empty(n, dtype=out_dtype or x.dtype, device=x.device)
+    grid = (triton.cdiv(n, cfg.block_n),)
+    use_pdl = pdl_enabled(x)
+    _gemv_kernel[grid](
+        x, norm_weight if norm_weight is not None else x, weight,
+        scales if scales is not None else x, mins if mins is not None else x,
+        residual if residual is not None else x, out,
+        n, k, weight.shape[1], k // block if block else 1, n, eps, res_scale,
+        FMT=_FMT_CODE[fmt], GROUP=block, PER_ROW=fmt == "int8" and groupsize == 0,
+        NORM=2 if rms_only else int(norm_weight is not None), SWIGLU=swiglu, RESIDUAL=residual is not None,
+        EVEN_K=k % cfg.block_k == 0, PDL=use_pdl, ASM=x.is_cuda, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        NORM_BLOCK=min(8192, triton.next_power_of_2(k)),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl,
+    )
+    return out

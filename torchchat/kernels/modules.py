@@ -1,0 +1,190 @@
+"""Fused modules that replace the Transformer's blocks, final norm and output projection on CUDA.
+
+Decoding one token (batch 1) runs five kernels per layer:
+  GEMV [RMSNorm -> q|k|v]  ->  attention [RoPE, KV-cache write, softmax(qK)V]  ->
+  GEMV [wo, + residual]  ->  GEMV [RMSNorm -> silu(w1 x) * (w3 x)]  ->  GEMV [w2, + residual]
+Longer inputs (prefill) run the same math as torchchat.model.transformer with PyTorch ops on the
+(dequantized) weights, so prompts of any length work and fill the same KV cache.
+
+The modules keep the attribute names the Transformer relies on (`attention.kv_cache`, `norm.weight`,
+`output.weight`), so `Transformer.setup_caches` and `forward` work unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchchat.kernels.attention import attention_decode
+from torchchat.kernels.formats import dequantize, empty_storage, quantize_into
+from torchchat.kernels.gemv import gemv
+from torchchat.kernels.norm import rmsnorm
+from torchchat.model.config import ModelConfig
+from torchchat.model.kv_cache import KVCache
+from torchchat.model.rope import apply_rope
+from torchchat.model.transformer import RMSNorm
+
+
+# Weights dequantized at a time for inputs of several rows (prefill): 16 MB of bf16 scratch.
+_DEQUANT_ELEMENTS = 1 << 23
+
+
+def _is_one_row(x: Tensor) -> bool:
+    return x.numel() == x.shape[-1] and x.is_contiguous()
+
+
+class FusedLinear(nn.Module):
+    """A bias-free linear layer whose weight is stored in a fused-path format (formats.py), possibly
+    several original layers stacked by rows (e.g. wq|wk|wv). Parameters: `weight` and, for integer
+    formats, `scales` (and `mins` for int4); none of them trains."""
+
+    def __init__(self, out_features: int, in_features: int, fmt: str, groupsize: int, dtype: torch.dtype,
+                 device, out_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.fmt, self.groupsize = fmt, groupsize
+        self.dtype = dtype  # the model dtype (activations, scales)
+        self.out_dtype = out_dtype  # dtype of a one-row result (None: the model dtype)
+        self.norm_folded = False  # the preceding RMSNorm's weight is folded into this weight (transform.py)
+        for name, t in empty_storage(fmt, out_features, in_features, groupsize, dtype, device).items():
+            setattr(self, name, nn.Parameter(t, requires_grad=False))
+        if fmt != "int4":
+            self.mins = None
+        if fmt == "float":
+            self.scales = None
+
+    @classmethod
+    def sharing(cls, weight: nn.Parameter, out_dtype: torch.dtype | None = None) -> "FusedLinear":
+        """A float-format layer over an existing parameter (an output projection tied to the embedding)."""
+        with torch.device("meta"):
+            lin = cls(weight.shape[0], weight.shape[1], "float", 0, weight.dtype, "meta", out_dtype)
+        lin.weight = weight
+        return lin
+
+    def fill(self, row0: int, w: Tensor, col_scale: Tensor | None = None) -> None:
+        """Store original weight rows w (r, in_features) at rows [row0, row0 + r), scaled per input
+        column by `col_scale` when given."""
+        storage = {"weight": self.weight.data}
+        if self.scales is not None:
+            storage["scales"] = self.scales.data
+        if self.mins is not None:
+            storage["mins"] = self.mins.data
+        with torch.no_grad():
+            quantize_into(storage, self.fmt, self.groupsize, row0, w, col_scale)
+
+    def dequantized(self, rows: slice = slice(None)) -> Tensor:
+        """The weight rows this layer stands for, in the model dtype (prefill and reference math)."""
+        if self.fmt == "float":
+            return self.weight[rows]
+        mins = self.mins[rows] if self.mins is not None else None
+        return dequantize(self.fmt, self.groupsize, self.weight[rows], self.scales[rows], mins, self.dtype)
+
+    def linear(self, x: Tensor, rows: slice = slice(None)) -> Tensor:
+        """F.linear over a row range of the stored weight, as the unfused layer for those rows computes.
+        Integer formats are dequantized a block of rows at a time, bounding the scratch memory."""
+        if self.fmt == "float":
+            return F.linear(x, self.weight[rows])
+        start, stop, _ = rows.indices(self.out_features)
+        out = torch.empty(*x.shape[:-1], stop - start, dtype=x.dtype, device=x.device)
+        step = max(1, _DEQUANT_ELEMENTS // self.in_features)
+        for a in range(start, stop, step):
+            b = min(a + step, stop)
+            out[..., a - start : b - start] = F.linear(x, self.dequantized(slice(a, b)))
+        return out
+
+    def gemv(self, x: Tensor, norm: RMSNorm | None = None, **fused) -> Tensor:
+        """One-row product with optional fused prologue/epilogue (see torchchat.kernels.gemv.gemv);
+        `norm`: the RMSNorm module applied to x first (only 1/rms when its weight is folded in)."""
+        if norm is not None:
+            fused.update(eps=norm.eps, norm_weight=None if self.norm_folded else norm.weight, rms_only=self.norm_folded)
+        return gemv(x.view(-1), self.fmt, self.groupsize, self.weight, self.scales, self.mins, **fused)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _is_one_row(x):
+            y = self.gemv(x, out_dtype=self.out_dtype)
+            return y.view(*x.shape[:-1], self.out_features)
+        return self.linear(x)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, groupsize={self.groupsize}"
+
+
+class FusedRMSNorm(RMSNorm):
+    """RMSNorm whose one-row case runs as one Triton kernel instead of half a dozen small ones."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _is_one_row(x):
+            return rmsnorm(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+class FusedAttention(nn.Module):
+    """wq|wk|wv stacked in `wqkv`, and `wo`; `kv_cache` is set by Transformer.setup_caches."""
+
+    def __init__(self, cfg: ModelConfig, wqkv: FusedLinear, wo: FusedLinear):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.scale = cfg.attention_scale
+        self.wqkv, self.wo = wqkv, wo
+        self.kv_cache: KVCache | None = None
+
+    def decode(self, qkv: Tensor, rope: Tensor, input_pos: Tensor) -> Tensor:
+        """qkv: ((H + 2 H_kv) D,) for one token -> attention output (H D,), writing the KV cache."""
+        cache = self.kv_cache
+        return attention_decode(qkv, rope, input_pos, cache.k_cache, cache.v_cache,
+                                self.n_heads, self.n_kv_heads, self.scale)
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        """The Attention module's math for any (B, S); x is already normed."""
+        bsz, seqlen, _ = x.shape
+        nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q = self.wqkv.linear(x, slice(0, nq)).view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = self.wqkv.linear(x, slice(nq, nq + nkv)).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wqkv.linear(x, slice(nq + nkv, nq + 2 * nkv)).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        k, v = self.kv_cache.update(input_pos, k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads
+        )
+        return self.wo.linear(out.transpose(1, 2).reshape(bsz, seqlen, nq))
+
+
+class FusedFeedForward(nn.Module):
+    """w1|w3 stacked in `w13`, and `w2`."""
+
+    def __init__(self, w13: FusedLinear, w2: FusedLinear):
+        super().__init__()
+        self.hidden_dim = w13.out_features // 2
+        self.w13, self.w2 = w13, w2
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The FeedForward module's math for any (B, S); x is already normed."""
+        gate = self.w13.linear(x, slice(0, self.hidden_dim))
+        up = self.w13.linear(x, slice(self.hidden_dim, 2 * self.hidden_dim))
+        return self.w2.linear(F.silu(gate) * up)
+
+
+class FusedBlock(nn.Module):
+    """Drop-in replacement for torchchat.model.transformer.Block (same forward signature)."""
+
+    def __init__(self, cfg: ModelConfig, attention: FusedAttention, feed_forward: FusedFeedForward,
+                 attention_norm: RMSNorm, ffn_norm: RMSNorm):
+        super().__init__()
+        self.attention, self.feed_forward = attention, feed_forward
+        self.attention_norm, self.ffn_norm = attention_norm, ffn_norm
+        self.residual_multiplier = cfg.residual_multiplier
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        """x: (B, S, dim); rope: (S, D/2, 2); mask: (1, 1, S, S_max); input_pos: (S,)."""
+        if not _is_one_row(x):
+            h = x + self.residual_multiplier * self.attention(self.attention_norm(x), rope, mask, input_pos)
+            return h + self.residual_multiplier * self.feed_forward(self.ffn_norm(h))
+        attn, ffn, mult = self.attention, self.feed_forward, self.residual_multiplier
+        xv = x.view(-1)
+        qkv = attn.wqkv.gemv(xv, norm=self.attention_norm)
+        a = attn.decode(qkv, rope, input_pos)
+        h = attn.wo.gemv(a, residual=xv, res_scale=mult)
+        f = ffn.w13.gemv(h, norm=self.ffn_norm, swiglu=True)
+        out = ffn.w2.gemv(f, residual=h, res_scale=mult)
+        return out.view(x.shape)
