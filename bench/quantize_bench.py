@@ -42,7 +42,9 @@ def main() -> None:
     p.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     p.add_argument("--modes", nargs="+", choices=["eager", "compile"], default=["eager", "compile"])
     p.add_argument("--samples", type=int, default=5, help="timed samples per configuration (after one warm-up)")
-    p.add_argument("--tokens", type=int, default=200, help="new tokens per sample")
+    p.add_argument("--tokens", type=int, default=200, help="new tokens per sample, compiled")
+    p.add_argument("--eager-tokens", type=int, default=50,
+                   help="new tokens per sample, eager (the eager reference paths run at a few tok/s)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--tokenizer", type=Path, default=SHARED / "tokenizers" / "llama2" / "tokenizer.model")
     a = p.parse_args()
@@ -58,8 +60,13 @@ def main() -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    # Every configuration compiles the same step function (one code object), each with its own model:
+    # more than dynamo's default 8 cache entries in this one process.
+    torch._dynamo.config.recompile_limit = 64
     source = ModelSource(params_table=a.shape, dummy_weights=True, tokenizer_path=a.tokenizer)
-    cfg = GenerationConfig(max_new_tokens=a.tokens, sampling=SamplingParams(temperature=0), stop_ids=frozenset())
+    greedy = SamplingParams(temperature=0)
+    cfgs = {mode: GenerationConfig(max_new_tokens=n, sampling=greedy, stop_ids=frozenset())
+            for mode, n in (("eager", a.eager_tokens), ("compile", a.tokens))}
     runs = {}  # (config, mode) -> (engine, prompt)
     sizes = {}
     for name in a.only:
@@ -70,21 +77,23 @@ def main() -> None:
         prompt = built.tokenizer.encode("Once upon a time", bos=True)
         for mode in a.modes:
             options = CompileOptions(decode=mode == "compile")
-            engine = make_engine(built, options, max_seq_len=len(prompt) + a.tokens + 1)
-            list(engine.tokens(prompt, GenerationConfig(max_new_tokens=4, sampling=cfg.sampling)))  # warm-up / compile
+            engine = make_engine(built, options, max_seq_len=len(prompt) + max(a.tokens, a.eager_tokens) + 1)
+            list(engine.tokens(prompt, GenerationConfig(max_new_tokens=4, sampling=greedy)))  # warm-up / compile
             runs[name, mode] = (engine, prompt)
         print(f"built {name} in {time.perf_counter() - t0:.0f} s", flush=True)
 
     rates: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
     for i in range(a.samples):
         for key, (engine, prompt) in runs.items():
+            cfg = cfgs[key[1]]
             n = sum(1 for _ in engine.tokens(prompt, cfg))
-            assert n == a.tokens
+            assert n == cfg.max_new_tokens
             rates[key].append(engine.last_stats.next_tokens_per_s)
-        print(f"round {i + 1}/{a.samples} done", flush=True)
+            print(f"round {i + 1}/{a.samples}: {key[0]} {key[1]} {rates[key][-1]:.1f} tok/s", flush=True)
 
     print(f"\n{a.shape}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{a.samples} samples x {a.tokens} tokens, greedy, median next-token rate")
+          f"{a.samples} samples x {a.eager_tokens} (eager) / {a.tokens} (compiled) tokens, greedy, "
+          "median next-token rate")
     print(f"{'config':<16} {'mode':<8} {'weights MB':>10} {'MB/token':>9} {'tok/s':>7} {'min':>7} {'max':>7} "
           f"{'vs fp32':>8}")
     for (name, mode), values in rates.items():
