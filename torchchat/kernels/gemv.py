@@ -281,7 +281,7 @@ _CONFIGS = {
     "float:small": GemvConfig(block_n=2, block_k=2048, num_warps=8),
     "int8": GemvConfig(block_n=32, block_k=512, num_warps=8),
     "int8:small": GemvConfig(block_n=16, block_k=512, num_warps=8),
-    "int4": GemvConfig(block_n=64, block_k=512, num_warps=4),
+    "int4": GemvConfig(block_n=32, block_k=512, num_warps=4),
     "int4:small": GemvConfig(block_n=16, block_k=1024, num_warps=8),
 }
 

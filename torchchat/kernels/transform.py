@@ -99,6 +99,10 @@ def fuse_model(model: Transformer, source: WeightSource, quant: LinearQuant | No
     model.norm = b.norm("norm.weight", model.output.norm_folded, FusedRMSNorm)
     for i in range(cfg.n_layers):
         model.layers[i] = b.block(i)
+        if torch.device(device).type == "cuda":
+            # Hand the block's scratch back to the driver: cached blocks of the originals' sizes
+            # would otherwise fragment the allocator's pool and raise the reserved peak.
+            torch.cuda.empty_cache()
     model.fused_kernels = True
     notes = []
     if b.unquantized:
