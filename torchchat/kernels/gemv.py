@@ -272,10 +272,10 @@ class GemvConfig:
     num_stages: int = 1
 
 
-# Tile shapes measured best on the H100 (bench/gpu_bench.py kernels) per format, and per format for
-# layers of at most SMALL_ROWS outputs ("fmt:small"). Other GPUs can override them:
-# TORCHCHAT_GEMV_TILES='{"int4": [block_n, block_k, num_warps], "int4:small": [...], ...}'.
-SMALL_ROWS = 8192
+# Tile shapes measured best on the H100 (bench/gpu_bench.py kernels) per format, per size class of
+# the layer's outputs: "fmt:small" (<= SMALL_ROWS), "fmt:large" (> LARGE_ROWS), else "fmt". Other GPUs
+# can override them: TORCHCHAT_GEMV_TILES='{"int4": [block_n, block_k, num_warps], ...}'.
+SMALL_ROWS, LARGE_ROWS = 8192, 12288
 _CONFIGS = {
     "float": GemvConfig(block_n=2, block_k=2048, num_warps=4),
     "float:small": GemvConfig(block_n=2, block_k=2048, num_warps=8),
@@ -283,6 +283,7 @@ _CONFIGS = {
     "int8:small": GemvConfig(block_n=16, block_k=512, num_warps=8),
     "int4": GemvConfig(block_n=32, block_k=512, num_warps=4),
     "int4:small": GemvConfig(block_n=16, block_k=1024, num_warps=8),
+    "int4:large": GemvConfig(block_n=64, block_k=512, num_warps=4),
 }
 
 
@@ -296,11 +297,12 @@ def _tiles(text: str) -> dict[str, GemvConfig]:
 
 
 def pick_config(fmt: str, n: int, k: int, block: int) -> GemvConfig:
-    """The tile for n outputs of k inputs: the measured best for the format (and size class),
-    shrunk for small matrices. `block`: the packing block of integer formats, which a tile step must
-    be a multiple of."""
+    """The tile for n outputs of k inputs: the measured best for the format and size class, shrunk
+    for small matrices. `block`: the packing block of integer formats, which a tile step must be a
+    multiple of."""
     tiles = _tiles(os.environ.get("TORCHCHAT_GEMV_TILES", ""))
-    base = tiles.get(f"{fmt}:small", tiles[fmt]) if n <= SMALL_ROWS else tiles[fmt]
+    size = "small" if n <= SMALL_ROWS else "large" if n > LARGE_ROWS else ""
+    base = tiles.get(f"{fmt}:{size}", tiles[fmt])
     block_k = min(base.block_k, triton.next_power_of_2(k))
     if fmt != "float":
         block_k = max(block_k, block)
