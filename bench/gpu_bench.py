@@ -203,7 +203,7 @@ def cmd_kernels(a) -> dict:
             row = {"role": role, "n": n_w, "k": k, "bytes": byt, "rel_err": err, "configs": {}}
             default = pick_config(fmt, n, k, pack_block(fmt, group) if fmt != "float" else 0)
             for cfg in dict.fromkeys(grids[fmt] + [default]):
-                def call(cfg=cfg):
+                def call(cfg=cfg, sets=sets):
                     for st in sets:
                         gemv(x, fmt, group, st["weight"], st.get("scales"), st.get("mins"), config=cfg, **extra)
                 try:
@@ -221,7 +221,8 @@ def cmd_kernels(a) -> dict:
             del sets, probe
             torch.cuda.empty_cache()
         results[fmt] = rows
-        for label, subset in ((fmt, rows), (fmt + ":small", [r for r in rows if r["n"] // (2 if r["role"] == "w13" else 1) <= SMALL_ROWS])):
+        small = [r for r in rows if r["n"] // (2 if r["role"] == "w13" else 1) <= SMALL_ROWS]
+        for label, subset in ((fmt, rows), (fmt + ":small", small)):
             # Best tile over the subset, time-weighted: total bytes / total time.
             totals = {}
             for row in subset:
@@ -282,7 +283,8 @@ def cmd_profile(a) -> dict:
             kernels = {}
             for ev in prof.key_averages():
                 if ev.device_type.name == "CUDA" and ev.device_time_total > 0:
-                    kernels[ev.key[:60]] = (ev.device_time_total / 1e3 / 4, ev.count / 4)  # ms and calls per decode step (approx)
+                    # ms and calls per decode step (the prefill's kernels show apart, under their own names)
+                    kernels[ev.key[:60]] = (ev.device_time_total / 1e3 / 4, ev.count / 4)
             top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:14]
             row = {"model": model, "quant": q, "engine_tok_s": engine_tok_s, "graph_ms_per_token": graph_ms,
                    "graph_tok_s": 1e3 / graph_ms, "kernels_ms_per_step": top}
@@ -297,7 +299,8 @@ def cmd_profile(a) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- check
-def _build(model: str, data: Path, fused: bool, dtype: str = "bf16", quant: str | None = None, ckpt: Path | None = None):
+def _build(model: str, data: Path, fused: bool, dtype: str = "bf16", quant: str | None = None,
+           ckpt: Path | None = None):
     import torch
 
     from torchchat.build import BuildSpec, ModelSource, build_model
@@ -375,8 +378,8 @@ def cmd_check(a) -> dict:
             text = fast.tokenizer.decode(_greedy(fast, bos, 200, compiled=True))
             print(f"{'stories260K fp32 vs llama2.c':<28} golden 200 tokens: {'EQUAL' if text == golden else 'DIFFER'}")
         del fast
-        row = _compare(f"stories260K {dtype}", lambda fused: _build("stories260K", a.tokenizers, fused, dtype, ckpt=ckpt),
-                       bos, 200)
+        row = _compare(f"stories260K {dtype}",
+                       lambda fused: _build("stories260K", a.tokenizers, fused, dtype, ckpt=ckpt), bos, 200)
         if dtype == "fp32":
             row["llama2c_golden"] = text == golden
         rows.append(row)
@@ -445,7 +448,8 @@ def _run_cli(cmd: list[str], env: dict, timeout: float) -> tuple[float | None, f
     except subprocess.TimeoutExpired:
         proc.kill()
     drain.join()
-    return (first[0] if first else None), time.perf_counter() - t0, b"".join(err_chunks).decode(errors="replace"), proc.returncode
+    err = b"".join(err_chunks).decode(errors="replace")
+    return (first[0] if first else None), time.perf_counter() - t0, err, proc.returncode
 
 
 def cmd_generate(a) -> dict:
@@ -454,13 +458,14 @@ def cmd_generate(a) -> dict:
         for q in a.quant:
             for variant in a.variants:
                 with tempfile.TemporaryDirectory() as cache:
-                    env = dict(os.environ, TRITON_CACHE_DIR=f"{cache}/triton", TORCHINDUCTOR_CACHE_DIR=f"{cache}/inductor",
-                               PYTHONUNBUFFERED="1")
+                    env = dict(os.environ, TRITON_CACHE_DIR=f"{cache}/triton",
+                               TORCHINDUCTOR_CACHE_DIR=f"{cache}/inductor", PYTHONUNBUFFERED="1")
                     row = {"model": model, "quant": q, "variant": variant}
                     for phase in ("cold", "warm")[: 2 if a.warm else 1]:
                         metrics = Path(cache) / f"{phase}.json"
                         cmd = [sys.executable, "torchchat.py", "generate", "--params-table", model, "--dummy-weights",
-                               "--tokenizer-path", str(_tokenizer(a.tokenizers, model)), "--device", "cuda", "--dtype", "bf16",
+                               "--tokenizer-path", str(_tokenizer(a.tokenizers, model)),
+                               "--device", "cuda", "--dtype", "bf16",
                                "--prompt", PROMPT, "--max-new-tokens", str(a.tokens), "--temperature", "0.8",
                                "--top-k", "200", "--num-samples", str(a.samples + 1), "--compile",
                                "--metrics-json", str(metrics)]
@@ -508,7 +513,8 @@ def main() -> None:
     p.add_argument("--quant", nargs="+", default=["bf16", "int8", "int4"], choices=list(QUANT))
     p.add_argument("--formats", nargs="+", default=["float", "int8", "int4"])
     p.add_argument("--variants", nargs="+", default=["fused"], choices=["fused", "reference"],
-                   help="fused: torchchat's kernels; reference: --no-cuda-kernels (PyTorch modules, torchao, torch.compile)")
+                   help="fused: torchchat's kernels; reference: --no-cuda-kernels "
+                        "(PyTorch modules, torchao, torch.compile)")
     p.add_argument("--samples", type=int, default=5)
     p.add_argument("--tokens", type=int, default=200)
     p.add_argument("--warm", action="store_true", help="generate: run each configuration a second time on warm caches")

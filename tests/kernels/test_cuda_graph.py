@@ -15,7 +15,8 @@ def test_graph_decode_equals_eager_modules(stories260k_dir):
     from torchchat.generation.sampling import SamplingParams
     from torchchat.generation.steps import CompileOptions, CudaGraphStep
 
-    src = ModelSource(checkpoint_path=stories260k_dir / "stories260K.bin", tokenizer_path=stories260k_dir / "tok512.model")
+    src = ModelSource(checkpoint_path=stories260k_dir / "stories260K.bin",
+                      tokenizer_path=stories260k_dir / "tok512.model")
     fused = build_model(BuildSpec(source=src, device="cuda", dtype=torch.float32))
     plain = build_model(BuildSpec(source=src, device="cuda", dtype=torch.float32, cuda_kernels=False))
     assert getattr(fused.model, "fused_kernels", False) and not getattr(plain.model, "fused_kernels", False)

@@ -108,7 +108,8 @@ def _dequantized_reference(cfg, fused, device):
     return ref
 
 
-@pytest.mark.parametrize("quant", [LinearQuant("int8", 0), LinearQuant("int8", 32), LinearQuant("int4", 32)])
+@pytest.mark.slow  # about a minute each in Triton's interpreter on a CPU
+@pytest.mark.parametrize("quant", [LinearQuant("int8", 0), LinearQuant("int4", 32)])  # int8 groups: test_gemv
 def test_quantized_fused_model_matches_its_dequantized_weights(cfg, device, quant):
     fused, notes = _fused(cfg, device, torch.float32, quant, random_norms=True)
     assert fused.layers[0].attention.wqkv.fmt == quant.kind

@@ -164,7 +164,8 @@ def _rows_int8(x_ptr, g_ptr, eps, w_ptr, s_ptr, rows64, rmask, K, KW, KB,
         dq = tl.zeros([BLOCK_N, NB, WB], tl.float32)
         xs = tl.zeros([1, NB, WB], tl.float32)
         for j in tl.static_range(4):
-            xv = _load_x(x_ptr, g_ptr, b[:, None] * GROUP + j * WB + wi[None, :], bmask[:, None], rstd, NORM)[None, :, :]
+            idx = b[:, None] * GROUP + j * WB + wi[None, :]
+            xv = _load_x(x_ptr, g_ptr, idx, bmask[:, None], rstd, NORM)[None, :, :]
             # Byte j sits at bit 8*(j % 2) of `words` (j < 2) or of `high`.
             dq += _unpack(words if j < 2 else high, 8 * (j % 2), 8, ASM) * xv
             xs += xv
@@ -207,7 +208,8 @@ def _rows_int4(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KG,
         xs = tl.zeros([1, NG, WS], tl.float32)
         for i in tl.static_range(8):
             # Nibble i of word w in group g is input g*GROUP + i*WS + w (formats.py).
-            xv = _load_x(x_ptr, g_ptr, g[:, None] * GROUP + i * WS + wi[None, :], gmask[:, None], rstd, NORM)[None, :, :]
+            idx = g[:, None] * GROUP + i * WS + wi[None, :]
+            xv = _load_x(x_ptr, g_ptr, idx, gmask[:, None], rstd, NORM)[None, :, :]
             # Nibble i sits at bit 4i of `words` (i < 5) or 4i - 12 of `high`.
             dq += _unpack(words if i < 5 else high, 4 * i - 12 * (i >= 5), 4, ASM) * xv
             xs += xv
