@@ -2,7 +2,7 @@
 # Install torchchat and everything its commands and tests use, exactly as pinned in pyproject.toml
 # (the one list of dependencies). Idempotent: a second run installs nothing new.
 #
-#   ./install/install_requirements.sh            # everything: core + export, eval, server, test extras
+#   ./install/install_requirements.sh            # everything: core + export, eval, gpu, server, test extras
 #   ./install/install_requirements.sh --minimal  # core only (generate, chat, download, GGUF, quantize)
 #
 # torch is pinned to 2.13.0: on a CPU machine pip takes the CPU wheel; other versions pull a CUDA build.
@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-EXTRAS="export,eval,server,test"
+EXTRAS="export,eval,gpu,server,test"
 for arg in "$@"; do
   case "$arg" in
     --minimal) EXTRAS="" ;;
