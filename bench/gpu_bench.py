@@ -2,12 +2,12 @@
 whole session on a lent GPU is one command. Results go to stdout (a short table last) and, with
 --out DIR, to JSON files there.
 
-    python3 bench/gpu_bench.py env                     # versions, device-copy bandwidth, torchao import
-    python3 bench/gpu_bench.py kernels                 # GEMV tile sweep per format at 7B/8B shapes (GB/s)
-    python3 bench/gpu_bench.py profile                 # engine vs graph-replay time per token; kernel table
-    python3 bench/gpu_bench.py check                   # greedy: fused + CUDA graph == eager PyTorch modules
-    python3 bench/gpu_bench.py memory                  # peak GPU memory while building (dummy 7B/8B)
-    python3 bench/gpu_bench.py generate                # `torchchat.py generate` tok/s, cold/warm start
+    PYTHONPATH=. python3 bench/gpu_bench.py env          # versions, device-copy bandwidth, torchao import
+    PYTHONPATH=. python3 bench/gpu_bench.py kernels      # GEMV tile sweep per format and layer shape (GB/s)
+    PYTHONPATH=. python3 bench/gpu_bench.py profile      # engine vs graph-replay time per token; kernel table
+    PYTHONPATH=. python3 bench/gpu_bench.py check        # greedy: fused + CUDA graph vs eager PyTorch modules
+    PYTHONPATH=. python3 bench/gpu_bench.py memory       # peak GPU memory while building (dummy 7B/8B)
+    PYTHONPATH=. python3 bench/gpu_bench.py generate     # `torchchat.py generate` tok/s, cold/warm start
 
 `generate` runs the real CLI in subprocesses, the reference method of issue 10: random weights
 (--dummy-weights), batch 1, a 6-token prompt, 200 new tokens, temperature 0.8, top-k 200, --compile,

@@ -5,12 +5,14 @@ Decoding one token at batch 1 reads every weight once and does two flops per wei
 by memory bandwidth; these kernels stream the weight in its stored format (formats.py), dequantize in
 registers and accumulate in float32. Fused around the product:
 
-- prologue `norm`: RMSNorm of x (each program reduces the whole vector, which is L2/L1-resident);
+- prologue RMSNorm of x (each program reduces the whole vector, which is L2-resident): exactly as
+  the RMSNorm module rounds it (NORM 1), or, for integer formats whose weight has the norm weight
+  folded into its columns (transform.py), only the final scaling by 1/rms(x) (NORM 2);
 - epilogue `swiglu`: the weight is [w1; w3] stacked, the output is silu(w1 x) * (w3 x);
 - epilogue `residual`: out = residual + res_scale * (W x).
 
-Roundings follow the unfused PyTorch modules (each module's output rounded to the model dtype), so
-the fused path matches eager decoding up to float32 summation order.
+Otherwise roundings follow the unfused PyTorch modules (each module's output rounded to the model
+dtype), so the float format matches eager decoding up to float32 summation order.
 
 Import only on CUDA machines (or with TRITON_INTERPRET=1 for the CPU tests): this module imports triton.
 """
@@ -268,6 +270,8 @@ def _gemv_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
 
 @dataclass(frozen=True)
 class GemvConfig:
+    """A tile: block_n output rows per program, block_k inputs per loop step, warps per program."""
+
     block_n: int
     block_k: int  # inputs per loop step (a multiple of the group for grouped formats)
     num_warps: int = 4
