@@ -258,23 +258,30 @@ def _recipe_path(name: str) -> Path:
     )
 
 
-def _skip_reason(scheme: Scheme, device_type: str, weight_shape: tuple[int, ...]) -> str | None:
+def _skip_reason(scheme: Scheme, device_type: str, dtype: torch.dtype, weight_shape: tuple[int, ...]) -> str | None:
     """Why this weight (out_features, row length) cannot take the scheme, or None if it can."""
     rows, row = weight_shape[0], weight_shape[-1]
     if scheme.groupsize and row % scheme.groupsize:
         return f"row length {row} is not a multiple of groupsize {scheme.groupsize}"
+    if (scheme.key == "linear:int8" and scheme.bitwidth == 8 and not scheme.groupsize and device_type == "cpu"
+            and dtype != torch.float32 and row % 8):
+        # --compile and AOT Inductor rewrite per-channel int8 on bf16/fp16 into aten's CPU
+        # `_weight_int8pack_mm`, which in torch 2.13 returns garbage (or crashes) when the row length is
+        # not a multiple of 8 (seen with stories260K's hidden size 172); eager would be right, but the
+        # same model must give the same tokens however it runs.
+        return f"row length {row} is not a multiple of 8 (torch's CPU int8 kernel)"
     if scheme.key == "linear:int4" and device_type == "cpu" and rows % 16:
         return f"{rows} output features are not a multiple of 16 (torchao's CPU int4 packing)"
     return None
 
 
-def _targets(model: nn.Module, scheme: Scheme, device_type: str) -> tuple[list[str], dict[str, list[str]]]:
+def _targets(model: nn.Module, scheme: Scheme, device_type: str, dtype: torch.dtype) -> tuple[list[str], dict[str, list[str]]]:
     """Names of the modules the scheme quantizes, and the names it must skip grouped by reason."""
     chosen, skipped = [], {}
     for name, module in model.named_modules():
         if type(module) is not scheme.spec.targets:
             continue
-        reason = _skip_reason(scheme, device_type, tuple(module.weight.shape))
+        reason = _skip_reason(scheme, device_type, dtype, tuple(module.weight.shape))
         if reason is None:
             chosen.append(name)
         else:
@@ -305,11 +312,11 @@ def check_plan(plan: QuantPlan, model: nn.Module, device: str, dtype: torch.dtyp
         if scheme.key == "linear:int8" and scheme.bitwidth == 8 and device_type == "cpu" and dtype == torch.float32:
             notes.append("linear:int8 on an fp32 CPU model runs slower than no quantization (torchao 0.18); "
                          "it pays off with --dtype bf16")
-        chosen, skipped = _targets(model, scheme, device_type)
+        chosen, skipped = _targets(model, scheme, device_type, dtype)
         if not chosen:
             fits = [
                 g for g in scheme.spec.valid["groupsize"]
-                if _targets(model, Scheme(scheme.key, scheme.bitwidth, g), device_type)[0]
+                if _targets(model, Scheme(scheme.key, scheme.bitwidth, g), device_type, dtype)[0]
                 and (scheme.key != "linear:int4" or device_type != "cpu" or g in INT4_CPU_GROUPSIZES)
             ]
             raise QuantizationError(
@@ -381,7 +388,7 @@ def apply_quantization(model: nn.Module, plan: QuantPlan, device: str) -> None:
 
     device_type = torch.device(device).type
     for scheme in plan.schemes:
-        chosen = set(_targets(model, scheme, device_type)[0])
+        chosen = set(_targets(model, scheme, device_type, dtype)[0])
         quantize_(model, _torchao_config(scheme, device_type), filter_fn=lambda _m, fqn: fqn in chosen)
 
 

@@ -25,7 +25,6 @@ MAX_SEQ_LEN = 256  # BOS or PROMPT + 200 new tokens fit
 
 Q_INT8 = '{"linear:int8": {"bitwidth": 8, "groupsize": 0}, "embedding": {"bitwidth": 8, "groupsize": 0}}'
 Q_INT4 = '{"linear:int4": {"groupsize": 32}, "embedding": {"bitwidth": 4, "groupsize": 32}}'
-Q_INT4_ONLY = '{"linear:int4": {"groupsize": 32}}'
 Q_INT8_G32 = '{"linear:int8": {"bitwidth": 8, "groupsize": 32}}'
 Q_MOBILE = '{"linear:a8w4dq": {"groupsize": 32}, "embedding": {"bitwidth": 8, "groupsize": 0}}'
 
@@ -60,13 +59,12 @@ ARTIFACTS = {
     "pt2": Artifact("--output-aoti-package-path", "fp32.pt2"),
     "so_int8": Artifact("--output-dso-path", "fp32_int8.so", quantize=Q_INT8, dynamic=False),
     "pt2_bf16_int4": Artifact("--output-aoti-package-path", "bf16_int4.pt2", dtype="bf16", quantize=Q_INT4),
-    "pt2_int4": Artifact("--output-aoti-package-path", "fp32_int4.pt2", quantize=Q_INT4_ONLY),
     "pt2_bf16_int8": Artifact("--output-aoti-package-path", "bf16_int8.pt2", dtype="bf16", quantize=Q_INT8_G32),
     "pte": Artifact("--output-pte-path", "fp32.pte"),
     "pte_mobile": Artifact("--output-pte-path", "fp32_mobile.pte", quantize=Q_MOBILE),
 }
 # AOT Inductor first in each lane: those tests come first and can run while ExecuTorch lowers.
-LANES = (("pt2", "so_int8", "pt2_int4", "pte"), ("pt2_bf16_int4", "pt2_bf16_int8", "pte_mobile"))
+LANES = (("pt2", "so_int8", "pte"), ("pt2_bf16_int4", "pt2_bf16_int8", "pte_mobile"))
 
 
 @dataclass

@@ -89,23 +89,6 @@ def check_export(targets: ExportTargets, dtype: torch.dtype, device: str, scheme
         check_supported("executorch", dtype, device, schemes)
 
 
-def check_model(config, dtype: torch.dtype, dynamic: bool, quantize: dict[str, Any] | None) -> None:
-    """Combinations that depend on the model's shapes. torch 2.13's CPU `_weight_int8pack_mm`, which
-    AOT Inductor calls for per-channel int8 linears, crashes (segfault) on bf16 inputs of more than one
-    row when the row length is not a multiple of 8 (stories260K's hidden size 172), so such an export
-    would crash at its first prefill."""
-    int8 = (quantize or {}).get("linear:int8")
-    if not (int8 and int8.get("bitwidth", 8) == 8 and int8.get("groupsize") == 0 and dtype == torch.bfloat16 and dynamic):
-        return
-    odd = sorted({n for n in (config.dim, config.n_heads * config.head_dim, config.hidden_dim) if n % 8})
-    if odd:
-        raise UserInputError(
-            f"bf16 with per-channel linear:int8 crashes torch 2.13's CPU int8 kernel on layers whose input size is not "
-            f"a multiple of 8 (this model has {', '.join(map(str, odd))}); use \"groupsize\": 32 or more, --dtype fp32, "
-            "or --no-dynamic-shapes"
-        )
-
-
 def metadata_for(built, backend: str, max_seq_len: int, dynamic: bool, quantize: dict[str, Any] | None) -> ArtifactMetadata:
     """The metadata of `built` (a BuiltModel with an eager model) exported for `backend`."""
     from torchchat.generation.metrics import bytes_read_per_token
@@ -136,7 +119,6 @@ def export_model(built, targets: ExportTargets, quantize: dict[str, Any] | None 
     if built.model is None:
         raise UserInputError("export needs a model built from a checkpoint, not an exported artifact")
     check_export(targets, built.model.norm.weight.dtype, str(built.model.norm.weight.device), schemes)
-    check_model(built.config, built.model.norm.weight.dtype, targets.dynamic_shapes, quantize)
     max_seq_len = min(targets.max_seq_len or DEFAULT_MAX_SEQ_LEN, built.config.max_seq_len)
     with timer.step(f"Tracing with torch.export ({'dynamic' if targets.dynamic_shapes else 'one-token'} shapes, "
                     f"{max_seq_len} positions)"):
