@@ -216,7 +216,12 @@ def make_engine(built, options=None, max_seq_len: int | None = None, parallel_pr
     `max_seq_len` (default: the model's own limit)."""
     from torchchat.generation.steps import CompileOptions
 
+    from torchchat.model.layout import optimize_for_decode
+    from torchchat.runtime.base import EagerRuntime
+
     runtime = built.runtime
+    if isinstance(runtime, EagerRuntime):
+        optimize_for_decode(runtime.model)
     steps = Steps(runtime.forward, runtime.device, options or CompileOptions(), getattr(runtime, "graph_key", None))
     ctx = min(max_seq_len or runtime.max_seq_len, runtime.max_seq_len)
     return Engine(runtime, built.tokenizer, steps, ctx, parallel_prefill)

@@ -34,7 +34,8 @@ def bytes_read_per_token(model: torch.nn.Module) -> int:
     total = 0
     embedding_ptrs = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     output = getattr(model, "output", None)
-    tied = output is not None and any(id(output.weight) == e for e in embedding_ptrs)
+    weight = getattr(output, "weight", None)  # a TransposedLinear (torchchat.model.layout) has none and is not tied
+    tied = weight is not None and id(weight) in embedding_ptrs
     for p in model.parameters():
         if id(p) in seen:
             continue
