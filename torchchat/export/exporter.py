@@ -120,10 +120,25 @@ def export_model(built, targets: ExportTargets, quantize: dict[str, Any] | None 
         raise UserInputError("export needs a model built from a checkpoint, not an exported artifact")
     check_export(targets, built.model.norm.weight.dtype, str(built.model.norm.weight.device), schemes)
     max_seq_len = min(targets.max_seq_len or DEFAULT_MAX_SEQ_LEN, built.config.max_seq_len)
-    with timer.step(f"Tracing with torch.export ({'dynamic' if targets.dynamic_shapes else 'one-token'} shapes, "
-                    f"{max_seq_len} positions)"):
-        ep = export_forward(built.model, max_seq_len, targets.dynamic_shapes)
+    shapes = f"{'dynamic' if targets.dynamic_shapes else 'one-token'} shapes, {max_seq_len} positions"
     written = []
+    if targets.pte_path:
+        from torchchat.export.executorch import write_pte
+
+        # XNNPACK delegates nn.Linear as it is; the pte is traced before the layout below changes it.
+        with timer.step(f"Tracing with torch.export ({shapes})"):
+            ep = export_forward(built.model, max_seq_len, targets.dynamic_shapes)
+        meta = metadata_for(built, "executorch", max_seq_len, targets.dynamic_shapes, quantize)
+        written.append(write_pte(ep, meta, targets.pte_path, timer))
+    if not (targets.aoti_package_path or targets.dso_path):
+        return written
+    from torchchat.model.layout import optimize_for_decode
+
+    # AOT Inductor compiles what `generate --compile` would: the same stacked projections and fp32
+    # output layout (torchchat.model.layout); the artifact's interface is unchanged.
+    optimize_for_decode(built.model)
+    with timer.step(f"Tracing with torch.export ({shapes})"):
+        ep = export_forward(built.model, max_seq_len, targets.dynamic_shapes)
     if targets.aoti_package_path:
         from torchchat.export.aoti import write_package
 
@@ -136,9 +151,4 @@ def export_model(built, targets: ExportTargets, quantize: dict[str, Any] | None 
         meta = metadata_for(built, "aoti", max_seq_len, targets.dynamic_shapes, quantize)
         with timer.step(f"Compiling with AOT Inductor -> {targets.dso_path}"):
             written.append(write_shared_library(ep, meta, targets.dso_path))
-    if targets.pte_path:
-        from torchchat.export.executorch import write_pte
-
-        meta = metadata_for(built, "executorch", max_seq_len, targets.dynamic_shapes, quantize)
-        written.append(write_pte(ep, meta, targets.pte_path, timer))
     return written
