@@ -215,7 +215,6 @@ def make_engine(built, options=None, max_seq_len: int | None = None, parallel_pr
     """An Engine over a BuiltModel: steps compiled per `options` (a CompileOptions), context
     `max_seq_len` (default: the model's own limit)."""
     from torchchat.generation.steps import CompileOptions
-
     from torchchat.model.layout import optimize_for_decode
     from torchchat.runtime.base import EagerRuntime
 
