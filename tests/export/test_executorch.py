@@ -1,36 +1,13 @@
 """ExecuTorch export of stories260K (XNNPACK delegate), run back through `generate` with the .pte:
-llama2.c's golden output, eager generation and logits, the mobile recipe (a8w4dq + 8-bit embeddings),
-and clear errors for what is not a torchchat .pte."""
+the runners' constant methods, the mobile recipe (a8w4dq + 8-bit embeddings), and clear errors for
+what is not a torchchat .pte. What every form must do is in test_exported_forms.py."""
 import pytest
 import torch
 
-from tests.export.conftest import (ARTIFACTS, MAX_SEQ_LEN, PROMPT, compare_along, eager_model, error_line, generate,
-                                   golden_ids, logits_along, run_exported)
+from tests.export.conftest import (ARTIFACTS, MAX_SEQ_LEN, compare_along, eager_model, error_line, generate, golden_ids,
+                                   run_exported)
 
 pytestmark = pytest.mark.slow
-
-
-def test_pte_greedy_200_is_llama2c_output(exports, tok_args, golden, capsys):
-    out, err = generate(capsys, ["--pte-path", exports.path("pte"), *tok_args])
-    assert out.encode() == golden + b"\n"
-    assert "Bandwidth achieved" in err
-
-
-def test_pte_prefills_in_parallel_and_matches_eager(exports, tok_args, stories_args, capsys):
-    exported, err = generate(capsys, ["--pte-path", exports.path("pte"), *tok_args], PROMPT)
-    assert "with parallel prefill" in err
-    eager, _ = generate(capsys, [*stories_args, "--dtype", "fp32"], PROMPT)
-    assert exported == eager
-
-
-def test_pte_logits_match_eager(exports, stories260k_dir):
-    runtime = run_exported(exports.path("pte"), "--pte-path", stories260k_dir).runtime
-    eager = eager_model(stories260k_dir)
-    ids = eager.tokenizer.encode(PROMPT * 3, bos=True)
-    want = logits_along(eager.runtime.forward, ids, 20)
-    got = logits_along(runtime.forward, ids, 20)
-    assert got.shape == want.shape == (1, len(ids), 512)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_pte_constant_methods_for_runners(exports):
