@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,18 @@ class Server:
     def health(self) -> dict:
         with urllib.request.urlopen(self.base_url + "/health", timeout=10) as r:
             return json.loads(r.read())
+
+    @contextmanager
+    def paused(self):
+        """Freeze the server process (SIGSTOP) for the duration of the block, then let it go on.
+
+        Tests that act in the middle of a generation (disconnect, Stop) freeze the server while they
+        act, so the generation cannot finish first however fast the model runs."""
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.process.send_signal(signal.SIGCONT)
 
     def wait_idle(self, timeout: float = 30.0) -> dict:
         """/health once nothing is queued or running."""

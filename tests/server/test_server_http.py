@@ -170,9 +170,10 @@ def test_client_disconnect_mid_stream_frees_the_model(api_server):
     while received.count(b"data: ") < 3:  # a few streamed chunks: generation is under way
         received += sock.recv(4096)
     assert received.startswith(b"HTTP/1.1 200")
-    sock.close()
-    # The job stops at its next token: counted as cancelled, not completed (500 tokens would take
-    # several seconds to finish), and the model is free for the next request.
+    with api_server.paused():  # the 500 tokens cannot all be generated before the close arrives
+        sock.close()
+    # The job stops at its next token: counted as cancelled, not completed, and the model is free for
+    # the next request.
     _wait_for(lambda: api_server.health()["cancelled"] == before["cancelled"] + 1, 10, "the stream to be cancelled")
     after = api_server.wait_idle(10)
     assert after["completed"] == before["completed"]
@@ -187,7 +188,8 @@ def test_client_disconnect_while_waiting_for_a_full_response(api_server):
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
     sock.sendall(head + body)
     _wait_for(lambda: api_server.health()["active"] == 1, 10, "generation to start")
-    sock.close()
+    with api_server.paused():
+        sock.close()
     _wait_for(lambda: api_server.health()["cancelled"] == before["cancelled"] + 1, 10, "the request to be cancelled")
     assert api_server.wait_idle(10)["completed"] == before["completed"]
 
