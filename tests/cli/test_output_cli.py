@@ -99,3 +99,29 @@ def test_export_help_states_the_fp32_default(capsys):
     out = capsys.readouterr().out
     assert "default: fp32" in " ".join(out.split())
     assert "bfloat16;" not in out
+
+
+def test_compile_line_starts_a_line_of_its_own_on_a_shared_terminal():
+    """Compiling starts after the first token is printed; on the terminal the line does not join the text."""
+    import pty
+
+    code = ("import sys\n"
+            "from torchchat.cli.args import Notices\n"
+            "sys.stdout.write('Hello, my name is Max'); sys.stdout.flush()\n"
+            "Notices(streams_text=True).progress('Compiling the decode step')\n"
+            "sys.stdout.write(' He\\n')\n")
+    leader, follower = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=follower, stderr=follower, cwd=ROOT)
+    os.close(follower)
+    assert p.wait(timeout=60) == 0
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the pseudo-terminal is closed once the child is gone
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(leader)
+    assert out.replace(b"\r\n", b"\n") == b"Hello, my name is Max\nCompiling the decode step\n He\n"

@@ -3,6 +3,7 @@ typed specs the library takes. The Namespace goes no further than this package."
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -18,8 +19,11 @@ class Notices:
     used, the context capped, a chat template guessed. Every command prints them through one of these:
     on stderr (stdout is the model's text), each line once however many builds repeat it."""
 
-    def __init__(self, stream=None):
+    def __init__(self, stream=None, streams_text: bool = False):
+        """`streams_text`: the command streams the model's text to stdout (generate, chat), so a
+        progress line may come in the middle of a line of it."""
         self.stream = stream
+        self.streams_text = streams_text
         self._said: set[str] = set()
 
     def say(self, *notes: str) -> None:
@@ -29,8 +33,19 @@ class Notices:
                 print(note, file=self.stream or sys.stderr, flush=True)
 
     def progress(self, line: str) -> None:
-        """A line about work under way (compiling), said every time."""
-        print(line, file=self.stream or sys.stderr, flush=True)
+        """A line about work under way (compiling), said every time. Compiling starts after the first
+        token is written: on a terminal that shows stdout too, the line starts on a line of its own."""
+        stream = self.stream or sys.stderr
+        if self.streams_text and _same_terminal(sys.stdout, stream):
+            line = "\n" + line
+        print(line, file=stream, flush=True)
+
+
+def _same_terminal(a, b) -> bool:
+    try:
+        return a.isatty() and b.isatty() and os.path.samestat(os.fstat(a.fileno()), os.fstat(b.fileno()))
+    except (AttributeError, OSError, ValueError):  # a stream without a file descriptor (captured output)
+        return False
 
 
 def build(spec: BuildSpec, notices: Notices):

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     notes: list[str] = []
     spec = cli_args.build_spec(args, notes)
     cfg = cli_args.generation_config(args)
-    notices = cli_args.Notices()
+    notices = cli_args.Notices(streams_text=True)
     options = cli_args.compile_options(args, notices)
     draft = cli_args.draft_spec(args, spec)
     notices.say(*notes)

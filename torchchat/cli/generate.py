@@ -106,7 +106,7 @@ def _generate(args: argparse.Namespace, spec, notes: list[str], seed: int | None
     from torchchat.generation.metrics import Summary, bytes_read_per_token, peak_memory_bytes, print_sample, sample_report
 
     cfg = cli_args.generation_config(args)
-    notices = cli_args.Notices()
+    notices = cli_args.Notices(streams_text=True)
     options = cli_args.compile_options(args, notices)
     draft = cli_args.draft_spec(args, spec)
     notices.say(*notes)
