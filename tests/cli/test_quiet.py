@@ -35,6 +35,8 @@ def test_hide_library_noise_quiets_exactly_the_listed_sources(restore_logging, m
         hide_library_noise(max_autotune=True)
         warnings.warn("deprecated", FutureWarning)
         warnings.warn("kept", UserWarning)
+        warnings.warn_explicit("TypedStorage is deprecated", UserWarning, "select_algorithm.py", 4799,
+                               module="torch._inductor.select_algorithm")
     assert [str(w.message) for w in seen] == ["kept"]
     assert select_algorithm.PRINT_AUTOTUNE is False
     for name in NOISY_LOGGERS:

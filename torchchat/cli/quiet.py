@@ -25,10 +25,15 @@ NOISY_LOGGERS = {
 }
 
 
+# Python warnings raised from these modules (a regular expression on the module that the warning points
+# at): e.g. "TypedStorage is deprecated" from inductor's autotuning (select_algorithm.py) on --max-autotune.
+NOISY_WARNING_MODULES = (r"torch\._inductor\.",)
+
+
 def hide_library_noise(max_autotune: bool = False) -> None:
-    """Raise the noisy loggers to ERROR, ignore FutureWarnings (export's, torchao's), and with
-    `max_autotune` turn off inductor's AUTOTUNE tables. Called once by `torchchat.cli.main` before a
-    model command runs, unless -v or TORCHCHAT_VERBOSE=1."""
+    """Raise the noisy loggers to ERROR, ignore FutureWarnings (export's, torchao's) and inductor's
+    warnings, and with `max_autotune` turn off inductor's AUTOTUNE tables. Called once by
+    `torchchat.cli.main` before a model command runs, unless -v or TORCHCHAT_VERBOSE=1."""
     # torch configures its own loggers when imported (TORCH_LOGS): set our levels after that, and leave
     # them alone when the user asked torch for logs.
     import torch  # noqa: F401
@@ -38,6 +43,8 @@ def hide_library_noise(max_autotune: bool = False) -> None:
             continue
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    for module in NOISY_WARNING_MODULES:
+        warnings.filterwarnings("ignore", module=module)
     if max_autotune:
         # The tables are written to sys.stderr directly, not logged; this is inductor's own switch.
         from torch._inductor import select_algorithm
