@@ -25,8 +25,11 @@ def test_hide_library_noise_quiets_exactly_the_listed_sources(restore_logging, m
     # Inductor takes seconds to import: a stand-in module holds the switch.
     select_algorithm = types.ModuleType("torch._inductor.select_algorithm")
     select_algorithm.PRINT_AUTOTUNE = True
+    config = types.ModuleType("torch._inductor.config")
+    config.max_autotune_report_choices_stats = True
     inductor = types.ModuleType("torch._inductor")
-    inductor.select_algorithm = select_algorithm
+    inductor.select_algorithm, inductor.config = select_algorithm, config
+    monkeypatch.setitem(sys.modules, "torch._inductor.config", config)
     monkeypatch.setitem(sys.modules, "torch._inductor", inductor)
     monkeypatch.setitem(sys.modules, "torch._inductor.select_algorithm", select_algorithm)
     monkeypatch.delenv("TORCH_LOGS", raising=False)
@@ -38,7 +41,7 @@ def test_hide_library_noise_quiets_exactly_the_listed_sources(restore_logging, m
         warnings.warn_explicit("TypedStorage is deprecated", UserWarning, "select_algorithm.py", 4799,
                                module="torch._inductor.select_algorithm")
     assert [str(w.message) for w in seen] == ["kept"]
-    assert select_algorithm.PRINT_AUTOTUNE is False
+    assert select_algorithm.PRINT_AUTOTUNE is False and config.max_autotune_report_choices_stats is False
     for name in NOISY_LOGGERS:
         assert not logging.getLogger(name).isEnabledFor(logging.WARNING), name
         assert logging.getLogger(name).isEnabledFor(logging.ERROR), name

@@ -46,7 +46,9 @@ def hide_library_noise(max_autotune: bool = False) -> None:
     for module in NOISY_WARNING_MODULES:
         warnings.filterwarnings("ignore", module=module)
     if max_autotune:
-        # The tables are written to sys.stderr directly, not logged; this is inductor's own switch.
-        from torch._inductor import select_algorithm
+        # The tables ("AUTOTUNE mm(...)", "Autotune Choices Stats:") are written to sys.stderr directly,
+        # not logged; these are inductor's own switches for them.
+        from torch._inductor import config, select_algorithm
 
         select_algorithm.PRINT_AUTOTUNE = False
+        config.max_autotune_report_choices_stats = False
