@@ -30,8 +30,8 @@ def test_generate_says_each_note_once_and_no_library_noise(stories260k_dir):
                 "--max-new-tokens", "10", "--num-samples", "2", "--temperature", "0")
     assert r.returncode == 0, r.stderr
     assert r.stderr.count(SLOW_INT8) == 1
-    assert r.stderr.count("Stopped at the end of the context: 3 of the 10 new tokens asked for "
-                          "(11 prompt + 3 generated = 14 positions); a larger --max-seq-length makes room for more") == 1
+    assert r.stderr.count("Stopped at the end of the context: 3 of the 10 new tokens asked for (11 prompt + "
+                          "3 generated = 14 positions); a larger --max-seq-length makes room for more") == 1
     assert not [n for n in NOISE if n in r.stderr + r.stdout], r.stderr
 
 
