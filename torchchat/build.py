@@ -225,11 +225,19 @@ def build_exported(spec: BuildSpec, flag: str, path: Path) -> BuiltModel:
         raise TokenizerError(f"{flag} needs the model's tokenizer: pass --tokenizer-path")
     tokenizer = load_tokenizer(Path(tokenizer_path))
     meta.check_tokenizer(tokenizer, str(path))
+    notes = _capped_context(spec.max_seq_len, runtime.max_seq_len, f"the positions {path.name} was exported with")
     return BuiltModel(
         runtime=runtime, tokenizer=tokenizer, config=runtime.config, entry=entry, model=None,
         chat_template=meta.chat_template, is_chat=True if meta.chat_template else (entry.is_chat if entry else None),
-        name=meta.model_name, dtype=meta.torch_dtype,
+        name=meta.model_name, dtype=meta.torch_dtype, notes=notes,
     )
+
+
+def _capped_context(asked: int | None, limit: int, what: str) -> list[str]:
+    """The note for a --max-seq-length above what the model holds (it is capped, not refused)."""
+    if asked is None or asked <= limit:
+        return []
+    return [f"--max-seq-length {asked} is more than {what} ({limit}): using {limit}"]
 
 
 def _use_cuda_kernels(spec: BuildSpec, device: str, config: ModelConfig, loaded, notes: list[str]) -> bool:
@@ -326,6 +334,7 @@ def build_model(spec: BuildSpec) -> BuiltModel:
             "--params-table / --params-path"
         )
     if spec.max_seq_len is not None:
+        notes.extend(_capped_context(spec.max_seq_len, config.max_seq_len, "the model's context"))
         config = config.with_max_seq_len(min(spec.max_seq_len, config.max_seq_len))
     if spec.quant is not None:
         # Shapes and device checked before any weight is read (the checkpoint is only mapped so far).

@@ -50,6 +50,12 @@ class DownloadError(TorchchatError):
     """A download failed or was refused; the cache is left as it was."""
 
 
+class DownloadInterrupted(DownloadError):
+    """Ctrl-C during a download; what was received is kept for the next attempt."""
+
+    exit_code = 130  # as for any command stopped by SIGINT
+
+
 class ExportError(TorchchatError):
     """Exporting or loading an exported artifact failed."""
 

@@ -108,3 +108,15 @@ def test_exported_model_flags_refuse_bad_input(case, code, pattern, stories260k_
     }[case]
     assert main(["generate", *map(str, args), *tok, "--max-new-tokens", "3"]) == code
     assert re.search(pattern, _one_error_line(capsys))
+
+
+def test_executorch_refusal_quotes_the_shipped_mobile_recipe(stories, tmp_path, capsys):
+    """The recipe the refusal suggests is the one `--quantize mobile` applies, read from its file."""
+    import json
+
+    from torchchat.quantize import RECIPE_DIR
+
+    main(["export", *stories, "--output-pte-path", str(tmp_path / "m.pte"), "--quantize", '{"linear:int8": {}}'])
+    line = _one_error_line(capsys)
+    quoted = line.split("try --quantize mobile: ", 1)[1]
+    assert json.loads(quoted) == json.loads((RECIPE_DIR / "mobile.json").read_text())

@@ -35,3 +35,11 @@ def test_logits_match_eager(name, flag, exports, stories260k_dir):
     got = logits_along(runtime.forward, ids, 20)
     assert got.shape == want.shape == (1, len(ids), 512)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name, flag", FORMS)
+def test_a_max_seq_length_above_the_artifacts_is_capped_with_one_note(name, flag, exports, tok_args, capsys):
+    path = exports.path(name)
+    _, err = generate(capsys, [flag, path, *tok_args, "--max-seq-length", "9999"], n=5)
+    assert err.count(f"--max-seq-length 9999 is more than the positions {path.name} was exported with (256): "
+                     "using 256") == 1

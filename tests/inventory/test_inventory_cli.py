@@ -85,3 +85,33 @@ def test_download_honours_hf_endpoint_environment(hub, stories_repo, tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "md" / "meta-llama" / "Llama-2-7b-hf" / "model.safetensors").read_bytes() == \
         stories_repo.files["model.safetensors"]
+
+
+def test_ctrl_c_during_download_exits_130_and_keeps_the_partial_file(hub, tinyllamas, model_dir, capsys, monkeypatch):
+    """The transfer is read 64 KiB at a time (the progress bar moves on a slow link); Ctrl-C after the
+    second read keeps those bytes in the .part file, and the next download resumes from them."""
+    import tqdm.auto
+
+    reads = []
+
+    class CtrlCAfterTwoReads(tqdm.auto.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            reads.append(n)
+            if len(reads) == 2:
+                raise KeyboardInterrupt
+
+    plain = tqdm.auto.tqdm
+    monkeypatch.setattr(tqdm.auto, "tqdm", CtrlCAfterTwoReads)
+    md = ["--model-directory", str(model_dir)]
+    assert main(["download", "stories260K", *md]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "resumes" in err and "Traceback" not in err
+    assert reads == [64 * 1024] * 2
+    assert (model_dir / ".partial" / "stories260K" / "stories260K.bin.part").stat().st_size == 2 * 64 * 1024
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", plain)
+    assert main(["download", "stories260K", *md]) == 0
+    path = "/karpathy/tinyllamas/resolve/main/stories260K/stories260K.bin"
+    assert (model_dir / "stories260K" / "stories260K.bin").read_bytes() == tinyllamas[path]
+    assert [r[2] for r in hub.requests_for(path)][-1] == f"bytes={2 * 64 * 1024}-"

@@ -37,3 +37,16 @@ def test_missing_fastapi_names_the_install_step(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "fastapi", None)  # makes `import fastapi` fail
     assert main(["server", *stories_args(), "--port", "0"]) == 1
     assert "pip install -e '.[server]'" in one_error_line(capsys)
+
+
+def test_startup_lines_are_the_ones_docs_server_md_shows(api_server):
+    """The notes, each once, then the one ready line: exactly the block docs/server.md prints."""
+    import re
+
+    from tests.conftest import ROOT
+
+    doc = (ROOT / "docs" / "server.md").read_text()
+    shown = doc.split("one line that starts `Serving`:\n\n```\n", 1)[1].split("```", 1)[0].splitlines()
+    lines = api_server.log.read_text().splitlines()
+    ready = next(i for i, line in enumerate(lines) if line.startswith("Serving "))
+    assert [re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:5000", line) for line in lines[: ready + 1]] == shown

@@ -31,18 +31,36 @@ def _command_module(name: str):
     return importlib.import_module(f"torchchat.cli.{COMMANDS[name][0]}")
 
 
+# Commands that load a model, and with it the libraries whose log lines the CLI hides unless -v.
+MODEL_COMMANDS = frozenset({"generate", "chat", "browser", "server", "export", "eval"})
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    return _build_parsers(command)[0]
+
+
+def _build_parsers(command: str | None) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | None]:
+    """The top-level parser, and the full parser of `command` (None when no command is named)."""
     parser = argparse.ArgumentParser(
         prog="torchchat",
         description="Run Llama-family language models with PyTorch.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    command_parser = None
     for name, (module, help_text) in COMMANDS.items():
         if command is not None and name == command:
-            _command_module(name).register(sub, name, help_text)
+            command_parser = _command_module(name).register(sub, name, help_text)
         else:
             sub.add_parser(name, help=help_text, add_help=False)
-    return parser
+    return parser, command_parser
+
+
+def _silence_stdout() -> None:
+    """The reader of stdout went away (`... | head -1`): send what is still buffered to /dev/null, so
+    the interpreter's final flush does not print a second BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,15 +70,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
         command = None
-    parser = build_parser(command)
-    args = parser.parse_args(argv)
+    parser, command_parser = _build_parsers(command)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # argparse reports a subcommand's unknown flag with the top-level usage; name the command's own.
+        (command_parser or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = argv  # a command that re-launches itself (generate --tp) passes its arguments on
     if args.command is None:
         parser.print_help()
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     verbose = bool(getattr(args, "verbose", False)) or os.environ.get("TORCHCHAT_VERBOSE") == "1"
+    if not verbose and args.command in MODEL_COMMANDS:
+        from torchchat.cli.quiet import hide_library_noise
+
+        hide_library_noise(max_autotune=bool(getattr(args, "max_autotune", False)))
     try:
         return int(_command_module(args.command).run(args) or 0)
+    except BrokenPipeError:
+        # As `cat` does when its reader exits: stop quietly, with the status a SIGPIPE death gives.
+        _silence_stdout()
+        return 141
     except TorchchatError as e:
         if verbose:
             raise

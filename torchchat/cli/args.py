@@ -3,6 +3,8 @@ typed specs the library takes. The Namespace goes no further than this package."
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 from torchchat.build import DTYPE_NAMES, BuildSpec, ModelSource, default_model_directory, resolve_device, resolve_dtype
@@ -10,6 +12,49 @@ from torchchat.errors import UserInputError
 from torchchat.generation.engine import GenerationConfig
 from torchchat.generation.sampling import SamplingParams
 from torchchat.generation.steps import CompileOptions
+
+
+class Notices:
+    """The one channel for notes to the user: settings overridden, layers left unquantized, kernels not
+    used, the context capped, a chat template guessed. Every command prints them through one of these:
+    on stderr (stdout is the model's text), each line once however many builds repeat it."""
+
+    def __init__(self, stream=None, streams_text: bool = False):
+        """`streams_text`: the command streams the model's text to stdout (generate, chat), so a
+        progress line may come in the middle of a line of it."""
+        self.stream = stream
+        self.streams_text = streams_text
+        self._said: set[str] = set()
+
+    def say(self, *notes: str) -> None:
+        for note in notes:
+            if note not in self._said:
+                self._said.add(note)
+                print(note, file=self.stream or sys.stderr, flush=True)
+
+    def progress(self, line: str) -> None:
+        """A line about work under way (compiling), said every time. Compiling starts after the first
+        token is written: on a terminal that shows stdout too, the line starts on a line of its own."""
+        stream = self.stream or sys.stderr
+        if self.streams_text and _same_terminal(sys.stdout, stream):
+            line = "\n" + line
+        print(line, file=stream, flush=True)
+
+
+def _same_terminal(a, b) -> bool:
+    try:
+        return a.isatty() and b.isatty() and os.path.samestat(os.fstat(a.fileno()), os.fstat(b.fileno()))
+    except (AttributeError, OSError, ValueError):  # a stream without a file descriptor (captured output)
+        return False
+
+
+def build(spec: BuildSpec, notices: Notices):
+    """torchchat.build.build_model(spec), its notes said through `notices`."""
+    from torchchat.build import build_model
+
+    built = build_model(spec)
+    notices.say(*built.notes)
+    return built
 
 
 def add_verbose(p: argparse.ArgumentParser) -> None:
@@ -33,10 +78,13 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
     e.add_argument("--pte-path", type=Path, help="An ExecuTorch program (.pte) written by `export`")
 
 
-def add_build(p: argparse.ArgumentParser) -> None:
+def add_build(p: argparse.ArgumentParser, default_dtype: str = "fast") -> None:
+    """`default_dtype`: what `build_spec` is given as its default, for the help to say."""
     g = p.add_argument_group("precision, device and quantization")
+    default_help = ("default: fast = bfloat16; fp32 on the CPU matches references" if default_dtype == "fast"
+                    else f"default: {default_dtype}, unless the --quantize recipe names one")
     g.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
-                   help="Weights and activations dtype (default: fast = bfloat16; fp32 on the CPU matches references)")
+                   help=f"Weights and activations dtype ({default_help})")
     g.add_argument("--device", choices=("fast", "cpu", "cuda", "mps"), default=None,
                    help="fast picks cuda, then mps, then cpu (default)")
     g.add_argument("--quantize", default=None, help="Quantization recipe: JSON text, a JSON file, or a shipped recipe name")
@@ -216,8 +264,10 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=args.max_new_tokens, sampling=sampling_params(args))
 
 
-def compile_options(args: argparse.Namespace) -> CompileOptions:
+def compile_options(args: argparse.Namespace, notices: Notices | None = None) -> CompileOptions:
+    """With `notices`, the first call of each compiled step says that it compiles, and how long it took."""
     exported = exported_flag(args)
     if exported and (args.compile or args.compile_prefill or args.max_autotune):
         raise UserInputError(f"{exported}: an exported model is compiled already; drop --compile / --compile-prefill")
-    return CompileOptions(decode=args.compile, prefill=args.compile_prefill, max_autotune=args.max_autotune)
+    return CompileOptions(decode=args.compile, prefill=args.compile_prefill, max_autotune=args.max_autotune,
+                          notify=notices.progress if notices is not None else None)

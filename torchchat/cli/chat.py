@@ -63,7 +63,6 @@ def _turn(session, engine, text: str, cfg, show_stats: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from torchchat.build import build_model
     from torchchat.generation.chat_format import resolve_chat_format
     from torchchat.generation.chat_session import ChatSession
     from torchchat.generation.engine import make_engine
@@ -71,21 +70,20 @@ def run(args: argparse.Namespace) -> int:
     notes: list[str] = []
     spec = cli_args.build_spec(args, notes)
     cfg = cli_args.generation_config(args)
-    options = cli_args.compile_options(args)
+    notices = cli_args.Notices(streams_text=True)
+    options = cli_args.compile_options(args, notices)
     draft = cli_args.draft_spec(args, spec)
-    for note in notes:
-        print(note, file=sys.stderr)
-    built = build_model(spec)
+    notices.say(*notes)
+    built = cli_args.build(spec, notices)
     override = None if args.chat_template in (None, "auto") else args.chat_template
     setup = resolve_chat_format(built.tokenizer, override, built.chat_template, built.is_chat)
     context = args.max_seq_length or min(built.runtime.max_seq_len, DEFAULT_CHAT_CONTEXT)
     engine = make_engine(built, options, max_seq_len=context, parallel_prefill=not args.sequential_prefill)
     if draft is not None:
-        engine.attach_draft(build_model(draft).runtime, args.speculate_k)
+        engine.attach_draft(cli_args.build(draft, notices).runtime, args.speculate_k)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    for notice in setup.notices:
-        print(notice, file=sys.stderr)
+    notices.say(*setup.notices)
 
     system = args.system_prompt
     if system is None and sys.stdin.isatty():

@@ -45,7 +45,6 @@ def _eval_spec(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from torchchat.build import build_model
     from torchchat.evaluation.evaluate import run_eval
     from torchchat.evaluation.tasks import load_tasks
 
@@ -54,14 +53,13 @@ def run(args: argparse.Namespace) -> int:
     notes: list[str] = []
     spec = cli_args.build_spec(args, notes)
     eval_spec = _eval_spec(args)
-    for note in notes:
-        print(note, file=sys.stderr)
+    notices = cli_args.Notices()
+    notices.say(*notes)
     # Tasks first: a bad name or an unreachable dataset fails before the model is loaded.
-    tasks = load_tasks(eval_spec.tasks, eval_spec.task_dirs, notify=lambda s: print(s, file=sys.stderr))
-    built = build_model(spec)
+    tasks = load_tasks(eval_spec.tasks, eval_spec.task_dirs, notify=notices.progress)
+    built = cli_args.build(spec, notices)
     report = run_eval(built.runtime, built.tokenizer, tasks, eval_spec, model_name=built.name)
-    for note in report.notes:
-        print(note, file=sys.stderr)
+    notices.say(*report.notes)
     for line in report.timing_lines():
         print(line)
     print(f"For model {built.name}")

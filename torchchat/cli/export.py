@@ -12,7 +12,7 @@ from torchchat.cli import args as cli_args
 def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text)
     cli_args.add_model_source(p)
-    cli_args.add_build(p)
+    cli_args.add_build(p, default_dtype="fp32")
     g = p.add_argument_group("outputs (one or more)")
     g.add_argument("--output-aoti-package-path", type=Path, metavar="X.pt2",
                    help="AOT Inductor package: run with --aoti-package-path, or the C++ runner")
@@ -28,7 +28,6 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from torchchat.build import build_model
     from torchchat.errors import UserInputError
     from torchchat.export.exporter import ExportTargets, check_export, export_model, quantize_recipe
     from torchchat.export.progress import StepTimer
@@ -47,11 +46,11 @@ def run(args: argparse.Namespace) -> int:
     spec = cli_args.build_spec(args, notes, default_dtype="fp32")
     quantize, schemes = quantize_recipe(spec.quant)
     check_export(targets, spec.dtype, spec.device, schemes)
-    for note in notes:
-        print(note, file=sys.stderr)
+    notices = cli_args.Notices()
+    notices.say(*notes)
     timer = StepTimer(sys.stderr)
     with timer.step("Loading the model"):
-        built = build_model(spec)
+        built = cli_args.build(spec, notices)
     written = export_model(built, targets, quantize=quantize, schemes=schemes, timer=timer)
     for path in written:
         print(f"Wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

@@ -99,33 +99,31 @@ def serve(args: argparse.Namespace, options: ServerOptions) -> int:
     _require_dependencies()
     notes: list[str] = []
     spec = cli_args.build_spec(args, notes)
-    compile_opts = cli_args.compile_options(args)
+    notices = cli_args.Notices()
+    compile_opts = cli_args.compile_options(args, notices)
     sock = _listen(options.host, options.port)
     try:
-        return _serve_on(sock, args, spec, compile_opts, notes, options)
+        return _serve_on(sock, args, spec, compile_opts, notes, notices, options)
     finally:
         sock.close()
 
 
-def _serve_on(sock, args, spec, compile_opts, notes, options: ServerOptions) -> int:
+def _serve_on(sock, args, spec, compile_opts, notes, notices, options: ServerOptions) -> int:
     import uvicorn
 
-    from torchchat.build import build_model
     from torchchat.generation.chat_format import resolve_chat_format
     from torchchat.generation.engine import make_engine
     from torchchat.server import protocol
     from torchchat.server.app import ServedModel, create_app, downloaded_models
     from torchchat.server.worker import ModelWorker
 
-    for note in notes:
-        print(note, file=sys.stderr)
-    built = build_model(spec)
+    notices.say(*notes)
+    built = cli_args.build(spec, notices)
     context = args.max_seq_length or min(built.config.max_seq_len, DEFAULT_CONTEXT)
     engine = make_engine(built, compile_opts, max_seq_len=context, parallel_prefill=not args.sequential_prefill)
     override = None if args.chat_template in (None, "auto") else args.chat_template
     setup = resolve_chat_format(built.tokenizer, override, built.chat_template, built.is_chat)
-    for notice in setup.notices:
-        print(notice, file=sys.stderr)
+    notices.say(*setup.notices)
     served = ServedModel(
         id=built.name,
         tokenizer=built.tokenizer,

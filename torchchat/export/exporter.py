@@ -76,8 +76,18 @@ def check_supported(backend: str, dtype: torch.dtype, device: str, schemes: froz
         if unsupported:
             raise UserInputError(
                 f"ExecuTorch export supports --quantize linear:a8w4dq and embedding, not {', '.join(sorted(unsupported))}; "
-                'the mobile recipe is {"embedding": {"bitwidth": 8, "groupsize": 0}, "linear:a8w4dq": {"groupsize": 256}}'
+                f"try --quantize mobile: {_shipped_recipe('mobile')}"
             )
+
+
+def _shipped_recipe(name: str) -> str:
+    """A recipe of torchchat/quant_config/ on one line, read from its file so that a message quoting it
+    cannot drift from what `--quantize NAME` applies."""
+    import json
+
+    from torchchat.quantize import RECIPE_DIR
+
+    return json.dumps(json.loads((RECIPE_DIR / f"{name}.json").read_text()))
 
 
 def check_export(targets: ExportTargets, dtype: torch.dtype, device: str, schemes: frozenset[str]) -> None:

@@ -2,7 +2,8 @@
 the compiled functions are returned to the caller rather than installed anywhere."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
 import torch
@@ -18,6 +19,27 @@ class CompileOptions:
     decode: bool = False  # --compile
     prefill: bool = False  # --compile-prefill
     max_autotune: bool = False
+    # Told when a compiled step's first call starts compiling and when it is done (10-50 s of silence
+    # otherwise); the CLI prints these lines on stderr.
+    notify: Callable[[str], None] | None = field(default=None, compare=False)
+
+
+class _AnnouncedCompile:
+    """A torch.compile'd step that says so around its first call, where the compiling happens."""
+
+    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], what: str, notify: Callable[[str], None]):
+        self.fn, self.what, self.notify = fn, what, notify
+        self.compiled = False
+
+    def __call__(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        if self.compiled:
+            return self.fn(tokens, input_pos)
+        self.notify(f"Compiling the {self.what} step with torch.compile (first run ~10-50 s)...")
+        t0 = time.perf_counter()
+        out = self.fn(tokens, input_pos)
+        self.compiled = True
+        self.notify(f"Compiled the {self.what} step in {time.perf_counter() - t0:.1f} s")
+        return out
 
 
 def _step(forward: Forward, params: SamplingParams) -> Callable[[Tensor, Tensor], Tensor]:
@@ -82,6 +104,12 @@ class Steps:
         self._cache: dict[tuple[str, SamplingParams], Callable[[Tensor, Tensor], Tensor]] = {}
 
     def _compile(self, fn, dynamic: bool):
+        compiled = self._torch_compile(fn, dynamic)
+        if self.options.notify is None:
+            return compiled
+        return _AnnouncedCompile(compiled, "prefill" if dynamic else "decode", self.options.notify)
+
+    def _torch_compile(self, fn, dynamic: bool):
         if self.options.max_autotune:
             mode = "max-autotune"
         elif self.device.type == "cuda" and not dynamic:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
-from torchchat.errors import CheckpointError, ConfigError, DownloadError
+from torchchat.errors import CheckpointError, ConfigError, DownloadError, DownloadInterrupted
 from torchchat.inventory import store
 from torchchat.model.registry import ModelEntry
 
@@ -90,6 +90,7 @@ def download_model(entry: ModelEntry, options: DownloadOptions) -> Path:
             f"files fetched so far are kept in {staging} and the next download resumes from them"
             if kept else "nothing was kept"
         )
-        what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed: {e}"
-        raise DownloadError(f"download of {entry.name} {what}; {final} was not created ({where})") from e
+        if isinstance(e, KeyboardInterrupt):
+            raise DownloadInterrupted(f"download of {entry.name} interrupted; {final} was not created ({where})") from e
+        raise DownloadError(f"download of {entry.name} failed: {e}; {final} was not created ({where})") from e
     return store.install(staging, entry, options.model_directory)

@@ -20,7 +20,9 @@ from urllib.parse import urlsplit
 from torchchat.errors import DownloadError
 
 HF_HOST = "https://huggingface.co/"
-_CHUNK = 1 << 20
+# Read size: the progress bar moves once per chunk, so it must stay small for a slow link (64 KiB is
+# about a second at 0.5 Mbit/s).
+_CHUNK = 64 << 10
 _SHA256_RE = re.compile(r'^(?:W/)?"?([0-9a-f]{64})"?$')
 _TIMEOUT_S = 60
 

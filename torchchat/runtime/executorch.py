@@ -2,6 +2,10 @@
 bindings alone: `executorch.runtime` would also import the exir compiler, seconds of start-up)."""
 from __future__ import annotations
 
+import logging
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 from torch import Tensor
@@ -12,6 +16,27 @@ from torchchat.export.metadata import ArtifactMetadata
 from torchchat.runtime.exported import ExportedRuntime, read_head
 
 _PTE_IDENTIFIER = b"ET"  # bytes 4..6 of a .pte: the flatbuffer file identifier "ET12" and later
+
+log = logging.getLogger(__name__)
+
+
+def _start_threadpool(bindings) -> None:
+    """Start ExecuTorch's threadpool now, passing what it prints to `log` (torchchat.cli hides it
+    unless -v). On first use it probes the CPU and writes lines such as "[cpuinfo_utils.cpp:71] Reading
+    file /sys/devices/soc0/image_version" from C++ straight to file descriptor 2, which no Python
+    setting reaches; left to the first forward they would land in the middle of the generated text."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            bindings._threadpool_get_thread_count()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        for line in captured.read().decode(errors="replace").splitlines():
+            log.warning("%s", line)
 
 
 def import_bindings():
@@ -46,6 +71,7 @@ class ExecuTorchRuntime(ExportedRuntime):
             raise ExportError(f"{flag}: {path} is not an ExecuTorch program; export one with "
                               "`torchchat.py export MODEL --output-pte-path X.pte`")
         bindings = import_bindings()
+        _start_threadpool(bindings)
         # Loading is lazy: a damaged program shows when its methods are first read.
         try:
             module = bindings._load_for_executorch(str(path))
