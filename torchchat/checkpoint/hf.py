@@ -112,10 +112,9 @@ def _read(file: Path) -> dict[str, Tensor]:
             return load_file(file)  # memory-mapped by safetensors
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from e
-    try:
-        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-    except (RuntimeError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{file}: unreadable PyTorch weights ({str(e).splitlines()[0]})") from e
+    from torchchat.checkpoint.pickled import load_state_dict
+
+    return load_state_dict(file, "Hugging Face pytorch_model.bin")
 
 
 def _read_config(path: Path) -> ModelConfig:
