@@ -66,10 +66,11 @@ def crafted(tmp_path):
     return _archive(tmp_path / "evil.pt2", members), marker
 
 
-def test_torch_reader_would_run_the_pickle(crafted):
+def test_torch_reader_would_run_the_pickle(crafted, tmp_path, monkeypatch):
     """The crafted file is a real attack: torch's own loader runs the payload (then fails)."""
     import torch._inductor
 
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where torch's loader leaves its extraction folder
     path, marker = crafted
     with pytest.raises(Exception):
         torch._inductor.aoti_load_package(str(path))
