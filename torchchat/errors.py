@@ -50,6 +50,12 @@ class DownloadError(TorchchatError):
     """A download failed or was refused; the cache is left as it was."""
 
 
+class DownloadInterrupted(DownloadError):
+    """Ctrl-C during a download: what arrived is kept; the exit code is the shell's for SIGINT."""
+
+    exit_code = 130
+
+
 class ExportError(TorchchatError):
     """Exporting or loading an exported artifact failed."""
 
