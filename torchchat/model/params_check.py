@@ -35,6 +35,8 @@ _FLOAT_RANGES: dict[str, tuple[float, float]] = {  # exclusive lower bound, incl
     "residual_multiplier": (0.0, 1e6),
     "logits_scaling": (0.0, 1e6),
 }
+# Keys whose null means "the default" (derived from the others); any other null is an error.
+_OPTIONAL = {"n_kv_heads", "head_dim", "hidden_dim", "ffn_dim_multiplier", "attention_multiplier", "use_scaled_rope"}
 _BOOLS = ("tie_embeddings", "attention_bias", "mlp_bias", "use_scaled_rope")
 _ROPE_SCALING = {"factor": (0.0, 1e6), "low_freq_factor": (0.0, 1e6), "high_freq_factor": (0.0, 1e6),
                  "original_max_position_embeddings": (0.0, float(1 << 24))}
@@ -52,24 +54,30 @@ def validate_params(p: Mapping[str, Any], source: str) -> None:
     """Raise ConfigError (one line, naming the key and the valid range) for a value of the wrong type
     or out of range. Keys it does not know are left to the caller's unknown-key check."""
     for key, (lo, hi) in _INT_RANGES.items():
-        v = p.get(key)
-        if v is None:
+        if key not in p:
+            continue
+        v = p[key]
+        if v is None and key in _OPTIONAL:
             continue
         if not _is_int(v):
             raise ConfigError(f"{source}: {key} must be an integer, got {v!r}")
         if not lo <= v <= hi:
             raise ConfigError(f"{source}: {key} {v} is out of range (expected {lo}..{hi})")
     for key, (lo, hi) in _FLOAT_RANGES.items():
-        v = p.get(key)
-        if v is None:
+        if key not in p:
+            continue
+        v = p[key]
+        if v is None and key in _OPTIONAL:
             continue
         if not _is_number(v):
             raise ConfigError(f"{source}: {key} must be a number, got {v!r}")
         if not (math.isfinite(v) and lo < v <= hi):
             raise ConfigError(f"{source}: {key} {v} is out of range (expected a finite number > {lo:g} and <= {hi:g})")
     for key in _BOOLS:
-        v = p.get(key)
-        if v is not None and not isinstance(v, bool):
+        if key not in p or (p[key] is None and key in _OPTIONAL):
+            continue
+        v = p[key]
+        if not isinstance(v, bool):
             raise ConfigError(f"{source}: {key} must be true or false, got {v!r}")
     scaling = p.get("rope_scaling")
     if scaling is not None and not hasattr(scaling, "factor"):  # a RopeScaling passes as is

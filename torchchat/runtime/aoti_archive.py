@@ -23,6 +23,7 @@ import re
 import shutil
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from torchchat.errors import ExportError
@@ -56,7 +57,7 @@ def check_package(path: Path, flag: str) -> str:
             for info in infos:
                 name = info.filename
                 parts = PurePosixPath(name).parts
-                if name.startswith("/") or "\\" in name or ".." in parts:
+                if not name or name.startswith("/") or "\\" in name or ".." in parts:
                     raise ExportError(f"{flag}: {path}: member {name!r} would be written outside the package "
                                       f"folder; refusing it")
                 rel = "/".join(parts[1:])
@@ -79,7 +80,8 @@ def check_package(path: Path, flag: str) -> str:
                         pass
     except zipfile.BadZipFile as e:
         raise ExportError(f"{flag}: {path} is damaged or truncated ({e}); {hint}") from e
-    except (OSError, EOFError, NotImplementedError, RuntimeError, ValueError) as e:
+    except (OSError, EOFError, NotImplementedError, RuntimeError, ValueError, IndexError, OverflowError,
+            zlib.error) as e:
         # zlib errors, unsupported compression, encrypted members, a file truncated while read
         raise ExportError(f"{flag}: {path} is damaged or unreadable ({e}); {hint}") from e
     if MODEL_NAME not in models:
