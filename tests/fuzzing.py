@@ -54,12 +54,16 @@ def mutate_bytes(rng: random.Random, data: bytes, region: int | None = None) -> 
     """Flips, interesting values over 4/8-byte fields, insertions, deletions or a truncation, mostly
     inside the first `region` bytes (headers) where they matter."""
     d = bytearray(data)
-    limit = min(len(d), region or len(d))
+    if not d:
+        return bytes(rng.randrange(256) for _ in range(rng.randint(0, 8)))
     for _ in range(rng.randint(1, 4)):
+        if not d:
+            break
+        limit = min(len(d), region or len(d))
         kind = rng.random()
-        at = rng.randrange(max(1, limit))
+        at = rng.randrange(limit)
         if kind < 0.35:
-            d[at] = rng.randrange(256) if at < len(d) else 0
+            d[at] = rng.randrange(256)
         elif kind < 0.55 and at + 4 <= len(d):
             struct.pack_into("<I", d, at - at % 4, rng.choice(INTERESTING_32))
         elif kind < 0.7 and at + 8 <= len(d):
