@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CASES = {"gguf_model": 2000, "gguf_vocab": 150, "llama2c": 1500, "params_json": 3000, "quantize_json": 2000,
+CASES = {"gguf_model": 2000, "gguf_vocab": 150, "llama2c": 1500, "params_json": 3000, "hf_config": 2000, "quantize_json": 2000,
          "sentencepiece": 2000, "tiktoken": 2000, "artifact_metadata": 2000, "aoti_package": 1500, "pte_header": 1500}
 
 

@@ -168,6 +168,26 @@ class Targets:
         config = ModelConfig.from_json_file(path)
         check_model_fits(config, 2, "cpu", str(path))
 
+    def hf_config(self, rng, tmp: Path):
+        from torchchat.checkpoint.hf import config_from_hf
+        from torchchat.model.params_check import check_model_fits
+
+        base = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+                "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
+                "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True, "head_dim": 64,
+                "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                 "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+        for _ in range(rng.randint(1, 3)):
+            base = mutate_json(rng, base)
+        text = json_text(rng, base)
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return  # config.json's own JSON errors are _read_config's, covered by the hf tests
+        config = config_from_hf(data, "config.json")
+        check_model_fits(config, 2, "cpu", "config.json")
+
     def quantize_json(self, rng, tmp: Path):
         from torchchat.quantize import parse_quantize
 
@@ -250,7 +270,7 @@ class Targets:
 
 # Native parsers that could take the process down with them: run in a child process by the test.
 NATIVE = ("sentencepiece", "tiktoken", "gguf_vocab")
-ALL = ("gguf_model", "gguf_vocab", "llama2c", "params_json", "quantize_json", "sentencepiece", "tiktoken",
+ALL = ("gguf_model", "gguf_vocab", "llama2c", "params_json", "hf_config", "quantize_json", "sentencepiece", "tiktoken",
        "artifact_metadata", "aoti_package", "pte_header")
 
 

@@ -16,7 +16,7 @@ from tests.conftest import ROOT, shared_path
 from tests.fuzzing import NATIVE, run
 
 SEED = 0
-IN_PROCESS = {"gguf_model": 80, "llama2c": 60, "params_json": 120, "quantize_json": 80, "artifact_metadata": 80,
+IN_PROCESS = {"gguf_model": 80, "llama2c": 60, "params_json": 120, "hf_config": 80, "quantize_json": 80, "artifact_metadata": 80,
               "aoti_package": 60, "pte_header": 60}
 IN_CHILD = {"sentencepiece": 80, "tiktoken": 80, "gguf_vocab": 5}  # the GGUF vocabulary: 32000 tokens, ~1 s a case
 
