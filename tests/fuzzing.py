@@ -336,12 +336,13 @@ def main(argv=None) -> int:
     p.add_argument("--target", choices=ALL, required=True)
     p.add_argument("--cases", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-limit", type=float, default=30.0, help="seconds one case may take (a hang)")
     args = p.parse_args(argv)
 
     def progress(i):  # the last case started, for a process that dies
         print(f"case {i}", file=sys.stderr, flush=True)
 
-    res = run(args.target, args.cases, args.seed, progress=progress)
+    res = run(args.target, args.cases, args.seed, time_limit_s=args.time_limit, progress=progress)
     print(json.dumps(res.as_dict()))
     return 0
 
