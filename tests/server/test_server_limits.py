@@ -124,3 +124,18 @@ def test_api_key_with_spaces_is_stripped_at_startup():
 
     args = build_parser("server").parse_args(["server", "--api-key", "  sk-abc \n", "--dummy-weights"])
     assert server_options(args, open_browser=False).api_key == "sk-abc"
+
+
+def test_tokenizer_panic_becomes_a_json_error():
+    """tiktoken's Rust panics are BaseExceptions, which FastAPI would answer as a plain-text 500."""
+    from torchchat.server.app import APIError, _tokenize
+
+    class PanicException(BaseException):
+        pass
+
+    def panics(text):
+        raise PanicException("no entry found for key")
+
+    with pytest.raises(APIError) as e:
+        asyncio.run(_tokenize(panics, "x"))
+    assert e.value.status == 500 and "no entry found for key" in e.value.message

@@ -229,7 +229,7 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
         messages = [{"role": m.role, "content": m.text} for m in body.messages]
         try:
             # Tokenizing a long prompt takes seconds: in a thread, so /health and other requests are served.
-            prompt_ids = await asyncio.to_thread(served.chat_format.encode, tok, messages)
+            prompt_ids = await _tokenize(served.chat_format.encode, tok, messages)
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from e
         job = job_for(body, prompt_ids, "messages", served.chat_stop_ids)
@@ -268,8 +268,8 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
             if bad:
                 raise APIError(400, f"Invalid request: prompt: token id {bad[0]} is outside the vocabulary "
                                     f"(0..{tok.vocab_size - 1})", param="prompt", code="invalid_value")
-        job = job_for(body, await asyncio.to_thread(completion_prompt_ids, tok, prompt), "prompt")
-        echo = (prompt if isinstance(prompt, str) else await asyncio.to_thread(tok.decode, prompt)) if body.echo else ""
+        job = job_for(body, await _tokenize(completion_prompt_ids, tok, prompt), "prompt")
+        echo = (prompt if isinstance(prompt, str) else await _tokenize(tok.decode, prompt)) if body.echo else ""
         head = Head(protocol.new_id("cmpl"), served.id, served.fingerprint)
         if not body.stream:
             done = await collect(request, job)
@@ -303,6 +303,20 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+async def _tokenize(fn, *args):
+    """Run a tokenizer call in a thread (a long prompt takes seconds; the loop must stay free). A
+    native tokenizer can fail with a BaseException (tiktoken's Rust panics are pyo3 PanicExceptions),
+    which FastAPI's handlers would answer with a plain-text 500: it becomes an OpenAI JSON error."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except (Exception, asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        log.error("tokenizer failed", exc_info=e)
+        raise APIError(500, f"The tokenizer failed on this input: {type(e).__name__}: {str(e)[:200]}",
+                       type_="server_error") from None
 
 
 def _usage(fin: Finished) -> dict[str, int]:
