@@ -72,7 +72,7 @@ def _open(source: Any) -> tuple[Any, str]:
     try:
         check_gguf(Path(path))  # bounded header walk: GGUFReader trusts every length it reads
     except CheckpointError as e:
-        raise TokenizerError(str(e)) from e
+        raise TokenizerError(f"not a readable GGUF file: {e}") from e
     try:
         return gguf.GGUFReader(path), path
     except OSError as e:
