@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.server.conftest import API_KEY
-from tests.server.test_server_http import AUTH, assert_openai_error, request
+from tests.server.test_server_http import assert_openai_error, request
 
 pytest.importorskip("fastapi")
 
