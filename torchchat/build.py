@@ -278,6 +278,19 @@ def _build_fused(model: torch.nn.Module, spec: BuildSpec, device: str, loaded: b
         apply_quantization(model, rest, device)
 
 
+def _check_model_fits(config: ModelConfig, spec: BuildSpec, device: str, checkpoint) -> None:
+    """Refuse a model that can never fit before building it (a params file can ask for anything)."""
+    from torchchat.model.params_check import check_model_fits
+
+    per_param = 0.5 if spec.quant is not None else torch.empty((), dtype=spec.dtype).element_size()
+    check_model_fits(config, per_param, device, str(checkpoint or _source_name(spec)))
+
+
+def _source_name(spec: BuildSpec) -> str:
+    src = spec.source
+    return str(src.params_path or src.params_table or src.name or "model")
+
+
 def build_model(spec: BuildSpec) -> BuiltModel:
     """Build the runtime and tokenizer a BuildSpec names."""
     artifact = _exported_artifact(spec.source)
@@ -340,6 +353,7 @@ def build_model(spec: BuildSpec) -> BuiltModel:
         # Shapes and device checked before any weight is read (the checkpoint is only mapped so far).
         notes.extend(spec.quant.validate(config, device, spec.dtype))
 
+    _check_model_fits(config, spec, device, checkpoint)
     with torch.device("meta"):
         model = Transformer(config)
     if spec.tp is not None:

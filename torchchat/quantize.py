@@ -187,7 +187,7 @@ def _setting(source: str, key: str, options: Any) -> str:
         raise QuantizationError(f'{source}: {key!r} takes exactly {{"{option}": ...}}, got {json.dumps(options)}')
     value = options[option]
     if key == "precision":
-        if value not in DTYPE_NAMES:
+        if not isinstance(value, str) or value not in DTYPE_NAMES:  # a list or object is unhashable
             raise QuantizationError(
                 f"{source}: precision dtype {value!r} is not valid; valid: {_join(dict.fromkeys(DTYPE_NAMES))}"
             )

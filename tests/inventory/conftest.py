@@ -46,6 +46,8 @@ class Served:
 
     corrupt: bool = False
     cut: Cut | None = None
+    range_reply: str | None = None  # None: honour Range; "ignore": 200 with the whole file;
+    # "from-zero": 206 whose body (and Content-Range) start at byte 0, as a broken mirror answers
 
 
 @dataclass
@@ -171,11 +173,13 @@ def _handler(hub: Hub):
             if served.corrupt:
                 data = bytes([data[0] ^ 0xFF]) + data[1:]
             start = 0
-            rng = self.headers.get("Range")
+            rng = self.headers.get("Range") if served.range_reply != "ignore" else None
             if rng:
                 start = int(re.match(r"bytes=(\d+)-", rng).group(1))
                 if start >= len(data):
                     return self._send(416, {"Content-Range": f"bytes */{len(data)}"}, body=body)
+                if served.range_reply == "from-zero":
+                    start = 0
                 headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
             code = 206 if rng else 200
             headers["Content-Length"] = str(len(data) - start)

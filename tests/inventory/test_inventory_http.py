@@ -70,3 +70,66 @@ def test_html_page_instead_of_checkpoint_is_refused(hub, tinyllamas, model_dir):
     with pytest.raises(DownloadError, match="do not load"):
         download_model(resolve_model("stories260K"), DownloadOptions(model_dir))
     assert list(model_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("reply", ["from-zero", "ignore"])
+def test_resume_answered_from_byte_zero_is_not_appended(hub, tinyllamas, model_dir, reply):
+    """A mirror that answers `Range: bytes=N-` with the whole file (a 206 saying bytes 0-, or a 200)
+    must not have it appended to the N bytes already here: the file would be installed corrupt."""
+    entry = resolve_model("stories260K")
+    hub.served[BIN] = Served(cut=Cut(at=100_000, times=1))
+    with pytest.raises(DownloadError):
+        download_model(entry, DownloadOptions(model_dir))
+    hub.served[BIN] = Served(range_reply=reply)
+    folder = download_model(entry, DownloadOptions(model_dir))
+    assert (folder / "stories260K.bin").read_bytes() == tinyllamas[BIN]
+
+
+def test_second_download_of_one_model_is_refused_in_one_line(hub, tinyllamas, model_dir):
+    from torchchat.inventory.download import download_lock
+
+    entry = resolve_model("stories260K")
+    with download_lock(entry, model_dir):
+        with pytest.raises(DownloadError, match=r"another download of stories260K is running \(pid \d+\)"):
+            download_model(entry, DownloadOptions(model_dir))
+    folder = download_model(entry, DownloadOptions(model_dir))  # the lock is gone with its holder
+    assert (folder / "stories260K.bin").read_bytes() == tinyllamas[BIN]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["stories260K"]
+
+
+def test_second_download_in_another_process_is_refused(hub, tinyllamas, model_dir):
+    import subprocess
+    import sys
+
+    from torchchat.inventory.download import download_lock
+
+    entry = resolve_model("stories260K")
+    with download_lock(entry, model_dir):
+        proc = subprocess.run([sys.executable, "torchchat.py", "download", "stories260K", "--model-directory",
+                               str(model_dir)], capture_output=True, text=True, timeout=60,
+                              cwd=__import__("pathlib").Path(__file__).resolve().parents[2])
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "another download" in proc.stderr
+
+
+def test_ctrl_c_keeps_what_arrived_and_exits_130(hub, tinyllamas, model_dir, monkeypatch, capsys):
+    from torchchat.cli import main
+    from torchchat.inventory import http
+
+    real_read = http.http.client.HTTPResponse.read
+    calls = []
+
+    def read_then_interrupt(self, *args):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return real_read(self, *args)
+
+    monkeypatch.setattr(http, "_CHUNK", 50_000)
+    monkeypatch.setattr(http.http.client.HTTPResponse, "read", read_then_interrupt)
+    code = main(["download", "stories260K", "--model-directory", str(model_dir)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130
+    assert err[-1].startswith("Error: download of stories260K interrupted") and "kept" in err[-1]
+    part = model_dir / ".partial" / "stories260K" / "stories260K.bin.part"
+    assert part.stat().st_size == 100_000

@@ -20,6 +20,7 @@ from torch import Tensor
 from torchchat.checkpoint.detect import LoadedCheckpoint, LoadOptions
 from torchchat.checkpoint.gguf_header import check_gguf
 from torchchat.checkpoint.gguf_tensors import SUPPORTED_TYPES, to_dense, unpack_q4_0
+from torchchat.checkpoint.gguf_validate import validate_gguf
 from torchchat.errors import CheckpointError, MissingDependencyError
 from torchchat.model.config import ModelConfig, RopeScaling
 
@@ -219,6 +220,7 @@ def load_gguf(path: Path, options: LoadOptions | None = None) -> LoadedCheckpoin
     if unknown:
         shown = ", ".join(unknown[:6]) + (" ..." if len(unknown) > 6 else "")
         raise CheckpointError(f"{source}: unknown GGUF tensor name(s) {shown} ({len(unknown)} in all)")
+    validate_gguf(reader, _Metadata(reader, source).get, source, path.stat().st_size)  # checkpoint/gguf_validate.py
     config = config_from_gguf(_Metadata(reader, source), tensors)
 
     keep_int4 = options.keep_quantized and int4_kernel_runs(options.device, options.dtype)

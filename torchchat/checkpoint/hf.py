@@ -9,11 +9,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from torchchat.errors import CheckpointError, ConfigError
 from torchchat.model.config import ModelConfig, RopeScaling
+from torchchat.model.params_check import validate_params
 
 _LAYER_MAP = {
     "self_attn.q_proj": "attention.wq",
@@ -35,6 +35,8 @@ def is_hf_dir(path: Path) -> bool:
 
 
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{source}: must hold a JSON object")
     arch = hf.get("model_type", "llama")
     if arch not in ("llama", "mistral", "granite"):
         raise ConfigError(f"{source}: model_type '{arch}' is not supported (llama, mistral, granite)")
@@ -50,7 +52,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
             )
         elif rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise ConfigError(f"{source}: rope scaling type {rope.get('rope_type')!r} is not supported (llama3 is)")
-        return ModelConfig(
+        fields = dict(
             dim=hf["hidden_size"],
             n_layers=hf["num_hidden_layers"],
             n_heads=hf["num_attention_heads"],
@@ -70,8 +72,12 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
             residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
             logits_scaling=float(hf.get("logits_scaling", 1.0)),
         )
+        validate_params(fields, source)
+        return ModelConfig(**fields)
     except KeyError as e:
         raise ConfigError(f"{source}: missing key {e}") from e
+    except (TypeError, ValueError, AttributeError, OverflowError) as e:  # a value of the wrong JSON type
+        raise ConfigError(f"{source}: malformed value ({e})") from e
 
 
 def unpermute(w: Tensor, n_heads: int) -> Tensor:
@@ -112,10 +118,9 @@ def _read(file: Path) -> dict[str, Tensor]:
             return load_file(file)  # memory-mapped by safetensors
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from e
-    try:
-        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-    except (RuntimeError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{file}: unreadable PyTorch weights ({str(e).splitlines()[0]})") from e
+    from torchchat.checkpoint.pickled import load_state_dict
+
+    return load_state_dict(file, "Hugging Face pytorch_model.bin")
 
 
 def _read_config(path: Path) -> ModelConfig:

@@ -72,6 +72,19 @@ def _v1_layout(dim, hidden, n_layers, n_heads, n_kv, vocab, seq, shared):
     return layout
 
 
+def _check_header(path: Path, dim, hidden, n_layers, n_heads, n_kv, vocab, seq) -> None:
+    """Header fields in range before any size is computed from them (the values are int32 and untrusted)."""
+    fields = {"dim": dim, "hidden_dim": hidden, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv,
+              "vocab_size": vocab, "seq_len": seq}
+    bad = [f"{k} {v}" for k, v in fields.items() if not 0 < v < 1 << 20]
+    if not bad and dim % n_heads:
+        bad.append(f"dim {dim} not a multiple of n_heads {n_heads}")
+    if not bad and (n_heads % n_kv or (dim // n_heads) % 2):
+        bad.append(f"n_heads {n_heads} / n_kv_heads {n_kv} / head size {dim // n_heads} do not fit together")
+    if bad:
+        raise CheckpointError(f"{path}: damaged llama2.c header ({', '.join(bad)}); download the checkpoint again")
+
+
 def load_llama2c(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     data = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, file untouched
     head = bytes(data[:256])
@@ -87,14 +100,22 @@ def load_llama2c(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
         shared = vocab > 0
         vocab = abs(vocab)
         offset, layout = 28, _legacy_layout(dim, hidden, n_layers, n_heads, n_kv, vocab, seq, shared)
+    _check_header(path, dim, hidden, n_layers, n_heads, n_kv, vocab, seq)
     config = ModelConfig(
         dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
         vocab_size=vocab, max_seq_len=seq, tie_embeddings=shared,
     )
     need = offset + 4 * sum(int(np.prod(shape)) * (count or 1) for _, count, shape in layout)
+    # Exactly, not at least: a header edited to fewer layers or heads still "fits" a larger file and
+    # would decode into garbage; the file has no other checksum.
     if data.size < need:
         raise CheckpointError(
             f"{path}: truncated llama2.c checkpoint: {data.size} bytes, the header promises {need}; download it again"
+        )
+    if data.size > need:
+        raise CheckpointError(
+            f"{path}: llama2.c checkpoint of {data.size} bytes, but its header describes {need}: the header or the "
+            "file is damaged; download it again"
         )
     floats = torch.from_numpy(np.frombuffer(data, dtype=np.float32, count=(need - offset) // 4, offset=offset))
     state: dict[str, Tensor] = {}

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from torchchat.checkpoint.pickled import load_state_dict
 from torchchat.errors import CheckpointError, ConfigError
 from torchchat.model.config import ModelConfig, RopeScaling
 
@@ -71,19 +72,18 @@ def load_meta_dir(folder: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     files = sorted(p for p in folder.glob("consolidated.*.pth") if _SHARD_RE.match(p.name))
     shards = []
     for file in files:
-        try:
-            shards.append(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
-        except (RuntimeError, EOFError, ValueError, OSError) as e:
-            raise CheckpointError(f"{file}: unreadable PyTorch checkpoint ({str(e).splitlines()[0]})") from e
+        shards.append(load_state_dict(file, "Meta checkpoint shard"))
     keys = list(shards[0])
     for file, shard in zip(files[1:], shards[1:]):
         if set(shard) != set(keys):
             raise CheckpointError(f"{file}: its tensors differ from {files[0].name}'s; the slices are not one model")
     if "tok_embeddings.weight" not in shards[0]:
         raise CheckpointError(f"{files[0]}: no tok_embeddings.weight; not a Meta Llama checkpoint")
+    if not isinstance(params, dict):
+        raise ConfigError(f"{params_path}: params.json must hold a JSON object")
     dim = params.get("dim")
-    if not isinstance(dim, int):
-        raise ConfigError(f"{params_path}: missing 'dim'")
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
+        raise ConfigError(f"{params_path}: 'dim' must be a positive integer, got {dim!r}")
     state = {key: _merge(key, [s[key] for s in shards], dim) for key in keys}
     config = _config(params, state["tok_embeddings.weight"].shape[0], str(params_path))
     return config, state

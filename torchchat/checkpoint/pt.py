@@ -1,22 +1,18 @@
 """PyTorch `.pt/.pth` state dicts (Meta / gpt-fast / llama2.c training checkpoints), memory-mapped."""
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
+from torchchat.checkpoint.pickled import check_state_dict, load_pickle
 from torchchat.errors import CheckpointError
 from torchchat.model.config import ModelConfig
 
 
 def load_pt(path: Path) -> tuple[ModelConfig | None, dict[str, Tensor]]:
     """Returns the state dict and, for llama2.c training checkpoints, the config in `model_args`."""
-    try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from e
+    obj = load_pickle(path)
     config = None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         args = obj.get("model_args")
@@ -26,4 +22,5 @@ def load_pt(path: Path) -> tuple[ModelConfig | None, dict[str, Tensor]]:
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors (or one under 'model')")
+    check_state_dict(obj, path, "PyTorch checkpoint")
     return config, obj

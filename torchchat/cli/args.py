@@ -73,8 +73,8 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
                    help="Where downloaded models live (default $TORCHCHAT_MODELDIR or ~/.torchchat/model-cache)")
     g.add_argument("--dummy-weights", action="store_true", help="Random weights of the params' shape (for benchmarks)")
     e = p.add_argument_group("exported model (instead of a checkpoint; give --tokenizer-path too)")
-    e.add_argument("--aoti-package-path", type=Path, help="An AOT Inductor package (.pt2) written by `export`")
-    e.add_argument("--dso-path", type=Path, help="An AOT Inductor shared library (.so, with its .so.json) written by `export`")
+    e.add_argument("--aoti-package-path", type=Path, help="An AOT Inductor package (.pt2) written by `export`; its library runs as code: trust its source")
+    e.add_argument("--dso-path", type=Path, help="An AOT Inductor shared library (.so, with its .so.json) written by `export`; it runs as code: trust its source")
     e.add_argument("--pte-path", type=Path, help="An ExecuTorch program (.pte) written by `export`")
 
 

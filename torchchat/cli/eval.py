@@ -20,7 +20,8 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
                    help="lm-eval tasks, groups or tags (default: wikitext); the shipped local tasks: storybook "
                         "(storybook_ppl, storybook_cloze, storybook_gen)")
     g.add_argument("--tasks-dir", type=Path, action="append", default=[], metavar="DIR",
-                   help="A folder of task YAMLs to search before lm-eval's registry (repeatable)")
+                   help="A folder of task YAMLs to search before lm-eval's registry (repeatable); a YAML's !function "
+                        "runs Python from it: trust its source")
     g.add_argument("--limit", type=int, default=None, help="Evaluate at most N documents per task")
     g.add_argument("--batch-size", type=int, default=None,
                    help="Sequences per forward when scoring log-likelihoods "

@@ -21,6 +21,7 @@ class ServerOptions:
     port: int = 5000  # 0: any free port (printed when ready)
     api_key: str | None = None
     open_browser: bool = False
+    max_request_bytes: int = 8 << 20
     verbose: bool = False
 
 
@@ -39,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, default=5000, help="Port to listen on (0: any free port)")
     g.add_argument("--api-key", default=os.environ.get("TORCHCHAT_API_KEY"),
                    help="Require 'Authorization: Bearer KEY' on /v1 requests (default $TORCHCHAT_API_KEY)")
+    g.add_argument("--max-request-bytes", type=int, default=8 << 20,
+                   help="Largest request body accepted; larger ones are answered 413 (default 8 MiB)")
     cli_args.add_verbose(p)
 
 
@@ -53,10 +56,15 @@ def server_options(args: argparse.Namespace, open_browser: bool) -> ServerOption
 
     if not 0 <= args.port <= 65535:
         raise UserInputError(f"--port {args.port}: give a port in 0..65535 (0 picks a free one)")
-    if args.api_key is not None and not args.api_key.strip():
+    # Clients strip the key they send (and so does the check), so a key pasted with a newline or
+    # spaces would never match: use it stripped.
+    api_key = args.api_key.strip() if args.api_key is not None else None
+    if api_key is not None and not api_key:
         raise UserInputError("--api-key is empty; give a key, or leave the flag out to accept every request")
-    return ServerOptions(host=args.host, port=args.port, api_key=args.api_key, open_browser=open_browser,
-                         verbose=bool(args.verbose))
+    if args.max_request_bytes < 1024:
+        raise UserInputError(f"--max-request-bytes {args.max_request_bytes}: give at least 1024")
+    return ServerOptions(host=args.host, port=args.port, api_key=api_key, open_browser=open_browser,
+                         verbose=bool(args.verbose), max_request_bytes=args.max_request_bytes)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -143,7 +151,8 @@ def _serve_on(sock, args, spec, compile_opts, notes, notices, options: ServerOpt
             threading.Thread(target=_open_browser, args=(url,), daemon=True).start()
 
     app = create_app(ModelWorker(engine), served, api_key=options.api_key,
-                     other_models=lambda: downloaded_models(spec.source.model_directory), on_ready=ready)
+                     other_models=lambda: downloaded_models(spec.source.model_directory), on_ready=ready,
+                     max_request_bytes=options.max_request_bytes)
     config = uvicorn.Config(app, log_level="info" if options.verbose else "warning", access_log=options.verbose,
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)

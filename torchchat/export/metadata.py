@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from torchchat.errors import ExportError, TokenizerError
+from torchchat.errors import ConfigError, ExportError, TokenizerError
 from torchchat.model.config import ModelConfig
+from torchchat.model.params_check import validate_params
 
 FORMAT_VERSION = 1
 
@@ -103,6 +104,9 @@ class ArtifactMetadata:
                 "format_version", "model_name", "config", "tokenizer", "max_seq_len", "dtype", "quantize",
                 "dynamic_shapes", "chat_template", "backend", "device", "weight_bytes",
             }
+            if not isinstance(data["config"], dict) or not isinstance(tok, dict):
+                raise TypeError("config and tokenizer must be objects")
+            validate_params(data["config"], f"{source}: metadata config")
             meta = cls(
                 model_name=str(data["model_name"]),
                 config=ModelConfig.from_dict(data["config"]),
@@ -120,7 +124,9 @@ class ArtifactMetadata:
                 chat_template=data.get("chat_template"),
                 extra={k: v for k, v in data.items() if k not in known},
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except ConfigError as e:
+            raise ExportError(f"{e}; {hint}") from e
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise ExportError(f"{source}: its torchchat metadata is incomplete or malformed ({e!r}); {hint}") from e
         if meta.dtype not in DTYPE_NAMES.values():
             raise ExportError(f"{source}: metadata dtype {meta.dtype!r} is not one of {', '.join(DTYPE_NAMES.values())}")

@@ -4,8 +4,10 @@ Nothing is converted: torchchat reads Hugging Face folders, Meta `original/` fol
 files as they come, so the model directory holds exactly one copy of the weights."""
 from __future__ import annotations
 
+import os
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
@@ -69,13 +71,60 @@ def _has_progress(staging: Path) -> bool:
     return any(p.is_file() and ".cache" not in p.relative_to(staging).parts for p in staging.rglob("*"))
 
 
+@contextmanager
+def download_lock(entry: ModelEntry, model_directory: Path):
+    """Holds `<model-directory>/.partial/<name>.lock` (an flock) for one download of `entry`; a second
+    `download` of the same model, in another process, is refused with one line instead of writing
+    into the same `.part` files. The lock file is removed on the way out; a process that locked a
+    file someone else removed in between tries again on the current one."""
+    import fcntl
+
+    staging = store.staging_dir(entry, model_directory)
+    lock_path = staging.with_name(staging.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DownloadError(
+                f"another download of {entry.name} is running (pid {holder}); wait for it to finish, then run this "
+                "again"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)
+        store.prune_partial(lock_path.parent, model_directory)
+
+
 def download_model(entry: ModelEntry, options: DownloadOptions) -> Path:
     """Make `entry` present in the model directory and return its folder. Already downloaded: returns
     at once. On failure the model directory is as it was, except that files fetched so far wait under
-    `.partial/` for the next attempt to resume; the DownloadError says so."""
+    `.partial/` for the next attempt to resume; the DownloadError says so (DownloadInterrupted, exit
+    130, for Ctrl-C)."""
     final = entry.local_dir(options.model_directory)
     if final.is_dir():
         return final
+    with download_lock(entry, options.model_directory):
+        if final.is_dir():  # another process finished it while we started
+            return final
+        return _download_locked(entry, options, final)
+
+
+def _download_locked(entry: ModelEntry, options: DownloadOptions, final: Path) -> Path:
     staging = store.staging_dir(entry, options.model_directory)
     staging.mkdir(parents=True, exist_ok=True)
     print(f"Downloading {entry.name} to {final}", file=sys.stderr)

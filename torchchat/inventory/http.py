@@ -64,9 +64,53 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+_CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
+
+
+class _Restart(Exception):
+    """The server's answer to a resume does not continue the partial file: start over from byte 0."""
+
+
+def _expected_total(response, have: int, url: str) -> tuple[int, int | None]:
+    """(offset the body starts at, total file size or None) from the status, Content-Range and
+    Content-Length, refusing answers that do not add up. A 206 must start exactly at `have`: a mirror
+    that resends the file from byte 0 under a 206 would otherwise be appended to what we have."""
+    length = response.headers.get("Content-Length")
+    try:
+        length = int(length) if length is not None else None
+    except ValueError:
+        raise DownloadError(f"{url}: the server sent a malformed Content-Length {length!r}; try again later") from None
+    if response.status != 206:
+        if response.status != 200:
+            raise DownloadError(f"{url}: unexpected HTTP {response.status} for a file download")
+        return 0, length  # a whole file: any partial one is overwritten, never appended to
+    m = _CONTENT_RANGE_RE.match(response.headers.get("Content-Range") or "")
+    if m is None:
+        raise _Restart("a partial answer (206) without a valid Content-Range")
+    first, last, total = int(m.group(1)), int(m.group(2)), m.group(3)
+    total = int(total) if total != "*" else None
+    if first != have or last < first or (total is not None and last >= total):
+        raise _Restart(f"the server resumed at byte {first}, not {have}")
+    if length is not None and length != last - first + 1:
+        raise DownloadError(f"{url}: Content-Length {length} and Content-Range {first}-{last} disagree; try again later")
+    return first, total if total is not None else last + 1
+
+
 def fetch_url(url: str, dest: Path) -> None:
     """Download `url` to `dest` (resuming `dest.part` if present). Raises DownloadError on any failure,
     keeping what was received for the next attempt unless it is known to be wrong."""
+    try:
+        _fetch_once(url, dest)
+    except _Restart:
+        # What we hold cannot be continued from this server's answer: fetch the whole file instead.
+        dest.with_name(dest.name + ".part").unlink(missing_ok=True)
+        try:
+            _fetch_once(url, dest)
+        except _Restart as e:
+            raise DownloadError(f"{url}: the server's answer does not fit the request ({e}); try again later") from None
+
+
+def _fetch_once(url: str, dest: Path) -> None:
     from tqdm.auto import tqdm
 
     url = resolve_url(url)
@@ -89,16 +133,17 @@ def fetch_url(url: str, dest: Path) -> None:
         reason = getattr(e, "reason", e)
         raise DownloadError(f"cannot reach {urlsplit(url).netloc} for {url} ({reason}); check the network connection") from e
     with response:
-        resumed = have and response.status == 206
-        length = response.headers.get("Content-Length")
-        total = (have if resumed else 0) + int(length) if length is not None else None
+        start, total = _expected_total(response, have, url)
+        resumed = start > 0
         sha256 = _sha256_header(response.headers) or redirects.sha256
-        received = have if resumed else 0
+        received = start
         try:
             with part.open("ab" if resumed else "wb") as out, tqdm(
                 total=total, initial=received, unit="B", unit_scale=True, desc=dest.name, disable=None
             ) as bar:
                 while chunk := response.read(_CHUNK):
+                    if total is not None and received + len(chunk) > total:
+                        raise DownloadError(f"{url}: the server sent more than the {total} bytes it announced; try again later")
                     out.write(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))

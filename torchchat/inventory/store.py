@@ -65,6 +65,12 @@ def install(staging: Path, entry: ModelEntry, model_directory: Path) -> Path:
     return final
 
 
+def prune_partial(path: Path, model_directory: Path) -> None:
+    """Remove `path` and its parents up to the model directory where they are empty (after a lock
+    file or staging folder under `.partial/` goes)."""
+    _prune_empty_parents(path, Path(model_directory))
+
+
 def discard_staging(entry: ModelEntry, model_directory: Path) -> None:
     staging = staging_dir(entry, model_directory)
     shutil.rmtree(staging, ignore_errors=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from torchchat.errors import ConfigError
+from torchchat.model.params_check import validate_params
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class ModelConfig:
             if old in p:
                 value = p.pop(old)
                 p.setdefault(new, value)
+        validate_params(p, source)  # types and ranges first: the arithmetic below trusts them
         multiple_of = p.pop("multiple_of", 256)
         ffn_dim_multiplier = p.pop("ffn_dim_multiplier", None)
         use_scaled_rope = p.pop("use_scaled_rope", None)

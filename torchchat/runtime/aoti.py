@@ -2,7 +2,6 @@
 sidecar `X.so.json`, see torchchat/export/aoti.py)."""
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import torch
@@ -39,18 +38,9 @@ class AOTIRuntime(ExportedRuntime):
         if read_head(path, 4, flag) != _ZIP_MAGIC:
             raise ExportError(f"{flag}: {path} is not an AOT Inductor package (.pt2 is a zip archive); export one with "
                               "`torchchat.py export MODEL --output-aoti-package-path X.pt2`")
-        try:
-            # Reads the archive's directory, at its end: a truncated file fails here, not deep in the loader.
-            with zipfile.ZipFile(path) as zf:
-                zf.infolist()
-        except (zipfile.BadZipFile, OSError) as e:
-            raise ExportError(f"{flag}: {path} is damaged or truncated ({e}); export it again") from e
-        import torch._inductor
+        from torchchat.runtime.aoti_archive import load_package
 
-        try:
-            compiled = torch._inductor.aoti_load_package(str(path))
-        except Exception as e:  # the loader raises RuntimeError, AssertionError, KeyError... for a bad archive
-            raise ExportError(f"{flag}: {path} could not be loaded as an AOT Inductor package ({e}); export it again") from e
+        compiled = load_package(path, flag)
         text = compiled.get_metadata().get(METADATA_KEY)
         if text is None:
             raise ExportError(f"{flag}: {path} carries no torchchat metadata; export it with `torchchat.py export`")

@@ -41,6 +41,10 @@ class EagerRuntime:
             self.graph_key = lambda: (model.max_batch, model.max_seq)
 
     def setup(self, max_batch: int, max_seq: int) -> None:
+        from torchchat.model.params_check import check_caches_fit
+
+        weight = self.model.norm.weight
+        check_caches_fit(self.model.config, max_batch, max_seq, weight.element_size(), str(weight.device))
         self.model.setup_caches(max_batch, max_seq)
 
     def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:

@@ -16,6 +16,35 @@ from torchchat.export.metadata import ArtifactMetadata
 from torchchat.runtime.exported import ExportedRuntime, read_head
 
 _PTE_IDENTIFIER = b"ET"  # bytes 4..6 of a .pte: the flatbuffer file identifier "ET12" and later
+_EXTENDED_HEADER = b"eh00"  # at byte 8: length u32, program_size u64, segment_base_offset u64, segment_data_size u64
+
+
+def check_pte(path: Path, flag: str) -> None:
+    """The sizes in a .pte's header must describe this file, before the native runtime trusts them:
+    ExecuTorch verifies the flatbuffer itself, but not the segments (delegate blobs, weights) that it
+    reaches through these offsets, and a damaged one can crash the process instead of raising."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(40)
+    hint = "export it again"
+    if len(head) < 40 or head[8:12] != _EXTENDED_HEADER:
+        raise ExportError(f"{flag}: {path} is damaged or truncated (no ExecuTorch extended header); {hint}")
+    root = int.from_bytes(head[0:4], "little")
+    length = int.from_bytes(head[12:16], "little")
+    program_size = int.from_bytes(head[16:24], "little")
+    base = int.from_bytes(head[24:32], "little")
+    segments = int.from_bytes(head[32:40], "little") if length >= 32 else 0
+    problems = []
+    if not 24 <= length <= 64:
+        problems.append(f"header length {length}")
+    if not 40 <= program_size <= size:
+        problems.append(f"program size {program_size} for a file of {size} bytes")
+    elif not 8 <= root < program_size:
+        problems.append(f"root offset {root}")
+    if base and (base < program_size or base + segments != size):
+        problems.append(f"segments at {base}+{segments} in a file of {size} bytes")
+    if problems:
+        raise ExportError(f"{flag}: {path} is damaged or truncated ({', '.join(problems)}); {hint}")
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +99,7 @@ class ExecuTorchRuntime(ExportedRuntime):
         if len(head) < 8 or head[4:6] != _PTE_IDENTIFIER:
             raise ExportError(f"{flag}: {path} is not an ExecuTorch program; export one with "
                               "`torchchat.py export MODEL --output-pte-path X.pte`")
+        check_pte(path, flag)
         bindings = import_bindings()
         _start_threadpool(bindings)
         # Loading is lazy: a damaged program shows when its methods are first read.

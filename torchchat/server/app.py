@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from torchchat.generation.engine import GenerationConfig
 from torchchat.generation.sampling import SamplingParams
-from torchchat.server import protocol
+from torchchat.server import limits, protocol
 from torchchat.errors import ChatTemplateError
 from torchchat.server.prompt import completion_prompt_ids
 from torchchat.server.protocol import ChatCompletionRequest, CompletionRequest, Head, SamplingFields
@@ -76,9 +76,12 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None = None,
                other_models: Callable[[], list[ListedModel]] = list,
-               on_ready: Callable[[], None] | None = None) -> FastAPI:
+               on_ready: Callable[[], None] | None = None,
+               max_request_bytes: int = limits.DEFAULT_MAX_BYTES,
+               body_timeout_s: float = limits.DEFAULT_TIMEOUT_S) -> FastAPI:
     """The application. `other_models` lists downloaded models besides the loaded one (for
-    /v1/models); `on_ready` runs once the server accepts requests."""
+    /v1/models); `on_ready` runs once the server accepts requests. Request bodies larger than
+    `max_request_bytes`, or not complete within `body_timeout_s`, are refused (server/limits.py)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -89,6 +92,7 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
 
     app = FastAPI(title="torchchat", version=protocol.__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
+    app.add_middleware(limits.BodyLimits, max_bytes=max_request_bytes, timeout_s=body_timeout_s)
     tok = served.tokenizer
 
     @app.exception_handler(APIError)
@@ -224,7 +228,8 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
         check_model(body.model)
         messages = [{"role": m.role, "content": m.text} for m in body.messages]
         try:
-            prompt_ids = served.chat_format.encode(tok, messages)
+            # Tokenizing a long prompt takes seconds: in a thread, so /health and other requests are served.
+            prompt_ids = await _tokenize(served.chat_format.encode, tok, messages)
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from e
         job = job_for(body, prompt_ids, "messages", served.chat_stop_ids)
@@ -263,8 +268,8 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
             if bad:
                 raise APIError(400, f"Invalid request: prompt: token id {bad[0]} is outside the vocabulary "
                                     f"(0..{tok.vocab_size - 1})", param="prompt", code="invalid_value")
-        job = job_for(body, completion_prompt_ids(tok, prompt), "prompt")
-        echo = (prompt if isinstance(prompt, str) else tok.decode(prompt)) if body.echo else ""
+        job = job_for(body, await _tokenize(completion_prompt_ids, tok, prompt), "prompt")
+        echo = (prompt if isinstance(prompt, str) else await _tokenize(tok.decode, prompt)) if body.echo else ""
         head = Head(protocol.new_id("cmpl"), served.id, served.fingerprint)
         if not body.stream:
             done = await collect(request, job)
@@ -298,6 +303,20 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+async def _tokenize(fn, *args):
+    """Run a tokenizer call in a thread (a long prompt takes seconds; the loop must stay free). A
+    native tokenizer can fail with a BaseException (tiktoken's Rust panics are pyo3 PanicExceptions),
+    which FastAPI's handlers would answer with a plain-text 500: it becomes an OpenAI JSON error."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except (Exception, asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        log.error("tokenizer failed", exc_info=e)
+        raise APIError(500, f"The tokenizer failed on this input: {type(e).__name__}: {str(e)[:200]}",
+                       type_="server_error") from None
 
 
 def _usage(fin: Finished) -> dict[str, int]:

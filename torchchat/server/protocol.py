@@ -20,6 +20,17 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
+def no_surrogates(text: str) -> str:
+    """JSON can carry a lone UTF-16 surrogate ("\\ud800"), which is not text: no tokenizer can encode
+    it. Refused as a 400 here rather than failing as a 500 in the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"contains a lone surrogate ({text[e.start]!r} at character {e.start}); send valid "
+                         "Unicode text") from None
+    return text
+
+
 class StreamOptions(_Request):
     include_usage: bool = False
 
@@ -31,11 +42,19 @@ class SamplingFields(_Request):
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 is greedy
     top_p: float = Field(1.0, ge=0.0, le=1.0)  # 0 keeps only the most likely token
     top_k: int | None = Field(None, ge=0)  # extension: 0 or None means no limit
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)  # what torch.manual_seed takes
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_is_text(cls, stop):
+        for item in [stop] if isinstance(stop, str) else stop or []:
+            if isinstance(item, str):
+                no_surrogates(item)
+        return stop
 
     @field_validator("n")
     @classmethod
@@ -75,6 +94,11 @@ class TextPart(_Request):
     type: str
     text: str
 
+    @field_validator("text")
+    @classmethod
+    def _valid_text(cls, text: str) -> str:
+        return no_surrogates(text)
+
     @field_validator("type")
     @classmethod
     def _text_only(cls, type_: str) -> str:
@@ -86,6 +110,11 @@ class TextPart(_Request):
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None  # None only for assistant turns that made tool calls
+
+    @field_validator("content")
+    @classmethod
+    def _valid_content(cls, content):
+        return no_surrogates(content) if isinstance(content, str) else content
 
     @property
     def text(self) -> str:
@@ -120,8 +149,8 @@ class CompletionRequest(SamplingFields):
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             if len(prompt) != 1:
                 raise ValueError(f"only one prompt per request is supported (got {len(prompt)})")
-            return prompt[0]
-        return prompt
+            prompt = prompt[0]
+        return no_surrogates(prompt) if isinstance(prompt, str) else prompt
 
     @property
     def token_limit(self) -> int | None:

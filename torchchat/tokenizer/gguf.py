@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from torchchat.errors import MissingDependencyError, TokenizerError
@@ -50,6 +51,13 @@ def tokenizer_from_gguf(source: str | os.PathLike[str] | Any) -> Tokenizer:
     )
 
 
+def _check_types(types: list[Any], name: str) -> None:
+    """Token types are llama.cpp's 1..6; anything else (protobuf refuses it as an enum) is damage."""
+    bad = next((t for t in types if not isinstance(t, int) or not _NORMAL <= t <= _BYTE), None)
+    if bad is not None:
+        raise TokenizerError(f"{name}: token type {bad!r} is not one of llama.cpp's (1..6); the file is damaged")
+
+
 def _open(source: Any) -> tuple[Any, str]:
     try:
         import gguf
@@ -58,6 +66,13 @@ def _open(source: Any) -> tuple[Any, str]:
     if isinstance(source, gguf.GGUFReader):
         return source, "GGUF file"
     path = os.fspath(source)
+    from torchchat.checkpoint.gguf_header import check_gguf
+    from torchchat.errors import CheckpointError
+
+    try:
+        check_gguf(Path(path))  # bounded header walk: GGUFReader trusts every length it reads
+    except CheckpointError as e:
+        raise TokenizerError(f"not a readable GGUF file: {e}") from e
     try:
         return gguf.GGUFReader(path), path
     except OSError as e:
@@ -107,6 +122,7 @@ def _sentencepiece_from_gguf(fields: dict[str, Any], name: str) -> Tokenizer:
         raise TokenizerError(
             f"{name}: {len(tokens)} tokens but {len(scores)} scores and {len(types)} token types; the file is damaged"
         )
+    _check_types(types, name)
     n = len(tokens)
     unk = _token_id(fields, "unknown_token_id", name, n)
     if unk is None:
@@ -169,6 +185,7 @@ def _bpe_from_gguf(fields: dict[str, Any], name: str) -> Tokenizer:
     types = _array(fields, _K + "token_type", name, required=False) or [_NORMAL] * len(tokens)
     if len(types) != len(tokens):
         raise TokenizerError(f"{name}: {len(tokens)} tokens but {len(types)} token types; the file is damaged")
+    _check_types(types, name)
     vocab = {t: i for i, t in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise TokenizerError(f"{name}: the BPE vocabulary repeats a token; the file is damaged")

@@ -53,9 +53,9 @@ class SentencePieceTokenizer:
         self.source = source
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
-        except RuntimeError as e:
+        except (RuntimeError, UnicodeDecodeError) as e:  # the latter: its error message quotes bad bytes
             raise TokenizerError(
-                f"{source} is not a valid SentencePiece model ({str(e).strip()[:160]}); "
+                f"{source} is not a valid SentencePiece model ({str(e).strip().splitlines()[0][:160]}); "
                 "pass the tokenizer.model that came with the checkpoint"
             ) from e
         self.vocab_size: int = self._sp.get_piece_size()
@@ -65,7 +65,16 @@ class SentencePieceTokenizer:
         self.add_bos = add_bos
         self.chat_template: str | None = None
         sp = self._sp
-        self._specials = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
+        try:
+            # Every piece is decoded once here: a damaged model whose piece is not UTF-8 fails now, in
+            # one line, instead of with a UnicodeDecodeError in the middle of a generation.
+            pieces = [sp.id_to_piece(i) for i in range(self.vocab_size)]
+        except UnicodeDecodeError as e:
+            raise TokenizerError(
+                f"{source}: a piece of the SentencePiece model is not valid UTF-8 ({e.reason} at byte {e.start}); the "
+                "file is damaged, pass the tokenizer.model that came with the checkpoint"
+            ) from e
+        self._specials = {pieces[i]: i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
         # sentencepiece never matches control pieces in text; allow_special splits the text on them.
         self._control_re = special_pattern(p for p, i in self._specials.items() if sp.is_control(i))
 

@@ -69,6 +69,14 @@ def read_tiktoken_ranks(path: str) -> dict[bytes, int]:
             ) from e
     if not ranks or sorted(ranks.values()) != list(range(len(ranks))):
         raise TokenizerError(f"{path}: tiktoken ranks must be distinct and numbered 0..n-1; the file is damaged")
+    # Byte-level BPE starts from single bytes: tiktoken's Rust core panics (an uncatchable-looking
+    # PanicException, a plain-text 500 in the server) on text holding a byte that has no rank.
+    missing = sum(1 for b in range(256) if bytes([b]) not in ranks)
+    if missing:
+        raise TokenizerError(
+            f"{path}: {missing} of the 256 single bytes have no rank, so some text cannot be encoded; the file is "
+            "damaged or not a tiktoken BPE vocabulary"
+        )
     return ranks
 
 
