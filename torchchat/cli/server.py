@@ -14,6 +14,14 @@ from torchchat.cli import args as cli_args
 # smaller): a Llama 3.1 model's 131072 would allocate tens of GB up front.
 DEFAULT_CONTEXT = 8192
 
+# Sequence slots without --max-concurrent. A decode step reads every weight once whatever the batch, so
+# extra rows are nearly free until the step turns compute-bound: on a 2-core CPU a stories15M step with
+# 8 rows costs about 2x one row and 16 rows about 4x (docs/performance.md), so beyond 8 a client mostly
+# waits longer. A GPU has the arithmetic to spare for 16 rows of a 7B model before a step costs more;
+# the KV cache grows with the slots (each holds --max-seq-length positions), which caps it there.
+DEFAULT_SLOTS_CPU = 8
+DEFAULT_SLOTS_CUDA = 16
+
 
 @dataclass(frozen=True)
 class ServerOptions:
@@ -22,6 +30,7 @@ class ServerOptions:
     api_key: str | None = None
     open_browser: bool = False
     verbose: bool = False
+    max_concurrent: int | None = None  # None: DEFAULT_SLOTS_CPU / DEFAULT_SLOTS_CUDA by device
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "tokenizer's chat_template, else plain text turns)")
     g.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface)")
     g.add_argument("--port", type=int, default=5000, help="Port to listen on (0: any free port)")
+    g.add_argument("--max-concurrent", type=int, default=None, metavar="N",
+                   help="Sequences generated together (continuous batching; each holds a KV-cache row of "
+                        f"--max-seq-length positions). Default {DEFAULT_SLOTS_CPU} on CPU, {DEFAULT_SLOTS_CUDA} on CUDA")
     g.add_argument("--api-key", default=os.environ.get("TORCHCHAT_API_KEY"),
                    help="Require 'Authorization: Bearer KEY' on /v1 requests (default $TORCHCHAT_API_KEY)")
     cli_args.add_verbose(p)
@@ -53,10 +65,12 @@ def server_options(args: argparse.Namespace, open_browser: bool) -> ServerOption
 
     if not 0 <= args.port <= 65535:
         raise UserInputError(f"--port {args.port}: give a port in 0..65535 (0 picks a free one)")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise UserInputError(f"--max-concurrent {args.max_concurrent}: give at least 1")
     if args.api_key is not None and not args.api_key.strip():
         raise UserInputError("--api-key is empty; give a key, or leave the flag out to accept every request")
     return ServerOptions(host=args.host, port=args.port, api_key=args.api_key, open_browser=open_browser,
-                         verbose=bool(args.verbose))
+                         verbose=bool(args.verbose), max_concurrent=args.max_concurrent)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,7 +126,7 @@ def _serve_on(sock, args, spec, compile_opts, notes, options: ServerOptions) -> 
 
     from torchchat.build import build_model
     from torchchat.generation.chat_format import resolve_chat_format
-    from torchchat.generation.engine import make_engine
+    from torchchat.generation.batch import make_batch_engine
     from torchchat.server import protocol
     from torchchat.server.app import ServedModel, create_app, downloaded_models
     from torchchat.server.worker import ModelWorker
@@ -121,7 +135,14 @@ def _serve_on(sock, args, spec, compile_opts, notes, options: ServerOptions) -> 
         print(note, file=sys.stderr)
     built = build_model(spec)
     context = args.max_seq_length or min(built.config.max_seq_len, DEFAULT_CONTEXT)
-    engine = make_engine(built, compile_opts, max_seq_len=context, parallel_prefill=not args.sequential_prefill)
+    runtime = built.runtime
+    slots = options.max_concurrent or (DEFAULT_SLOTS_CUDA if runtime.device.type == "cuda" else DEFAULT_SLOTS_CPU)
+    if slots > 1 and not getattr(runtime, "supports_batching", False):
+        print(f"{type(runtime).__name__} runs one sequence at a time: serving requests one by one "
+              "(--max-concurrent 1)", file=sys.stderr)
+        slots = 1
+    engine = make_batch_engine(built, compile_opts, max_batch=slots, max_seq_len=context,
+                               parallel_prefill=not args.sequential_prefill)
     override = None if args.chat_template in (None, "auto") else args.chat_template
     setup = resolve_chat_format(built.tokenizer, override, built.chat_template, built.is_chat)
     for notice in setup.notices:
@@ -139,12 +160,12 @@ def _serve_on(sock, args, spec, compile_opts, notes, options: ServerOptions) -> 
 
     def ready() -> None:
         where = "" if options.host in url else f" (listening on {options.host})"
-        print(f"Serving {served.id} (context {served.context} tokens): API at {url}/v1, chat page at {url}/{where}",
+        print(f"Serving {served.id} (context {served.context} tokens, {slots} concurrent): API at {url}/v1, chat page at {url}/{where}",
               file=sys.stderr, flush=True)
         if options.open_browser:
             threading.Thread(target=_open_browser, args=(url,), daemon=True).start()
 
-    app = create_app(ModelWorker(engine), served, api_key=options.api_key,
+    app = create_app(ModelWorker(engine, built.tokenizer), served, api_key=options.api_key,
                      other_models=lambda: downloaded_models(spec.source.model_directory), on_ready=ready)
     config = uvicorn.Config(app, log_level="info" if options.verbose else "warning", access_log=options.verbose,
                             timeout_graceful_shutdown=5)

@@ -108,10 +108,12 @@ class Sequence:
 
 class BatchEngine:
     def __init__(self, runtime, max_batch: int, max_seq_len: int, *, prefill_chunk: int = 512,
-                 decode_forward: Forward | None = None):
+                 decode_forward: Forward | None = None, prefill_forward: Forward | None = None,
+                 parallel_prefill: bool = True):
         """`runtime`: a torchchat Runtime; with max_batch > 1 it must take (B, S) positions and a cache
-        `row` (EagerRuntime.supports_batching). `decode_forward`: the forward to decode with (e.g.
-        compiled); default the runtime's."""
+        `row` (EagerRuntime.supports_batching). `decode_forward` / `prefill_forward`: the forwards to
+        decode and prefill with (e.g. compiled); default the runtime's. `parallel_prefill` False (or a
+        runtime without it) feeds prompts one token per forward."""
         if max_batch > 1 and not getattr(runtime, "supports_batching", False):
             raise ValueError(f"{type(runtime).__name__} serves one sequence at a time; use max_batch=1")
         self.runtime = runtime
@@ -119,6 +121,8 @@ class BatchEngine:
         self.max_batch, self.max_seq_len, self.prefill_chunk = max_batch, max_seq_len, prefill_chunk
         self.vocab_size = runtime.config.vocab_size
         self._decode_forward = decode_forward or runtime.forward
+        self._forward = prefill_forward or runtime.forward
+        self.parallel_prefill = parallel_prefill and runtime.supports_parallel_prefill
         self.slots: list[Sequence | None] = [None] * max_batch
         self.slot_ids: list[list[int]] = [[] for _ in range(max_batch)]  # ids whose K/V each row holds
         self.prefilled_tokens = 0  # prompt tokens run through the model, over the engine's life
@@ -217,9 +221,10 @@ class BatchEngine:
 
     def _prefill_forward(self, tokens: Tensor, pos: Tensor, row: int) -> Tensor:
         """tokens (1, S) at positions pos (S,) in cache row `row` -> logits (1, S, V)."""
-        forward = self.runtime.forward
-        if not self.runtime.supports_parallel_prefill:  # one token per call (e.g. some .pte programs)
-            return torch.cat([forward(tokens[:, i : i + 1], pos[i : i + 1]) for i in range(tokens.size(1))], dim=1)
+        forward = self._forward
+        if not self.parallel_prefill:  # one token per call (--sequential-prefill, some .pte programs)
+            return torch.cat([forward(tokens[:, i : i + 1], pos[i : i + 1], row=row) if row else
+                              forward(tokens[:, i : i + 1], pos[i : i + 1]) for i in range(tokens.size(1))], dim=1)
         return forward(tokens, pos, row=row) if row else forward(tokens, pos)
 
     def _prompt_logprobs(self, seq: Sequence, chunk: list[int], logits: Tensor) -> None:
@@ -344,3 +349,24 @@ def sample_rows(logits: Tensor, params: Seq[SamplingParams], generators: Seq[tor
     for r, i in enumerate(sampled_rows):
         noise[r].exponential_(1, generator=generators[i])
     return greedy.index_copy(0, idx, torch.argmax(probs / noise, dim=-1))
+
+
+def make_batch_engine(built, options=None, *, max_batch: int, max_seq_len: int | None = None,
+                      parallel_prefill: bool = True) -> BatchEngine:
+    """A BatchEngine over a BuiltModel with `max_batch` slots of `max_seq_len` positions (default: the
+    model's own limit); forwards compiled per `options` (a CompileOptions). A compiled decode step
+    sees one shape per batch bucket (1, 2, 4, ...): on CUDA each bucket gets its own CUDA graph."""
+    from torchchat.generation.steps import CompileOptions, Steps
+    from torchchat.model.layout import optimize_for_decode
+    from torchchat.runtime.base import EagerRuntime
+
+    runtime = built.runtime
+    if isinstance(runtime, EagerRuntime):
+        optimize_for_decode(runtime.model)
+    options = options or CompileOptions()
+    steps = Steps(runtime.forward, runtime.device, options)
+    decode = steps.compile_forward(runtime.forward, dynamic=False) if options.decode else None
+    prefill = steps.compile_forward(runtime.forward, dynamic=True) if options.prefill else None
+    ctx = min(max_seq_len or runtime.max_seq_len, runtime.max_seq_len)
+    return BatchEngine(runtime, max_batch, ctx, decode_forward=decode, prefill_forward=prefill,
+                       parallel_prefill=parallel_prefill)

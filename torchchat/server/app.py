@@ -204,6 +204,12 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
         return {"status": "ok", "model": served.id, "context_length": served.context,
                 **worker.stats.snapshot()}
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        snap = worker.stats.snapshot()
+        text = worker.metrics.render(snap["queued"], snap["active"], snap["completed"], snap["cancelled"])
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def list_models() -> dict:
         listed = [ListedModel(served.id, served.created)]
