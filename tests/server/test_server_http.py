@@ -91,9 +91,17 @@ def test_malformed_json(api_server):
     ("top_k", -3, "top_k"),
     ("stream", "yes", "stream"),
     ("stop", 5, "stop"),
-    ("stop", ["a", "b", "c", "d", "e"], "stop"),
+    ("stop", [str(i) for i in range(17)], "stop"),
     ("seed", "7", "seed"),
-    ("n", 3, "n"),
+    ("n", 0, "n"),
+    ("n", 17, "n"),
+    ("presence_penalty", 2.5, "presence_penalty"),
+    ("logit_bias", {"x": 1}, "logit_bias"),
+    ("logit_bias", {"5": 101}, "logit_bias"),
+    ("logit_bias", {"999999": 1}, "logit_bias"),
+    ("top_logprobs", 3, None),  # needs logprobs: true
+    ("response_format", {"type": "json_object"}, "response_format"),
+    ("tools", [{"type": "function", "function": {"name": "f"}}], "tools"),
     ("messages", "hello", "messages"),
     ("messages", [], "messages"),
     ("messages", [{"role": "wizard", "content": "hi"}], "messages.0.role"),
@@ -108,7 +116,7 @@ def test_wrong_types_and_values_are_400(api_server, field, value, param):
 
 
 def test_completions_validation(api_server):
-    status, out = request(api_server, "POST", "/v1/completions", {"prompt": ["a", "b"], "max_tokens": 2})
+    status, out = request(api_server, "POST", "/v1/completions", {"prompt": [], "max_tokens": 2})
     assert_openai_error(status, out, 400, "prompt")
     status, out = request(api_server, "POST", "/v1/completions", {"prompt": [1, 99999], "max_tokens": 2})
     assert_openai_error(status, out, 400, "prompt")
