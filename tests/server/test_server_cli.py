@@ -37,3 +37,23 @@ def test_missing_fastapi_names_the_install_step(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "fastapi", None)  # makes `import fastapi` fail
     assert main(["server", *stories_args(), "--port", "0"]) == 1
     assert "pip install -e '.[server]'" in one_error_line(capsys)
+
+
+def test_max_concurrent_below_one(capsys):
+    assert main(["server", *stories_args(), "--port", "0", "--max-concurrent", "0"]) != 0
+    assert "--max-concurrent 0" in one_error_line(capsys)
+
+
+def test_default_slots_fit_the_kv_budget():
+    import torch
+
+    from torchchat.cli.server import default_slots
+    from torchchat.model.config import ModelConfig
+
+    llama8b = ModelConfig.from_params(dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256))
+    tiny = ModelConfig.from_params(dict(dim=288, n_layers=6, n_heads=6, vocab_size=32000))
+    assert default_slots(tiny, 256, torch.float32, "cpu")[0] == 8
+    assert default_slots(tiny, 256, torch.float32, "cuda")[0] == 16
+    slots, per_slot = default_slots(llama8b, 8192, torch.bfloat16, "cpu")
+    assert per_slot == 1 << 30 and slots == 4  # a 4 GiB KV budget on CPU
+    assert default_slots(llama8b, 8192, torch.bfloat16, "cuda")[0] == 16

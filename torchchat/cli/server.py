@@ -21,6 +21,19 @@ DEFAULT_CONTEXT = 8192
 # the KV cache grows with the slots (each holds --max-seq-length positions), which caps it there.
 DEFAULT_SLOTS_CPU = 8
 DEFAULT_SLOTS_CUDA = 16
+# Without --max-concurrent, fewer slots when their KV caches (allocated up front) would take more than
+# this: a Llama 3.1 8B bf16 slot of 8192 positions is 1 GiB, and the model itself needs the rest.
+DEFAULT_KV_BUDGET_CPU = 4 << 30
+DEFAULT_KV_BUDGET_CUDA = 16 << 30
+
+
+def default_slots(config, context: int, dtype, device_type: str) -> tuple[int, int]:
+    """(slots, KV bytes per slot) without --max-concurrent."""
+    itemsize = dtype.itemsize if dtype is not None else 4
+    per_slot = 2 * config.n_layers * config.n_kv_heads * config.head_dim * context * itemsize
+    cuda = device_type == "cuda"
+    most = (DEFAULT_KV_BUDGET_CUDA if cuda else DEFAULT_KV_BUDGET_CPU) // max(per_slot, 1)
+    return max(1, min(DEFAULT_SLOTS_CUDA if cuda else DEFAULT_SLOTS_CPU, most)), per_slot
 
 
 @dataclass(frozen=True)
@@ -136,7 +149,14 @@ def _serve_on(sock, args, spec, compile_opts, notes, options: ServerOptions) -> 
     built = build_model(spec)
     context = args.max_seq_length or min(built.config.max_seq_len, DEFAULT_CONTEXT)
     runtime = built.runtime
-    slots = options.max_concurrent or (DEFAULT_SLOTS_CUDA if runtime.device.type == "cuda" else DEFAULT_SLOTS_CPU)
+    slots = options.max_concurrent
+    if slots is None:
+        slots, per_slot = default_slots(built.config, context, built.dtype, runtime.device.type)
+        full = DEFAULT_SLOTS_CUDA if runtime.device.type == "cuda" else DEFAULT_SLOTS_CPU
+        if slots < full:
+            print(f"{slots} concurrent sequences (each slot's KV cache takes {per_slot / 2**30:.1f} GiB at "
+                  f"{context} positions); raise it with --max-concurrent or lower --max-seq-length",
+                  file=sys.stderr)
     if slots > 1 and not getattr(runtime, "supports_batching", False):
         print(f"{type(runtime).__name__} runs one sequence at a time: serving requests one by one "
               "(--max-concurrent 1)", file=sys.stderr)
