@@ -15,10 +15,13 @@ from torchchat.cli import args as cli_args
 DEFAULT_CONTEXT = 8192
 
 # Sequence slots without --max-concurrent. A decode step reads every weight once whatever the batch, so
-# extra rows are nearly free until the step turns compute-bound: on a 2-core CPU a stories15M step with
-# 8 rows costs about 2x one row and 16 rows about 4x (docs/performance.md), so beyond 8 a client mostly
-# waits longer. A GPU has the arithmetic to spare for 16 rows of a 7B model before a step costs more;
-# the KV cache grows with the slots (each holds --max-seq-length positions), which caps it there.
+# rows are nearly free while a step is bound by reading weights, and cost their arithmetic once it is
+# bound by compute. Measured on the 2-core CPU at the stories15M shape (docs/performance.md): a step of 8
+# rows costs 2.0x a step of one, 16 rows 2.4x. A 1B model needs ~2 GFLOP per token, so 16 rows on two
+# AVX2 cores take longer in arithmetic than reading the weights does: 8 keeps a step of a real model
+# within about twice a single step (each client still gets half its solo speed) while multiplying
+# throughput. A GPU has the arithmetic for 16 rows of a 7B model before a step costs more. Small models
+# gain from more slots: --max-concurrent 16 served 16 stories15M clients at 5.6x one client's rate.
 DEFAULT_SLOTS_CPU = 8
 DEFAULT_SLOTS_CUDA = 16
 # Without --max-concurrent, fewer slots when their KV caches (allocated up front) would take more than
