@@ -269,6 +269,11 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
             return Response(status_code=499)
         return JSONResponse(responses.completion_body(head, jobs, meta, results, texts, body.n))
 
+    from torchchat.server import tokenize
+
+    tokenize.add_routes(app, tok, served.context, [Depends(authorize)],
+                        lambda message, param: APIError(400, f"Invalid request: {param}: {message}", param=param))
+
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
