@@ -227,3 +227,39 @@ def test_concurrent_streams_equal_sequential_runs(api_server):
     assert concurrent == sequential
     assert len(set(sequential)) == len(PROMPTS)
     assert peak_active >= 2  # they really ran together
+
+
+def test_a_dropped_stream_leaves_the_streams_beside_it_unchanged(api_server):
+    # A client that goes away mid-generation frees its slot while others decode in the same batch;
+    # their greedy outputs are those of the same requests run alone.
+    budgets = [40, 25, 33]
+    expected = [stream_chat(api_server, p, n) for p, n in zip(PROMPTS[:3], budgets)]
+    before = api_server.wait_idle()
+    sock = socket.create_connection(api_server.host_port, timeout=60)
+    body = json.dumps({"messages": [{"role": "user", "content": PROMPTS[3]}], "max_tokens": 500,
+                       "temperature": 0, "stream": True}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    sock.sendall(head + body)
+    received = b""
+    while received.count(b"data: ") < 3:
+        received += sock.recv(4096)
+    got: list[str | BaseException | None] = [None] * 3
+
+    def client(i: int) -> None:
+        try:
+            got[i] = stream_chat(api_server, PROMPTS[i], budgets[i])
+        except BaseException as e:  # reported by the main thread
+            got[i] = e
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    with api_server.paused():  # the others are sent and the long stream dropped while the server is frozen
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+        sock.close()
+    for t in threads:
+        t.join()
+    assert got == expected
+    _wait_for(lambda: api_server.health()["cancelled"] == before["cancelled"] + 1, 10, "the stream to be cancelled")
+    assert api_server.wait_idle(10)["completed"] == before["completed"] + 3
