@@ -14,6 +14,16 @@ TEXTS = ["Once upon a time", "Lily and Tom went to the park. They", "The cat", "
 BUDGETS = [30, 12, 25, 7, 20]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # On a 2-core machine that other jobs keep busy, two OpenMP threads spin against each other and a
+    # step takes several times longer; this tiny model gains nothing from a second thread anyway.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def built(stories260k_dir):
     src = ModelSource(checkpoint_path=stories260k_dir / "stories260K.bin", tokenizer_path=stories260k_dir / "tok512.model")

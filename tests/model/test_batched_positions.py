@@ -1,5 +1,15 @@
 """Rows of one batch at different positions (batched serving) compute what each row alone computes."""
+import pytest
 import torch
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two OpenMP threads on a busy 2-core machine spin against each other; a tiny model needs one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_per_row_positions_equal_separate_runs(tiny_model):
