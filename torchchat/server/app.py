@@ -1,7 +1,9 @@
 """The FastAPI application: OpenAI-compatible routes over a ModelWorker, and the chat page at `/`.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id}, GET /health,
-GET / (the page) and /static/*. Errors are OpenAI's JSON ({"error": {...}}) with 400 for invalid
+GET /metrics (Prometheus), POST /tokenize, POST /detokenize, GET /tokenizer_info (vLLM's, see
+tokenize.py), GET / (the page) and /static/*. Requests become jobs for the continuous-batching worker
+(worker.py); n choices and prompt batches in choices.py, response bodies in responses.py. Errors are OpenAI's JSON ({"error": {...}}) with 400 for invalid
 requests, 401 without the API key, 404 for unknown models and routes."""
 from __future__ import annotations
 
