@@ -107,3 +107,18 @@ def test_penalties_and_bias_change_the_greedy_choice(built):
     (penal,), _ = run(BatchEngine(built.runtime, 1, 128),
                       [SequenceRequest(p, 30, penalties=Penalties(frequency=2.0))], [0])
     assert len(set(penal)) > len(set(plain))
+
+
+def test_prompt_logprobs_across_prefill_chunks(built):
+    tok = built.tokenizer
+    ids = tok.encode("Once upon a time, there was a little girl named Lily.", bos=True)
+    engine = BatchEngine(built.runtime, max_batch=2, max_seq_len=128, prefill_chunk=3)
+    (_,), seqs = run(engine, [SequenceRequest(tuple(ids), 1, top_logprobs=2, prompt_logprobs=True)], [0])
+    got = seqs[0].prompt_logprobs
+    built.runtime.setup(1, 128)
+    with torch.no_grad():
+        ref = torch.log_softmax(built.runtime.forward(torch.tensor([ids]), torch.arange(len(ids)))[0], -1)
+    assert got[0] is None and len(got) == len(ids)
+    for i in range(1, len(ids)):
+        assert got[i].logprob == pytest.approx(float(ref[i - 1, ids[i]]), abs=1e-4)
+        assert got[i].top[0][0] == int(ref[i - 1].argmax())
