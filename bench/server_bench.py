@@ -1,14 +1,17 @@
-"""Server throughput and latency: requests/s and time to first token for 1, 4 and 16 concurrent clients.
+"""Server throughput and latency: requests/s, time to first token and aggregate tokens/s for 1, 4, 8
+and 16 concurrent clients (continuous batching: the server generates up to --max-concurrent at once).
 
-Starts `torchchat.py server` (stories260K from ../shared by default) on a free port, warms it up, then
-for each concurrency level runs `--runs` rounds; in each round every client sends streaming greedy chat
-requests back to back until the round's requests are done. Prints the median over rounds of: requests/s
-(requests / wall time), median and p90 time to first token (send -> first text chunk, queueing included),
-and generated tokens/s summed over clients.
+Starts `torchchat.py server` on a free port (stories260K from ../shared by default; `--shape stories15M`:
+random weights of that shape, fp32, the llama2 tokenizer), warms it up, then for each concurrency level
+runs `--runs` rounds; in each round every client sends streaming greedy chat requests back to back
+until the round's requests are done. Prints the median over rounds of: requests/s (requests / wall
+time), median and p90 time to first token (send -> first text chunk, queueing included), generated
+tokens/s summed over clients, per client, and as a multiple of one client's.
 
     python3 bench/server_bench.py
-    python3 bench/server_bench.py --concurrency 1 4 16 --requests 32 --max-tokens 32 --runs 3
+    python3 bench/server_bench.py --shape stories15M --concurrency 1 4 8 16 --requests 32 --max-tokens 64
     python3 bench/server_bench.py --url http://127.0.0.1:5000   # an already running server
+    python3 bench/server_bench.py -- --checkpoint-path ... --max-concurrent 4   # server flags after --
 """
 from __future__ import annotations
 
@@ -40,10 +43,14 @@ PROMPTS = [
 ]
 
 
-def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(extra: list[str], shape: str | None = None) -> tuple[subprocess.Popen, str]:
     folder = SHARED / "models" / "stories260K"
-    source = extra or ["--checkpoint-path", str(folder / "stories260K.bin"),
-                       "--tokenizer-path", str(folder / "tok512.model"), "--dtype", "fp32"]
+    if shape:
+        source = ["--params-table", shape, "--dummy-weights", "--dtype", "fp32", "--device", "cpu",
+                  "--tokenizer-path", str(SHARED / "tokenizers" / "llama2" / "tokenizer.model"), *extra]
+    else:
+        source = extra or ["--checkpoint-path", str(folder / "stories260K.bin"),
+                           "--tokenizer-path", str(folder / "tok512.model"), "--dtype", "fp32"]
     log = Path(tempfile.mkstemp(prefix="torchchat-server-", suffix=".log")[1])
     cmd = [sys.executable, str(ROOT / "torchchat.py"), "server", *source, "--port", "0"]
     with open(log, "wb") as out:
@@ -118,7 +125,8 @@ def run_round(host: str, port: int, clients: int, requests: int, max_tokens: int
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", help="Benchmark this running server instead of starting one")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--shape", help="Serve random weights of this params table (e.g. stories15M) instead of stories260K")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--requests", type=int, default=32, help="Requests per round (at least the concurrency)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--runs", type=int, default=3, help="Rounds per concurrency level (the median is printed)")
@@ -130,20 +138,25 @@ def main() -> int:
     if args.url:
         base = args.url.rstrip("/")
     else:
-        proc, base = start_server(extra)
+        proc, base = start_server(extra, args.shape)
     host, port = base.removeprefix("http://").rsplit(":", 1)
     try:
         for prompt in PROMPTS[:2]:  # warm-up: first-call allocations, caches
             one_request(host, int(port), prompt, args.max_tokens)
         print(f"server {base}; streaming greedy chat requests, {args.max_tokens} tokens each; "
               f"median of {args.runs} rounds")
-        print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'TTFT med (s)':>12} {'TTFT p90 (s)':>12} {'tok/s':>7}")
+        print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'TTFT med (s)':>12} {'TTFT p90 (s)':>12} {'tok/s':>7} "
+              f"{'per client':>10} {'x 1 client':>10}")
+        single = None
         for c in args.concurrency:
             n = max(args.requests, c)
             rounds = [run_round(host, int(port), c, n, args.max_tokens) for _ in range(args.runs)]
             med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+            if c == 1:
+                single = med["tok_s"]
+            ratio = f"{med['tok_s'] / single:>10.2f}" if single else f"{'':>10}"
             print(f"{c:>7} {n:>8} {med['rps']:>7.2f} {med['ttft_median']:>12.3f} {med['ttft_p90']:>12.3f} "
-                  f"{med['tok_s']:>7.1f}", flush=True)
+                  f"{med['tok_s']:>7.1f} {med['tok_s'] / c:>10.1f} {ratio}", flush=True)
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGINT)

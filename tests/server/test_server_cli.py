@@ -50,3 +50,23 @@ def test_startup_lines_are_the_ones_docs_server_md_shows(api_server):
     lines = api_server.log.read_text().splitlines()
     ready = next(i for i, line in enumerate(lines) if line.startswith("Serving "))
     assert [re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:5000", line) for line in lines[: ready + 1]] == shown
+
+
+def test_max_concurrent_below_one(capsys):
+    assert main(["server", *stories_args(), "--port", "0", "--max-concurrent", "0"]) != 0
+    assert "--max-concurrent 0" in one_error_line(capsys)
+
+
+def test_default_slots_fit_the_kv_budget():
+    import torch
+
+    from torchchat.cli.server import default_slots
+    from torchchat.model.config import ModelConfig
+
+    llama8b = ModelConfig.from_params(dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256))
+    tiny = ModelConfig.from_params(dict(dim=288, n_layers=6, n_heads=6, vocab_size=32000))
+    assert default_slots(tiny, 256, torch.float32, "cpu")[0] == 8
+    assert default_slots(tiny, 256, torch.float32, "cuda")[0] == 16
+    slots, per_slot = default_slots(llama8b, 8192, torch.bfloat16, "cpu")
+    assert per_slot == 1 << 30 and slots == 4  # a 4 GiB KV budget on CPU
+    assert default_slots(llama8b, 8192, torch.bfloat16, "cuda")[0] == 16

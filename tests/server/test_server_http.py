@@ -91,9 +91,17 @@ def test_malformed_json(api_server):
     ("top_k", -3, "top_k"),
     ("stream", "yes", "stream"),
     ("stop", 5, "stop"),
-    ("stop", ["a", "b", "c", "d", "e"], "stop"),
+    ("stop", [str(i) for i in range(17)], "stop"),
     ("seed", "7", "seed"),
-    ("n", 3, "n"),
+    ("n", 0, "n"),
+    ("n", 17, "n"),
+    ("presence_penalty", 2.5, "presence_penalty"),
+    ("logit_bias", {"x": 1}, "logit_bias"),
+    ("logit_bias", {"5": 101}, "logit_bias"),
+    ("logit_bias", {"999999": 1}, "logit_bias"),
+    ("top_logprobs", 3, None),  # needs logprobs: true
+    ("response_format", {"type": "json_object"}, "response_format"),
+    ("tools", [{"type": "function", "function": {"name": "f"}}], "tools"),
     ("messages", "hello", "messages"),
     ("messages", [], "messages"),
     ("messages", [{"role": "wizard", "content": "hi"}], "messages.0.role"),
@@ -108,7 +116,7 @@ def test_wrong_types_and_values_are_400(api_server, field, value, param):
 
 
 def test_completions_validation(api_server):
-    status, out = request(api_server, "POST", "/v1/completions", {"prompt": ["a", "b"], "max_tokens": 2})
+    status, out = request(api_server, "POST", "/v1/completions", {"prompt": [], "max_tokens": 2})
     assert_openai_error(status, out, 400, "prompt")
     status, out = request(api_server, "POST", "/v1/completions", {"prompt": [1, 99999], "max_tokens": 2})
     assert_openai_error(status, out, 400, "prompt")
@@ -200,7 +208,7 @@ def test_concurrent_streams_equal_sequential_runs(api_server):
     budgets = [24, 9, 31, 17, 24, 12, 28, 20]
     sequential = [stream_chat(api_server, p, n) for p, n in zip(PROMPTS, budgets)]
     concurrent: list[str | BaseException | None] = [None] * len(PROMPTS)
-    peak_queue = 0
+    peak_active = 0
 
     def worker(i: int) -> None:
         try:
@@ -212,10 +220,46 @@ def test_concurrent_streams_equal_sequential_runs(api_server):
     for t in threads:
         t.start()
     while any(t.is_alive() for t in threads):
-        peak_queue = max(peak_queue, api_server.health()["queued"])
+        peak_active = max(peak_active, api_server.health()["active"])
         time.sleep(0.02)
     for t in threads:
         t.join()
     assert concurrent == sequential
     assert len(set(sequential)) == len(PROMPTS)
-    assert peak_queue >= 2  # they really overlapped
+    assert peak_active >= 2  # they really ran together
+
+
+def test_a_dropped_stream_leaves_the_streams_beside_it_unchanged(api_server):
+    # A client that goes away mid-generation frees its slot while others decode in the same batch;
+    # their greedy outputs are those of the same requests run alone.
+    budgets = [40, 25, 33]
+    expected = [stream_chat(api_server, p, n) for p, n in zip(PROMPTS[:3], budgets)]
+    before = api_server.wait_idle()
+    sock = socket.create_connection(api_server.host_port, timeout=60)
+    body = json.dumps({"messages": [{"role": "user", "content": PROMPTS[3]}], "max_tokens": 500,
+                       "temperature": 0, "stream": True}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    sock.sendall(head + body)
+    received = b""
+    while received.count(b"data: ") < 3:
+        received += sock.recv(4096)
+    got: list[str | BaseException | None] = [None] * 3
+
+    def client(i: int) -> None:
+        try:
+            got[i] = stream_chat(api_server, PROMPTS[i], budgets[i])
+        except BaseException as e:  # reported by the main thread
+            got[i] = e
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    with api_server.paused():  # the others are sent and the long stream dropped while the server is frozen
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+        sock.close()
+    for t in threads:
+        t.join()
+    assert got == expected
+    _wait_for(lambda: api_server.health()["cancelled"] == before["cancelled"] + 1, 10, "the stream to be cancelled")
+    assert api_server.wait_idle(10)["completed"] == before["completed"] + 3

@@ -14,6 +14,30 @@ from torchchat.cli import args as cli_args
 # smaller): a Llama 3.1 model's 131072 would allocate tens of GB up front.
 DEFAULT_CONTEXT = 8192
 
+# Sequence slots without --max-concurrent. A decode step reads every weight once whatever the batch, so
+# rows are nearly free while a step is bound by reading weights, and cost their arithmetic once it is
+# bound by compute. Measured on the 2-core CPU at the stories15M shape (docs/performance.md): a step of 8
+# rows costs 2.0x a step of one, 16 rows 2.4x. A 1B model needs ~2 GFLOP per token, so 16 rows on two
+# AVX2 cores take longer in arithmetic than reading the weights does: 8 keeps a step of a real model
+# within about twice a single step (each client still gets half its solo speed) while multiplying
+# throughput. A GPU has the arithmetic for 16 rows of a 7B model before a step costs more. Small models
+# gain from more slots: --max-concurrent 16 served 16 stories15M clients at 5.6x one client's rate.
+DEFAULT_SLOTS_CPU = 8
+DEFAULT_SLOTS_CUDA = 16
+# Without --max-concurrent, fewer slots when their KV caches (allocated up front) would take more than
+# this: a Llama 3.1 8B bf16 slot of 8192 positions is 1 GiB, and the model itself needs the rest.
+DEFAULT_KV_BUDGET_CPU = 4 << 30
+DEFAULT_KV_BUDGET_CUDA = 16 << 30
+
+
+def default_slots(config, context: int, dtype, device_type: str) -> tuple[int, int]:
+    """(slots, KV bytes per slot) without --max-concurrent."""
+    itemsize = dtype.itemsize if dtype is not None else 4
+    per_slot = 2 * config.n_layers * config.n_kv_heads * config.head_dim * context * itemsize
+    cuda = device_type == "cuda"
+    most = (DEFAULT_KV_BUDGET_CUDA if cuda else DEFAULT_KV_BUDGET_CPU) // max(per_slot, 1)
+    return max(1, min(DEFAULT_SLOTS_CUDA if cuda else DEFAULT_SLOTS_CPU, most)), per_slot
+
 
 @dataclass(frozen=True)
 class ServerOptions:
@@ -23,6 +47,7 @@ class ServerOptions:
     open_browser: bool = False
     max_request_bytes: int = 8 << 20
     verbose: bool = False
+    max_concurrent: int | None = None  # None: DEFAULT_SLOTS_CPU / DEFAULT_SLOTS_CUDA by device
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "tokenizer's chat_template, else plain text turns)")
     g.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface)")
     g.add_argument("--port", type=int, default=5000, help="Port to listen on (0: any free port)")
+    g.add_argument("--max-concurrent", type=int, default=None, metavar="N",
+                   help="Sequences generated together (continuous batching; each holds a KV-cache row of "
+                        f"--max-seq-length positions). Default {DEFAULT_SLOTS_CPU} on CPU, {DEFAULT_SLOTS_CUDA} on CUDA")
     g.add_argument("--api-key", default=os.environ.get("TORCHCHAT_API_KEY"),
                    help="Require 'Authorization: Bearer KEY' on /v1 requests (default $TORCHCHAT_API_KEY)")
     g.add_argument("--max-request-bytes", type=int, default=8 << 20,
@@ -63,8 +91,11 @@ def server_options(args: argparse.Namespace, open_browser: bool) -> ServerOption
         raise UserInputError("--api-key is empty; give a key, or leave the flag out to accept every request")
     if args.max_request_bytes < 1024:
         raise UserInputError(f"--max-request-bytes {args.max_request_bytes}: give at least 1024")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise UserInputError(f"--max-concurrent {args.max_concurrent}: give at least 1")
     return ServerOptions(host=args.host, port=args.port, api_key=api_key, open_browser=open_browser,
-                         verbose=bool(args.verbose), max_request_bytes=args.max_request_bytes)
+                         verbose=bool(args.verbose), max_request_bytes=args.max_request_bytes,
+                         max_concurrent=args.max_concurrent)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,7 +151,7 @@ def _serve_on(sock, args, spec, compile_opts, notes, notices, options: ServerOpt
     import uvicorn
 
     from torchchat.generation.chat_format import resolve_chat_format
-    from torchchat.generation.engine import make_engine
+    from torchchat.generation.batch import make_batch_engine
     from torchchat.server import protocol
     from torchchat.server.app import ServedModel, create_app, downloaded_models
     from torchchat.server.worker import ModelWorker
@@ -128,7 +159,21 @@ def _serve_on(sock, args, spec, compile_opts, notes, notices, options: ServerOpt
     notices.say(*notes)
     built = cli_args.build(spec, notices)
     context = args.max_seq_length or min(built.config.max_seq_len, DEFAULT_CONTEXT)
-    engine = make_engine(built, compile_opts, max_seq_len=context, parallel_prefill=not args.sequential_prefill)
+    runtime = built.runtime
+    slots = options.max_concurrent
+    if slots is None:
+        slots, per_slot = default_slots(built.config, context, built.dtype, runtime.device.type)
+        full = DEFAULT_SLOTS_CUDA if runtime.device.type == "cuda" else DEFAULT_SLOTS_CPU
+        if slots < full:
+            print(f"{slots} concurrent sequences (each slot's KV cache takes {per_slot / 2**30:.1f} GiB at "
+                  f"{context} positions); raise it with --max-concurrent or lower --max-seq-length",
+                  file=sys.stderr)
+    if slots > 1 and not getattr(runtime, "supports_batching", False):
+        print(f"{type(runtime).__name__} runs one sequence at a time: serving requests one by one "
+              "(--max-concurrent 1)", file=sys.stderr)
+        slots = 1
+    engine = make_batch_engine(built, compile_opts, max_batch=slots, max_seq_len=context,
+                               parallel_prefill=not args.sequential_prefill)
     override = None if args.chat_template in (None, "auto") else args.chat_template
     setup = resolve_chat_format(built.tokenizer, override, built.chat_template, built.is_chat)
     notices.say(*setup.notices)
@@ -145,12 +190,12 @@ def _serve_on(sock, args, spec, compile_opts, notes, notices, options: ServerOpt
 
     def ready() -> None:
         where = "" if options.host in url else f" (listening on {options.host})"
-        print(f"Serving {served.id} (context {served.context} tokens): API at {url}/v1, chat page at {url}/{where}",
+        print(f"Serving {served.id} (context {served.context} tokens, {slots} concurrent): API at {url}/v1, chat page at {url}/{where}",
               file=sys.stderr, flush=True)
         if options.open_browser:
             threading.Thread(target=_open_browser, args=(url,), daemon=True).start()
 
-    app = create_app(ModelWorker(engine), served, api_key=options.api_key,
+    app = create_app(ModelWorker(engine, built.tokenizer), served, api_key=options.api_key,
                      other_models=lambda: downloaded_models(spec.source.model_directory), on_ready=ready,
                      max_request_bytes=options.max_request_bytes)
     config = uvicorn.Config(app, log_level="info" if options.verbose else "warning", access_log=options.verbose,

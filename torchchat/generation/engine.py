@@ -67,6 +67,50 @@ class Response:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class DecodeStep:
+    """What a decoder produced for one fed token: the next tokens (at least one). Every token but the
+    last is now in the KV cache, after the fed one."""
+
+    tokens: list[int]
+    proposed: int = 0  # speculative decoding: draft tokens proposed ...
+    accepted: int = 0  # ... and accepted
+
+
+class PlainDecoder:
+    """One token per forward: the prefill and decode steps (torchchat.generation.steps) as they are.
+    Produces tokens only; the Engine does the bookkeeping."""
+
+    k = 0
+
+    def __init__(self, steps: Steps, device: torch.device, parallel_prefill: bool):
+        self.steps, self.device, self.parallel_prefill = steps, device, parallel_prefill
+        # The last step's output tensor: fed back as it is when it is the next input, so the decode loop
+        # makes no host-to-device copy per token (as before the decoders were split out).
+        self._last: torch.Tensor | None = None
+        self._last_id = -1
+
+    def prefill(self, prompt_ids: Sequence[int], start_pos: int, params: SamplingParams) -> int:
+        prompt = torch.tensor([list(prompt_ids)], dtype=torch.int64, device=self.device)
+        if self.parallel_prefill:
+            pos = torch.arange(start_pos, start_pos + len(prompt_ids), device=self.device)
+            nxt = self.steps.prefill(params)(prompt, pos)
+        else:
+            decode = self.steps.decode(params)
+            for i in range(len(prompt_ids)):
+                nxt = decode(prompt[:, i : i + 1], torch.tensor([start_pos + i], device=self.device))
+        self._last, self._last_id = nxt, int(nxt)
+        return self._last_id
+
+    def step(self, x: int, history: Sequence[int], params: SamplingParams, room: int) -> DecodeStep:
+        """Feed `x` at position len(history); the next token."""
+        fed = self._last.clone() if self._last is not None and self._last_id == x else \
+            torch.tensor([[x]], dtype=torch.int64, device=self.device)
+        nxt = self.steps.decode(params)(fed, torch.tensor([len(history)], device=self.device))
+        self._last, self._last_id = nxt, int(nxt)
+        return DecodeStep([self._last_id])
+
+
 class Engine:
     def __init__(self, runtime: Runtime, tokenizer, steps: Steps, max_seq_len: int, parallel_prefill: bool = True):
         self.runtime = runtime
@@ -81,6 +125,7 @@ class Engine:
         # next prompt. -1 marks a position of unknown content.
         self.kv_ids: list[int] = []
         self.draft = None  # torchchat.generation.speculative.Draft, when decoding speculatively
+        self._plain = PlainDecoder(steps, self.device, self.parallel_prefill)
         self.chat_format = None  # torchchat.generation.chat_format.ChatFormat used by chat()
         runtime.setup(1, max_seq_len)
 
@@ -105,52 +150,57 @@ class Engine:
                 "shorten it or raise --max-seq-length (up to the model's own limit)"
             )
 
+    def decoder(self):
+        """The decoder for the next call: speculative while a draft is attached, else plain."""
+        if self.draft is None:
+            return self._plain
+        from torchchat.generation.speculative import SpeculativeDecoder
+
+        return SpeculativeDecoder(self.runtime, self.steps, self.draft)
+
     def tokens(self, prompt_ids: Sequence[int], cfg: GenerationConfig, start_pos: int = 0) -> Iterator[int]:
         """Prefill `prompt_ids` at positions [start_pos, ...) and yield generated ids, stop token
         included. Stops at a stop id, at max_new_tokens, or when the context is full. Afterwards
-        `self.position` is the position the last yielded token would take, and `self.last_stats` is set."""
-        if self.draft is not None:
-            from torchchat.generation.speculative import speculative_tokens
+        `self.position` is the position the last yielded token would take, and `self.last_stats` is set.
 
-            yield from speculative_tokens(self, self.draft, prompt_ids, cfg, start_pos)
-            return
+        The decoder (plain or speculative) only produces tokens; the budget, stop ids, the ids the KV
+        cache holds, positions and statistics are kept here, once for both."""
+        decoder = self.decoder()
         self._check_fits(start_pos, len(prompt_ids))
         self._claim_prefix(start_pos)
         stop_ids = self.tokenizer.stop_ids if cfg.stop_ids is None else cfg.stop_ids
         budget = min(cfg.max_new_tokens, self.max_seq_len - start_pos - len(prompt_ids))
-        stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        stats = GenerationStats(prompt_tokens=len(prompt_ids), speculate_k=decoder.k,
+                                prefill_parallel=decoder.parallel_prefill)
         self.last_stats = stats
         if budget <= 0:
             self.position = start_pos + len(prompt_ids)
             return
         t0 = time.perf_counter()
-        prompt = torch.tensor([list(prompt_ids)], dtype=torch.int64, device=self.device)
-        prefill = self.steps.prefill(cfg.sampling)
-        decode = self.steps.decode(cfg.sampling)
-        if self.parallel_prefill:
-            pos = torch.arange(start_pos, start_pos + len(prompt_ids), device=self.device)
-            nxt = prefill(prompt, pos)
-            self.kv_ids.extend(int(i) for i in prompt_ids)
-        else:
-            stats.prefill_parallel = False
-            for i in range(len(prompt_ids)):
-                nxt = decode(prompt[:, i : i + 1], torch.tensor([start_pos + i], device=self.device))
-                self.kv_ids.append(int(prompt_ids[i]))
-        pos = start_pos + len(prompt_ids)
-        token = int(nxt)
+        with torch.no_grad():
+            x = decoder.prefill(prompt_ids, start_pos, cfg.sampling)
+        self.kv_ids.extend(int(i) for i in prompt_ids)
         stats.time_to_first_token = time.perf_counter() - t0
         stats.generated_tokens = 1
-        self.position = pos
-        yield token
-        while token not in stop_ids and stats.generated_tokens < budget:
-            nxt = decode(nxt.clone(), torch.tensor([pos], device=self.device))
-            self.kv_ids.append(token)
-            pos += 1
-            token = int(nxt)
-            stats.generated_tokens += 1
-            stats.total_time = time.perf_counter() - t0
-            self.position = pos
-            yield token
+        self.position = len(self.kv_ids)
+        yield x
+        while x not in stop_ids and stats.generated_tokens < budget:
+            pos = len(self.kv_ids)  # where x goes; the cache holds [0, pos)
+            with torch.no_grad():
+                out = decoder.step(x, self.kv_ids, cfg.sampling, budget - stats.generated_tokens)
+            # kv_ids may run past the last yielded token (accepted drafts after a stop token); they are
+            # still the true ids at those positions, which is what cache reuse compares against.
+            self.kv_ids += [x] + out.tokens[:-1]
+            stats.draft_proposed += out.proposed
+            stats.draft_accepted += out.accepted
+            for i, token in enumerate(out.tokens):
+                x = token
+                stats.generated_tokens += 1
+                stats.total_time = time.perf_counter() - t0
+                self.position = pos + 1 + i
+                yield token
+                if token in stop_ids or stats.generated_tokens >= budget:
+                    break
         stats.total_time = time.perf_counter() - t0
 
     def stream(self, prompt_ids: Sequence[int], cfg: GenerationConfig, start_pos: int = 0, *,

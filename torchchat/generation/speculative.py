@@ -14,9 +14,8 @@ at position p only reads positions <= p. The draft never affects what is generat
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor
@@ -25,7 +24,7 @@ from torchchat.errors import UserInputError
 from torchchat.generation.sampling import SamplingParams, logits_to_probs, sample_from_probs
 
 if TYPE_CHECKING:
-    from torchchat.generation.engine import Engine, GenerationConfig
+    from torchchat.generation.engine import DecodeStep
     from torchchat.runtime.base import Runtime
 
 
@@ -113,65 +112,44 @@ def verify(target_logits: Tensor, proposed: list[int], draft_probs: Tensor | Non
     return n, int(sample_from_probs(residual))
 
 
-def speculative_tokens(engine: "Engine", draft: Draft, prompt_ids: Sequence[int], cfg: "GenerationConfig",
-                       start_pos: int = 0) -> Iterator[int]:
-    """Engine.tokens with a draft model: same contract (ids yielded, stop token included; engine.position,
-    engine.kv_ids and engine.last_stats kept), with stats.draft_proposed / draft_accepted filled."""
-    from torchchat.generation.engine import GenerationStats, common_prefix_len
+class SpeculativeDecoder:
+    """Produces tokens only: the Engine does the bookkeeping (budget, stop ids, KV ids, positions,
+    stats) for this decoder as for the plain one (torchchat.generation.engine.PlainDecoder)."""
 
-    engine._check_fits(start_pos, len(prompt_ids))
-    engine._claim_prefix(start_pos)
-    stop_ids = engine.tokenizer.stop_ids if cfg.stop_ids is None else cfg.stop_ids
-    budget = min(cfg.max_new_tokens, engine.max_seq_len - start_pos - len(prompt_ids))
-    stats = GenerationStats(prompt_tokens=len(prompt_ids), speculate_k=draft.k)
-    engine.last_stats = stats
-    if budget <= 0:
-        engine.position = start_pos + len(prompt_ids)
-        return
-    device = engine.device
-    params = cfg.sampling
-    t0 = time.perf_counter()
-    prompt = torch.tensor([[int(i) for i in prompt_ids]], dtype=torch.int64, device=device)
-    positions = torch.arange(start_pos, start_pos + len(prompt_ids), device=device)
-    with torch.no_grad():
-        first = engine.steps.prefill(params)(prompt, positions)
-    engine.kv_ids.extend(int(i) for i in prompt_ids)
-    x = int(first)
-    stats.time_to_first_token = time.perf_counter() - t0
-    stats.generated_tokens = 1
-    engine.position = len(engine.kv_ids)
-    yield x
-    while x not in stop_ids and stats.generated_tokens < budget:
-        pos = len(engine.kv_ids)  # where x goes; the target holds [0, pos)
-        k = min(draft.k, budget - stats.generated_tokens - 1)
+    parallel_prefill = True
+
+    def __init__(self, runtime: "Runtime", steps, draft: Draft):
+        self.runtime, self.steps, self.draft = runtime, steps, draft
+        self.k = draft.k
+
+    def prefill(self, prompt_ids: Sequence[int], start_pos: int, params: SamplingParams) -> int:
+        """The target alone reads the prompt; the draft catches up in the first `step`."""
+        device = self.runtime.device
+        prompt = torch.tensor([[int(i) for i in prompt_ids]], dtype=torch.int64, device=device)
+        positions = torch.arange(start_pos, start_pos + len(prompt_ids), device=device)
+        with torch.no_grad():
+            return int(self.steps.prefill(params)(prompt, positions))
+
+    def step(self, x: int, history: Sequence[int], params: SamplingParams, room: int) -> "DecodeStep":
+        """Feed `x` at position len(history) (the target's cache holds `history`); return 1..room tokens."""
+        from torchchat.generation.engine import DecodeStep, common_prefix_len
+
+        draft, device = self.draft, self.runtime.device
+        pos = len(history)
+        k = min(draft.k, room - 1)
         if k == 0:
-            logits = _forward(engine.runtime, [x], pos, device)
-            engine.kv_ids.append(x)
-            emitted = [verify(logits, [], None, params)[1]]
-        else:
-            # Bring the draft up to date: what it lacks of the sequence so far, then x. Positions of
-            # unknown content (-1) are fed as token 0: only the acceptance rate can suffer.
-            valid = common_prefix_len(draft.kv_ids, engine.kv_ids)
-            feed = [max(i, 0) for i in engine.kv_ids[valid:]] + [x]
-            del draft.kv_ids[valid:]
-            proposed, q = propose(draft, feed, valid, k, params, device)
-            draft.kv_ids += engine.kv_ids[valid:] + [x] + proposed[: k - 1]
-            logits = _forward(engine.runtime, [x] + proposed, pos, device)  # (k+1, V)
-            n, nxt = verify(logits, proposed, q, params)
-            engine.kv_ids += [x] + proposed[:n]
-            # The draft holds d_1..d_{k-1}; only accepted ones are part of the sequence.
-            del draft.kv_ids[pos + 1 + n :]
-            stats.draft_proposed += k
-            stats.draft_accepted += n
-            emitted = proposed[:n] + [nxt]
-        for i, token in enumerate(emitted):
-            x = token
-            stats.generated_tokens += 1
-            stats.total_time = time.perf_counter() - t0
-            engine.position = pos + 1 + i
-            yield token
-            if token in stop_ids or stats.generated_tokens >= budget:
-                break
-    # kv_ids may run past the last yielded token (accepted drafts after a stop token); they are
-    # still the true ids at those positions, which is what cache reuse compares against.
-    stats.total_time = time.perf_counter() - t0
+            logits = _forward(self.runtime, [x], pos, device)
+            return DecodeStep([verify(logits, [], None, params)[1]])
+        # Bring the draft up to date: what it lacks of the sequence so far, then x. Positions of
+        # unknown content (-1) are fed as token 0: only the acceptance rate can suffer.
+        valid = common_prefix_len(draft.kv_ids, history)
+        feed = [max(i, 0) for i in history[valid:]] + [x]
+        del draft.kv_ids[valid:]
+        proposed, q = propose(draft, feed, valid, k, params, device)
+        draft.kv_ids += list(history[valid:]) + [x] + proposed[: k - 1]
+        logits = _forward(self.runtime, [x] + proposed, pos, device)  # (k+1, V)
+        n, nxt = verify(logits, proposed, q, params)
+        # The draft holds d_1..d_{k-1}; only accepted ones are part of the sequence.
+        del draft.kv_ids[pos + 1 + n :]
+        # The target's cache now holds x and the accepted drafts: exactly the tokens before the last.
+        return DecodeStep(proposed[:n] + [nxt], proposed=k, accepted=n)

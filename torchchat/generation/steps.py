@@ -123,6 +123,10 @@ class Steps:
             return torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
         return torch.compile(fn, fullgraph=True, dynamic=dynamic, mode=mode)
 
+    def compile_forward(self, fn, dynamic: bool):
+        """`fn` compiled as the steps are (for callers that sample themselves: the batched engine)."""
+        return self._compile(fn, dynamic)
+
     def decode(self, params: SamplingParams) -> Callable[[Tensor, Tensor], Tensor]:
         key = ("decode", params)
         if key not in self._cache:

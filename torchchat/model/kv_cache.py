@@ -13,9 +13,18 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)  # (B, H_kv, S_max, D)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)  # (B, H_kv, S_max, D)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """input_pos: (S,); k, v: (B, H_kv, S, D). Returns the whole caches for batch rows [0, B)."""
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, row: int = 0) -> tuple[Tensor, Tensor]:
+        """k, v: (B, H_kv, S, D) for cache rows [row, row + B); input_pos: (S,) positions shared by
+        those rows, or (B, S) each row's own (sequences of a batch at different lengths). Returns the
+        whole caches of those rows (views, no copy)."""
         bsz = k.size(0)
-        self.k_cache[:bsz].index_copy_(2, input_pos, k)
-        self.v_cache[:bsz].index_copy_(2, input_pos, v)
-        return self.k_cache[:bsz], self.v_cache[:bsz]
+        k_rows, v_rows = self.k_cache[row : row + bsz], self.v_cache[row : row + bsz]
+        if input_pos.dim() == 1:
+            k_rows.index_copy_(2, input_pos, k)
+            v_rows.index_copy_(2, input_pos, v)
+        else:
+            rows = torch.arange(bsz, device=input_pos.device).view(bsz, 1)
+            # Advanced indices around a slice put their dims first: the target is (B, S, H_kv, D).
+            k_rows[rows, :, input_pos] = k.transpose(1, 2)
+            v_rows[rows, :, input_pos] = v.transpose(1, 2)
+        return k_rows, v_rows

@@ -33,9 +33,10 @@ def rope_table(seq_len: int, head_dim: int, base: float, scaling: RopeScaling | 
 
 
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
-    """x: (B, S, H, D); table: (S, D/2, 2) rows for x's positions. Returns x rotated, in x's dtype."""
+    """x: (B, S, H, D); table: (S, D/2, 2) rows for x's positions, or (B, S, D/2, 2) when each row of
+    the batch has its own positions. Returns x rotated, in x's dtype."""
     xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, S, H, D/2, 2)
-    t = table.view(1, xs.size(1), 1, xs.size(3), 2)
+    t = table.view(-1, xs.size(1), 1, xs.size(3), 2)
     out = torch.stack(
         [
             xs[..., 0] * t[..., 0] - xs[..., 1] * t[..., 1],

@@ -37,8 +37,10 @@ class Attention(nn.Module):
         self.wqkv: nn.Linear | None = None  # wq|wk|wv stacked, set by torchchat.model.layout in their place
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
-        """x: (B, S, dim); rope: (S, D/2, 2); mask: (1, 1, S, S_max) bool; input_pos: (S,)."""
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, row: int = 0) -> Tensor:
+        """x: (B, S, dim); rope: (S, D/2, 2); mask: (1, 1, S, S_max) bool; input_pos: (S,); or, with a
+        position per batch row, rope (B, S, D/2, 2), mask (B, 1, S, S_max), input_pos (B, S). The
+        batch rows use KV-cache rows [row, row + B)."""
         bsz, seqlen, _ = x.shape
         if self.wqkv is not None:
             kv_size = self.n_kv_heads * self.head_dim
@@ -50,7 +52,7 @@ class Attention(nn.Module):
         v = v.reshape(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
-        k, v = self.kv_cache.update(input_pos, k, v)  # (B, H_kv, S_max, D)
+        k, v = self.kv_cache.update(input_pos, k, v, row)  # (B, H_kv, S_max, D)
         if seqlen == 1 and x.device.type == "cpu":
             # CPU's scaled_dot_product_attention costs ~85 us per call for one query (stories15M), a
             # sixth of a compiled decode step; these few ops compile into much less.
@@ -63,12 +65,13 @@ class Attention(nn.Module):
 
 
 def _decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
-    """One query per sequence: q (B, H, 1, D) against the cache k, v (B, H_kv, S_max, D)."""
+    """One query per sequence: q (B, H, 1, D) against the cache k, v (B, H_kv, S_max, D); mask
+    (1 or B, 1, 1, S_max)."""
     bsz, n_heads, _, head_dim = q.shape
     n_kv = k.size(1)
     qg = q.view(bsz, n_kv, n_heads // n_kv, head_dim)
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale
-    scores = scores.masked_fill(~mask.view(1, 1, 1, -1), float("-inf"))
+    scores = scores.masked_fill(~mask.view(mask.size(0), 1, 1, -1), float("-inf"))
     probs = torch.softmax(scores, dim=-1).type_as(v)
     return torch.matmul(probs, v).view(bsz, n_heads, 1, head_dim)
 
@@ -97,8 +100,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.residual_multiplier = cfg.residual_multiplier
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
-        h = x + self.residual_multiplier * self.attention(self.attention_norm(x), rope, mask, input_pos)
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, row: int = 0) -> Tensor:
+        h = x + self.residual_multiplier * self.attention(self.attention_norm(x), rope, mask, input_pos, row)
         return h + self.residual_multiplier * self.feed_forward(self.ffn_norm(h))
 
 
@@ -135,17 +138,23 @@ class Transformer(nn.Module):
         self.register_buffer("causal_mask", causal, persistent=False)  # (S_max, S_max)
         self.max_batch, self.max_seq = max_batch, max_seq
 
-    def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
-        """tokens: (B, S) int64; input_pos: (S,) positions of those tokens. Returns logits (B, S, V) fp32."""
+    def forward(self, tokens: Tensor, input_pos: Tensor, row: int = 0) -> Tensor:
+        """tokens: (B, S) int64; input_pos: (S,) positions of those tokens, or (B, S) when the rows are
+        sequences at different positions (batched serving). The rows use KV-cache rows [row, row + B).
+        Returns logits (B, S, V) fp32."""
         if self.max_seq < 0:
             raise RuntimeError("call Transformer.setup_caches(max_batch, max_seq) before forward")
-        mask = self.causal_mask[input_pos].view(1, 1, input_pos.size(0), self.max_seq)
+        if input_pos.dim() == 1:
+            mask = self.causal_mask[input_pos].view(1, 1, input_pos.size(0), self.max_seq)
+        else:
+            mask = self.causal_mask[input_pos].unsqueeze(1)  # (B, 1, S, S_max)
         rope = self.rope[input_pos]
         x = self.tok_embeddings(tokens)
         if self.config.embedding_multiplier != 1.0:
             x = x * self.config.embedding_multiplier
         for layer in self.layers:
-            x = layer(x, rope, mask, input_pos)
+            # Only batched serving passes a row: the CUDA fused blocks (torchchat.kernels) take no `row`.
+            x = layer(x, rope, mask, input_pos, row) if row else layer(x, rope, mask, input_pos)
         logits = self.output(self.norm(x))
         if self.config.logits_scaling != 1.0:
             logits = logits / self.config.logits_scaling

@@ -28,6 +28,8 @@ class EagerRuntime:
     """A Transformer in this process; `forward` may be wrapped by torch.compile in the steps."""
 
     supports_parallel_prefill = True
+    # Takes (B, S) positions and a cache `row` (torchchat.generation.batch); the CUDA fused model does not.
+    supports_batching = True
     graph_key = None  # see torchchat.generation.steps.Steps
 
     def __init__(self, model: torch.nn.Module):
@@ -39,6 +41,7 @@ class EagerRuntime:
             # The fused model (torchchat.kernels) is captured into CUDA graphs as it is; a capture
             # holds the caches' addresses, which change only when their size does.
             self.graph_key = lambda: (model.max_batch, model.max_seq)
+            self.supports_batching = False
 
     def setup(self, max_batch: int, max_seq: int) -> None:
         from torchchat.model.params_check import check_caches_fit
@@ -47,5 +50,5 @@ class EagerRuntime:
         check_caches_fit(self.model.config, max_batch, max_seq, weight.element_size(), str(weight.device))
         self.model.setup_caches(max_batch, max_seq)
 
-    def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
-        return self.model(tokens, input_pos)
+    def forward(self, tokens: Tensor, input_pos: Tensor, row: int = 0) -> Tensor:
+        return self.model(tokens, input_pos, row) if row else self.model(tokens, input_pos)

@@ -1,14 +1,15 @@
 """The FastAPI application: OpenAI-compatible routes over a ModelWorker, and the chat page at `/`.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id}, GET /health,
-GET / (the page) and /static/*. Errors are OpenAI's JSON ({"error": {...}}) with 400 for invalid
+GET /metrics (Prometheus), POST /tokenize, POST /detokenize, GET /tokenizer_info (vLLM's, see
+tokenize.py), GET / (the page) and /static/*. Requests become jobs for the continuous-batching worker
+(worker.py); n choices and prompt batches in choices.py, response bodies in responses.py. Errors are OpenAI's JSON ({"error": {...}}) with 400 for invalid
 requests, 401 without the API key, 404 for unknown models and routes."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +21,16 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from torchchat.generation.batch import Penalties
 from torchchat.generation.engine import GenerationConfig
 from torchchat.generation.sampling import SamplingParams
-from torchchat.server import limits, protocol
+from torchchat.server import limits, protocol, responses
 from torchchat.errors import ChatTemplateError
+from torchchat.server.choices import Collected, collect_all
+from torchchat.server.logprobs import TokenTexts
 from torchchat.server.prompt import completion_prompt_ids
 from torchchat.server.protocol import ChatCompletionRequest, CompletionRequest, Head, SamplingFields
-from torchchat.server.worker import Delta, Finished, Job, ModelWorker
+from torchchat.server.worker import Job, ModelWorker
 
 log = logging.getLogger("torchchat.server")
 
@@ -67,10 +71,6 @@ def _error(status: int, message: str, **kw) -> JSONResponse:
     return JSONResponse(protocol.error_body(message, **kw), status_code=status)
 
 
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -94,6 +94,7 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
                   docs_url=None, redoc_url=None)
     app.add_middleware(limits.BodyLimits, max_bytes=max_request_bytes, timeout_s=body_timeout_s)
     tok = served.tokenizer
+    texts = TokenTexts(tok)
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, e: APIError) -> JSONResponse:
@@ -142,8 +143,19 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
                                 f"'{served.id}'. Restart the server with that model to use it.",
                            param="model", code="model_not_found")
 
-    def job_for(body: SamplingFields, prompt_ids: list[int], param: str,
-                stop_ids: frozenset[int] | None = None) -> Job:
+    def check_supported(body: SamplingFields) -> None:
+        bad = body.unsupported()
+        if bad is not None:
+            raise APIError(400, f"Unsupported parameter: {bad[0]}: {bad[1]}.", param=bad[0],
+                           code="unsupported_parameter")
+        for key in body.logit_bias or {}:
+            if int(key) >= tok.vocab_size:
+                raise APIError(400, f"Invalid request: logit_bias: token id {key} is outside the vocabulary "
+                                    f"(0..{tok.vocab_size - 1})", param="logit_bias", code="invalid_value")
+
+    def jobs_for(body: SamplingFields, prompt_ids: list[int], param: str,
+                 stop_ids: frozenset[int] | None = None, prompt_logprobs: bool = False) -> list[Job]:
+        """One job per choice (n); choice i samples with seed + i, so choices differ and repeat."""
         n = len(prompt_ids)
         if n == 0:
             raise APIError(400, "The prompt is empty; give at least one token.", param=param)
@@ -160,11 +172,15 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
             sampling = SamplingParams(temperature=body.temperature, top_k=body.top_k or None,
                                       top_p=body.top_p if body.top_p < 1.0 else None)
         cfg = GenerationConfig(max_new_tokens=limit, sampling=sampling, stop_ids=stop_ids)
-        return Job(prompt_ids=prompt_ids, cfg=cfg,
-                   stop=body.stop_list, seed=body.seed)
+        penalties = Penalties(body.presence_penalty, body.frequency_penalty, body.repetition_penalty)
+        bias = {int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None
+        return [Job(prompt_ids=prompt_ids, cfg=cfg, stop=body.stop_list,
+                    seed=None if body.seed is None else body.seed + i, penalties=penalties, logit_bias=bias,
+                    top_logprobs=body.logprob_count, prompt_logprobs=prompt_logprobs)
+                for i in range(body.n)]
 
-    async def collect(request: Request, job: Job) -> tuple[str, Finished] | None:
-        """Run a job to the end; None if the client disconnected first (the job is then cancelled)."""
+    async def collect(request: Request, jobs: list[Job]) -> list[Collected] | None:
+        """Run the jobs to the end; None if the client disconnected first (they are then cancelled)."""
         handler = asyncio.current_task()
         gone = asyncio.Event()
 
@@ -176,13 +192,8 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
             handler.cancel()
 
         watcher = asyncio.create_task(watch())
-        parts: list[str] = []
         try:
-            async for item in worker.run(job):
-                if isinstance(item, Delta):
-                    parts.append(item.text)
-                else:
-                    return "".join(parts), item
+            return await collect_all(worker, jobs)
         except asyncio.CancelledError:
             if not gone.is_set():
                 raise
@@ -190,15 +201,6 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
             return None
         finally:
             watcher.cancel()
-        raise RuntimeError("the worker ended without a Finished record")
-
-    async def events(job: Job) -> AsyncIterator[Delta | Finished | APIError]:
-        try:
-            async for item in worker.run(job):
-                yield item
-        except Exception as e:  # headers are sent: report the failure in the stream, as OpenAI does
-            log.exception("generation failed")
-            yield APIError(500, f"generation failed: {e}", type_="server_error")
 
     def stream_response(chunks: AsyncIterator[str]) -> StreamingResponse:
         return StreamingResponse(chunks, media_type="text/event-stream", headers=_SSE_HEADERS)
@@ -207,6 +209,12 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
     async def health() -> dict:
         return {"status": "ok", "model": served.id, "context_length": served.context,
                 **worker.stats.snapshot()}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        snap = worker.stats.snapshot()
+        text = worker.metrics.render(snap["queued"], snap["active"], snap["completed"], snap["cancelled"])
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def list_models() -> dict:
@@ -226,76 +234,52 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
+        check_supported(body)
         messages = [{"role": m.role, "content": m.text} for m in body.messages]
         try:
             # Tokenizing a long prompt takes seconds: in a thread, so /health and other requests are served.
             prompt_ids = await _tokenize(served.chat_format.encode, tok, messages)
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from e
-        job = job_for(body, prompt_ids, "messages", served.chat_stop_ids)
+        jobs = jobs_for(body, prompt_ids, "messages", served.chat_stop_ids)
         head = Head(protocol.new_id("chatcmpl"), served.id, served.fingerprint)
-        if not body.stream:
-            done = await collect(request, job)
-            if done is None:
-                return Response(status_code=499)
-            text, fin = done
-            return JSONResponse(head.chat_completion(text, fin.finish_reason, _usage(fin)))
-
-        usage = body.include_usage
-
-        async def chunks() -> AsyncIterator[str]:
-            yield _sse(head.chat_chunk({"role": "assistant", "content": ""}, include_usage=usage))
-            async for item in events(job):
-                if isinstance(item, Delta):
-                    yield _sse(head.chat_chunk({"content": item.text}, include_usage=usage))
-                elif isinstance(item, Finished):
-                    yield _sse(head.chat_chunk({}, item.finish_reason, include_usage=usage))
-                    if usage:
-                        yield _sse(head.usage_chunk("chat.completion.chunk", _usage(item)))
-                else:
-                    yield _sse(protocol.error_body(item.message, type_=item.type))
-                    return
-            yield "data: [DONE]\n\n"
-
-        return stream_response(chunks())
+        if body.stream:
+            return stream_response(responses.chat_events(head, worker, jobs, texts, body.include_usage))
+        results = await collect(request, jobs)
+        if results is None:
+            return Response(status_code=499)
+        return JSONResponse(responses.chat_body(head, jobs, results, texts))
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        prompt = body.prompt
-        if isinstance(prompt, list):
-            bad = [i for i in prompt if not 0 <= i < tok.vocab_size]
-            if bad:
-                raise APIError(400, f"Invalid request: prompt: token id {bad[0]} is outside the vocabulary "
-                                    f"(0..{tok.vocab_size - 1})", param="prompt", code="invalid_value")
-        job = job_for(body, await _tokenize(completion_prompt_ids, tok, prompt), "prompt")
-        echo = (prompt if isinstance(prompt, str) else await _tokenize(tok.decode, prompt)) if body.echo else ""
+        check_supported(body)
+        jobs: list[Job] = []
+        meta: list[responses.CompletionChoice] = []
+        for prompt in body.prompts:
+            if isinstance(prompt, list):
+                bad = [i for i in prompt if not 0 <= i < tok.vocab_size]
+                if bad:
+                    raise APIError(400, f"Invalid request: prompt: token id {bad[0]} is outside the vocabulary "
+                                        f"(0..{tok.vocab_size - 1})", param="prompt", code="invalid_value")
+            text = prompt if isinstance(prompt, str) else await _tokenize(tok.decode, prompt)
+            prompt_ids = await _tokenize(completion_prompt_ids, tok, prompt)
+            for job in jobs_for(body, prompt_ids, "prompt", prompt_logprobs=body.echo and body.logprobs is not None):
+                jobs.append(job)
+                meta.append(responses.CompletionChoice(text, body.echo))
         head = Head(protocol.new_id("cmpl"), served.id, served.fingerprint)
-        if not body.stream:
-            done = await collect(request, job)
-            if done is None:
-                return Response(status_code=499)
-            text, fin = done
-            return JSONResponse(head.text_completion(echo + text, fin.finish_reason, _usage(fin)))
+        if body.stream:
+            return stream_response(responses.completion_events(head, worker, jobs, meta, texts, body.n,
+                                                               body.include_usage))
+        results = await collect(request, jobs)
+        if results is None:
+            return Response(status_code=499)
+        return JSONResponse(responses.completion_body(head, jobs, meta, results, texts, body.n))
 
-        usage = body.include_usage
+    from torchchat.server import tokenize
 
-        async def chunks() -> AsyncIterator[str]:
-            if echo:
-                yield _sse(head.text_chunk(echo, include_usage=usage))
-            async for item in events(job):
-                if isinstance(item, Delta):
-                    yield _sse(head.text_chunk(item.text, include_usage=usage))
-                elif isinstance(item, Finished):
-                    yield _sse(head.text_chunk("", item.finish_reason, include_usage=usage))
-                    if usage:
-                        yield _sse(head.usage_chunk("text_completion", _usage(item)))
-                else:
-                    yield _sse(protocol.error_body(item.message, type_=item.type))
-                    return
-            yield "data: [DONE]\n\n"
-
-        return stream_response(chunks())
+    tokenize.add_routes(app, tok, served.context, [Depends(authorize)],
+                        lambda message, param: APIError(400, f"Invalid request: {param}: {message}", param=param))
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -317,10 +301,6 @@ async def _tokenize(fn, *args):
         log.error("tokenizer failed", exc_info=e)
         raise APIError(500, f"The tokenizer failed on this input: {type(e).__name__}: {str(e)[:200]}",
                        type_="server_error") from None
-
-
-def _usage(fin: Finished) -> dict[str, int]:
-    return protocol.usage(fin.prompt_tokens, fin.completion_tokens)
 
 
 def _model_card(m: ListedModel) -> dict:

@@ -1,8 +1,10 @@
 """The OpenAI wire format: request models (validated by pydantic) and response/chunk/error bodies.
 
-Requests follow OpenAI's field names and ranges. Fields OpenAI has and this server does not use
-(presence_penalty, logprobs, user, tools, ...) are accepted and ignored, as OpenAI ignores unknown
-ones; a wrong type or value is an error (see `error_body`). Types are strict: "0.5" is not a number.
+Requests follow OpenAI's field names and ranges. Fields that change what OpenAI would generate and
+that this server does not implement (tools, response_format json_object/json_schema, ...) are a 400
+naming the field (see UNSUPPORTED), never silently ignored; fields that change nothing here (user,
+metadata, ...) and unknown ones are ignored, as OpenAI ignores unknown ones. A wrong type or value is
+an error (see `error_body`). Types are strict: "0.5" is not a number.
 """
 from __future__ import annotations
 
@@ -35,8 +37,38 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+# The most of each list-valued option; lm-eval alone sends 6 stop strings.
+MAX_STOP = 16
+MAX_N = 16
+MAX_TOP_LOGPROBS = 20
+
+# Fields OpenAI (or vLLM) takes that this server does not implement, with what to do instead. Sending
+# one with a value other than its no-op is a 400 naming it.
+UNSUPPORTED = {
+    "tools": "tool calling is not supported; describe the tools in the prompt instead",
+    "tool_choice": "tool calling is not supported",
+    "functions": "function calling is not supported",
+    "function_call": "function calling is not supported",
+    "response_format": "only {\"type\": \"text\"} is supported (no JSON mode or json_schema constrained decoding)",
+    "audio": "audio output is not supported",
+    "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+    "guided_json": "guided decoding is not supported",
+    "guided_regex": "guided decoding is not supported",
+    "guided_choice": "guided decoding is not supported",
+    "guided_grammar": "guided decoding is not supported",
+    "suffix": "insertion (suffix) is not supported",
+    "best_of": "best_of other than n is not supported; use n",
+}
+# The values of those fields that ask for nothing (accepted).
+_NO_OP = {"tool_choice": ("none",), "modalities": (["text"],), "response_format": ({"type": "text"},)}
+
+
 class SamplingFields(_Request):
     """Fields shared by /v1/chat/completions and /v1/completions."""
+
+    model_config = ConfigDict(extra="allow", strict=True)  # extras are checked against UNSUPPORTED
 
     model: str | None = None  # None: the loaded model
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 is greedy
@@ -44,9 +76,13 @@ class SamplingFields(_Request):
     top_k: int | None = Field(None, ge=0)  # extension: 0 or None means no limit
     seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)  # what torch.manual_seed takes
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # extension (vLLM, llama.cpp): 1 is off
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
 
     @field_validator("stop")
     @classmethod
@@ -56,19 +92,22 @@ class SamplingFields(_Request):
                 no_surrogates(item)
         return stop
 
-    @field_validator("n")
+    @field_validator("logit_bias")
     @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError(f"only n=1 is supported (got {n}); send {n} requests instead")
-        return n
+    def _bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids (got {key!r})")
+            if not -100.0 <= value <= 100.0:
+                raise ValueError(f"biases must be in [-100, 100] (got {value} for token {key})")
+        return bias
 
     @field_validator("stop")
     @classmethod
     def _stop_strings(cls, stop: str | list[str] | None) -> str | list[str] | None:
         items = [stop] if isinstance(stop, str) else stop or []
-        if len(items) > 4:
-            raise ValueError(f"at most 4 stop sequences are allowed (got {len(items)})")
+        if len(items) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences are allowed (got {len(items)})")
         if any(s == "" for s in items):
             raise ValueError("stop sequences must be non-empty strings")
         return stop
@@ -78,6 +117,15 @@ class SamplingFields(_Request):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, why) for the first field asked for that this server does not implement."""
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED and value is not None and value not in _NO_OP.get(name, ()):
+                if name == "best_of" and value == self.n:
+                    continue
+                return name, UNSUPPORTED[name]
+        return None
 
     @property
     def stop_list(self) -> tuple[str, ...]:
@@ -129,6 +177,19 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def logprob_count(self) -> int | None:
+        """None: no logprobs; n: each token's and its n most likely alternatives'."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_limit(self) -> int | None:
@@ -137,20 +198,33 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    # A string, or token ids; OpenAI also takes a batch of either, which this server answers with one
-    # choice only, so a batch must hold exactly one prompt.
+    # A string, or token ids, or a batch of either: each prompt gets n choices, indexed in order.
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions; null: no limit
-    echo: bool = False  # prepend the prompt to the returned text
+    echo: bool = False  # prepend the prompt to the returned text (and its tokens' logprobs)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # each token's and its n likeliest
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt):
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            if len(prompt) != 1:
-                raise ValueError(f"only one prompt per request is supported (got {len(prompt)})")
-            prompt = prompt[0]
-        return no_surrogates(prompt) if isinstance(prompt, str) else prompt
+    def _prompts(cls, prompt):
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("the prompt is empty")
+        if isinstance(prompt, list) and len(prompt) > MAX_N and not isinstance(prompt[0], int):
+            raise ValueError(f"at most {MAX_N} prompts per request (got {len(prompt)})")
+        for item in [prompt] if isinstance(prompt, str) else prompt:
+            if isinstance(item, str):
+                no_surrogates(item)
+        return prompt
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        if isinstance(self.prompt, list) and not isinstance(self.prompt[0], int):
+            return list(self.prompt)
+        return [self.prompt]
+
+    @property
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     @property
     def token_limit(self) -> int | None:
@@ -193,12 +267,15 @@ def system_fingerprint(*parts: str) -> str:
     return f"fp_{digest[:10]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if cached_tokens is not None:  # OpenAI's field: prompt tokens served from the (KV) cache
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
 
 
 class Head:
@@ -211,29 +288,38 @@ class Head:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model,
                 "system_fingerprint": self.fingerprint}
 
-    def chat_completion(self, text: str, finish_reason: str, usage_: dict[str, int]) -> dict[str, Any]:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish_reason}
-        return {**self._fields("chat.completion"), "choices": [choice], "usage": usage_}
+    def chat_completion(self, choices: list[dict[str, Any]], usage_: dict[str, Any]) -> dict[str, Any]:
+        """`choices`: from `chat_choice`, one per n."""
+        return {**self._fields("chat.completion"), "choices": choices, "usage": usage_}
+
+    @staticmethod
+    def chat_choice(index: int, text: str, finish_reason: str, logprobs: Any = None) -> dict[str, Any]:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                "finish_reason": finish_reason}
 
     def chat_chunk(self, delta: dict[str, Any], finish_reason: str | None = None,
-                   include_usage: bool = False) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                   include_usage: bool = False, index: int = 0, logprobs: Any = None) -> dict[str, Any]:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         chunk = {**self._fields("chat.completion.chunk"), "choices": [choice]}
         if include_usage:
             chunk["usage"] = None  # OpenAI: null on every chunk but the last, which carries it
         return chunk
 
-    def usage_chunk(self, object_: str, usage_: dict[str, int]) -> dict[str, Any]:
+    def usage_chunk(self, object_: str, usage_: dict[str, Any]) -> dict[str, Any]:
         """The extra last chunk sent when stream_options.include_usage is true: no choices."""
         return {**self._fields(object_), "choices": [], "usage": usage_}
 
-    def text_completion(self, text: str, finish_reason: str, usage_: dict[str, int]) -> dict[str, Any]:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return {**self._fields("text_completion"), "choices": [choice], "usage": usage_}
+    def text_completion(self, choices: list[dict[str, Any]], usage_: dict[str, Any]) -> dict[str, Any]:
+        """`choices`: from `text_choice`, one per prompt and n."""
+        return {**self._fields("text_completion"), "choices": choices, "usage": usage_}
 
-    def text_chunk(self, text: str, finish_reason: str | None = None, include_usage: bool = False) -> dict[str, Any]:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    @staticmethod
+    def text_choice(index: int, text: str, finish_reason: str, logprobs: Any = None) -> dict[str, Any]:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def text_chunk(self, text: str, finish_reason: str | None = None, include_usage: bool = False,
+                   index: int = 0, logprobs: Any = None) -> dict[str, Any]:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         chunk = {**self._fields("text_completion"), "choices": [choice]}
         if include_usage:
             chunk["usage"] = None

@@ -1,0 +1,372 @@
+"""The batched engine: N sequence slots over one KV cache of N rows (continuous batching).
+
+Each slot holds one sequence at its own position. A step (1) prefills prompt chunks of sequences that
+joined since the last step, up to `prefill_chunk` tokens in all, each in its own cache row, and (2)
+decodes one token for every sequence that already had one, all rows in one forward with a position per
+row, then samples all of them in one batched step with each request's own parameters and random
+generator. Sequences join (`add`) and leave (`release`, or on finishing) between any two steps.
+
+A slot remembers the ids whose K/V its cache row holds after its sequence leaves, so a later prompt
+that starts with them (the same chat one turn longer, a shared system prompt) prefills only the rest.
+
+Why the decode batch is rows [0, bucket): a contiguous slice of the cache is a view, while gathering
+scattered rows would copy every layer's whole cache each step; new sequences take the lowest free
+slot for that reason. The bucket is the next power of two at or above the highest busy slot, so a
+compiled decode step sees at most log2(N) + 1 shapes. Idle rows inside the bucket compute a throwaway
+token at the last cache position, which no sequence ever writes (a sequence's last sampled token is
+never fed back), so they disturb nothing a slot remembers.
+
+With one busy row the decode forward gets a shared (1,) position, exactly as the batch-1 Engine does:
+the same code path, the same speed, and runtimes that take only shared positions (AOTI, ExecuTorch)
+serve one slot.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence as Seq
+
+import torch
+from torch import Tensor
+
+from torchchat.errors import ContextLengthError
+from torchchat.generation.engine import common_prefix_len
+from torchchat.generation.sampling import SamplingParams
+
+Forward = Callable[..., Tensor]  # (tokens (B, S), input_pos (S,) or (B, S), row=int) -> logits (B, S, V)
+
+
+@dataclass(frozen=True)
+class Penalties:
+    """OpenAI's presence and frequency penalties (on generated tokens) and the repetition penalty of
+    vLLM / Hugging Face (on prompt and generated tokens: positive logits divided by it, negative ones
+    multiplied)."""
+
+    presence: float = 0.0
+    frequency: float = 0.0
+    repetition: float = 1.0
+
+    @property
+    def active(self) -> bool:
+        return self.presence != 0.0 or self.frequency != 0.0 or self.repetition != 1.0
+
+
+@dataclass(frozen=True)
+class SequenceRequest:
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams(temperature=0.0)
+    stop_ids: frozenset[int] = frozenset()
+    seed: int | None = None  # None: a fresh random seed
+    penalties: Penalties = Penalties()
+    logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit
+    top_logprobs: int | None = None  # None: no logprobs; n >= 0: the chosen token's and the n most likely
+    prompt_logprobs: bool = False  # also the logprob of every prompt token after the first (echo)
+    reuse_prefix: bool = True
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    logprob: float  # of the chosen (or prompt) token, natural log, after penalties and bias
+    top: tuple[tuple[int, float], ...] = ()  # the most likely ids and their logprobs, best first
+
+
+@dataclass(frozen=True)
+class TokenOut:
+    seq: "Sequence"
+    token: int
+    finish_reason: str | None = None  # "stop" (a stop id; the token is that id) | "length"
+    logprob: TokenLogprob | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's state in a slot; owned by the BatchEngine, read by its caller."""
+
+    request: SequenceRequest
+    slot: int
+    position: int  # the next cache position to write
+    pending: list[int]  # prompt ids not yet prefilled
+    budget: int  # most tokens to generate
+    generator: torch.Generator
+    cached_tokens: int = 0  # prompt ids whose K/V were reused from the slot
+    next_token: int | None = None  # sampled, not yet fed
+    generated: int = 0
+    finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    t_added: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None  # perf_counter at the first token
+    counts: Tensor | None = None  # (V,) generated-token counts, for penalties
+    seen: Tensor | None = None  # (V,) bool: in the prompt or generated, for the repetition penalty
+    bias: Tensor | None = None  # (V,) logit bias
+    _last_logprobs: Tensor | None = None  # (V,) log-probs after the last prefilled chunk (prompt_logprobs)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class BatchEngine:
+    def __init__(self, runtime, max_batch: int, max_seq_len: int, *, prefill_chunk: int = 512,
+                 decode_forward: Forward | None = None, prefill_forward: Forward | None = None,
+                 parallel_prefill: bool = True):
+        """`runtime`: a torchchat Runtime; with max_batch > 1 it must take (B, S) positions and a cache
+        `row` (EagerRuntime.supports_batching). `decode_forward` / `prefill_forward`: the forwards to
+        decode and prefill with (e.g. compiled); default the runtime's. `parallel_prefill` False (or a
+        runtime without it) feeds prompts one token per forward."""
+        if max_batch > 1 and not getattr(runtime, "supports_batching", False):
+            raise ValueError(f"{type(runtime).__name__} serves one sequence at a time; use max_batch=1")
+        self.runtime = runtime
+        self.device = runtime.device
+        self.max_batch, self.max_seq_len, self.prefill_chunk = max_batch, max_seq_len, prefill_chunk
+        self.vocab_size = runtime.config.vocab_size
+        self._decode_forward = decode_forward or runtime.forward
+        self._forward = prefill_forward or runtime.forward
+        self.parallel_prefill = parallel_prefill and runtime.supports_parallel_prefill
+        self.slots: list[Sequence | None] = [None] * max_batch
+        self.slot_ids: list[list[int]] = [[] for _ in range(max_batch)]  # ids whose K/V each row holds
+        self.prefilled_tokens = 0  # prompt tokens run through the model, over the engine's life
+        runtime.setup(max_batch, max_seq_len)
+
+    # -- joining and leaving -------------------------------------------------------------------------
+
+    @property
+    def active(self) -> list[Sequence]:
+        return [s for s in self.slots if s is not None]
+
+    def free_slots(self) -> int:
+        return sum(s is None for s in self.slots)
+
+    def add(self, request: SequenceRequest) -> Sequence:
+        """Give `request` a free slot (raises RuntimeError when none is); it is prefilled by the next
+        `step`s. Prefers the free slot whose remembered ids share the longest prefix with the prompt."""
+        ids = [int(i) for i in request.prompt_ids]
+        if not ids:
+            raise ContextLengthError("the prompt is empty: give at least one token (BOS counts)")
+        if len(ids) >= self.max_seq_len:
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context holds {self.max_seq_len}")
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        if not free:
+            raise RuntimeError("no free slot: wait for a sequence to finish")
+        reuse, slot = 0, free[0]
+        if request.reuse_prefix and not request.prompt_logprobs:
+            best = max(free, key=lambda i: (common_prefix_len(self.slot_ids[i], ids), -i))
+            # At least one prompt id is fed, for the logits of the first generated token.
+            reuse = min(common_prefix_len(self.slot_ids[best], ids), len(ids) - 1)
+            if reuse > 0:
+                slot = best
+        del self.slot_ids[slot][reuse:]
+        generator = torch.Generator(device=self.device)
+        if request.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(request.seed)
+        seq = Sequence(request, slot, position=reuse, pending=ids[reuse:], cached_tokens=reuse,
+                       budget=min(request.max_new_tokens, self.max_seq_len - len(ids)), generator=generator)
+        self._init_logit_state(seq, ids)
+        self.slots[slot] = seq
+        return seq
+
+    def release(self, seq: Sequence) -> None:
+        """Free `seq`'s slot (finished, cancelled, or stopped by its caller); the slot keeps the ids
+        its cache row holds for prefix reuse."""
+        if self.slots[seq.slot] is seq:
+            self.slots[seq.slot] = None
+
+    def _init_logit_state(self, seq: Sequence, prompt: list[int]) -> None:
+        req, V = seq.request, self.vocab_size
+        if req.penalties.active:
+            seq.counts = torch.zeros(V, device=self.device)
+            seq.seen = torch.zeros(V, dtype=torch.bool, device=self.device)
+            seq.seen[torch.tensor(prompt, device=self.device).clamp(0, V - 1)] = True
+        if req.logit_bias:
+            seq.bias = torch.zeros(V, device=self.device)
+            ids = torch.tensor(list(req.logit_bias), device=self.device)
+            seq.bias[ids] = torch.tensor(list(req.logit_bias.values()), device=self.device)
+
+    # -- one step ------------------------------------------------------------------------------------
+
+    def step(self) -> list[TokenOut]:
+        """Prefill what fits of the joining sequences' prompts, decode one token for every sequence
+        that had one, sample. Returns the new tokens; finished sequences have left their slots."""
+        decoding = [s for s in self.slots if s is not None and s.next_token is not None]
+        out: list[TokenOut] = []
+        with torch.no_grad():
+            out += self._prefill()
+            if decoding:
+                out += self._decode(decoding)
+        return out
+
+    def _prefill(self) -> list[TokenOut]:
+        budget = self.prefill_chunk
+        firsts: list[tuple[Sequence, Tensor]] = []
+        for seq in sorted((s for s in self.slots if s is not None and s.pending), key=lambda s: s.t_added):
+            if budget <= 0:
+                break
+            chunk, seq.pending = seq.pending[:budget], seq.pending[budget:]
+            budget -= len(chunk)
+            tokens = torch.tensor([chunk], dtype=torch.int64, device=self.device)
+            pos = torch.arange(seq.position, seq.position + len(chunk), device=self.device)
+            logits = self._prefill_forward(tokens, pos, seq.slot)
+            seq.position += len(chunk)
+            self.slot_ids[seq.slot].extend(chunk)
+            self.prefilled_tokens += len(chunk)
+            if seq.request.prompt_logprobs:
+                self._prompt_logprobs(seq, chunk, logits[0])
+            if not seq.pending:
+                firsts.append((seq, logits[0, -1]))
+        if not firsts:
+            return []
+        return self._sample([s for s, _ in firsts], torch.stack([l for _, l in firsts]))
+
+    def _prefill_forward(self, tokens: Tensor, pos: Tensor, row: int) -> Tensor:
+        """tokens (1, S) at positions pos (S,) in cache row `row` -> logits (1, S, V)."""
+        forward = self._forward
+        if not self.parallel_prefill:  # one token per call (--sequential-prefill, some .pte programs)
+            return torch.cat([forward(tokens[:, i : i + 1], pos[i : i + 1], row=row) if row else
+                              forward(tokens[:, i : i + 1], pos[i : i + 1]) for i in range(tokens.size(1))], dim=1)
+        return forward(tokens, pos, row=row) if row else forward(tokens, pos)
+
+    def _prompt_logprobs(self, seq: Sequence, chunk: list[int], logits: Tensor) -> None:
+        """logits: (S, V) for the chunk's positions: each row predicts the next prompt id."""
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        n_top = seq.request.top_logprobs or 0
+        if not seq.prompt_logprobs and seq.cached_tokens == 0:
+            seq.prompt_logprobs.append(None)  # the first prompt id has no context to be predicted from
+        preds = ([seq._last_logprobs] if seq._last_logprobs is not None else []) + list(lp[:-1])
+        targets = chunk if seq._last_logprobs is not None else chunk[1:]
+        for row, target in zip(preds, targets):
+            seq.prompt_logprobs.append(_token_logprob(row, target, n_top))
+        seq._last_logprobs = lp[-1]
+
+    def _decode(self, seqs: list[Sequence]) -> list[TokenOut]:
+        top = max(s.slot for s in seqs) + 1
+        bucket = 1
+        while bucket < top:
+            bucket *= 2
+        bucket = min(bucket, self.max_batch)
+        if bucket == 1:
+            s = seqs[0]
+            tokens = torch.tensor([[s.next_token]], dtype=torch.int64, device=self.device)
+            logits = self._decode_forward(tokens, torch.tensor([s.position], device=self.device))
+        else:
+            tok = [0] * bucket
+            pos = [self.max_seq_len - 1] * bucket  # idle rows: a position no sequence writes
+            for s in seqs:
+                tok[s.slot], pos[s.slot] = s.next_token, s.position
+            logits = self._decode_forward(torch.tensor(tok, device=self.device).view(bucket, 1),
+                                          torch.tensor(pos, device=self.device).view(bucket, 1))
+        for s in seqs:
+            self.slot_ids[s.slot].append(s.next_token)
+            s.position += 1
+        rows = torch.tensor([s.slot for s in seqs], device=self.device)
+        return self._sample(seqs, logits[:, -1].index_select(0, rows) if bucket > 1 else logits[:, -1])
+
+    def _sample(self, seqs: list[Sequence], logits: Tensor) -> list[TokenOut]:
+        """logits: (N, V) for `seqs` in order. One batched sampling step with per-row parameters."""
+        logits = logits.float()
+        if any(s.counts is not None or s.bias is not None for s in seqs):
+            logits = logits.clone()
+            for i, s in enumerate(seqs):
+                logits[i] = _adjust(logits[i], s)
+        tokens = sample_rows(logits, [s.request.sampling for s in seqs], [s.generator for s in seqs])
+        want_lp = any(s.request.top_logprobs is not None for s in seqs)
+        lps = torch.log_softmax(logits, dim=-1) if want_lp else None
+        ids = tokens.tolist()
+        now = time.perf_counter()
+        out = []
+        for i, (s, t) in enumerate(zip(seqs, ids)):
+            s.generated += 1
+            if s.t_first is None:
+                s.t_first = now
+            if s.counts is not None:
+                s.counts[t] += 1
+                s.seen[t] = True
+            lp = _token_logprob(lps[i], t, s.request.top_logprobs or 0) \
+                if s.request.top_logprobs is not None else None
+            if t in s.request.stop_ids:
+                s.finish_reason = "stop"
+            elif s.generated >= s.budget:
+                s.finish_reason = "length"
+            s.next_token = t
+            out.append(TokenOut(s, t, s.finish_reason, lp))
+            if s.done:
+                self.release(s)
+        return out
+
+
+def _adjust(logits: Tensor, s: Sequence) -> Tensor:
+    """One row's logits (V,) after its penalties and bias."""
+    p = s.request.penalties
+    if s.seen is not None and p.repetition != 1.0:
+        scaled = torch.where(logits > 0, logits / p.repetition, logits * p.repetition)
+        logits = torch.where(s.seen, scaled, logits)
+    if s.counts is not None:
+        logits = logits - p.frequency * s.counts - p.presence * (s.counts > 0).float()
+    if s.bias is not None:
+        logits = logits + s.bias
+    return logits
+
+
+def _token_logprob(row: Tensor, token: int, n_top: int) -> TokenLogprob:
+    top: tuple[tuple[int, float], ...] = ()
+    if n_top > 0:
+        values, idx = torch.topk(row, min(n_top, row.size(-1)))
+        top = tuple(zip(idx.tolist(), values.tolist()))
+    return TokenLogprob(float(row[token]), top)
+
+
+def sample_rows(logits: Tensor, params: Seq[SamplingParams], generators: Seq[torch.Generator]) -> Tensor:
+    """logits (N, V) -> ids (N,): row i sampled with params[i] (temperature, top-k, top-p) and its own
+    generator, so a seeded request draws the same tokens whatever else shares the batch. Greedy rows
+    take the argmax. Same distribution as torchchat.generation.sampling.sample, vectorized over rows
+    with one Exp(1) noise draw per sampled row."""
+    greedy = torch.argmax(logits, dim=-1)
+    sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled_rows:
+        return greedy
+    V = logits.size(-1)
+    idx = torch.tensor(sampled_rows, device=logits.device)
+    sub = logits.index_select(0, idx)
+    ps = [params[i] for i in sampled_rows]
+    temps = torch.tensor([max(p.temperature, 1e-5) for p in ps], device=logits.device).view(-1, 1)
+    sub = sub / temps
+    ks = [p.top_k if p.top_k is not None and p.top_k < V else V for p in ps]
+    if min(ks) < V:
+        values = torch.topk(sub, max(ks), dim=-1).values
+        kth = values.gather(1, torch.tensor(ks, device=logits.device).view(-1, 1) - 1)
+        sub = sub.masked_fill(sub < kth, float("-inf"))
+    probs = torch.softmax(sub, dim=-1)
+    tops = [p.top_p if p.top_p is not None and p.top_p < 1.0 else 2.0 for p in ps]
+    if min(tops) < 1.0:
+        top_p = torch.tensor(tops, device=logits.device).view(-1, 1)
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    noise = torch.empty_like(probs)
+    for r, i in enumerate(sampled_rows):
+        noise[r].exponential_(1, generator=generators[i])
+    return greedy.index_copy(0, idx, torch.argmax(probs / noise, dim=-1))
+
+
+def make_batch_engine(built, options=None, *, max_batch: int, max_seq_len: int | None = None,
+                      parallel_prefill: bool = True) -> BatchEngine:
+    """A BatchEngine over a BuiltModel with `max_batch` slots of `max_seq_len` positions (default: the
+    model's own limit); forwards compiled per `options` (a CompileOptions). A compiled decode step
+    sees one shape per batch bucket (1, 2, 4, ...): on CUDA each bucket gets its own CUDA graph."""
+    from torchchat.generation.steps import CompileOptions, Steps
+    from torchchat.model.layout import optimize_for_decode
+    from torchchat.runtime.base import EagerRuntime
+
+    runtime = built.runtime
+    if isinstance(runtime, EagerRuntime):
+        optimize_for_decode(runtime.model)
+    options = options or CompileOptions()
+    steps = Steps(runtime.forward, runtime.device, options)
+    decode = steps.compile_forward(runtime.forward, dynamic=False) if options.decode else None
+    prefill = steps.compile_forward(runtime.forward, dynamic=True) if options.prefill else None
+    ctx = min(max_seq_len or runtime.max_seq_len, runtime.max_seq_len)
+    return BatchEngine(runtime, max_batch, ctx, decode_forward=decode, prefill_forward=prefill,
+                       parallel_prefill=parallel_prefill)
