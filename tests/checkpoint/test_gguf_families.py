@@ -48,23 +48,27 @@ GGUF_CASES = {
 }
 
 
-def convert(case: str, folder: Path):
-    """A tiny HF folder for `case` and its GGUF (f32) from llama.cpp's converter: (hf model, gguf path)."""
-    arch, family, pre, (config_cls, model_cls, kwargs) = GGUF_CASES[case]
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    hf = write_folder(folder, config_cls, model_cls, kwargs, family)
-    out = folder / "model.gguf"
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> dict[str, tuple]:
+    """Every case's tiny HF folder and its GGUF (f32) from llama.cpp's converter, converted in one
+    subprocess (the converter's imports cost more than a conversion): case -> (hf model, folder, gguf)."""
+    out, jobs = {}, []
+    for case, (arch, family, pre, (config_cls, model_cls, kwargs)) in GGUF_CASES.items():
+        folder = tmp_path_factory.mktemp(case)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        out[case] = (write_folder(folder, config_cls, model_cls, kwargs, family), folder, folder / "model.gguf")
+        jobs += [str(folder), str(folder / "model.gguf"), pre]
     helper = Path(__file__).with_name("llamacpp_convert.py")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the converter's own gguf-py, not ours
-    done = subprocess.run([sys.executable, str(helper), str(LLAMACPP / "src"), str(folder), str(out), pre],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, str(helper), str(LLAMACPP / "src"), *jobs],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    return hf, out
+    return out
 
 
 @pytest.mark.parametrize("case", list(GGUF_CASES))
-def test_converted_gguf_matches_transformers(case, tmp_path):
-    hf, path = convert(case, tmp_path)
+def test_converted_gguf_matches_transformers(case, converted):
+    hf, folder, path = converted[case]
     loaded = load_checkpoint(path)
     assert loaded.format == "gguf"
     with torch.device("meta"):
@@ -85,6 +89,6 @@ def test_converted_gguf_matches_transformers(case, tmp_path):
     for text in CORPUS:
         assert tok.decode(tok.encode(text)) == text
     if GGUF_CASES[case][2] == "gpt-2":  # the same pre-tokenizer as the folder's tokenizer.json
-        hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+        hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
         for text in CORPUS:
             assert tok.encode(text) == hf_tok(text, add_special_tokens=False)["input_ids"]
