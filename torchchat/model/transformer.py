@@ -128,7 +128,6 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.residual_multiplier = cfg.residual_multiplier
-        self.sliding = layer_id in cfg.sliding_layers  # picks the sliding-window mask and local RoPE
         if cfg.sandwich_norms:
             self.attention_post_norm = RMSNorm(cfg.dim, cfg.norm_eps)
             self.ffn_post_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -197,8 +196,8 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         if cfg.embedding_multiplier != 1.0:
             x = x * cfg.embedding_multiplier
-        for layer in self.layers:
-            if layer.sliding:
+        for i, layer in enumerate(self.layers):
+            if i in cfg.sliding_layers:  # fixed per layer, so the traced step has no branch on data
                 x = layer(x, local_rope, local_mask, input_pos)
             else:
                 x = layer(x, rope, mask, input_pos)
