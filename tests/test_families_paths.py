@@ -1,6 +1,6 @@
 """A non-Llama family (a tiny random Gemma 3 text folder: sliding-window and global layers with their
 own RoPE bases, q/k norms, post-norms, GeGLU, scaled embeddings) through the other paths: compiled
-decode, an AOT Inductor .pt2 package and a quantize recipe, each against eager."""
+decode, an AOT Inductor .pt2 package, an ExecuTorch .pte program and a quantize recipe, each against eager."""
 from __future__ import annotations
 
 import sys
@@ -91,3 +91,20 @@ def test_quantize_recipe_follows_eager(folder):
     assert ((out - ref).norm() / ref.norm()).item() < 0.05  # random N(0, 0.1) weights: 2.2% measured
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.9
     assert len(list(make_engine(quantized, max_seq_len=MAX_SEQ).tokens(_prompt(plain), GREEDY))) == GREEDY.max_new_tokens
+
+
+@pytest.mark.slow
+def test_pte_program_logits_follow_eager(folder, tmp_path):
+    pytest.importorskip("executorch")
+    from torchchat.export.exporter import ExportTargets, export_model
+
+    built = _build(folder)
+    ids = _prompt(built) + list(range(20, 40))
+    built.runtime.setup(1, MAX_SEQ)
+    eager = _logits(built.runtime.forward, ids)
+    program = tmp_path / "gemma3.pte"
+    export_model(_build(folder), ExportTargets(pte_path=program, max_seq_len=MAX_SEQ))
+    exported = build_model(BuildSpec(source=ModelSource(pte_path=program, tokenizer_path=folder / "tokenizer.json"),
+                                     dtype=None))
+    exported.runtime.setup(1, MAX_SEQ)
+    torch.testing.assert_close(_logits(exported.runtime.forward, ids), eager, atol=3e-3, rtol=1e-3)  # XNNPACK fp32: 1e-3 seen
