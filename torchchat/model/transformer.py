@@ -45,7 +45,7 @@ class Attention(nn.Module):
         self.softcap = cfg.attn_softcap
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
-        """x: (B, S, dim); rope: (S, D/2, 2); mask: (1, 1, S, S_max) bool; input_pos: (S,)."""
+        """x: (B, S, dim); rope: (S, rope_dim/2, 2); mask: (1, 1, S, S_max) bool; input_pos: (S,)."""
         bsz, seqlen, _ = x.shape
         if self.wqkv is not None:
             kv_size = self.n_kv_heads * self.head_dim
