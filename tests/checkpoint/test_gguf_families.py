@@ -1,8 +1,9 @@
 """GGUF files of Llama's relatives (llama.cpp architectures qwen2, qwen3, gemma2, gemma3, phi3, smollm3),
 converted from tiny random Hugging Face folders by llama.cpp's own convert_hf_to_gguf.py, load into the
 one Transformer and give transformers' logits (full forward and cached decode, fp32, atol 1e-4); their
-byte-level BPE vocabularies round-trip. Skipped where llama.cpp's source tree is absent
-(TORCHCHAT_LLAMACPP, default ../llamacpp beside the project; tools/build_llamacpp.sh makes it)."""
+byte-level BPE vocabularies round-trip. Where llama.cpp's source tree is absent (TORCHCHAT_LLAMACPP, default
+../llamacpp beside the project; tools/build_llamacpp.sh makes it), or TORCHCHAT_GGUF_WRITER=gguf, the files
+are written with the gguf package in the converter's layout instead (gguf_family_writer.py)."""
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
+from gguf_family_writer import write_family_gguf  # noqa: E402
 from hf_family_folders import CORPUS, write_folder  # noqa: E402
 from test_hf_families import CASES  # noqa: E402
 
@@ -25,7 +27,7 @@ from torchchat.model.transformer import Transformer  # noqa: E402
 
 LLAMACPP = Path(os.environ.get("TORCHCHAT_LLAMACPP", Path(__file__).resolve().parents[3] / "llamacpp"))
 CONVERTER = LLAMACPP / "src" / "convert_hf_to_gguf.py"
-pytestmark = pytest.mark.skipif(not CONVERTER.is_file(), reason=f"llama.cpp's converter not found at {CONVERTER}")
+USE_CONVERTER = CONVERTER.is_file() and os.environ.get("TORCHCHAT_GGUF_WRITER") != "gguf"
 
 
 def _with(case: str, **changes):
@@ -58,6 +60,10 @@ def converted(tmp_path_factory) -> dict[str, tuple]:
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         out[case] = (write_folder(folder, config_cls, model_cls, kwargs, family), folder, folder / "model.gguf")
         jobs += [str(folder), str(folder / "model.gguf"), pre]
+    if not USE_CONVERTER:
+        for case, (arch, _, pre, _) in GGUF_CASES.items():
+            write_family_gguf(out[case][1], arch, pre, out[case][2])
+        return out
     helper = Path(__file__).with_name("llamacpp_convert.py")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the converter's own gguf-py, not ours
     done = subprocess.run([sys.executable, str(helper), str(LLAMACPP / "src"), *jobs],
