@@ -130,9 +130,9 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path, config, weights):
 
 
 def test_unsupported_architecture_is_named(tmp_path, config, weights):
-    path = tmp_path / "qwen.gguf"
-    write_llama_gguf(path, config, weights, arch="qwen2")
-    with pytest.raises(CheckpointError, match="architecture 'qwen2' is not supported"):
+    path = tmp_path / "falcon.gguf"
+    write_llama_gguf(path, config, weights, arch="falcon")
+    with pytest.raises(CheckpointError, match="architecture 'falcon' is not supported"):
         load_gguf(path)
 
 

@@ -79,9 +79,9 @@ def test_full_llama3_bpe_gguf_matches_llama_cpp(tmp_path, llama3_model_path, bpe
 
 def test_unsupported_pre_tokenizer(tmp_path):
     ranks = {bytes([b]): b for b in range(256)}
-    write_bpe_gguf(tmp_path / "qwen.gguf", ranks, llama3_special_tokens(256), pre="qwen2")
-    with pytest.raises(TokenizerError, match="'qwen2' is not supported"):
-        tokenizer_from_gguf(tmp_path / "qwen.gguf")
+    write_bpe_gguf(tmp_path / "deepseek.gguf", ranks, llama3_special_tokens(256), pre="deepseek-llm")
+    with pytest.raises(TokenizerError, match="'deepseek-llm' is not supported"):
+        tokenizer_from_gguf(tmp_path / "deepseek.gguf")
 
 
 def test_unsupported_model_and_missing_tokenizer(tmp_path):

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from torchchat.checkpoint import gguf_arch
 from torchchat.checkpoint.detect import LoadedCheckpoint, LoadOptions
 from torchchat.checkpoint.gguf_header import check_gguf
 from torchchat.checkpoint.gguf_tensors import SUPPORTED_TYPES, to_dense, unpack_q4_0
@@ -119,10 +120,13 @@ def config_from_gguf(meta: _Metadata, tensors: dict[str, Any]) -> ModelConfig:
     """ModelConfig from `llama.*` metadata and the tensors' shapes."""
     source = meta.source
     arch = meta.get("general.architecture")
+    if arch in gguf_arch.ARCHITECTURES:
+        return gguf_arch.config_from_gguf_arch(
+            meta, tensors, arch, lambda name: to_dense(tensors[name], torch.float32, source).float())
     if arch != "llama":
         raise CheckpointError(
             f"{source}: GGUF architecture '{arch}' is not supported; torchchat loads llama-architecture GGUF files "
-            "(Llama 2/3, Mistral, CodeLlama)"
+            f"(Llama 2/3, Mistral, CodeLlama) and {', '.join(gguf_arch.ARCHITECTURES)}"
         )
     experts = meta.get("llama.expert_count")
     if experts:
@@ -216,7 +220,11 @@ def load_gguf(path: Path, options: LoadOptions | None = None) -> LoadedCheckpoin
             f"{source}: tensor type(s) {', '.join(kinds)} (e.g. '{unsupported[0][0]}') are not supported; torchchat "
             f"loads {', '.join(SUPPORTED_TYPES)}"
         )
-    unknown = [n for n in tensors if n != _ROPE_FREQS and our_name(n) is None]
+    arch = _Metadata(reader, source).get("general.architecture")
+    name_of, skipped = our_name, (_ROPE_FREQS,)
+    if arch in gguf_arch.ARCHITECTURES:
+        name_of, skipped = gguf_arch.our_name, gguf_arch.ROPE_FACTORS  # LongRoPE factors go into the config
+    unknown = [n for n in tensors if n not in skipped and name_of(n) is None]
     if unknown:
         shown = ", ".join(unknown[:6]) + (" ..." if len(unknown) > 6 else "")
         raise CheckpointError(f"{source}: unknown GGUF tensor name(s) {shown} ({len(unknown)} in all)")
@@ -226,13 +234,16 @@ def load_gguf(path: Path, options: LoadOptions | None = None) -> LoadedCheckpoin
     keep_int4 = options.keep_quantized and int4_kernel_runs(options.device, options.dtype)
     state: dict[str, Tensor] = {}
     for name, tensor in tensors.items():
-        if name == _ROPE_FREQS:
+        if name in skipped:
             continue
-        ours = our_name(name)
-        if keep_int4 and tensor.tensor_type == GGMLQuantizationType.Q4_0 and ours.endswith(_LINEAR_WEIGHTS):
+        ours = name_of(name)
+        if (keep_int4 and tensor.tensor_type == GGMLQuantizationType.Q4_0 and ours.endswith(_LINEAR_WEIGHTS)
+                and not gguf_arch.needs_relayout(ours, arch)):
             state[ours] = int4_weight(*unpack_q4_0(tensor), options.device, options.dtype)
         else:
             state[ours] = to_dense(tensor, options.dtype, source)
+    if arch in gguf_arch.ARCHITECTURES:
+        state = gguf_arch.to_runtime_layout(state, config, arch)
     has_vocab = reader.fields.get("tokenizer.ggml.model") is not None
     tokenizer = _tokenizer(reader, source) if options.tokenizer and has_vocab else None
     return LoadedCheckpoint(state, config, "gguf", tokenizer)

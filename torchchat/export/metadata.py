@@ -46,7 +46,7 @@ class ArtifactMetadata:
     dynamic_shapes: bool  # True: forward takes S in [1, max_seq_len] tokens; False: S == 1 only
     weight_bytes: int  # weight bytes one decode step reads (bandwidth figures)
     quantize: dict[str, Any] | None = None  # the --quantize recipe, as JSON
-    chat_template: str | None = None  # "llama2" | "llama3" | None (base model)
+    chat_template: str | None = None  # "llama2" | "llama3" | "hf" (the tokenizer's own) | None (base model)
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # keys this version does not know
 

@@ -50,8 +50,18 @@ def unsupported_reason(config: ModelConfig, dtype: torch.dtype, plan: Any) -> st
         return "triton is not installed"
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"dtype {dtype} is not supported"
-    if config.attention_bias or config.mlp_bias:
+    if config.attention_bias or config.mlp_bias or config.qkv_bias:
         return "the model has linear biases"
+    family = [name for name, on in (
+        ("q/k norms", config.qk_norm), ("partial rotary", config.rotary_dim != config.head_dim),
+        ("GeGLU", config.activation != "silu"), ("post-norms", config.sandwich_norms),
+        ("soft-capping", config.attn_softcap is not None or config.final_softcap is not None),
+        ("sliding-window layers", bool(config.sliding_layers)), ("layers without RoPE", bool(config.nope_layers)),
+        ("per-layer RoPE bases", config.rope_local_base is not None),
+        ("LongRoPE/linear RoPE scaling", config.rope_scaling is not None and config.rope_scaling.rope_type != "llama3"),
+    ) if on]
+    if family:
+        return f"the fused kernels implement Llama's block only (this model has {', '.join(family)})"
     hd = config.head_dim
     if hd < 2 or hd & (hd - 1):
         return f"head_dim {hd} is not a power of two"

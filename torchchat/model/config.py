@@ -19,12 +19,26 @@ from torchchat.model.params_check import validate_params
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3.1/3.2 frequency scaling ("rope_type": "llama3")."""
+    """RoPE frequency scaling. `rope_type` "llama3" (Llama 3.1/3.2: factor, low/high_freq_factor,
+    original_max_position_embeddings), "linear" (every frequency divided by `factor`, Gemma 3 global
+    layers) or "longrope" (Phi-3/Phi-4-mini, "su" in older configs: frequencies divided per dimension by
+    `short_factor`, or by `long_factor` when the context exceeds original_max_position_embeddings, and
+    cos/sin multiplied by `attention_factor`)."""
 
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    rope_type: str = "llama3"
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ("llama3", "linear", "longrope"):
+            raise ConfigError(f"rope scaling type {self.rope_type!r} is not supported (llama3, linear, longrope are)")
+        object.__setattr__(self, "short_factor", tuple(float(f) for f in self.short_factor))
+        object.__setattr__(self, "long_factor", tuple(float(f) for f in self.long_factor))
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,19 @@ class ModelConfig:
     attention_multiplier: float | None = None  # None: 1/sqrt(head_dim)
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
+    # Switches for Llama's relatives (Qwen2/3, Gemma 2/3, Phi-3/4-mini, SmolLM3); the defaults are plain Llama.
+    # Gemma's RMSNorm (1 + w) needs none: its loaders store 1 + w, as llama.cpp's converter does.
+    qkv_bias: bool = False  # bias on q/k/v but not on wo (Qwen2); attention_bias puts one on all four
+    qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (Qwen3, Gemma 3)
+    rope_dim: int | None = None  # dims of each head that RoPE rotates (Phi-4-mini: 3/4); None: head_dim
+    activation: str = "silu"  # gate activation: "silu" (SwiGLU) | "gelu_tanh" (GeGLU, Gemma)
+    sandwich_norms: bool = False  # also a norm after attention and after the MLP (Gemma 2/3)
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_softcap: float | None = None  # the same on the output logits (Gemma 2)
+    sliding_window: int | None = None  # layers in sliding_layers see the last `sliding_window` positions
+    sliding_layers: tuple[int, ...] = ()
+    rope_local_base: float | None = None  # RoPE base of the sliding layers, unscaled (Gemma 3); None: rope_base
+    nope_layers: tuple[int, ...] = ()  # layers that apply no RoPE (SmolLM3)
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -57,6 +84,18 @@ class ModelConfig:
             if self.dim % self.n_heads:
                 raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        object.__setattr__(self, "sliding_layers", tuple(int(i) for i in self.sliding_layers))
+        object.__setattr__(self, "nope_layers", tuple(int(i) for i in self.nope_layers))
+        if self.activation not in ("silu", "gelu_tanh"):
+            raise ConfigError(f"model params: activation {self.activation!r} is not supported (silu, gelu_tanh)")
+        if self.rope_dim is not None and (self.rope_dim % 2 or not 0 < self.rope_dim <= self.head_dim):
+            raise ConfigError(f"model params: rope_dim {self.rope_dim} must be even and at most head_dim {self.head_dim}")
+        if self.sliding_layers and not self.sliding_window:
+            raise ConfigError("model params: sliding_layers are given but no sliding_window")
+        for name in ("sliding_layers", "nope_layers"):
+            bad = [i for i in getattr(self, name) if not 0 <= i < self.n_layers]
+            if bad:
+                raise ConfigError(f"model params: {name} {bad} are not layers of a {self.n_layers}-layer model")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "hidden_dim", "max_seq_len"):
@@ -67,6 +106,11 @@ class ModelConfig:
     @property
     def attention_scale(self) -> float:
         return self.attention_multiplier if self.attention_multiplier is not None else 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates."""
+        return self.rope_dim if self.rope_dim is not None else self.head_dim
 
     def with_max_seq_len(self, max_seq_len: int) -> "ModelConfig":
         return replace(self, max_seq_len=max_seq_len)

@@ -21,7 +21,7 @@ class ModelEntry:
     params: str  # params-table key
     tokenizer_kind: str  # "sentencepiece" | "tiktoken" | "hf"
     tokenizer_file: str  # path inside the model folder
-    chat_template: str | None  # "llama2" | "llama3" | None for base models
+    chat_template: str | None  # "llama2" | "llama3" | "hf" (the tokenizer's own chat_template) | None for base models
     hf_repo: str | None = None
     urls: tuple[str, ...] = ()
     checkpoint_file: str | None = None  # for direct-URL models

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from torchchat.errors import ConfigError
 from torchchat.model.config import RopeScaling
 
 
@@ -24,12 +25,24 @@ def scaled_frequencies(freqs: Tensor, scaling: RopeScaling) -> Tensor:
 
 
 def rope_table(seq_len: int, head_dim: int, base: float, scaling: RopeScaling | None = None) -> Tensor:
-    """cos/sin table, shape (seq_len, head_dim // 2, 2), float32."""
+    """cos/sin table, shape (seq_len, head_dim // 2, 2), float32. `head_dim` is the rotated width
+    (config.rope_dim). LongRoPE picks its long factors when the table (the context) is longer than
+    the original context, as llama.cpp does; transformers switches per call on the current length."""
     freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64)[: head_dim // 2] / head_dim))
-    if scaling is not None:
+    magnitude = 1.0
+    if scaling is not None and scaling.rope_type == "linear":
+        freqs = freqs / scaling.factor
+    elif scaling is not None and scaling.rope_type == "longrope":
+        long = seq_len > scaling.original_max_position_embeddings
+        factors = torch.tensor(scaling.long_factor if long else scaling.short_factor, dtype=torch.float64)
+        if factors.numel() != freqs.numel():
+            raise ConfigError(f"longrope: {factors.numel()} factors for {freqs.numel()} frequencies")
+        freqs = freqs / factors
+        magnitude = scaling.attention_factor
+    elif scaling is not None:
         freqs = scaled_frequencies(freqs, scaling)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), freqs)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+    return (torch.stack([angles.cos(), angles.sin()], dim=-1) * magnitude).float()
 
 
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:

@@ -25,21 +25,28 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_id: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.scale = cfg.attention_scale
         bias = cfg.attention_bias
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        qkv_bias = bias or cfg.qkv_bias
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=bias)
         self.wqkv: nn.Linear | None = None  # wq|wk|wv stacked, set by torchchat.model.layout in their place
         self.kv_cache: KVCache | None = None
+        # Per-layer switches, fixed at construction, so the traced step has no branches on data.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.use_rope = layer_id not in cfg.nope_layers
+        self.rope_dim = cfg.rotary_dim
+        self.softcap = cfg.attn_softcap
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, row: int = 0) -> Tensor:
-        """x: (B, S, dim); rope: (S, D/2, 2); mask: (1, 1, S, S_max) bool; input_pos: (S,); or, with a
-        position per batch row, rope (B, S, D/2, 2), mask (B, 1, S, S_max), input_pos (B, S). The
+        """x: (B, S, dim); rope: (S, rope_dim/2, 2); mask: (1, 1, S, S_max) bool; input_pos: (S,); or, with
+        a position per batch row, rope (B, S, rope_dim/2, 2), mask (B, 1, S, S_max), input_pos (B, S). The
         batch rows use KV-cache rows [row, row + B)."""
         bsz, seqlen, _ = x.shape
         if self.wqkv is not None:
@@ -50,10 +57,17 @@ class Attention(nn.Module):
         q = q.view(bsz, seqlen, self.n_heads, self.head_dim)
         k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = v.reshape(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope and self.rope_dim < self.head_dim:  # partial rotary: the first rope_dim dims of a head
+            q, k = (torch.cat([apply_rope(t[..., : self.rope_dim], rope), t[..., self.rope_dim :]], dim=-1) for t in (q, k))
+        elif self.use_rope:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
         k, v = self.kv_cache.update(input_pos, k, v, row)  # (B, H_kv, S_max, D)
-        if seqlen == 1 and x.device.type == "cpu":
+        if self.softcap is not None:
+            out = _softcapped_attention(q, k, v, mask, self.scale, self.softcap)
+        elif seqlen == 1 and x.device.type == "cpu":
             # CPU's scaled_dot_product_attention costs ~85 us per call for one query (stories15M), a
             # sixth of a compiled decode step; these few ops compile into much less.
             out = _decode_attention(q, k, v, mask, self.scale)
@@ -76,6 +90,20 @@ def _decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: floa
     return torch.matmul(probs, v).view(bsz, n_heads, 1, head_dim)
 
 
+def _softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, cap: float) -> Tensor:
+    """Gemma 2's attention: scores soft-capped (cap * tanh(scores / cap)) before the mask and softmax,
+    which scaled_dot_product_attention cannot do. q (B, H, S, D); k, v (B, H_kv, S_max, D); mask
+    (1 or B, 1, S, S_max) bool. Returns (B, H, S, D)."""
+    bsz, n_heads, seqlen, head_dim = q.shape
+    n_kv = k.size(1)
+    qg = q.reshape(bsz, n_kv, n_heads // n_kv * seqlen, head_dim)  # heads of a group share one K/V
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, H_kv, G*S, S_max)
+    scores = torch.tanh(scores / cap) * cap
+    scores = scores.view(bsz, n_kv, n_heads // n_kv, seqlen, -1).masked_fill(~mask.unsqueeze(2), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).type_as(v).view(bsz, n_kv, -1, k.size(2))
+    return torch.matmul(probs, v).view(bsz, n_heads, seqlen, head_dim)
+
+
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -83,24 +111,35 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
         self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
         self.w13: nn.Linear | None = None  # w1|w3 stacked, set by torchchat.model.layout in their place
+        self.gelu = cfg.activation == "gelu_tanh"
 
     def forward(self, x: Tensor) -> Tensor:
         if self.w13 is not None:
             gate, up = self.w13(x).chunk(2, dim=-1)
-            return self.w2(F.silu(gate) * up)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        if self.gelu:
+            return self.w2(F.gelu(gate, approximate="tanh") * up)
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_id: int = 0):
         super().__init__()
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg, layer_id)
         self.feed_forward = FeedForward(cfg)
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.residual_multiplier = cfg.residual_multiplier
+        if cfg.sandwich_norms:
+            self.attention_post_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.ffn_post_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.sandwich = cfg.sandwich_norms
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, row: int = 0) -> Tensor:
+        if self.sandwich:
+            h = x + self.attention_post_norm(self.attention(self.attention_norm(x), rope, mask, input_pos, row))
+            return h + self.ffn_post_norm(self.feed_forward(self.ffn_norm(h)))
         h = x + self.residual_multiplier * self.attention(self.attention_norm(x), rope, mask, input_pos, row)
         return h + self.residual_multiplier * self.feed_forward(self.ffn_norm(h))
 
@@ -110,7 +149,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -132,10 +171,18 @@ class Transformer(nn.Module):
             attn = layer.attention
             # The layer's own head count: under tensor parallelism it holds n_kv_heads / N of them.
             attn.kv_cache = KVCache(max_batch, max_seq, attn.n_kv_heads, cfg.head_dim, dtype).to(device)
-        table = rope_table(max_seq, cfg.head_dim, cfg.rope_base, cfg.rope_scaling).to(device)
-        self.register_buffer("rope", table, persistent=False)  # (S_max, D/2, 2)
+        table = rope_table(max_seq, cfg.rotary_dim, cfg.rope_base, cfg.rope_scaling).to(device)
+        self.register_buffer("rope", table, persistent=False)  # (S_max, rope_dim/2, 2)
         causal = torch.tril(torch.ones(max_seq, max_seq, dtype=torch.bool, device=device))
         self.register_buffer("causal_mask", causal, persistent=False)  # (S_max, S_max)
+        if cfg.rope_local_base is not None:
+            local = rope_table(max_seq, cfg.rotary_dim, cfg.rope_local_base).to(device)
+            self.register_buffer("rope_local", local, persistent=False)  # (S_max, rope_dim/2, 2)
+        if cfg.sliding_layers:
+            # Row i sees positions (i - sliding_window, i]: the window is a mask row, indexed by input_pos
+            # like the causal one, so decoding stays free of position-dependent control flow.
+            sliding = torch.triu(causal, diagonal=1 - cfg.sliding_window)
+            self.register_buffer("sliding_mask", sliding, persistent=False)  # (S_max, S_max)
         self.max_batch, self.max_seq = max_batch, max_seq
 
     def forward(self, tokens: Tensor, input_pos: Tensor, row: int = 0) -> Tensor:
@@ -149,13 +196,24 @@ class Transformer(nn.Module):
         else:
             mask = self.causal_mask[input_pos].unsqueeze(1)  # (B, 1, S, S_max)
         rope = self.rope[input_pos]
+        cfg = self.config
+        local_rope = self.rope_local[input_pos] if cfg.rope_local_base is not None else rope
+        local_mask = mask
+        if cfg.sliding_layers:
+            local_mask = self.sliding_mask[input_pos]
+            local_mask = (local_mask.view(1, 1, input_pos.size(0), self.max_seq) if input_pos.dim() == 1
+                          else local_mask.unsqueeze(1))
         x = self.tok_embeddings(tokens)
-        if self.config.embedding_multiplier != 1.0:
-            x = x * self.config.embedding_multiplier
-        for layer in self.layers:
-            # Only batched serving passes a row: the CUDA fused blocks (torchchat.kernels) take no `row`.
-            x = layer(x, rope, mask, input_pos, row) if row else layer(x, rope, mask, input_pos)
+        if cfg.embedding_multiplier != 1.0:
+            x = x * cfg.embedding_multiplier
+        for i, layer in enumerate(self.layers):
+            # Fixed per layer, so the traced step has no branch on data. Only batched serving passes a
+            # row: the CUDA fused blocks (torchchat.kernels) take no `row`.
+            layer_rope, layer_mask = (local_rope, local_mask) if i in cfg.sliding_layers else (rope, mask)
+            x = layer(x, layer_rope, layer_mask, input_pos, row) if row else layer(x, layer_rope, layer_mask, input_pos)
         logits = self.output(self.norm(x))
-        if self.config.logits_scaling != 1.0:
-            logits = logits / self.config.logits_scaling
+        if cfg.logits_scaling != 1.0:
+            logits = logits / cfg.logits_scaling
+        if cfg.final_softcap is not None:
+            logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
         return logits.float()

@@ -20,6 +20,17 @@ _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 # tokenizer.ggml.pre names (as llama.cpp writes them) whose pre-tokenizer is Llama 3's regex.
 _LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3")
+_GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+# Other pre names -> the regexes llama.cpp splits with, applied one after the other (llama-vocab.cpp).
+_BPE_PRE = {
+    "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+",),
+    "gpt-2": (_GPT2_RE,),
+    "smollm": (r"\p{N}", _GPT2_RE),
+    "gpt-4o": (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
+}
 
 _SUPPORTED_MODELS = ("llama", "gpt2")
 
@@ -175,11 +186,12 @@ def _bpe_from_gguf(fields: dict[str, Any], name: str) -> Tokenizer:
     from torchchat.tokenizer.hf import HFTokenizer
 
     pre = _scalar(fields, _K + "pre", name)
-    if pre not in _LLAMA3_PRE:
+    if pre not in _LLAMA3_PRE and pre not in _BPE_PRE:
         raise TokenizerError(
-            f"{name}: GGUF BPE pre-tokenizer {pre!r} is not supported (supported: {', '.join(_LLAMA3_PRE)}); "
-            "pass the model's tokenizer.json instead"
+            f"{name}: GGUF BPE pre-tokenizer {pre!r} is not supported (supported: "
+            f"{', '.join((*_LLAMA3_PRE, *_BPE_PRE))}); pass the model's tokenizer.json instead"
         )
+    regexes = (LLAMA3_PATTERN,) if pre in _LLAMA3_PRE else _BPE_PRE[pre]
     tokens = _array(fields, _K + "tokens", name)
     merges = _array(fields, _K + "merges", name)
     types = _array(fields, _K + "token_type", name, required=False) or [_NORMAL] * len(tokens)
@@ -196,11 +208,12 @@ def _bpe_from_gguf(fields: dict[str, Any], name: str) -> Tokenizer:
             raise TokenizerError(f"{name}: BPE merge {m!r} is not two tokens separated by a space; the file is damaged")
         pairs.append((left, right))
 
-    # ignore_merges: a pre-token that is itself in the vocabulary is taken whole, as tiktoken does.
-    tok = HFTok(models.BPE(vocab=vocab, merges=pairs, ignore_merges=True, fuse_unk=False))
+    # ignore_merges (Llama 3 only, as in llama.cpp): a pre-token that is itself in the vocabulary is
+    # taken whole, as tiktoken does.
+    tok = HFTok(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in _LLAMA3_PRE, fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
+            *(pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )

@@ -24,6 +24,7 @@ _END_TOKENS = (
     "<|im_end|>",
     "<end_of_turn>",
     "<eos>",
+    "<|end|>",
 )
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
