@@ -91,8 +91,9 @@ class TorchchatLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or the task's sampling) continuation of each context through the Engine, cut at the
-        first of the task's stop strings; generation also ends at the tokenizer's stop ids."""
+        """Greedy (or the task's sampling) continuation of each context through the Engine, decoded alone
+        (no leading space from the join with the context) and cut at the first of the task's stop strings;
+        generation also ends at the tokenizer's stop ids."""
         engine = Engine(self.runtime, self.tok, Steps(self.timer, self._device), self.max_length)
         out = []
         with torch.no_grad():
@@ -123,8 +124,12 @@ class TorchchatLM(TemplateLM):
         else:
             sampling = SamplingParams(temperature=0.0, top_k=None)
         prompt = self.tok_encode(context)[-(self.max_length - max_gen):]
+        # The answer is the generated tokens decoded on their own, as lm-eval's `hf` backend does
+        # (`tok_decode(cont_toks[len(context):])`): decoded after the prompt, a SentencePiece answer would
+        # start with the space that joins it to the context, and a task that does not strip scores 0.
         text = ""
-        for response in engine.stream(prompt, GenerationConfig(max_new_tokens=max_gen, sampling=sampling)):
+        cfg = GenerationConfig(max_new_tokens=max_gen, sampling=sampling)
+        for response in engine.stream(prompt, cfg, text_prefix=()):
             text += response.text
             cut = min((i for i in (text.find(s) for s in until) if i >= 0), default=-1)
             if cut >= 0:
