@@ -112,7 +112,16 @@ def metadata_for(built, backend: str, max_seq_len: int, dynamic: bool, quantize:
 def export_model(built, targets: ExportTargets, quantize: dict[str, Any] | None = None,
                  schemes: frozenset[str] = frozenset(), timer: StepTimer | None = None) -> list[Path]:
     """Export `built` (a BuiltModel from torchchat.build, with its eager model) to every path in
-    `targets`. Returns the paths written."""
+    `targets`. Returns the paths written: the artifacts, then for a model whose SentencePiece vocabulary
+    came from a GGUF file the `<artifact>.tokenizer.model` the C++ runners read (runner_tokenizer.py)."""
+    from torchchat.export.runner_tokenizer import write_runner_tokenizer
+
+    written = _export_artifacts(built, targets, quantize, schemes, timer)
+    return written + write_runner_tokenizer(built.tokenizer, written)
+
+
+def _export_artifacts(built, targets: ExportTargets, quantize: dict[str, Any] | None,
+                      schemes: frozenset[str], timer: StepTimer | None) -> list[Path]:
     from torchchat.export.program import export_forward
 
     timer = timer or StepTimer()
