@@ -136,3 +136,16 @@ def test_generation_options_the_engine_lacks_are_refused(stories):
     lm = TorchchatLM(stories.runtime, stories.tokenizer, max_length=128)
     with pytest.raises(UserInputError, match="num_beams"):
         lm.generate_until([_req("generate_until", "Hi", {"until": ["."], "num_beams": 4})])
+
+
+@pytest.mark.slow  # one torch.compile: ~25 s on an idle 2-core machine, minutes on a busy one
+def test_compiled_forward_scores_what_eager_does(stories):
+    """eval --compile: the forward is torch.compile'd (dynamic shapes) and scores as the eager one does.
+    Both requests go in one padded batch: one compile."""
+    reqs = [_req("loglikelihood", c, x) for c, x in (("Lily was thirsty, so she drank a glass of", " water"),
+                                                      ("The cat climbed up the tree", " and could not get down"))]
+    eager = TorchchatLM(stories.runtime, stories.tokenizer, max_length=64, batch_size=2)
+    compiled = TorchchatLM(stories.runtime, stories.tokenizer, max_length=64, batch_size=2, compile=True)
+    for (lp_e, g_e), (lp_c, g_c) in zip(eager.loglikelihood(reqs), compiled.loglikelihood(reqs)):
+        assert lp_c == pytest.approx(lp_e, abs=1e-3) and g_c == g_e
+    assert len(compiled.timer.seconds) == 1

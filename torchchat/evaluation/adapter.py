@@ -18,7 +18,7 @@ from torchchat.errors import ContextLengthError, UserInputError
 from torchchat.evaluation.scoring import ForwardTimer, score_continuations
 from torchchat.generation.engine import Engine, GenerationConfig
 from torchchat.generation.sampling import SamplingParams
-from torchchat.generation.steps import Steps
+from torchchat.generation.steps import Steps, compile_forward
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's own default when a task names no limit
 _GEN_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p"}
@@ -29,9 +29,10 @@ class TorchchatLM(TemplateLM):
 
     `max_length`: the most positions one forward sees (longer texts are scored in windows).
     `batch_size`: rows per forward when scoring log-likelihoods; generation runs one request at a
-    time through the Engine. Every forward goes through `timer`, which records its wall time."""
+    time through the Engine. Every forward goes through `timer`, which records its wall time.
+    `compile`: torch.compile the forward (dynamic shapes) for scoring and generation alike."""
 
-    def __init__(self, runtime, tokenizer, *, max_length: int, batch_size: int = 1):
+    def __init__(self, runtime, tokenizer, *, max_length: int, batch_size: int = 1, compile: bool = False):
         super().__init__()
         if max_length < 2:
             raise UserInputError("--max-seq-length must be at least 2 to score anything")
@@ -43,7 +44,8 @@ class TorchchatLM(TemplateLM):
         self.tok = tokenizer
         self.max_length = max_length
         self.batch_size = batch_size
-        self.timer = ForwardTimer(runtime.forward, runtime.device)
+        # The timer wraps the compiled forward (not the other way round): perf_counter cannot be traced.
+        self.timer = ForwardTimer(compile_forward(runtime.forward) if compile else runtime.forward, runtime.device)
         self._device = runtime.device
 
     @property
