@@ -83,15 +83,26 @@ def _hf_backend_answer(stories, prompt: str, n: int, until: list[str]) -> str:
     stop handling (`handle_stop_sequences` adds the decoded EOS, `postprocess_generated_text` splits)."""
     from lm_eval.models.utils import handle_stop_sequences, postprocess_generated_text
 
+    tok = stories.tokenizer
+    eos = tok.decode([tok.eos_id])  # "" for SentencePiece: a control piece (the hf backend skips "")
+    return postprocess_generated_text(_continuation(stories, prompt, n), handle_stop_sequences(list(until), eos=eos), None)
+
+
+_CONTINUATIONS: dict[tuple[str, int], str] = {}  # one greedy run per (prompt, n) for the whole module
+
+
+def _continuation(stories, prompt: str, n: int) -> str:
+    """The engine's n greedy tokens after BOS + prompt (stop tokens left out), decoded on their own."""
     from torchchat.generation.engine import GenerationConfig, make_engine
     from torchchat.generation.sampling import SamplingParams
 
-    tok = stories.tokenizer
-    engine = make_engine(stories, max_seq_len=128)
-    cfg = GenerationConfig(max_new_tokens=n, sampling=SamplingParams(temperature=0.0, top_k=None))
-    cont = [t for t in engine.tokens(tok.encode(prompt, bos=True), cfg) if t not in tok.stop_ids]
-    eos = tok.decode([tok.eos_id])  # "" for SentencePiece: a control piece (the hf backend skips "")
-    return postprocess_generated_text(tok.decode(cont), handle_stop_sequences(list(until), eos=eos), None)
+    if (prompt, n) not in _CONTINUATIONS:
+        tok = stories.tokenizer
+        engine = make_engine(stories, max_seq_len=128)
+        cfg = GenerationConfig(max_new_tokens=n, sampling=SamplingParams(temperature=0.0, top_k=None))
+        cont = [t for t in engine.tokens(tok.encode(prompt, bos=True), cfg) if t not in tok.stop_ids]
+        _CONTINUATIONS[prompt, n] = tok.decode(cont)
+    return _CONTINUATIONS[prompt, n]
 
 
 def test_generate_until_stops_at_the_first_stop_string(stories):
