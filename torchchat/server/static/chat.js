@@ -174,6 +174,7 @@ async function send(text) {
       }
     }
   } catch (e) {
+    if (e.partial) ({ usage, finish, reply, tFirst, deltas } = e.partial);  // the text before a mid-stream error stays
     if (e.name === "AbortError") finish = "stopped";
     else bubble("error", `Error: ${e.message}`);
   } finally {
