@@ -69,22 +69,42 @@ ArtifactInfo read_artifact_info_file(const std::string& path) {
   return parse_artifact_info(text.str(), path);
 }
 
+void apply_overrides(ArtifactInfo& info, const MetadataOverrides& overrides, const std::string& source) {
+  if (!overrides.tokenizer_kind.empty()) {
+    if (overrides.tokenizer_kind != "sentencepiece" && overrides.tokenizer_kind != "tiktoken") {
+      throw UsageError("-l " + overrides.tokenizer_kind + ": the tokenizer kind is sentencepiece or tiktoken");
+    }
+    info.tokenizer.kind = overrides.tokenizer_kind;
+  }
+  if (overrides.max_seq_len > 0) {
+    // The KV cache inside the artifact has the exported size: fewer positions are fine, more would
+    // write past it.
+    if (info.max_seq_len > 0 && overrides.max_seq_len > info.max_seq_len) {
+      throw UsageError("-c " + std::to_string(overrides.max_seq_len) + ": " + source + " was exported with " +
+                       std::to_string(info.max_seq_len) + " positions; pass at most that");
+    }
+    info.max_seq_len = overrides.max_seq_len;
+  }
+}
+
 ArtifactInfo artifact_info_from_outside(const std::string& artifact, const std::string& sidecar_path,
                                         const MetadataOverrides& overrides) {
-  if (!overrides.metadata_path.empty()) return read_artifact_info_file(overrides.metadata_path);
-  if (std::ifstream(sidecar_path).good()) return read_artifact_info_file(sidecar_path);
+  std::string file = overrides.metadata_path;
+  if (file.empty() && std::ifstream(sidecar_path).good()) file = sidecar_path;
+  if (!file.empty()) {
+    // Flags given on the command line win over the file (a wrong sidecar can be corrected with -l).
+    ArtifactInfo info = read_artifact_info_file(file);
+    apply_overrides(info, overrides, file);
+    return info;
+  }
   if (overrides.tokenizer_kind.empty() || overrides.max_seq_len <= 0) {
     throw UsageError(artifact + " carries no metadata and " + sidecar_path +
                      " is missing; pass -j METADATA.json, or -l sentencepiece|tiktoken and -c MAX_SEQ_LEN "
                      "(the max_seq_len it was exported with)");
   }
-  if (overrides.tokenizer_kind != "sentencepiece" && overrides.tokenizer_kind != "tiktoken") {
-    throw UsageError("-l " + overrides.tokenizer_kind + ": the tokenizer kind is sentencepiece or tiktoken");
-  }
   ArtifactInfo info;
   info.model_name = artifact;
-  info.max_seq_len = overrides.max_seq_len;
-  info.tokenizer.kind = overrides.tokenizer_kind;
+  apply_overrides(info, overrides, artifact);
   info.chat_template = overrides.tokenizer_kind == "tiktoken" ? "llama3" : "llama2";
   return info;
 }

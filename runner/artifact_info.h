@@ -24,8 +24,8 @@ struct ArtifactInfo {
   std::string chat_template;  // "llama2" | "llama3" | "" (base model)
 };
 
-// What the user passes for an artifact that carries no metadata (an AOT Inductor .so without its
-// .json sidecar). Ignored where the artifact has its own.
+// What the user passes on the command line: the metadata of an artifact that carries none (an AOT
+// Inductor .so without its .json sidecar), or corrections to the metadata it has (explicit flags win).
 struct MetadataOverrides {
   std::string metadata_path;  // -j: a metadata JSON file
   std::string tokenizer_kind;  // -l: "sentencepiece" | "tiktoken"
@@ -38,8 +38,12 @@ ArtifactInfo parse_artifact_info(const std::string& json_text, const std::string
 // Reads a metadata JSON file (the sidecar of a .so, or one given with -j).
 ArtifactInfo read_artifact_info_file(const std::string& path);
 
+// -l replaces the tokenizer kind; -c lowers the positions used (never above the exported max_seq_len).
+// Throws UsageError for a kind the runners do not read or a -c the artifact cannot hold.
+void apply_overrides(ArtifactInfo& info, const MetadataOverrides& overrides, const std::string& source);
+
 // The metadata of `artifact`, which carries none itself: the -j file, else the sidecar `sidecar_path`
-// if it exists, else what -l and -c say (stop tokens and chat format then follow the tokenizer kind,
+// if it exists (either corrected by -l and -c), else what -l and -c say (stop tokens and chat format then follow the tokenizer kind,
 // and prompts are fed one token at a time, which every export accepts).
 ArtifactInfo artifact_info_from_outside(const std::string& artifact, const std::string& sidecar_path,
                                         const MetadataOverrides& overrides);

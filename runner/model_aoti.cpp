@@ -51,7 +51,7 @@ class AotiModel : public Model {
   at::Tensor last_;
 };
 
-std::unique_ptr<Model> load_package(const std::string& path) {
+std::unique_ptr<Model> load_package(const std::string& path, const MetadataOverrides& overrides) {
   auto loader = std::make_shared<torch::inductor::AOTIModelPackageLoader>(path);
   auto metadata = loader->get_metadata();
   auto it = metadata.find(kMetadataKey);
@@ -61,6 +61,7 @@ std::unique_ptr<Model> load_package(const std::string& path) {
                      "--output-aoti-package-path`");
   }
   ArtifactInfo info = parse_artifact_info(it->second, path);
+  apply_overrides(info, overrides, path);
   if (info.model_name.empty()) info.model_name = path;
   return std::make_unique<AotiModel>(std::move(info),
                                      [loader](std::vector<at::Tensor>& in) { return loader->run(in); });
@@ -80,7 +81,7 @@ std::unique_ptr<Model> load_model(const std::string& path, const MetadataOverrid
     throw UsageError("model file " + path + " not found; pass the .pt2 or .so that export wrote");
   }
   try {
-    if (ends_with(path, ".pt2")) return load_package(path);
+    if (ends_with(path, ".pt2")) return load_package(path, overrides);
     if (ends_with(path, ".so")) return load_shared_library(path, overrides);
   } catch (const c10::Error& e) {
     throw RunnerError("cannot load " + path + ": " + e.what_without_backtrace() +

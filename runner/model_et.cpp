@@ -86,7 +86,7 @@ std::string read_metadata(const et::Program& program, const std::string& path) {
 
 class EtModel : public Model {
  public:
-  explicit EtModel(const std::string& path) {
+  EtModel(const std::string& path, const MetadataOverrides& overrides) {
     et::register_pal(et::PalImpl::create(log_errors_only, __FILE__));
     et::runtime_init();
     auto loader = MmapDataLoader::from(path.c_str());
@@ -99,6 +99,7 @@ class EtModel : public Model {
     }
     program_.emplace(std::move(*program));
     info_ = parse_artifact_info(read_metadata(*program_, path), path);
+    apply_overrides(info_, overrides, path);
     if (info_.model_name.empty()) info_.model_name = path;
     forward_.emplace(*program_, "forward", path);
   }
@@ -142,14 +143,14 @@ class EtModel : public Model {
 
 }  // namespace
 
-std::unique_ptr<Model> load_model(const std::string& path, const MetadataOverrides& /*overrides*/) {
+std::unique_ptr<Model> load_model(const std::string& path, const MetadataOverrides& overrides) {
   if (!std::filesystem::is_regular_file(path)) {
     throw UsageError("model file " + path + " not found; pass the .pte that export wrote");
   }
   if (path.size() < 4 || path.compare(path.size() - 4, 4, ".pte") != 0) {
     throw UsageError(path + ": et_run reads ExecuTorch .pte programs; use aoti_run for .pt2 and .so");
   }
-  return std::make_unique<EtModel>(path);
+  return std::make_unique<EtModel>(path, overrides);
 }
 
 const char* backend_name() { return "et"; }

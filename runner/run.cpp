@@ -39,7 +39,8 @@ void print_usage(const char* prog) {
                "Usage:   %s <model%s> -z <tokenizer> [options]\n"
                "Example: %s model%s -z tokenizer.model -i \"Once upon a time\" -n 200 -t 0\n"
                "Options:\n"
-               "  -z <path>   tokenizer file (its kind, sentencepiece or tiktoken, comes from the model)\n"
+               "  -z <path>   tokenizer file (its kind, sentencepiece or tiktoken, comes from the model;\n"
+               "              for a model exported from a GGUF: the <model>.tokenizer.model export wrote)\n"
                "  -i <text>   prompt (generate) or first user message (chat); default empty\n"
                "  -n <int>    number of tokens to generate, default 200; 0 = until the context is full\n"
                "  -t <float>  temperature in [0, inf), default 0.8; 0 = greedy\n"
@@ -51,7 +52,8 @@ void print_usage(const char* prog) {
                "For an AOT Inductor .so without its <model>.so.json sidecar:\n"
                "  -j <path>   the model's metadata JSON file, or\n"
                "  -l <kind>   tokenizer kind, sentencepiece | tiktoken, with\n"
-               "  -c <int>    the max_seq_len the model was exported with\n",
+               "  -c <int>    the max_seq_len the model was exported with\n"
+               "Given with any model, -l and -c win over its metadata (-c at most the exported length).\n",
                prog, backend_artifacts(), prog, backend_name() == std::string("et") ? ".pte" : ".pt2");
 }
 

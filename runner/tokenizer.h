@@ -37,7 +37,8 @@ class Tokenizer {
   }
 };
 
-// kind: "sentencepiece" (a SentencePiece .model) or "tiktoken" (a Llama 3 tokenizer.model ranks file).
+// kind: "sentencepiece" (a SentencePiece .model), "tiktoken" (a Llama 3 tokenizer.model ranks file) or
+// "gguf" (the <artifact>.tokenizer.model export writes for a model converted from a GGUF file).
 // Throws UsageError naming the file and the kind when it cannot be read as that kind.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& kind, const std::string& path);
 

@@ -68,7 +68,7 @@ def test_defaults_are_filled_in_and_the_plan_round_trips():
     "recipe, expected",
     [
         ('{"linear:int2": {}}', "unknown key 'linear:int2'; valid keys: embedding, linear:int8, linear:int4, "
-                                "linear:a8w4dq, precision, executor"),
+                                "linear:a8w4dq, linear:a8wxdq, embedding:wx, linear:afpwx, precision, executor"),
         ('{"linear:int8": {"bitwidth": 3}}', "'linear:int8' bitwidth 3 is not valid; valid: 8, 4"),
         ('{"embedding": {"bitwidth": 2}}', "'embedding' bitwidth 2 is not valid; valid: 8, 4"),
         ('{"linear:int8": {"groupsize": 48}}',

@@ -7,6 +7,11 @@ A recipe is a JSON object (given inline, as a file, or as the name of a recipe s
 - `"linear:int8"`: `{"bitwidth": 8|4, "groupsize": 0|32|64|128|256}` (weight-only)
 - `"linear:int4"`: `{"groupsize": 32|64|128|256}` (weight-only, asymmetric groupwise)
 - `"linear:a8w4dq"`: `{"groupsize": 32|64|128|256}` (int8 dynamic activations, int4 symmetric weights)
+- `"linear:a8wxdq"`: `{"bitwidth": 1..7, "groupsize": 0|32|64|128|256, "has_weight_zeros": false|true}`
+  (int8 dynamic activations, 1-7-bit weights; torchao's fast kernels on ARM CPUs, a reference path elsewhere)
+- `"embedding:wx"`: `{"bitwidth": 1..7, "groupsize": 0|32|64|128|256, "has_weight_zeros": true|false}`
+  (1-7-bit weight-only `tok_embeddings`)
+- `"linear:afpwx"`: `{"bitwidth": 1..7, "groupsize": 32|64|128|256}` (weight-only, Apple GPUs: --device mps only)
 - `"precision": {"dtype": ...}` and `"executor": {"accelerator": ...}`: defaults for --dtype / --device
 
 `groupsize` counts the consecutive input features (along a weight row) that share one scale; 0 means one
@@ -51,7 +56,10 @@ class SchemeSpec:
     valid: Mapping[str, tuple[int, ...]]  # option -> accepted values
     defaults: Mapping[str, int]
     devices: tuple[str, ...]  # device types torchao runs it on
+    elsewhere: str = ""  # said after "it runs on: ..." when the device is not one of them
 
+
+LOWBITS = (1, 2, 3, 4, 5, 6, 7)  # the bit widths torchao's low-bit schemes take
 
 SCHEMES: Mapping[str, SchemeSpec] = {
     spec.key: spec
@@ -64,6 +72,18 @@ SCHEMES: Mapping[str, SchemeSpec] = {
                    {"groupsize": 128}, ("cpu", "cuda")),
         SchemeSpec("linear:a8w4dq", nn.Linear, {"groupsize": (32, 64, 128, 256)},
                    {"groupsize": 256}, ("cpu", "cuda")),
+        # The original torchchat's low-bit schemes (torchao's "experimental" kernels, now in torchao proper).
+        SchemeSpec("linear:a8wxdq", nn.Linear,
+                   {"bitwidth": LOWBITS, "groupsize": (0, 32, 64, 128, 256), "has_weight_zeros": (False, True)},
+                   {"bitwidth": 4, "groupsize": 256, "has_weight_zeros": False}, ("cpu",),
+                   " (torchao's kernels for it are CPU kernels)"),
+        # Zero points by default: symmetric 1-bit has only the levels -1 and 0.
+        SchemeSpec("embedding:wx", nn.Embedding,
+                   {"bitwidth": LOWBITS, "groupsize": (0, 32, 64, 128, 256), "has_weight_zeros": (False, True)},
+                   {"bitwidth": 4, "groupsize": 32, "has_weight_zeros": True}, ("cpu", "cuda")),
+        SchemeSpec("linear:afpwx", nn.Linear, {"bitwidth": LOWBITS, "groupsize": (32, 64, 128, 256)},
+                   {"bitwidth": 4, "groupsize": 256}, ("mps",),
+                   " (torchao's Metal kernels for Apple GPUs); on a CPU use linear:a8wxdq with the same bitwidth"),
     )
 }
 SETTINGS = {"precision": "dtype", "executor": "accelerator"}  # key -> its one option
@@ -73,7 +93,7 @@ INT4_CPU_GROUPSIZES = (32, 64, 128)
 
 
 def _join(values) -> str:
-    return ", ".join(str(v) for v in values)
+    return ", ".join(json.dumps(v) if isinstance(v, bool) else str(v) for v in values)
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,7 @@ class Scheme:
     key: str
     bitwidth: int | None  # None for the fixed-width linear:int4 / linear:a8w4dq
     groupsize: int  # input features per scale; 0 = one scale per output channel
+    has_weight_zeros: bool | None = None  # low-bit schemes only: asymmetric weights (a zero point per group)
 
     @property
     def spec(self) -> SchemeSpec:
@@ -92,6 +113,8 @@ class Scheme:
         out = {"groupsize": self.groupsize}
         if self.bitwidth is not None:
             out = {"bitwidth": self.bitwidth, **out}
+        if self.has_weight_zeros is not None:
+            out["has_weight_zeros"] = self.has_weight_zeros
         return out
 
 
@@ -133,7 +156,11 @@ class QuantPlan:
                     device = value
                 continue
             scheme = _scheme(source, key, options)
-            if key == "embedding":
+            if scheme.spec.targets is nn.Embedding:
+                if embedding is not None:
+                    raise QuantizationError(
+                        f"{source}: {embedding.key!r} and {key!r} both quantize the embedding; keep one"
+                    )
                 embedding = scheme
             elif linear is not None:
                 raise QuantizationError(
@@ -209,14 +236,14 @@ def _scheme(source: str, key: str, options: Any) -> Scheme:
     for name, value in options.items():
         if name not in spec.valid:
             raise QuantizationError(f"{source}: {key!r} has no option {name!r}; valid options: {_join(spec.valid)}")
-        # bool is an int in Python; `true` is never a bit width.
-        if isinstance(value, bool) or value not in spec.valid[name]:
+        # The type must match too: bool is an int in Python (`true` is never a bit width, 1 is not a flag).
+        if type(value) is not type(spec.valid[name][0]) or value not in spec.valid[name]:
             raise QuantizationError(
                 f"{source}: {key!r} {name} {json.dumps(value)} is not valid; valid: {_join(spec.valid[name])}"
                 + (" (0 = per channel)" if 0 in spec.valid[name] else "")
             )
         values[name] = value
-    return Scheme(key, values.get("bitwidth"), values["groupsize"])
+    return Scheme(key, values.get("bitwidth"), values["groupsize"], values.get("has_weight_zeros"))
 
 
 def parse_quantize(text_or_path: str | None) -> QuantPlan:
@@ -296,7 +323,10 @@ def check_plan(plan: QuantPlan, model: nn.Module, device: str, dtype: torch.dtyp
     for scheme in plan.schemes:
         where = f"{plan.source}: {scheme.key!r}"
         if device_type not in scheme.spec.devices:
-            raise QuantizationError(f"{where} cannot run on {device_type}; it runs on: {_join(scheme.spec.devices)}")
+            raise QuantizationError(
+                f"{where} cannot run on {device_type}; it runs on: {_join(scheme.spec.devices)}{scheme.spec.elsewhere}"
+            )
+        notes += _lowbit_notes(scheme, device_type)
         if scheme.key == "linear:int4":
             if device_type == "cpu" and scheme.groupsize not in INT4_CPU_GROUPSIZES:
                 raise QuantizationError(
@@ -356,6 +386,8 @@ def _torchao_config(scheme: Scheme, device_type: str):
             f"--quantize needs torchao ({e}); install it with: pip install torchao==0.18.0"
         ) from e
 
+    if scheme.key in LOWBIT_SCHEMES:
+        return _lowbit_config(scheme)
     per_row = scheme.groupsize == 0
     if scheme.key == "linear:int8" and scheme.bitwidth == 8:
         return Int8WeightOnlyConfig(
@@ -375,6 +407,64 @@ def _torchao_config(scheme: Scheme, device_type: str):
     return Int8DynamicActivationIntxWeightConfig(
         weight_dtype=torch.int4, weight_granularity=PerGroup(scheme.groupsize)
     )
+
+
+LOWBIT_SCHEMES = ("linear:a8wxdq", "embedding:wx", "linear:afpwx")
+
+
+def _arm_kernels_loaded() -> bool:
+    """Whether torchao's low-bit CPU kernels are here: torchao ships them (`torch.ops.torchao`, loaded
+    when torchao is imported) only in its ARM builds (macOS arm64, Linux aarch64)."""
+    import platform
+
+    if platform.machine().lower() not in ("arm64", "aarch64"):
+        return False
+    import torchao  # noqa: F401  (loads the kernel library where the wheel has one)
+
+    return hasattr(torch.ops.torchao, "_pack_8bit_act_4bit_weight")
+
+
+def _lowbit_notes(scheme: Scheme, device_type: str) -> list[str]:
+    """Where a low-bit scheme runs torchao's reference path rather than a fast kernel."""
+    if scheme.key == "linear:a8wxdq" and device_type == "cpu" and not _arm_kernels_loaded():
+        return [f"linear:a8wxdq: torchao's fast low-bit kernels are ARM CPU kernels; here (no ARM kernels) a "
+                f"correct but slow reference path runs ({scheme.bitwidth}-bit weights stored as int8)"]
+    if scheme.key == "embedding:wx":
+        return [f"embedding:wx: {scheme.bitwidth}-bit values are stored one per byte and dequantized on lookup "
+                "(the same numbers as packed storage; the memory saving of packing needs torchao's ARM kernels)"]
+    return []
+
+
+def _lowbit_config(scheme: Scheme):
+    """The torchao 0.18 config of linear:a8wxdq, embedding:wx or linear:afpwx (the original torchchat's
+    names for torchao's low-bit schemes)."""
+    from torchao.quantization import (
+        Int8DynamicActivationIntxWeightConfig,
+        IntxWeightOnlyConfig,
+        MappingType,
+        PerAxis,
+        PerGroup,
+    )
+
+    bits = getattr(torch, f"int{scheme.bitwidth}")
+    granularity = PerAxis(0) if scheme.groupsize == 0 else PerGroup(scheme.groupsize)
+    mapping = MappingType.ASYMMETRIC if scheme.has_weight_zeros else MappingType.SYMMETRIC
+    if scheme.key == "embedding:wx":
+        return IntxWeightOnlyConfig(weight_dtype=bits, granularity=granularity, mapping_type=mapping)
+    if scheme.key == "linear:a8wxdq":
+        from torchao.quantization.quantize_.workflows import IntxPackingFormat
+
+        packing = IntxPackingFormat.OPAQUE_TORCHAO_AUTO if _arm_kernels_loaded() else IntxPackingFormat.UNPACKED_TO_INT8
+        return Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=bits, weight_granularity=granularity, weight_mapping_type=mapping, intx_packing_format=packing
+        )
+    try:
+        from torchao.experimental.quant_api import UIntxWeightOnlyConfig
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"linear:afpwx needs torchao's MPS kernels ({e}); install torchao built with them on an Apple Silicon Mac"
+        ) from e
+    return UIntxWeightOnlyConfig(bitwidth=scheme.bitwidth, group_size=scheme.groupsize)
 
 
 def apply_quantization(model: nn.Module, plan: QuantPlan, device: str) -> None:

@@ -12,6 +12,12 @@ import pytest
 from tests.cli.helpers import ROOT, run_cli
 
 
+@pytest.fixture(autouse=True)
+def _history_in_tmp(tmp_path, monkeypatch):
+    """Chats on a terminal keep their history; the tests' goes to a temporary file, not the user's."""
+    monkeypatch.setenv("TORCHCHAT_CHAT_HISTORY", str(tmp_path / "chat_history"))
+
+
 def _stories(folder) -> list[str]:
     return ["--checkpoint-path", str(folder / "stories260K.bin"), "--tokenizer-path", str(folder / "tok512.model"),
             "--device", "cpu", "--dtype", "fp32", "--temperature", "0"]
@@ -170,6 +176,54 @@ def test_terminal_session_system_prompt_ctrl_c_ctrl_d(stories260k_dir):
     term.send(b"\x03")  # Ctrl-C at the prompt: leave cleanly too
     assert term.wait() == 0
     assert term.seen.rstrip().endswith("Exiting chat.") and "Traceback" not in term.seen
+
+
+def _history_lines(path) -> list[str]:
+    # libedit writes a header line; GNU readline writes the lines alone.
+    return [line for line in path.read_text().splitlines() if line != "_HiStOrY_V2_"]
+
+
+def _next_reply(term) -> str:
+    term.expect("Model: ")
+    return term.expect("User: ").removesuffix("User: ").replace("\r\n", "\n").strip()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX")
+def test_terminal_line_editing_and_history(stories260k_dir, tmp_path):
+    pytest.importorskip("readline", reason="this Python has no readline module: chat falls back to input()")
+    history = tmp_path / "chat_history"
+    history.write_text("The dog was happy\n")  # an earlier session's line
+    turns = ["Once upon a time", "The dog was happy"]
+    want = _expected_replies(stories260k_dir, turns, 12)
+    term = Terminal([sys.executable, str(ROOT / "torchchat.py"), "chat", *_stories(stories260k_dir),
+                     "--system-prompt", "", "--max-new-tokens", "12"])
+    term.expect("User: ")
+    term.send(b"Once upon a tme")
+    term.send(b"\x1b[D\x1b[D")  # left arrow twice: the cursor moves back before "me" (not "^[[D" typed)
+    term.send(b"i\r")
+    assert _next_reply(term) == want[0].strip()  # the model got the edited line
+    term.send(b"\x12dog")  # Ctrl-R: reverse search finds the earlier session's line
+    term.send(b"\r")
+    assert _next_reply(term) == want[1].strip()
+    term.send(b"/bye\r")
+    assert term.wait() == 0
+    assert _history_lines(history) == ["The dog was happy", *turns, "/bye"]
+
+
+def test_line_input_without_readline_is_plain_input(monkeypatch, tmp_path):
+    """Where Python has no readline module, chat reads lines with input() and keeps no history file."""
+    import io
+
+    from torchchat.cli import line_input
+
+    monkeypatch.setitem(sys.modules, "readline", None)  # import readline -> ImportError
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    with line_input.LineInput(tmp_path / "h") as lines:
+        assert lines.readline is None
+        assert lines.read("User: ") == "hello"
+    assert not (tmp_path / "h").exists()
 
 
 def test_generate_with_a_chat_template_formats_one_turn_and_says_base_model(stories260k_dir):

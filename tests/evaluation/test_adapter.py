@@ -77,15 +77,32 @@ def test_loglikelihood_matches_hand_computation_and_batching_changes_nothing(sto
     assert one[0][0] > one[1][0]  # water beats sand
 
 
-def _free_run(stories, prompt: str, n: int) -> str:
-    """The engine's greedy text for `prompt`, with no stop strings."""
+def _hf_backend_answer(stories, prompt: str, n: int, until: list[str]) -> str:
+    """What lm-eval's `hf` backend returns for a greedy generate_until request: the generated tokens after
+    the context decoded on their own (`tok_decode(cont_toks[context_len:])`), then cut with lm-eval's own
+    stop handling (`handle_stop_sequences` adds the decoded EOS, `postprocess_generated_text` splits)."""
+    from lm_eval.models.utils import handle_stop_sequences, postprocess_generated_text
+
+    tok = stories.tokenizer
+    eos = tok.decode([tok.eos_id])  # "" for SentencePiece: a control piece (the hf backend skips "")
+    return postprocess_generated_text(_continuation(stories, prompt, n), handle_stop_sequences(list(until), eos=eos), None)
+
+
+_CONTINUATIONS: dict[tuple[str, int], str] = {}  # one greedy run per (prompt, n) for the whole module
+
+
+def _continuation(stories, prompt: str, n: int) -> str:
+    """The engine's n greedy tokens after BOS + prompt (stop tokens left out), decoded on their own."""
     from torchchat.generation.engine import GenerationConfig, make_engine
     from torchchat.generation.sampling import SamplingParams
 
-    engine = make_engine(stories, max_seq_len=128)
-    ids = stories.tokenizer.encode(prompt, bos=True)
-    cfg = GenerationConfig(max_new_tokens=n, sampling=SamplingParams(temperature=0.0, top_k=None))
-    return "".join(r.text for r in engine.stream(ids, cfg))
+    if (prompt, n) not in _CONTINUATIONS:
+        tok = stories.tokenizer
+        engine = make_engine(stories, max_seq_len=128)
+        cfg = GenerationConfig(max_new_tokens=n, sampling=SamplingParams(temperature=0.0, top_k=None))
+        cont = [t for t in engine.tokens(tok.encode(prompt, bos=True), cfg) if t not in tok.stop_ids]
+        _CONTINUATIONS[prompt, n] = tok.decode(cont)
+    return _CONTINUATIONS[prompt, n]
 
 
 def test_generate_until_stops_at_the_first_stop_string(stories):
@@ -100,20 +117,29 @@ def test_generate_until_stops_at_the_first_stop_string(stories):
     got = lm.generate_until([_req("generate_until", p, options) for p in prompts])
     cut_somewhere = False
     for prompt, text in zip(prompts, got):
-        free = _free_run(stories, prompt, 40)
-        cuts = [i for i in (free.find(s) for s in stops) if i >= 0]
-        want = free[: min(cuts)] if cuts else free
-        assert text == want
+        assert text == _hf_backend_answer(stories, prompt, 40, stops)
         assert not any(s in text for s in stops)
-        cut_somewhere |= len(want) < len(free)
+        cut_somewhere |= len(text) < len(_hf_backend_answer(stories, prompt, 40, []))
     assert cut_somewhere  # a stop string really ended some generation early
+
+
+def test_generate_until_answers_do_not_start_with_the_joining_space(stories):
+    """Decoded after the prompt, SentencePiece's first piece ("▁went") would give " went": an exact-match
+    task that does not strip whitespace scored 0 that way where the hf backend scores the same weights
+    correctly (issue 14). The answer is the continuation decoded alone, as the hf backend does."""
+    prompts = ["The sun was hot, so the children went to the", "Once upon a time, there was a"]
+    lm = TorchchatLM(stories.runtime, stories.tokenizer, max_length=128)
+    got = lm.generate_until([_req("generate_until", p, {"until": ["."], "max_gen_toks": 8}) for p in prompts])
+    for prompt, text in zip(prompts, got):
+        assert text and not text.startswith(" "), text
+        assert text == _hf_backend_answer(stories, prompt, 8, ["."])
 
 
 def test_generate_until_honours_max_gen_toks(stories):
     prompt = "Once upon a time"
     lm = TorchchatLM(stories.runtime, stories.tokenizer, max_length=128)
     (text,) = lm.generate_until([_req("generate_until", prompt, {"until": [], "max_gen_toks": 6})])
-    assert text == _free_run(stories, prompt, 6)
+    assert text == _hf_backend_answer(stories, prompt, 6, [])
     assert len(stories.tokenizer.encode(text)) <= 7  # 6 tokens; re-encoding may merge or split one
 
 
@@ -121,3 +147,16 @@ def test_generation_options_the_engine_lacks_are_refused(stories):
     lm = TorchchatLM(stories.runtime, stories.tokenizer, max_length=128)
     with pytest.raises(UserInputError, match="num_beams"):
         lm.generate_until([_req("generate_until", "Hi", {"until": ["."], "num_beams": 4})])
+
+
+@pytest.mark.slow  # one torch.compile: ~25 s on an idle 2-core machine, minutes on a busy one
+def test_compiled_forward_scores_what_eager_does(stories):
+    """eval --compile: the forward is torch.compile'd (dynamic shapes) and scores as the eager one does.
+    Both requests go in one padded batch: one compile."""
+    reqs = [_req("loglikelihood", c, x) for c, x in (("Lily was thirsty, so she drank a glass of", " water"),
+                                                      ("The cat climbed up the tree", " and could not get down"))]
+    eager = TorchchatLM(stories.runtime, stories.tokenizer, max_length=64, batch_size=2)
+    compiled = TorchchatLM(stories.runtime, stories.tokenizer, max_length=64, batch_size=2, compile=True)
+    for (lp_e, g_e), (lp_c, g_c) in zip(eager.loglikelihood(reqs), compiled.loglikelihood(reqs)):
+        assert lp_c == pytest.approx(lp_e, abs=1e-3) and g_c == g_e
+    assert len(compiled.timer.seconds) == 1

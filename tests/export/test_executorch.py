@@ -51,3 +51,30 @@ def test_wrong_model_tokenizer_or_damaged_file_is_a_clear_error(exports, tok_arg
     cut.write_bytes(pte.read_bytes()[: pte.stat().st_size // 2])
     assert "damaged or truncated" in error_line(capsys, ["--pte-path", cut, *tok_args])
     assert "not an AOT Inductor package" in error_line(capsys, ["--aoti-package-path", pte, *tok_args])
+
+
+def test_export_prints_the_delegation_summary(exports):
+    """The original torchchat's report after an ExecuTorch export: delegated and non-delegated node
+    counts (executorch's get_delegation_info), read from the export command's own output."""
+    import re
+
+    exports.path("pte")
+    log = exports.jobs["pte"].log
+    match = re.search(r"Delegation: (\d+) nodes delegated to XNNPACK \(\d+% of (\d+)\) in (\d+) subgraph\(s\), "
+                      r"(\d+) not delegated", log)
+    assert match, log[-2000:]
+    delegated, total, subgraphs, other = map(int, match.groups())
+    assert delegated > 0 and subgraphs > 0 and delegated + other == total
+    assert "delegated  not delegated" not in log  # the per-operator table is for -v
+
+
+def test_delegation_table_lists_each_operator_and_the_total():
+    from torchchat.export.executorch import DelegationSummary
+
+    summary = DelegationSummary(2, 5, 1, (("aten_linear_default", 4, 0), ("aten_relu_default", 1, 0),
+                                          ("aten_index_copy_default", 0, 1)))
+    assert summary.line() == "Delegation: 5 nodes delegated to XNNPACK (83% of 6) in 2 subgraph(s), 1 not delegated"
+    rows = [row.split() for row in summary.table().splitlines()]
+    assert rows[0] == ["operator", "delegated", "not", "delegated"]
+    assert rows[1:] == [["aten_linear_default", "4", "0"], ["aten_relu_default", "1", "0"],
+                        ["aten_index_copy_default", "0", "1"], ["Total", "5", "1"]]

@@ -49,3 +49,20 @@ def stories_artifacts(tmp_path_factory, stories260k_dir) -> Artifacts:
     export(*source, "--output-dso-path", out / "model.so", "--no-dynamic-shapes")
     return Artifacts(pt2=out / "model.pt2", so=out / "model.so", pte=out / "model.pte",
                      tokenizer=stories260k_dir / "tok512.model")
+
+
+@dataclass(frozen=True)
+class GgufArtifact:
+    pt2: Path  # exported from stories260K.gguf
+    tokenizer: Path  # the model.tokenizer.model export wrote beside it
+    gguf: Path
+
+
+@pytest.fixture(scope="session")
+def gguf_artifact(tmp_path_factory, stories260k_dir) -> GgufArtifact:
+    """stories260K exported from its GGUF file (tokenizer kind "gguf"), as a .pt2."""
+    out = tmp_path_factory.mktemp("stories260K_gguf_export")
+    gguf = stories260k_dir / "stories260K.gguf"
+    export("--gguf-path", gguf, "--dtype", "fp32", "--max-seq-length", str(MAX_SEQ_LEN),
+           "--output-aoti-package-path", out / "model.pt2")
+    return GgufArtifact(pt2=out / "model.pt2", tokenizer=out / "model.tokenizer.model", gguf=gguf)

@@ -65,7 +65,8 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model source")
     g.add_argument("model", nargs="?", default=None, metavar="MODEL", help="A known model name or alias (see `list`)")
     g.add_argument("--checkpoint-path", type=Path, help="A .pt/.pth state dict, llama2.c .bin, or Hugging Face directory")
-    g.add_argument("--gguf-path", type=Path, help="A llama-architecture GGUF file")
+    # --load-gguf: the original torchchat's name for it, kept so its documented commands work.
+    g.add_argument("--gguf-path", "--load-gguf", type=Path, help="A llama-architecture GGUF file")
     g.add_argument("--params-table", help="A shipped params table, e.g. stories15M, 7B, Meta-Llama-3.1-8B")
     g.add_argument("--params-path", type=Path, help="A params JSON file describing the architecture")
     g.add_argument("--tokenizer-path", type=Path, help="tokenizer.model (SentencePiece or tiktoken) or tokenizer.json")

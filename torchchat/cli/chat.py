@@ -1,5 +1,5 @@
-"""`chat`: an interactive conversation. `User:` turns are read from stdin, replies stream to stdout,
-notices go to stderr. /bye, end of input (Ctrl-D) or Ctrl-C at the prompt leave; Ctrl-C during a
+"""`chat`: an interactive conversation. `User:` turns are read from stdin (on a terminal with line
+editing and history: line_input.py), replies stream to stdout, notices go to stderr. /bye, end of input (Ctrl-D) or Ctrl-C at the prompt leave; Ctrl-C during a
 reply stops that reply."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import contextlib
 import sys
 
 from torchchat.cli import args as cli_args
+from torchchat.cli.line_input import LineInput, history_path
 
 # Context allocated when --max-seq-length is not given: the model's own, up to this many positions
 # (a 128K-token KV cache for Llama 3.1 8B alone would take 16 GiB).
@@ -64,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from torchchat.generation.chat_format import resolve_chat_format
-    from torchchat.generation.chat_session import ChatSession
     from torchchat.generation.engine import make_engine
 
     notes: list[str] = []
@@ -85,10 +85,17 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
     notices.say(*setup.notices)
 
+    with LineInput(history_path()) as lines:
+        return _converse(args, built, engine, setup, cfg, lines)
+
+
+def _converse(args: argparse.Namespace, built, engine, setup, cfg, lines: LineInput) -> int:
+    from torchchat.generation.chat_session import ChatSession
+
     system = args.system_prompt
     if system is None and sys.stdin.isatty():
         try:
-            system = input("System prompt (Enter for none): ").strip()
+            system = lines.read("System prompt (Enter for none): ").strip()
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
@@ -97,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
           "Type /bye to leave.", flush=True)
     while True:
         try:
-            line = input("User: ")
+            line = lines.read("User: ")
         except (EOFError, KeyboardInterrupt):
             print()
             break

@@ -27,6 +27,8 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
                    help="Sequences per forward when scoring log-likelihoods "
                         "(default 8, fewer for large vocabularies; exported models: 1)")
     g.add_argument("--output-json", type=Path, default=None, metavar="PATH", help="Write lm-eval's results as JSON")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's forward (dynamic shapes); pays off on long evaluations")
     cli_args.add_verbose(p)
     return p
 
@@ -39,10 +41,12 @@ def _eval_spec(args: argparse.Namespace):
         raise UserInputError("--limit must be positive")
     if args.batch_size is not None and args.batch_size <= 0:
         raise UserInputError("--batch-size must be positive")
+    if args.compile and cli_args.exported_flag(args):
+        raise UserInputError(f"{cli_args.exported_flag(args)}: an exported model is compiled already; drop --compile")
     if args.output_json is not None and args.output_json.is_dir():
         raise UserInputError(f"--output-json {args.output_json}: is a folder; give a file path")
     return EvalSpec(tasks=tuple(args.tasks), task_dirs=tuple(args.tasks_dir), limit=args.limit,
-                    batch_size=args.batch_size, max_length=args.max_seq_length)
+                    batch_size=args.batch_size, max_length=args.max_seq_length, compile=args.compile)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -51,7 +51,14 @@ def run(args: argparse.Namespace) -> int:
     timer = StepTimer(sys.stderr)
     with timer.step("Loading the model"):
         built = cli_args.build(spec, notices)
-    written = export_model(built, targets, quantize=quantize, schemes=schemes, timer=timer)
+    def show_delegation(summary) -> None:
+        # The original torchchat's delegation report: counts always, the per-operator table with -v.
+        print(summary.line())
+        if args.verbose:
+            print(summary.table())
+
+    written = export_model(built, targets, quantize=quantize, schemes=schemes, timer=timer,
+                           on_delegation=show_delegation)
     for path in written:
         print(f"Wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     total = sum(timer.times.values())

@@ -18,7 +18,7 @@ from torchchat.errors import ContextLengthError, UserInputError
 from torchchat.evaluation.scoring import ForwardTimer, score_continuations
 from torchchat.generation.engine import Engine, GenerationConfig
 from torchchat.generation.sampling import SamplingParams
-from torchchat.generation.steps import Steps
+from torchchat.generation.steps import Steps, compile_forward
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's own default when a task names no limit
 _GEN_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p"}
@@ -29,9 +29,10 @@ class TorchchatLM(TemplateLM):
 
     `max_length`: the most positions one forward sees (longer texts are scored in windows).
     `batch_size`: rows per forward when scoring log-likelihoods; generation runs one request at a
-    time through the Engine. Every forward goes through `timer`, which records its wall time."""
+    time through the Engine. Every forward goes through `timer`, which records its wall time.
+    `compile`: torch.compile the forward (dynamic shapes) for scoring and generation alike."""
 
-    def __init__(self, runtime, tokenizer, *, max_length: int, batch_size: int = 1):
+    def __init__(self, runtime, tokenizer, *, max_length: int, batch_size: int = 1, compile: bool = False):
         super().__init__()
         if max_length < 2:
             raise UserInputError("--max-seq-length must be at least 2 to score anything")
@@ -43,7 +44,8 @@ class TorchchatLM(TemplateLM):
         self.tok = tokenizer
         self.max_length = max_length
         self.batch_size = batch_size
-        self.timer = ForwardTimer(runtime.forward, runtime.device)
+        # The timer wraps the compiled forward (not the other way round): perf_counter cannot be traced.
+        self.timer = ForwardTimer(compile_forward(runtime.forward) if compile else runtime.forward, runtime.device)
         self._device = runtime.device
 
     @property
@@ -91,8 +93,9 @@ class TorchchatLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or the task's sampling) continuation of each context through the Engine, cut at the
-        first of the task's stop strings; generation also ends at the tokenizer's stop ids."""
+        """Greedy (or the task's sampling) continuation of each context through the Engine, decoded alone
+        (no leading space from the join with the context) and cut at the first of the task's stop strings;
+        generation also ends at the tokenizer's stop ids."""
         engine = Engine(self.runtime, self.tok, Steps(self.timer, self._device), self.max_length)
         out = []
         with torch.no_grad():
@@ -123,8 +126,12 @@ class TorchchatLM(TemplateLM):
         else:
             sampling = SamplingParams(temperature=0.0, top_k=None)
         prompt = self.tok_encode(context)[-(self.max_length - max_gen):]
+        # The answer is the generated tokens decoded on their own, as lm-eval's `hf` backend does
+        # (`tok_decode(cont_toks[len(context):])`): decoded after the prompt, a SentencePiece answer would
+        # start with the space that joins it to the context, and a task that does not strip scores 0.
         text = ""
-        for response in engine.stream(prompt, GenerationConfig(max_new_tokens=max_gen, sampling=sampling)):
+        cfg = GenerationConfig(max_new_tokens=max_gen, sampling=sampling)
+        for response in engine.stream(prompt, cfg, text_prefix=()):
             text += response.text
             cut = min((i for i in (text.find(s) for s in until) if i >= 0), default=-1)
             if cut >= 0:

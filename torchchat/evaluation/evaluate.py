@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torchchat.errors import UserInputError
 from torchchat.evaluation.scoring import forward_time_lines
 from torchchat.evaluation.tasks import LoadedTasks, require_lm_eval
 
@@ -25,6 +26,7 @@ class EvalSpec:
     limit: int | None = None  # documents per task; None: all
     batch_size: int | None = None  # rows per scoring forward; None: default_batch_size()
     max_length: int | None = None  # positions per forward; None: the model's context, at most 2048
+    compile: bool = False  # torch.compile the eager model's forward (eval --compile)
 
 
 @dataclass
@@ -105,19 +107,21 @@ def run_eval(runtime, tokenizer, tasks: LoadedTasks, spec: EvalSpec, model_name:
     from torchchat.runtime.base import EagerRuntime
 
     notes = []
+    if spec.compile and not isinstance(runtime, EagerRuntime):
+        raise UserInputError("compile: an exported model is compiled already; evaluate it without compile")
     batched = isinstance(runtime, EagerRuntime) and runtime.supports_parallel_prefill
     max_length = min(spec.max_length or DEFAULT_MAX_LENGTH, runtime.max_seq_len)
     batch = spec.batch_size or default_batch_size(batched, max_length, runtime.config.vocab_size)
     if batch > 1 and not batched:
         notes.append(f"this runtime scores one row per forward; --batch-size {batch} ignored")
         batch = 1
-    lm = TorchchatLM(runtime, tokenizer, max_length=max_length, batch_size=batch)
+    lm = TorchchatLM(runtime, tokenizer, max_length=max_length, batch_size=batch, compile=spec.compile)
     start = time.perf_counter()
     results = _evaluate(lm, tasks, spec.limit)
     seconds = time.perf_counter() - start
     results["config"] = dict(
         model=model_name, runtime=type(runtime).__name__, device=str(runtime.device), batch_size=batch,
-        max_length=max_length, limit=spec.limit,
+        max_length=max_length, limit=spec.limit, compile=spec.compile,
     )
     results["lm_eval_version"] = version("lm_eval")
     return EvalReport(results=results, eval_seconds=seconds, forward_seconds=list(lm.timer.seconds), notes=notes)

@@ -4,7 +4,9 @@ for runners that read only these, `get_max_seq_len` and `get_vocab_size`."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.export import ExportedProgram
@@ -33,6 +35,40 @@ def import_executorch_lowering():
             MemoryPlanningPass, ConstraintBasedSymShapeEvalPass)
 
 
+@dataclass(frozen=True)
+class DelegationSummary:
+    """How much of the lowered graph XNNPACK runs (executorch's `get_delegation_info`): operator nodes
+    inside delegated subgraphs, and those left to ExecuTorch's portable/optimized kernels."""
+
+    delegated_subgraphs: int
+    delegated_nodes: int
+    non_delegated_nodes: int
+    by_operator: tuple[tuple[str, int, int], ...]  # (operator, delegated, non-delegated), by name
+
+    def line(self) -> str:
+        total = self.delegated_nodes + self.non_delegated_nodes
+        share = f" ({self.delegated_nodes / total:.0%} of {total})" if total else ""
+        return (f"Delegation: {self.delegated_nodes} nodes delegated to XNNPACK{share} in "
+                f"{self.delegated_subgraphs} subgraph(s), {self.non_delegated_nodes} not delegated")
+
+    def table(self) -> str:
+        """The per-operator table of the delegated graph (printed by `export -v`)."""
+        width = max([len("operator"), *(len(op) for op, _, _ in self.by_operator)])
+        rows = [f"{'operator':<{width}}  delegated  not delegated"]
+        for op, delegated, other in (*self.by_operator, ("Total", self.delegated_nodes, self.non_delegated_nodes)):
+            rows.append(f"{op:<{width}}  {delegated:>9}  {other:>13}")
+        return "\n".join(rows)
+
+
+def delegation_summary(graph_module) -> DelegationSummary:
+    """The DelegationSummary of a lowered edge program's graph module."""
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    info = get_delegation_info(graph_module)
+    ops = tuple(sorted((b.op_type, b.delegated, b.non_delegated) for b in info.delegation_by_operator.values()))
+    return DelegationSummary(info.num_delegated_subgraphs, info.num_delegated_nodes, info.num_non_delegated_nodes, ops)
+
+
 def constant_methods(meta: ArtifactMetadata) -> dict[str, object]:
     text = meta.to_json().encode("utf-8")
     return {
@@ -42,9 +78,11 @@ def constant_methods(meta: ArtifactMetadata) -> dict[str, object]:
     }
 
 
-def write_pte(ep: ExportedProgram, meta: ArtifactMetadata, path: Path, timer=None) -> Path:
+def write_pte(ep: ExportedProgram, meta: ArtifactMetadata, path: Path, timer=None,
+              on_delegation: Callable[[DelegationSummary], None] | None = None) -> Path:
     """Lower `ep` to ExecuTorch with the XNNPACK delegate and write it to `path`.
-    `timer` (a StepTimer) times the lowering and serialisation separately."""
+    `timer` (a StepTimer) times the lowering and serialisation separately; `on_delegation` is given the
+    DelegationSummary of the lowered graph (the CLI prints it)."""
     from contextlib import nullcontext
 
     path = Path(path)
@@ -61,6 +99,8 @@ def write_pte(ep: ExportedProgram, meta: ArtifactMetadata, path: Path, timer=Non
                 compile_config=EdgeCompileConfig(_check_ir_validity=False),
                 constant_methods=constant_methods(meta),
             )
+        if on_delegation is not None:
+            on_delegation(delegation_summary(edge.exported_program().graph_module))
         with step("Planning memory and serialising the .pte"), warnings.catch_warnings():
             # The KV cache's initial contents are not stored (only its shape): runtimes hand the program
             # zeroed memory, and every position is written before attention reads it unmasked.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -120,9 +120,20 @@ def metadata_for(built, backend: str, max_seq_len: int, dynamic: bool, quantize:
 
 
 def export_model(built, targets: ExportTargets, quantize: dict[str, Any] | None = None,
-                 schemes: frozenset[str] = frozenset(), timer: StepTimer | None = None) -> list[Path]:
+                 schemes: frozenset[str] = frozenset(), timer: StepTimer | None = None,
+                 on_delegation: Callable | None = None) -> list[Path]:
     """Export `built` (a BuiltModel from torchchat.build, with its eager model) to every path in
-    `targets`. Returns the paths written."""
+    `targets`. Returns the paths written: the artifacts, then for a model whose SentencePiece vocabulary
+    came from a GGUF file the `<artifact>.tokenizer.model` the C++ runners read (runner_tokenizer.py).
+    `on_delegation` receives the .pte's DelegationSummary (executorch.py) once it is lowered."""
+    from torchchat.export.runner_tokenizer import write_runner_tokenizer
+
+    written = _export_artifacts(built, targets, quantize, schemes, timer, on_delegation)
+    return written + write_runner_tokenizer(built.tokenizer, written)
+
+
+def _export_artifacts(built, targets: ExportTargets, quantize: dict[str, Any] | None,
+                      schemes: frozenset[str], timer: StepTimer | None, on_delegation: Callable | None) -> list[Path]:
     from torchchat.export.program import export_forward
 
     timer = timer or StepTimer()
@@ -139,7 +150,7 @@ def export_model(built, targets: ExportTargets, quantize: dict[str, Any] | None 
         with timer.step(f"Tracing with torch.export ({shapes})"):
             ep = export_forward(built.model, max_seq_len, targets.dynamic_shapes)
         meta = metadata_for(built, "executorch", max_seq_len, targets.dynamic_shapes, quantize)
-        written.append(write_pte(ep, meta, targets.pte_path, timer))
+        written.append(write_pte(ep, meta, targets.pte_path, timer, on_delegation))
     if not (targets.aoti_package_path or targets.dso_path):
         return written
     from torchchat.model.layout import optimize_for_decode

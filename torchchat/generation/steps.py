@@ -89,6 +89,12 @@ class CudaGraphStep:
         self._graph = graph
 
 
+def compile_forward(forward: Forward) -> Forward:
+    """`forward` compiled for any (B, S): what `eval --compile` scores with. Dynamic shapes from the
+    start, since scoring batches come in many lengths (a static compile would recompile for each)."""
+    return torch.compile(forward, fullgraph=True, dynamic=True)
+
+
 class Steps:
     """Builds (and caches, per sampling setting) the prefill and decode functions for one runtime.
 

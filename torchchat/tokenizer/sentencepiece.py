@@ -78,6 +78,10 @@ class SentencePieceTokenizer:
         # sentencepiece never matches control pieces in text; allow_special splits the text on them.
         self._control_re = special_pattern(p for p, i in self._specials.items() if sp.is_control(i))
 
+    def serialized_model_proto(self) -> bytes:
+        """The ModelProto this tokenizer runs, as a `tokenizer.model` file holds it."""
+        return self._sp.serialized_model_proto()
+
     @property
     def stop_ids(self) -> frozenset[int]:
         return frozenset() if self.eos_id is None else frozenset({self.eos_id})
