@@ -44,6 +44,7 @@ class BuildSpec:
     seed: int = 1234  # for --dummy-weights
     tp: Any = None  # torchchat.distributed.tensor_parallel.TPContext: shard the model over its ranks
     cuda_kernels: bool = True  # on CUDA, torchchat's fused Triton kernels (torchchat.kernels); False: PyTorch modules
+    num_threads: int | None = None  # CPU threads; None: torchchat.runtime.threads.default_threads() (load-aware)
 
 
 @dataclass
@@ -272,6 +273,10 @@ def _build_fused(model: torch.nn.Module, spec: BuildSpec, device: str, loaded: b
 
 def build_model(spec: BuildSpec) -> BuiltModel:
     """Build the runtime and tokenizer a BuildSpec names."""
+    if torch.device(resolve_device(spec.device)).type == "cpu":
+        from torchchat.runtime.threads import set_threads
+
+        set_threads(spec.num_threads)
     artifact = _exported_artifact(spec.source)
     if artifact is not None:
         return build_exported(spec, *artifact)
@@ -307,11 +312,14 @@ def build_model(spec: BuildSpec) -> BuiltModel:
         from torchchat.checkpoint import LoadOptions, load_checkpoint
         from torchchat.checkpoint.state_dict import normalize
 
-        # GGUF Q4_0 weights stay 4-bit where an int4 kernel runs, unless --quantize asks for its own scheme.
+        # GGUF block-quantized weights stay packed for the native CPU kernels (else Q4_0 stays 4-bit where
+        # a torchao int4 kernel runs), unless --quantize asks for its own scheme.
         options = LoadOptions(
-            device=device, dtype=spec.dtype, keep_quantized=spec.quant is None, tokenizer=tokenizer_path is None
+            device=device, dtype=spec.dtype, keep_quantized=spec.quant is None, tokenizer=tokenizer_path is None,
+            packed=torch.device(device).type == "cpu" and spec.tp is None,
         )
         loaded = load_checkpoint(Path(checkpoint), options)
+        notes.extend(loaded.notes)
         config = config or loaded.config
         if config is None:
             raise CheckpointError(
@@ -343,6 +351,10 @@ def build_model(spec: BuildSpec) -> BuiltModel:
         parallelize(model, spec.tp.mesh)
         materialize(model, loaded.state_dict if loaded is not None else None, spec.tp, spec.dtype, spec.seed)
     else:
+        if loaded is not None and loaded.packed:
+            from torchchat.model.packed import install_packed
+
+            install_packed(model, loaded.packed)
         if loaded is not None:
             load_weights(model, loaded.state_dict, str(checkpoint))
         if _use_cuda_kernels(spec, device, config, loaded, notes):
