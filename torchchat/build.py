@@ -45,6 +45,9 @@ class BuildSpec:
     tp: Any = None  # torchchat.distributed.tensor_parallel.TPContext: shard the model over its ranks
     cuda_kernels: bool = True  # on CUDA, torchchat's fused Triton kernels (torchchat.kernels); False: PyTorch modules
     num_threads: int | None = None  # CPU threads; None: torchchat.runtime.threads.default_threads() (load-aware)
+    # On the CPU, GGUF block-quantized weights and the linear recipes run on torchchat's native kernels
+    # (torchchat.model.packed); False: as before (dequantized / torchao), e.g. for an ExecuTorch export.
+    cpu_kernels: bool = True
 
 
 @dataclass
@@ -316,7 +319,7 @@ def build_model(spec: BuildSpec) -> BuiltModel:
         # a torchao int4 kernel runs), unless --quantize asks for its own scheme.
         options = LoadOptions(
             device=device, dtype=spec.dtype, keep_quantized=spec.quant is None, tokenizer=tokenizer_path is None,
-            packed=torch.device(device).type == "cpu" and spec.tp is None,
+            packed=spec.cpu_kernels and torch.device(device).type == "cpu" and spec.tp is None,
         )
         loaded = load_checkpoint(Path(checkpoint), options)
         notes.extend(loaded.notes)
@@ -337,7 +340,7 @@ def build_model(spec: BuildSpec) -> BuiltModel:
         config = config.with_max_seq_len(min(spec.max_seq_len, config.max_seq_len))
     if spec.quant is not None:
         # Shapes and device checked before any weight is read (the checkpoint is only mapped so far).
-        notes.extend(spec.quant.validate(config, device, spec.dtype))
+        notes.extend(spec.quant.validate(config, device, spec.dtype, spec.cpu_kernels))
 
     with torch.device("meta"):
         model = Transformer(config)
@@ -369,7 +372,7 @@ def build_model(spec: BuildSpec) -> BuiltModel:
             if spec.quant is not None:
                 from torchchat.quantize import apply_quantization
 
-                apply_quantization(model, spec.quant, device)
+                apply_quantization(model, spec.quant, device, spec.cpu_kernels)
     model.eval()
     model.requires_grad_(False)
 

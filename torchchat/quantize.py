@@ -168,7 +168,7 @@ class QuantPlan:
             notes.append(f"--device {cli_device} overrides the recipe's executor accelerator {self.device}")
         return dtype, device, notes
 
-    def validate(self, config: ModelConfig, device: str, dtype: torch.dtype) -> list[str]:
+    def validate(self, config: ModelConfig, device: str, dtype: torch.dtype, cpu_kernels: bool = True) -> list[str]:
         """Check every scheme against the model's layer shapes (from `config`, no weights needed),
         the device ("cpu", "cuda", "cuda:0", ...) and the model dtype. Raises QuantizationError with
         what is valid; returns notes (layers left unquantized) for the caller to print."""
@@ -178,7 +178,7 @@ class QuantPlan:
 
         with torch.device("meta"):
             skeleton = Transformer(config)
-        return check_plan(self, skeleton, device, dtype)
+        return check_plan(self, skeleton, device, dtype, cpu_kernels)
 
 
 def _setting(source: str, key: str, options: Any) -> str:
@@ -289,14 +289,47 @@ def _targets(model: nn.Module, scheme: Scheme, device_type: str, dtype: torch.dt
     return chosen, skipped
 
 
-def check_plan(plan: QuantPlan, model: nn.Module, device: str, dtype: torch.dtype) -> list[str]:
-    """The checks behind `QuantPlan.validate`, on any module tree (real or on the meta device)."""
+def packs_on_cpu(scheme: Scheme, device_type: str, cpu_kernels: bool = True) -> bool:
+    """Whether `scheme` is stored in GGML blocks and run by torchchat's native CPU kernels
+    (torchchat/quantize_packed.py) rather than by torchao: on the CPU, where the kernels run."""
+    from torchchat.quantize_packed import RECIPE_TYPES
+
+    if not cpu_kernels or device_type != "cpu" or scheme.key not in RECIPE_TYPES:
+        return False
+    if scheme.key == "linear:int8" and scheme.bitwidth != 8:
+        return False
+    from torchchat.model.packed import kernels_unavailable
+
+    return kernels_unavailable() is None
+
+
+def _packed_targets(model: nn.Module, scheme: Scheme) -> list[str]:
+    """The nn.Linear modules a packed scheme stores in GGML blocks (rows of whole blocks and groups)."""
+    from torchchat.quantize_packed import packs
+
+    return [name for name, m in model.named_modules()
+            if type(m) is nn.Linear and packs(scheme.key, scheme.bitwidth, scheme.groupsize, m.in_features)]
+
+
+def check_plan(plan: QuantPlan, model: nn.Module, device: str, dtype: torch.dtype, cpu_kernels: bool = True) -> list[str]:
+    """The checks behind `QuantPlan.validate`, on any module tree (real or on the meta device).
+    cpu_kernels: whether the native CPU kernels may run the linear recipes (see `packs_on_cpu`)."""
     device_type = torch.device(device).type
     notes = []
     for scheme in plan.schemes:
         where = f"{plan.source}: {scheme.key!r}"
         if device_type not in scheme.spec.devices:
             raise QuantizationError(f"{where} cannot run on {device_type}; it runs on: {_join(scheme.spec.devices)}")
+        if packs_on_cpu(scheme, device_type, cpu_kernels):
+            packed = set(_packed_targets(model, scheme))
+            if not packed:
+                raise QuantizationError(f"{where} groupsize {scheme.groupsize}: no layer of this model has rows of "
+                                        f"whole groups of {scheme.groupsize or 32}, so nothing would be quantized")
+            rest = [n for n, m in model.named_modules() if type(m) is nn.Linear and n not in packed]
+            if rest:
+                notes.append(f"{scheme.key}: {len(rest)} layer(s) whose rows are not whole groups of "
+                             f"{scheme.groupsize or 32} are not packed (torchao quantizes those it can): {_abbreviate(rest)}")
+            continue
         if scheme.key == "linear:int4":
             if device_type == "cpu" and scheme.groupsize not in INT4_CPU_GROUPSIZES:
                 raise QuantizationError(
@@ -377,19 +410,26 @@ def _torchao_config(scheme: Scheme, device_type: str):
     )
 
 
-def apply_quantization(model: nn.Module, plan: QuantPlan, device: str) -> None:
+def apply_quantization(model: nn.Module, plan: QuantPlan, device: str, cpu_kernels: bool = True) -> None:
     """Quantize `model` in place (weights loaded, dtype set, already on `device`). Layers whose row
-    length the groupsize does not divide stay unquantized (see `QuantPlan.validate`'s notes)."""
+    length the groupsize does not divide stay unquantized (see `QuantPlan.validate`'s notes). On the CPU
+    the linear recipes go to GGML blocks and the native kernels (`packs_on_cpu`; cpu_kernels=False:
+    torchao, e.g. for an ExecuTorch export), the rest to torchao."""
     if not plan.schemes:
         return
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    check_plan(plan, model, device, dtype)
+    check_plan(plan, model, device, dtype, cpu_kernels)
     from torchao.quantization import quantize_
 
     device_type = torch.device(device).type
     for scheme in plan.schemes:
+        if packs_on_cpu(scheme, device_type, cpu_kernels):
+            from torchchat.quantize_packed import pack_linears
+
+            pack_linears(model, scheme.key, scheme.groupsize, set(_packed_targets(model, scheme)))
         chosen = set(_targets(model, scheme, device_type, dtype)[0])
-        quantize_(model, _torchao_config(scheme, device_type), filter_fn=lambda _m, fqn: fqn in chosen)
+        if chosen:
+            quantize_(model, _torchao_config(scheme, device_type), filter_fn=lambda _m, fqn: fqn in chosen)
 
 
 def weight_nbytes(model: nn.Module) -> int:

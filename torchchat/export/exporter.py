@@ -53,13 +53,22 @@ def quantize_recipe(plan) -> tuple[dict[str, Any] | None, frozenset[str]]:
     return plan.to_json(), frozenset(s.key for s in plan.schemes)
 
 
+def _cpu_kernels_run(device: str) -> bool:
+    """On the CPU with torchchat's native kernels, linear:a8w4dq runs them (not torchao's slow reference)."""
+    if not device.startswith("cpu"):
+        return False
+    from torchchat.model.packed import kernels_unavailable
+
+    return kernels_unavailable() is None
+
+
 def check_supported(backend: str, dtype: torch.dtype, device: str, schemes: frozenset[str]) -> None:
     """The combinations docs/export.md lists as supported; anything else is refused up front rather
     than failing minutes into a compile. `schemes`: the --quantize keys (e.g. {"linear:int8"})."""
     if backend == "aoti":
         if dtype == torch.float16 and device.startswith("cpu"):
             raise UserInputError("AOT Inductor export on the CPU supports --dtype fp32 or bf16 (fp16 CPU kernels are slow)")
-        if "linear:a8w4dq" in schemes:
+        if "linear:a8w4dq" in schemes and not _cpu_kernels_run(device):
             raise UserInputError(
                 "--quantize linear:a8w4dq is the ExecuTorch (--output-pte-path) recipe: under AOT Inductor it runs "
                 "a slow reference kernel; use linear:int8 or linear:int4"
