@@ -11,7 +11,9 @@ A block holds 32 weights of a row; the recipe's groupsize (32..256, or 0 for one
 by giving every block of a group the group's scale (and minimum). The kernels quantize activations to
 int8 per block of 32 for all three, so `linear:a8w4dq`'s dynamic int8 activations are what they do
 anyway. The scales are rounded to fp16 (the block format's), and the codes computed against the
-rounded scale, so the stored blocks are exactly the weights they stand for."""
+rounded scale, so the stored blocks are exactly the weights they stand for. The 4-bit packers are the
+kernels' own (torchchat.kernels.cpu.formats); Q8_0 is packed here because the recipe's groups (or one
+scale per row) repeat a scale over several blocks, which the kernels' per-block packer does not do."""
 from __future__ import annotations
 
 import torch
@@ -40,12 +42,6 @@ def _half_bytes(x: Tensor) -> Tensor:
     return x.to(torch.float16).contiguous().view(torch.uint8)
 
 
-def _nibbles(q: Tensor) -> Tensor:
-    """(N, B, 32) codes in [0, 15] -> (N, B, 16) bytes: byte j holds code j (low) and j + 16 (high)."""
-    q = q.to(torch.uint8)
-    return q[..., :16] | (q[..., 16:] << 4)
-
-
 def pack_q8_0(w: Tensor, groupsize: int) -> Tensor:
     """w (N, K) float, K a multiple of 32 and of groupsize -> Q8_0 blocks (N, K / 32 * 34) uint8."""
     n, k = w.shape
@@ -56,33 +52,19 @@ def pack_q8_0(w: Tensor, groupsize: int) -> Tensor:
     return torch.cat([_half_bytes(d), q.view(torch.uint8)], dim=-1).reshape(n, -1)
 
 
-def pack_q4_0(w: Tensor, groupsize: int) -> Tensor:
-    """Symmetric 4-bit: d = (the group's value of largest magnitude) / -8, so that value is code 0 and
-    the range [-8, 7] * d is used fully. Returns Q4_0 blocks (N, K / 32 * 18) uint8."""
-    n, k = w.shape
-    groups = _groups(w, groupsize)
-    idx = groups.abs().argmax(-1, keepdim=True)
-    scale = groups.gather(-1, idx).squeeze(-1) / -8  # (N, K / G)
-    d = _per_block(scale, groupsize, k).to(torch.float16).float()
-    blocks = w.detach().float().reshape(n, k // BLOCK, BLOCK)
-    q = (torch.where(d != 0, blocks / d, torch.zeros_like(blocks)).round() + 8).clamp(0, 15)
-    return torch.cat([_half_bytes(d), _nibbles(q)], dim=-1).reshape(n, -1)
+def _pack_q4_0(w: Tensor, groupsize: int) -> Tensor:
+    from torchchat.kernels.cpu import pack_q4_0
+
+    return pack_q4_0(w, groupsize)
 
 
-def pack_q4_1(w: Tensor, groupsize: int) -> Tensor:
-    """Asymmetric 4-bit: m = the group's minimum, d = (max - min) / 15. Returns Q4_1 blocks
-    (N, K / 32 * 20) uint8."""
-    n, k = w.shape
-    groups = _groups(w, groupsize)
-    lo, hi = groups.amin(-1), groups.amax(-1)
-    d = _per_block((hi - lo) / 15, groupsize, k).to(torch.float16).float()
-    m = _per_block(lo, groupsize, k).to(torch.float16).float()
-    blocks = w.detach().float().reshape(n, k // BLOCK, BLOCK)
-    q = torch.where(d > 0, (blocks - m) / d, torch.zeros_like(blocks)).round().clamp(0, 15)
-    return torch.cat([_half_bytes(d), _half_bytes(m), _nibbles(q)], dim=-1).reshape(n, -1)
+def _pack_q4_1(w: Tensor, groupsize: int) -> Tensor:
+    from torchchat.kernels.cpu import pack_q4_1
+
+    return pack_q4_1(w, groupsize)
 
 
-_PACKERS = {8: pack_q8_0, 2: pack_q4_0, 3: pack_q4_1}
+_PACKERS = {8: pack_q8_0, 2: _pack_q4_0, 3: _pack_q4_1}
 
 
 def packs(key: str, bitwidth: int | None, groupsize: int, k: int) -> bool:
