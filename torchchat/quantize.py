@@ -275,11 +275,13 @@ def _skip_reason(scheme: Scheme, device_type: str, dtype: torch.dtype, weight_sh
     return None
 
 
-def _targets(model: nn.Module, scheme: Scheme, device_type: str, dtype: torch.dtype) -> tuple[list[str], dict[str, list[str]]]:
-    """Names of the modules the scheme quantizes, and the names it must skip grouped by reason."""
+def _targets(model: nn.Module, scheme: Scheme, device_type: str, dtype: torch.dtype,
+             exclude: set[str] = frozenset()) -> tuple[list[str], dict[str, list[str]]]:
+    """Names of the modules torchao quantizes for the scheme, and the names it must skip grouped by
+    reason; `exclude`: modules taken by the native CPU kernels instead."""
     chosen, skipped = [], {}
     for name, module in model.named_modules():
-        if type(module) is not scheme.spec.targets:
+        if type(module) is not scheme.spec.targets or name in exclude:
             continue
         reason = _skip_reason(scheme, device_type, dtype, tuple(module.weight.shape))
         if reason is None:
@@ -320,17 +322,12 @@ def check_plan(plan: QuantPlan, model: nn.Module, device: str, dtype: torch.dtyp
         where = f"{plan.source}: {scheme.key!r}"
         if device_type not in scheme.spec.devices:
             raise QuantizationError(f"{where} cannot run on {device_type}; it runs on: {_join(scheme.spec.devices)}")
+        packed: set[str] = set()
         if packs_on_cpu(scheme, device_type, cpu_kernels):
+            # GGML blocks on the native kernels: any groupsize and dtype; rows that are not whole blocks
+            # (and groups) go to torchao under its own rules below.
             packed = set(_packed_targets(model, scheme))
-            if not packed:
-                raise QuantizationError(f"{where} groupsize {scheme.groupsize}: no layer of this model has rows of "
-                                        f"whole groups of {scheme.groupsize or 32}, so nothing would be quantized")
-            rest = [n for n, m in model.named_modules() if type(m) is nn.Linear and n not in packed]
-            if rest:
-                notes.append(f"{scheme.key}: {len(rest)} layer(s) whose rows are not whole groups of "
-                             f"{scheme.groupsize or 32} are not packed (torchao quantizes those it can): {_abbreviate(rest)}")
-            continue
-        if scheme.key == "linear:int4":
+        elif scheme.key == "linear:int4":
             if device_type == "cpu" and scheme.groupsize not in INT4_CPU_GROUPSIZES:
                 raise QuantizationError(
                     f"{where} groupsize {scheme.groupsize} has no CPU kernel in torchao; "
@@ -342,11 +339,12 @@ def check_plan(plan: QuantPlan, model: nn.Module, device: str, dtype: torch.dtyp
                 raise QuantizationError(
                     f"{where} needs a bf16 model (torchao's int4 kernels), got {_dtype_name(dtype)}; use --dtype bf16"
                 )
-        if scheme.key == "linear:int8" and scheme.bitwidth == 8 and device_type == "cpu" and dtype == torch.float32:
+        if (scheme.key == "linear:int8" and scheme.bitwidth == 8 and device_type == "cpu" and dtype == torch.float32
+                and not packed):
             notes.append("linear:int8 on an fp32 CPU model runs slower than no quantization (torchao 0.18); "
                          "it pays off with --dtype bf16")
-        chosen, skipped = _targets(model, scheme, device_type, dtype)
-        if not chosen:
+        chosen, skipped = _targets(model, scheme, device_type, dtype, exclude=packed)
+        if not chosen and not packed:
             fits = [
                 g for g in scheme.spec.valid["groupsize"]
                 if _targets(model, Scheme(scheme.key, scheme.bitwidth, g), device_type, dtype)[0]
