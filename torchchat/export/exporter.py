@@ -101,6 +101,7 @@ def check_export(targets: ExportTargets, dtype: torch.dtype, device: str, scheme
 def metadata_for(built, backend: str, max_seq_len: int, dynamic: bool, quantize: dict[str, Any] | None) -> ArtifactMetadata:
     """The metadata of `built` (a BuiltModel with an eager model) exported for `backend`."""
     from torchchat.generation.metrics import bytes_read_per_token
+    from torchchat.model.packed import has_packed
 
     model = built.model
     return ArtifactMetadata(
@@ -115,6 +116,7 @@ def metadata_for(built, backend: str, max_seq_len: int, dynamic: bool, quantize:
         weight_bytes=bytes_read_per_token(model),
         quantize=quantize,
         chat_template=built.chat_template,
+        native_ops=("torchchat_cpu",) if has_packed(model) else (),
     )
 
 
@@ -133,6 +135,14 @@ def export_model(built, targets: ExportTargets, quantize: dict[str, Any] | None 
     written = []
     if targets.pte_path:
         from torchchat.export.executorch import write_pte
+        from torchchat.model.packed import has_packed
+
+        if has_packed(built.model):
+            raise UserInputError(
+                "ExecuTorch cannot run torchchat's native CPU kernels: build the model with "
+                "BuildSpec(cpu_kernels=False) (what `export --output-pte-path` does) so GGUF weights are "
+                "dequantized and --quantize recipes go to torchao"
+            )
 
         # XNNPACK delegates nn.Linear as it is; the pte is traced before the layout below changes it.
         with timer.step(f"Tracing with torch.export ({shapes})"):

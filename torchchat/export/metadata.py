@@ -46,6 +46,9 @@ class ArtifactMetadata:
     weight_bytes: int  # weight bytes one decode step reads (bandwidth figures)
     quantize: dict[str, Any] | None = None  # the --quantize recipe, as JSON
     chat_template: str | None = None  # "llama2" | "llama3" | None (base model)
+    # Operator libraries the program calls besides torch's, loaded before it: "torchchat_cpu" for packed
+    # GGUF / CPU-recipe weights (torchchat.kernels.cpu).
+    native_ops: tuple[str, ...] = ()
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # keys this version does not know
 
@@ -76,6 +79,7 @@ class ArtifactMetadata:
             "backend": self.backend,
             "device": self.device,
             "weight_bytes": self.weight_bytes,
+            **({"native_ops": list(self.native_ops)} if self.native_ops else {}),
         }
 
     def to_json(self) -> str:
@@ -101,7 +105,7 @@ class ArtifactMetadata:
             tok = data["tokenizer"]
             known = {
                 "format_version", "model_name", "config", "tokenizer", "max_seq_len", "dtype", "quantize",
-                "dynamic_shapes", "chat_template", "backend", "device", "weight_bytes",
+                "dynamic_shapes", "chat_template", "backend", "device", "weight_bytes", "native_ops",
             }
             meta = cls(
                 model_name=str(data["model_name"]),
@@ -118,6 +122,7 @@ class ArtifactMetadata:
                 weight_bytes=int(data["weight_bytes"]),
                 quantize=data.get("quantize"),
                 chat_template=data.get("chat_template"),
+                native_ops=tuple(str(x) for x in data.get("native_ops", ())),
                 extra={k: v for k, v in data.items() if k not in known},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:

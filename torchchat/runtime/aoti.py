@@ -22,6 +22,24 @@ def _check_device(meta: ArtifactMetadata, path: Path) -> None:
         raise DeviceError(f"{path} was compiled for CUDA and this machine has none; re-export with --device cpu")
 
 
+def _calls_cpu_ops(zf: zipfile.ZipFile) -> bool:
+    """Whether a .pt2 package calls torchchat's CPU operators: its metadata is readable only once the
+    package is loaded, and loading looks the operators up, so the compiled program's list of calls
+    outside torch (`*.wrapper.json`) is read instead."""
+    for info in zf.infolist():
+        if info.filename.endswith(".json") and "/aotinductor/" in info.filename:
+            if b"torchchat_cpu::" in zf.read(info):
+                return True
+    return False
+
+
+def _load_cpu_ops() -> None:
+    """Load torchchat's CPU kernel library (building it on first use); MissingDependencyError if it cannot."""
+    from torchchat.kernels.cpu import ensure_loaded
+
+    ensure_loaded()
+
+
 class AOTIRuntime(ExportedRuntime):
     """Loads and runs an AOT Inductor .pt2 package or .so library. The KV cache lives in the
     compiled model's constant buffers and is updated in place by each call."""
@@ -43,8 +61,11 @@ class AOTIRuntime(ExportedRuntime):
             # Reads the archive's directory, at its end: a truncated file fails here, not deep in the loader.
             with zipfile.ZipFile(path) as zf:
                 zf.infolist()
+                needs_cpu_ops = _calls_cpu_ops(zf)
         except (zipfile.BadZipFile, OSError) as e:
             raise ExportError(f"{flag}: {path} is damaged or truncated ({e}); export it again") from e
+        if needs_cpu_ops:
+            _load_cpu_ops()
         import torch._inductor
 
         try:
@@ -79,6 +100,8 @@ class AOTIRuntime(ExportedRuntime):
             raise ExportError(f"{flag}: {side} describes a different library than {path} (sizes differ); "
                               "keep each .so with its own .so.json or export again")
         _check_device(meta, path)
+        if "torchchat_cpu" in meta.native_ops:
+            _load_cpu_ops()
         try:
             if meta.device.startswith("cuda"):
                 runner = torch._C._aoti.AOTIModelContainerRunnerCuda(str(path), 1, meta.device)
