@@ -118,7 +118,9 @@ def llama_bench(bin_dir: Path, path: Path, threads: int) -> tuple[float, float]:
 def torchchat_run(path: Path, threads: int, mode: str, dtype: str) -> dict:
     """One worker process: {"prefill": tok/s, "decode": tok/s, "rss_mb": ..., "notes": [...]}."""
     cmd = [sys.executable, __file__, "--worker", str(path), "--threads", str(threads), "--mode", mode, "--dtype", dtype]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    # This checkout's torchchat, whatever is installed.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if out.returncode != 0:
         raise SystemExit(f"torchchat worker failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

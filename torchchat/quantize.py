@@ -1,4 +1,6 @@
-"""Quantization recipes: `--quantize` JSON -> a checked `QuantPlan` -> thin torchao `quantize_` calls.
+"""Quantization recipes: `--quantize` JSON -> a checked `QuantPlan` -> thin torchao `quantize_` calls,
+except on the CPU, where `linear:int8` (8-bit), `linear:int4` and `linear:a8w4dq` are stored as GGML
+blocks and run by torchchat's native kernels (torchchat/quantize_packed.py; `packs_on_cpu`).
 
 A recipe is a JSON object (given inline, as a file, or as the name of a recipe shipped in
 `torchchat/quant_config/`). Its keys:
