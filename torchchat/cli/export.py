@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         # torchao, whose quantized linears ExecuTorch lowers (docs/gguf.md).
         spec = replace(spec, cpu_kernels=False)
     quantize, schemes = quantize_recipe(spec.quant)
-    check_export(targets, spec.dtype, spec.device, schemes)
+    check_export(targets, spec.dtype, spec.device, schemes, spec.cpu_kernels)
     for note in notes:
         print(note, file=sys.stderr)
     timer = StepTimer(sys.stderr)

@@ -62,13 +62,13 @@ def _cpu_kernels_run(device: str) -> bool:
     return kernels_unavailable() is None
 
 
-def check_supported(backend: str, dtype: torch.dtype, device: str, schemes: frozenset[str]) -> None:
+def check_supported(backend: str, dtype: torch.dtype, device: str, schemes: frozenset[str], cpu_kernels: bool = True) -> None:
     """The combinations docs/export.md lists as supported; anything else is refused up front rather
     than failing minutes into a compile. `schemes`: the --quantize keys (e.g. {"linear:int8"})."""
     if backend == "aoti":
         if dtype == torch.float16 and device.startswith("cpu"):
             raise UserInputError("AOT Inductor export on the CPU supports --dtype fp32 or bf16 (fp16 CPU kernels are slow)")
-        if "linear:a8w4dq" in schemes and not _cpu_kernels_run(device):
+        if "linear:a8w4dq" in schemes and not (cpu_kernels and _cpu_kernels_run(device)):
             raise UserInputError(
                 "--quantize linear:a8w4dq is the ExecuTorch (--output-pte-path) recipe: under AOT Inductor it runs "
                 "a slow reference kernel; use linear:int8 or linear:int4"
@@ -89,11 +89,12 @@ def check_supported(backend: str, dtype: torch.dtype, device: str, schemes: froz
             )
 
 
-def check_export(targets: ExportTargets, dtype: torch.dtype, device: str, schemes: frozenset[str]) -> None:
+def check_export(targets: ExportTargets, dtype: torch.dtype, device: str, schemes: frozenset[str],
+                 cpu_kernels: bool = True) -> None:
     """Everything about an export that can be checked before building the model."""
     targets.check()
     if targets.aoti_package_path or targets.dso_path:
-        check_supported("aoti", dtype, device, schemes)
+        check_supported("aoti", dtype, device, schemes, cpu_kernels)
     if targets.pte_path:
         check_supported("executorch", dtype, device, schemes)
 
@@ -129,13 +130,15 @@ def export_model(built, targets: ExportTargets, quantize: dict[str, Any] | None 
     timer = timer or StepTimer()
     if built.model is None:
         raise UserInputError("export needs a model built from a checkpoint, not an exported artifact")
-    check_export(targets, built.model.norm.weight.dtype, str(built.model.norm.weight.device), schemes)
+    from torchchat.model.packed import has_packed
+
+    check_export(targets, built.model.norm.weight.dtype, str(built.model.norm.weight.device), schemes,
+                 has_packed(built.model))
     max_seq_len = min(targets.max_seq_len or DEFAULT_MAX_SEQ_LEN, built.config.max_seq_len)
     shapes = f"{'dynamic' if targets.dynamic_shapes else 'one-token'} shapes, {max_seq_len} positions"
     written = []
     if targets.pte_path:
         from torchchat.export.executorch import write_pte
-        from torchchat.model.packed import has_packed
 
         if has_packed(built.model):
             raise UserInputError(
