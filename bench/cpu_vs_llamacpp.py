@@ -4,7 +4,8 @@ For each file and thread count T, each round runs `llama-bench -p 128 -n 128 -t 
 (in a fresh process, T torch threads) on the same file: prefill of 128 tokens in one forward, then 128
 greedy decode steps from position 0 (llama-bench's tg128 also starts from an empty context). torchchat
 runs eager and, with --modes compile, `--compile`'s decode step; the table reports the faster. The
-table gives medians over the rounds and the load average seen before and after.
+table gives medians over the rounds and the load average seen before and after, and the resident
+memory of torchchat's weight storages (pages present, from /proc/self/pagemap) beside the file's size.
 
 Builds nothing. Files: `{shape}-{TYPE}.gguf` in --models (the stories15M/110M-shaped ones made by
 ../shared/tools/make_gguf_models.sh, e.g. s15m-Q4_0.gguf). The Llama-3.2-1B-shaped files (`l1b-*.gguf`)
@@ -134,8 +135,9 @@ def worker(path: Path, threads: int, mode: str, dtype: str) -> None:
     from torchchat.generation.sampling import SamplingParams
     from torchchat.generation.steps import CompileOptions
 
-    torch.set_num_threads(threads)
-    built = build_model(BuildSpec(ModelSource(gguf_path=path), dtype=resolve_dtype(dtype, "cpu"), max_seq_len=512))
+    rss_before = _rss_mb()  # torch and torchchat imported, no model yet
+    built = build_model(BuildSpec(ModelSource(gguf_path=path), dtype=resolve_dtype(dtype, "cpu"), max_seq_len=512,
+                                  num_threads=threads))
     engine = make_engine(built, CompileOptions(decode=mode == "compile"))
     rt = built.runtime
     rt.setup(1, 512)
@@ -164,11 +166,39 @@ def worker(path: Path, threads: int, mode: str, dtype: str) -> None:
         pp = max(run_prefill() for _ in range(2))
         run_decode()
         tg = run_decode()
-    rss = 0
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1]) / 1024
-    print(json.dumps({"prefill": pp, "decode": tg, "rss_mb": rss, "notes": built.notes}))
+    weights, mapped = weights_resident_mb(built.model, path)
+    print(json.dumps({"prefill": pp, "decode": tg, "rss_mb": _rss_mb() - rss_before, "weights_mb": weights,
+                      "file_mapped_mb": mapped, "notes": built.notes}))
+
+
+def weights_resident_mb(model, path: Path) -> tuple[float, float]:
+    """(resident MB of the model's parameter storages, resident MB of mappings of the GGUF file itself):
+    what the weights really occupy, apart from torch's libraries, the tokenizer and the KV cache that the
+    process's total also counts. Pages are counted from /proc/self/pagemap (bit 63: present), each
+    storage's own page range only; the file's mappings from /proc/self/smaps."""
+    import struct
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    storages = {}
+    for p in model.parameters():
+        st = p.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+    resident = 0
+    with open("/proc/self/pagemap", "rb") as pm:
+        for ptr, nbytes in storages.items():
+            first, last = ptr // page, (ptr + nbytes - 1) // page
+            pm.seek(first * 8)
+            entries = struct.unpack(f"{last - first + 1}Q", pm.read((last - first + 1) * 8))
+            resident += sum(1 for e in entries if e >> 63) * page
+    mapped = 0
+    name = ""
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if "-" in head[0] and not head[0].endswith(":"):
+            name = head[5] if len(head) > 5 else ""
+        elif head[0] == "Rss:" and name == str(path.resolve()):
+            mapped += int(head[1]) * 1024
+    return resident / 2**20, mapped / 2**20
 
 
 def main() -> None:
@@ -204,7 +234,7 @@ def main() -> None:
                                key=lambda r: r["decode"])
                     tc_pp.append(best["prefill"])
                     tc_tg.append(best["decode"])
-                    rss.append(best["rss_mb"])
+                    rss.append(best["weights_mb"])
                 med = statistics.median
                 row = (shape, qtype, threads, med(lc_tg), med(tc_tg), med(lc_pp), med(tc_pp), max(rss),
                        path.stat().st_size / 2**20)
@@ -216,7 +246,7 @@ def main() -> None:
           f"(1/5/15 min) before {'/'.join(f'{x:.2f}' for x in load_before)}, after "
           f"{'/'.join(f'{x:.2f}' for x in load_after)}\n")
     print("| shape | type | threads | llama.cpp decode | torchchat decode | ratio | llama.cpp prefill | "
-          "torchchat prefill | ratio | torchchat RSS MB | file MB |")
+          "torchchat prefill | ratio | torchchat weights resident MB | file MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for shape, qtype, t, lt, tt, lp, tp, rss, size in rows:
         print(f"| {shape} | {qtype} | {t} | {lt:.1f} | {tt:.1f} | {tt / lt:.2f} | {lp:.1f} | {tp:.1f} | {tp / lp:.2f} "
