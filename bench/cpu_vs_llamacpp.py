@@ -107,7 +107,7 @@ def ensure_file(models: Path, shape: str, qtype: str, bin_dir: Path) -> Path:
 
 
 def llama_bench(bin_dir: Path, path: Path, threads: int) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) from one llama-bench run of pp128 and tg128, one repetition."""
+    """(prefill tok/s, decode tok/s) from one llama-bench run of pp{PROMPT} and tg{GEN}, one repetition."""
     out = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(path), "-p", str(PROMPT), "-n", str(GEN),
                           "-t", str(threads), "-r", "1", "-o", "json"], capture_output=True, text=True, check=True)
     rows = json.loads(out.stdout)
@@ -118,7 +118,8 @@ def llama_bench(bin_dir: Path, path: Path, threads: int) -> tuple[float, float]:
 
 def torchchat_run(path: Path, threads: int, mode: str, dtype: str) -> dict:
     """One worker process: {"prefill": tok/s, "decode": tok/s, "rss_mb": ..., "notes": [...]}."""
-    cmd = [sys.executable, __file__, "--worker", str(path), "--threads", str(threads), "--mode", mode, "--dtype", dtype]
+    cmd = [sys.executable, __file__, "--worker", str(path), "--threads", str(threads), "--mode", mode, "--dtype", dtype,
+           "--prompt", str(PROMPT), "--gen", str(GEN)]
     # This checkout's torchchat, whatever is installed.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
@@ -151,24 +152,31 @@ def worker(path: Path, threads: int, mode: str, dtype: str) -> None:
         prefill(prompt, torch.arange(PROMPT))
         return PROMPT / (time.perf_counter() - start)
 
-    def run_decode() -> float:
+    def run_decode(steps: int) -> float:
         tok = prefill(prompt[:, :1], torch.arange(1))
         pos = torch.ones(1, dtype=torch.int64)
         tok = decode(tok, pos)  # compiles on the first call
         start = time.perf_counter()
-        for _ in range(GEN):
+        for _ in range(steps):
             pos += 1
             tok = decode(tok.clone(), pos)
-        return GEN / (time.perf_counter() - start)
+        return steps / (time.perf_counter() - start)
 
     with torch.no_grad():
         run_prefill()  # warm-up (first-call allocations; caches already set up)
         pp = max(run_prefill() for _ in range(2))
-        run_decode()
-        tg = run_decode()
+        run_decode(4)  # warm-up (and the compile)
+        tg = run_decode(GEN)
     weights, mapped = weights_resident_mb(built.model, path)
     print(json.dumps({"prefill": pp, "decode": tg, "rss_mb": _rss_mb() - rss_before, "weights_mb": weights,
                       "file_mapped_mb": mapped, "notes": built.notes}))
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def weights_resident_mb(model, path: Path) -> tuple[float, float]:
@@ -202,6 +210,7 @@ def weights_resident_mb(model, path: Path) -> tuple[float, float]:
 
 
 def main() -> None:
+    global PROMPT, GEN
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bin_dir", type=Path, nargs="?", help="llama.cpp's bin folder (llama-bench, llama-quantize)")
     p.add_argument("models", type=Path, nargs="?", help="folder of GGUF files ({shape}-{TYPE}.gguf)")
@@ -211,9 +220,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compile"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="torchchat's activations")
+    p.add_argument("--prompt", type=int, default=PROMPT, help="prefill length (llama-bench -p)")
+    p.add_argument("--gen", type=int, default=GEN, help="decode steps (llama-bench -n)")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--mode", default="eager", help=argparse.SUPPRESS)
     a = p.parse_args()
+    PROMPT, GEN = a.prompt, a.gen
     if a.worker is not None:
         worker(a.worker, a.threads[0], a.mode, a.dtype)
         return
@@ -242,7 +254,8 @@ def main() -> None:
                 print(f"  {shape} {qtype} t{threads}: llama.cpp tg {lc_tg} pp {lc_pp}; torchchat tg "
                       f"{[round(x, 1) for x in tc_tg]} pp {[round(x, 1) for x in tc_pp]}", file=sys.stderr, flush=True)
     load_after = os.getloadavg()
-    print(f"\ntorchchat {a.dtype}, best of {'/'.join(a.modes)}; medians of {a.rounds} rounds; load average "
+    print(f"\ntorchchat {a.dtype}, best of {'/'.join(a.modes)}; prefill {PROMPT} / decode {GEN} tokens; medians of "
+          f"{a.rounds} rounds; load average "
           f"(1/5/15 min) before {'/'.join(f'{x:.2f}' for x in load_before)}, after "
           f"{'/'.join(f'{x:.2f}' for x in load_after)}\n")
     print("| shape | type | threads | llama.cpp decode | torchchat decode | ratio | llama.cpp prefill | "
