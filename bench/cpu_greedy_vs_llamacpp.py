@@ -32,13 +32,15 @@ def main() -> None:
     p.add_argument("--prompt", default="Once upon a time")
     p.add_argument("--tokens", type=int, default=100)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--no-cpu-kernels", action="store_true", help="dequantized float weights instead (a reference)")
     a = p.parse_args()
     dtype = torch.float32 if a.dtype == "fp32" else torch.bfloat16
     print("| file | tokens compared | teacher-forced top-1 agreement | first differing position (own greedy) |")
     print("|---|---|---|---|")
     for path in a.models:
         text = llama_simple(a.bin_dir, path, a.prompt, a.tokens)
-        built = build_model(BuildSpec(ModelSource(gguf_path=path), dtype=dtype, max_seq_len=a.tokens + 64))
+        built = build_model(BuildSpec(ModelSource(gguf_path=path), dtype=dtype, max_seq_len=a.tokens + 64,
+                                      cpu_kernels=not a.no_cpu_kernels))
         tok, model = built.tokenizer, built.model
         body = text.split("<s>", 1)[-1].lstrip() if "<s>" in text else text
         # Re-tokenizing the printed text: the last piece may be cut short by the token limit, so it is dropped.
