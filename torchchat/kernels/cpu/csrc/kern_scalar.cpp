@@ -16,6 +16,7 @@ struct Sub {
 
 void decode_sub(int qtype, const uint8_t* row, int64_t g, Sub& o) {
   o.sub[0] = o.sub[1] = 1;
+  o.ws = o.off0 = o.off1 = 0.f;
   switch (qtype) {
     case kQ4_0: {
       const uint8_t* b = row + g * 18;
