@@ -10,6 +10,10 @@ scales are the file's). The output error of row n is therefore at most
     sum over blocks b of (d_b / 2) * sum_{i in b} |W[n, i]|
 (a strict bound, computed per output below), plus float32 accumulation error, bounded generously by
 1e-5 * sum_i |x_i W[n, i]|. bfloat16 outputs add their own rounding, 2^-8 relative.
+
+The bf16 prefill path (16+ rows: weights dequantized to bf16, dense GEMM) rounds activations and
+weights to bf16 instead, each off by at most 2^-9 relative, so the error is at most
+2^-8 * sum_i |x_i W[n, i]| (plus the same float32 and output-rounding terms).
 """
 from __future__ import annotations
 
@@ -43,9 +47,11 @@ def isa(request):
     if request.param not in _supported():
         pytest.skip(f"this CPU cannot run the {request.param} path")
     cpu.set_isa(request.param)
+    cpu.set_prefill("int8")  # the integer kernels for every row count; the bf16 path is tested apart
     assert cpu.isa() == request.param
     yield request.param
     cpu.set_isa(None)
+    cpu.set_prefill(None)
 
 
 def random_kquant(qtype: int, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -82,14 +88,16 @@ def error_bound(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return half_d.astype(np.float64) @ w_abs.T.astype(np.float64) + 1e-5 * (np.abs(x) @ np.abs(w).T)
 
 
-def check_linear(qtype: int, k: int, m: int, dtype: torch.dtype) -> None:
-    packed, w = make_weight(qtype, N, k)
+def check_linear(qtype: int, k: int, m: int, dtype: torch.dtype, bf16_path: bool = False, n: int = N) -> None:
+    packed, w = make_weight(qtype, n, k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
-    y = cpu.linear(x, torch.from_numpy(packed), qtype, N, k)
-    assert y.dtype == dtype and y.shape == (m, N)
+    y = cpu.linear(x, torch.from_numpy(packed), qtype, n, k)
+    assert y.dtype == dtype and y.shape == (m, n)
     xf = x.float().numpy()
     ref = xf.astype(np.float64) @ w.T.astype(np.float64)
     bound = error_bound(xf, w)
+    if bf16_path:
+        bound = 2.0**-8 * (np.abs(xf) @ np.abs(w).T) + 2.0**-8 * np.abs(ref) + 1e-5 * (np.abs(xf) @ np.abs(w).T)
     if dtype == torch.bfloat16:
         bound = bound + np.abs(ref) * 2.0**-8
     err = np.abs(y.float().numpy() - ref)
@@ -111,7 +119,23 @@ def test_linear_bf16(isa, qtype, m):
     check_linear(qtype, 1280, m, torch.bfloat16)
 
 
-def test_linear_long_k_prefill():
+@pytest.mark.parametrize("m", [16, 40])
+@pytest.mark.parametrize("qtype", SIMPLE + KQUANTS, ids=lambda q: cpu.NAMES[q])
+def test_linear_bf16_prefill_path(isa, qtype, m):
+    cpu.set_prefill("bf16")  # each ISA's bf16 dequantization, then torch's GEMM
+    check_linear(qtype, 288 if qtype in SIMPLE else 512, m, torch.float32, bf16_path=True)
+    check_linear(qtype, 288 if qtype in SIMPLE else 512, m, torch.bfloat16, bf16_path=True)
+
+
+def test_bf16_prefill_several_slices():
+    cpu.set_prefill("bf16")
+    try:  # k=2048: 256-row weight slices, so 300 rows take two
+        check_linear(cpu.Q4_0, 2048, 16, torch.float32, bf16_path=True, n=300)
+    finally:
+        cpu.set_prefill(None)
+
+
+def test_linear_long_k_prefill(isa):
     """K beyond one 1024-value slice and M beyond one 16-row block: the prefill blocking adds slices."""
     check_linear(cpu.Q4_K, 2304, 40, torch.float32)
     check_linear(cpu.Q8_0, 1056, 40, torch.float32)
