@@ -7,6 +7,11 @@ not depend on the values).
 
     python3 -m bench.cpu_kernels                          # every type, both model shapes
     python3 -m bench.cpu_kernels --types Q4_0 Q8_0 --shapes 110m --threads 2 --m 1
+    python3 -m bench.cpu_kernels --model 110m --m 1 128   # every linear of one forward, distinct weights
+
+--model runs all the linear layers of one forward of a stories110M / Llama-3.2-1B-shaped model with
+distinct weights per layer (so the weights stream from memory as in a real decode step) and prints the
+time per forward: the kernels' share of a token, to set beside llama-bench's whole-token time.
 """
 from __future__ import annotations
 
@@ -39,14 +44,50 @@ def random_packed(qtype: int, n: int, k: int) -> torch.Tensor:
     return w
 
 
-def median_ms(fn, min_time: float = 0.3, max_runs: int = 50) -> float:
+MODELS = {  # layers, dim, hidden, vocab (output layer)
+    "110m": (12, 768, 2048, 32000),
+    "1b": (16, 2048, 8192, 128256),
+}
+
+
+def model_linears(name: str) -> list[tuple[int, int]]:
+    """(n, k) of every linear of one forward, in order (the 1B model's k/v are 512 wide: GQA)."""
+    layers, dim, hidden, vocab = MODELS[name]
+    kv = dim // 4 if name == "1b" else dim
+    per_layer = [(dim, dim), (kv, dim), (kv, dim), (dim, dim), (hidden, dim), (hidden, dim), (dim, hidden)]
+    return per_layer * layers + [(vocab, dim)]
+
+
+def bench_model(args, dtype) -> None:
+    # CPU time beside wall time: on a shared machine the wall time mostly measures waiting for a core.
+    print("| model | type | M | threads | wall ms per forward (median) | forwards/s | CPU ms per forward, all threads (median) | weight MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for t in args.types:
+        weights = [(random_packed(TYPES[t], n, k), n, k) for n, k in model_linears(args.model)]
+        mb = sum(w.numel() for w, _, _ in weights) / 1e6
+        for m in args.m:
+            xs = {k: torch.randn(m, k, dtype=dtype) for _, _, k in weights}
+
+            def forward():
+                for w, n, k in weights:
+                    cpu.linear(xs[k], w, TYPES[t], n, k)
+
+            for th in args.threads:
+                torch.set_num_threads(th)
+                ms = median_ms(forward, min_time=1.0, max_runs=20)
+                cpu_ms = median_ms(forward, min_time=1.0, max_runs=20, clock=time.process_time)
+                print(f"| {args.model} | {t} | {m} | {th} | {ms:.2f} | {1e3 / ms:.1f} | {cpu_ms:.2f} | {mb:.0f} |", flush=True)
+        del weights
+
+
+def median_ms(fn, min_time: float = 0.3, max_runs: int = 50, clock=time.perf_counter) -> float:
     fn()  # warm up
     times = []
     start = time.perf_counter()
     while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < max_runs):
-        t = time.perf_counter()
+        t = clock()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
     return statistics.median(times) * 1e3
 
 
@@ -58,10 +99,14 @@ def main() -> None:
     p.add_argument("--m", nargs="+", type=int, default=[1, 128], help="activation rows (1 = decode)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="activation dtype")
     p.add_argument("--no-dense", action="store_true", help="skip the dense F.linear columns")
+    p.add_argument("--model", choices=list(MODELS), help="time all linears of one forward instead")
     args = p.parse_args()
     cpu.ensure_loaded()
     dtype = getattr(torch, args.dtype)
-    print(f"isa {cpu.isa()}, torch {torch.__version__}, activations {args.dtype}")
+    print(f"isa {cpu.isa()}, prefill {cpu.prefill_mode()}, torch {torch.__version__}, activations {args.dtype}")
+    if args.model:
+        bench_model(args, dtype)
+        return
     print("| shape | M | threads | dense fp32 ms | dense bf16 ms | " + " | ".join(f"{t} ms (GB/s)" for t in args.types) + " |")
     print("|---" * (5 + len(args.types)) + "|")
     for shape_set in args.shapes:

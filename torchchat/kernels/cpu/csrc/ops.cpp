@@ -11,6 +11,7 @@
 #include <cstring>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "common.h"
 
@@ -198,14 +199,26 @@ at::Tensor ggml_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype, 
   if (M >= kDenseMinRows && prefill_mode() == 1) return dense_prefill(t, x, w, qtype, n, k).view(out_shape);
   const at::Tensor xf = x.reshape({-1, k}).to(at::kFloat).contiguous();
 
-  // Activation rows quantized once, reused by every weight row.
-  at::Tensor aq = at::empty({M, k}, x.options().dtype(at::kChar));
-  at::Tensor ad = at::empty({M, k / 32}, x.options().dtype(at::kFloat));
-  at::Tensor as = at::empty({M, k / 16}, x.options().dtype(at::kShort));
+  // Activation rows quantized once, reused by every weight row. The scratch is per calling thread
+  // and kept between calls: decode makes ~100 small calls per token, each allocation costs.
+  // (Only for a few rows, so a long prefill does not leave megabytes behind in every thread.)
+  thread_local std::vector<int8_t> keep_q;
+  thread_local std::vector<float> keep_d;
+  thread_local std::vector<int16_t> keep_s;
+  std::vector<int8_t> own_q;
+  std::vector<float> own_d;
+  std::vector<int16_t> own_s;
+  const bool keep = M <= 16;
+  std::vector<int8_t>& aq = keep ? keep_q : own_q;
+  std::vector<float>& ad = keep ? keep_d : own_d;
+  std::vector<int16_t>& as = keep ? keep_s : own_s;
+  aq.resize(M * k);
+  ad.resize(M * (k / 32));
+  as.resize(M * (k / 16));
   const float* xp = xf.data_ptr<float>();
-  int8_t* qp = aq.data_ptr<int8_t>();
-  float* dp = ad.data_ptr<float>();
-  int16_t* sp = as.data_ptr<int16_t>();
+  int8_t* qp = aq.data();
+  float* dp = ad.data();
+  int16_t* sp = as.data();
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; m++) t.quantize_row(xp + m * k, k, qp + m * k, dp + m * (k / 32), sp + m * (k / 16));
   });
