@@ -142,6 +142,23 @@ def set_isa(name: str | None) -> str:
     return torch.ops.torchchat_cpu._set_isa(name or "").split(";")[0]
 
 
+def set_prefill(mode: str | None) -> str:
+    """How ggml_linear runs 16 or more activation rows: "int8" (the integer kernels) or "bf16"
+    (weights dequantized slice by slice into a scratch buffer, then torch's dense bf16 GEMM; the
+    default where the CPU has AVX512_BF16, on which that GEMM is about twice as fast). None restores
+    the default (TORCHCHAT_CPU_PREFILL or the CPU's). Returns the mode now used."""
+    if mode is not None and mode not in ("int8", "bf16"):
+        raise ValueError(f"unknown prefill mode {mode!r}; valid: int8, bf16")
+    ensure_loaded()
+    return torch.ops.torchchat_cpu._set_prefill(mode or "")
+
+
+def prefill_mode() -> str:
+    """The prefill mode in use (see set_prefill)."""
+    ensure_loaded()
+    return torch.ops.torchchat_cpu._prefill_mode()
+
+
 def linear(x: Tensor, w: Tensor, qtype: int, n: int, k: int) -> Tensor:
     """y = x @ W.T for a GGUF-packed W. x (..., k) float32 or bfloat16; w uint8 (n, row_bytes(qtype, k)).
     Returns (..., n) in x's dtype. Bias, if any, is the caller's."""

@@ -32,10 +32,16 @@ typedef void (*quantize_row_fn)(const float* x, int64_t K, int8_t* q, float* d, 
 typedef void (*gemm_fn)(const uint8_t* w, int64_t row_bytes, int64_t n_rows, const ActQ& a,
                         int64_t M, float* y, int64_t ldy);
 
+// Rows [0, n_rows) dequantized to out (n_rows, K) as bfloat16 bits (round to nearest even):
+// the prefill path that hands the matrix product to a dense bf16 GEMM.
+typedef void (*dequant_bf16_fn)(int qtype, const uint8_t* w, int64_t row_bytes, int64_t n_rows, int64_t K,
+                                uint16_t* out);
+
 struct KernelTable {
   const char* name;
   quantize_row_fn quantize_row;
   gemm_fn q4_0, q4_1, q8_0, q4_k, q5_k, q6_k;
+  dequant_bf16_fn dequant_bf16;
 };
 
 extern const KernelTable scalar_table;
@@ -106,5 +112,11 @@ static inline int block_bytes(int qtype) {
 
 // Dequantize one row of K values (scalar; embedding lookups and tests).
 void dequantize_row(int qtype, const uint8_t* row, int64_t K, float* out);
+
+static inline uint16_t float_to_bf16(float f) {
+  union { float f; uint32_t u; } v;
+  v.f = f;
+  return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
 
 }  // namespace tcc

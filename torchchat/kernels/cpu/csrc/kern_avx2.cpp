@@ -12,6 +12,7 @@
 #define TCC_NAME "avx2"
 #define TCC_VNNI 0
 #define TCC_MR 2  // activation rows per tile: AVX-512 has 32 vector registers, AVX2 16
+#define TCC_512 0  // 256-bit vectors only
 #include "kern_x86.inc"
 #if defined(__clang__)
 #pragma clang attribute pop

@@ -12,6 +12,7 @@
 #define TCC_NAME "avx512"
 #define TCC_VNNI 0
 #define TCC_MR 4  // activation rows per tile: AVX-512 has 32 vector registers, AVX2 16
+#define TCC_512 1  // two 32-value blocks per 512-bit register
 #include "kern_x86.inc"
 #if defined(__clang__)
 #pragma clang attribute pop

@@ -16,6 +16,7 @@ struct Sub {
 
 void decode_sub(int qtype, const uint8_t* row, int64_t g, Sub& o) {
   o.sub[0] = o.sub[1] = 1;
+  o.ws = o.off0 = o.off1 = 0.f;
   switch (qtype) {
     case kQ4_0: {
       const uint8_t* b = row + g * 18;
@@ -127,9 +128,24 @@ void dequantize_row(int qtype, const uint8_t* row, int64_t K, float* out) {
   }
 }
 
+namespace {
+void dequant_bf16_scalar(int qtype, const uint8_t* w, int64_t rb, int64_t n_rows, int64_t K, uint16_t* out) {
+  float buf[256];
+  for (int64_t r = 0; r < n_rows; r++) {
+    Sub sub;
+    for (int64_t g = 0; g < K / 32; g++) {
+      decode_sub(qtype, w + r * rb, g, sub);
+      for (int i = 0; i < 32; i++)
+        buf[i] = sub.ws * sub.sub[i / 16] * sub.code[i] + (i < 16 ? sub.off0 : sub.off1);
+      for (int i = 0; i < 32; i++) out[r * K + 32 * g + i] = float_to_bf16(buf[i]);
+    }
+  }
+}
+}  // namespace
+
 const KernelTable scalar_table = {
     "scalar", quantize_row_scalar, gemm_scalar<kQ4_0>, gemm_scalar<kQ4_1>, gemm_scalar<kQ8_0>,
-    gemm_scalar<kQ4_K>, gemm_scalar<kQ5_K>, gemm_scalar<kQ6_K>,
+    gemm_scalar<kQ4_K>, gemm_scalar<kQ5_K>, gemm_scalar<kQ6_K>, dequant_bf16_scalar,
 };
 
 }  // namespace tcc

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "common.h"
 
@@ -44,6 +45,12 @@ bool has_avx512() {
          __builtin_cpu_supports("avx512dq");
 }
 bool has_avx512vnni() { return has_avx512() && __builtin_cpu_supports("avx512vnni"); }
+bool has_avx512bf16() {
+  unsigned a, b, c, d;
+  return has_avx512() && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5));
+}
+#else
+bool has_avx512bf16() { return false; }
 #endif
 
 // Paths from lowest to highest; a path is usable when this CPU (and OS) supports it.
@@ -105,6 +112,32 @@ std::string set_isa(std::string name) {
   return isa_info();
 }
 
+// ---- prefill mode ------------------------------------------------------------------------
+// With many activation rows the int8 kernels are compute bound. Where the CPU has native bf16 dot
+// products (AVX512_BF16), torch's dense bf16 GEMM (oneDNN) is about twice as fast as them, so
+// prefill dequantizes the weights slice by slice (a scratch of ~1 MiB, never the whole matrix) and
+// calls it. TORCHCHAT_CPU_PREFILL=int8|bf16 forces one; decode (few rows) always runs int8.
+constexpr int64_t kDenseMinRows = 16;
+std::atomic<int> g_prefill{-1};  // -1 unset, 0 int8, 1 bf16
+
+int prefill_mode() {
+  int p = g_prefill.load();
+  if (p >= 0) return p;
+  const char* env = std::getenv("TORCHCHAT_CPU_PREFILL");
+  if (env && std::string(env) == "int8") p = 0;
+  else if (env && std::string(env) == "bf16") p = 1;
+  else p = has_avx512bf16() ? 1 : 0;
+  g_prefill.store(p);
+  return p;
+}
+
+std::string prefill_name() { return prefill_mode() ? "bf16" : "int8"; }
+
+std::string set_prefill(std::string mode) {
+  g_prefill.store(mode == "int8" ? 0 : mode == "bf16" ? 1 : -1);
+  return prefill_mode() ? "bf16" : "int8";
+}
+
 // ---- operators -----------------------------------------------------------------------------
 
 gemm_fn gemm_for(const KernelTable& t, int64_t qtype) {
@@ -130,6 +163,27 @@ void check_weight(const at::Tensor& w, int64_t qtype, int64_t n, int64_t k, cons
   TORCH_CHECK(w.stride(1) == 1 && w.stride(0) == w.size(1), op, ": w must be contiguous");
 }
 
+// x (M, k) -> (M, n) in x's dtype through bf16 weight slices and at::mm.
+at::Tensor dense_prefill(const KernelTable& t, const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t n,
+                         int64_t k) {
+  const at::Tensor xb = x.reshape({-1, k}).to(at::kBFloat16).contiguous();
+  const int64_t M = xb.size(0), rb = w.size(1);
+  // ~1 MiB of bf16 per slice (L2-sized), a multiple of 16 rows.
+  const int64_t slice = std::min<int64_t>(n, std::max<int64_t>(64, (1 << 19) / k / 16 * 16));
+  at::Tensor buf = at::empty({slice, k}, x.options().dtype(at::kBFloat16));
+  at::Tensor y = at::empty({M, n}, x.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  uint16_t* bp = reinterpret_cast<uint16_t*>(buf.data_ptr<at::BFloat16>());
+  for (int64_t r0 = 0; r0 < n; r0 += slice) {
+    const int64_t len = std::min(slice, n - r0);
+    at::parallel_for(0, len, 16, [&](int64_t b, int64_t e) {
+      t.dequant_bf16((int)qtype, wp + (r0 + b) * rb, rb, e - b, k, bp + b * k);
+    });
+    y.narrow(1, r0, len).copy_(at::mm(xb, buf.narrow(0, 0, len).t()));
+  }
+  return y;
+}
+
 at::Tensor ggml_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t n, int64_t k) {
   check_weight(w, qtype, n, k, "ggml_linear");
   TORCH_CHECK(x.device().is_cpu(), "ggml_linear: x must be on the CPU");
@@ -138,20 +192,33 @@ at::Tensor ggml_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype, 
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, "ggml_linear: x's last dimension is ", x.size(-1), ", expected k=", k);
   const KernelTable& t = table();
   const gemm_fn gemm = gemm_for(t, qtype);
-  const at::Tensor xf = x.reshape({-1, k}).to(at::kFloat).contiguous();
-  const int64_t M = xf.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
+  const int64_t M = x.numel() / k;
   if (M == 0) return at::empty(out_shape, x.options());
+  if (M >= kDenseMinRows && prefill_mode() == 1) return dense_prefill(t, x, w, qtype, n, k).view(out_shape);
+  const at::Tensor xf = x.reshape({-1, k}).to(at::kFloat).contiguous();
 
-  // Activation rows quantized once, reused by every weight row.
-  at::Tensor aq = at::empty({M, k}, x.options().dtype(at::kChar));
-  at::Tensor ad = at::empty({M, k / 32}, x.options().dtype(at::kFloat));
-  at::Tensor as = at::empty({M, k / 16}, x.options().dtype(at::kShort));
+  // Activation rows quantized once, reused by every weight row. The scratch is per calling thread
+  // and kept between calls: decode makes ~100 small calls per token, each allocation costs.
+  // (Only for a few rows, so a long prefill does not leave megabytes behind in every thread.)
+  thread_local std::vector<int8_t> keep_q;
+  thread_local std::vector<float> keep_d;
+  thread_local std::vector<int16_t> keep_s;
+  std::vector<int8_t> own_q;
+  std::vector<float> own_d;
+  std::vector<int16_t> own_s;
+  const bool keep = M <= 16;
+  std::vector<int8_t>& aq = keep ? keep_q : own_q;
+  std::vector<float>& ad = keep ? keep_d : own_d;
+  std::vector<int16_t>& as = keep ? keep_s : own_s;
+  aq.resize(M * k);
+  ad.resize(M * (k / 32));
+  as.resize(M * (k / 16));
   const float* xp = xf.data_ptr<float>();
-  int8_t* qp = aq.data_ptr<int8_t>();
-  float* dp = ad.data_ptr<float>();
-  int16_t* sp = as.data_ptr<int16_t>();
+  int8_t* qp = aq.data();
+  float* dp = ad.data();
+  int16_t* sp = as.data();
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; m++) t.quantize_row(xp + m * k, k, qp + m * k, dp + m * (k / 32), sp + m * (k / 16));
   });
@@ -203,6 +270,8 @@ TORCH_LIBRARY(torchchat_cpu, m) {
   // "chosen;supported,..." and a switch for tests; not for graphs.
   m.def("_isa_info() -> str", &tcc::isa_info);
   m.def("_set_isa(str name) -> str", &tcc::set_isa);
+  m.def("_set_prefill(str mode) -> str", &tcc::set_prefill);
+  m.def("_prefill_mode() -> str", &tcc::prefill_name);
 }
 
 TORCH_LIBRARY_IMPL(torchchat_cpu, CPU, m) {
