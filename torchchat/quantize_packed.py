@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 BLOCK = 32
-# recipe key -> GGML type id (torchchat.model.packed.GGML_BLOCKS)
+# recipe key -> GGML type id (torchchat/kernels/cpu/formats.py)
 RECIPE_TYPES = {"linear:int8": 8, "linear:int4": 3, "linear:a8w4dq": 2}
 
 

@@ -18,24 +18,10 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-# GGML type id -> (name, elements per block, bytes per block); llama.cpp's ggml-common.h.
-GGML_BLOCKS: Mapping[int, tuple[str, int, int]] = {
-    2: ("Q4_0", 32, 18),
-    3: ("Q4_1", 32, 20),
-    8: ("Q8_0", 32, 34),
-    12: ("Q4_K", 256, 144),
-    13: ("Q5_K", 256, 176),
-    14: ("Q6_K", 256, 210),
-}
-GGML_IDS: Mapping[str, int] = {name: qtype for qtype, (name, _, _) in GGML_BLOCKS.items()}
+from torchchat.kernels.cpu.formats import NAMES, row_bytes
 
-
-def row_bytes(qtype: int, k: int) -> int:
-    """Bytes of one packed row of `k` elements (k a multiple of the type's block size)."""
-    _, block, size = GGML_BLOCKS[qtype]
-    if k % block:
-        raise ValueError(f"{GGML_BLOCKS[qtype][0]} rows hold a multiple of {block} elements, not {k}")
-    return k // block * size
+# The formats and their sizes are the kernels' (torchchat/kernels/cpu/formats.py: imports torch only).
+GGML_IDS: Mapping[str, int] = {name: qtype for qtype, name in NAMES.items()}
 
 
 def _packed_parameter(rows: int, k: int, qtype: int, data: Tensor | None) -> nn.Parameter:
@@ -43,7 +29,7 @@ def _packed_parameter(rows: int, k: int, qtype: int, data: Tensor | None) -> nn.
     if data is None:
         data = torch.empty(shape, dtype=torch.uint8, device="meta")
     elif data.dtype != torch.uint8 or tuple(data.shape) != shape:
-        raise ValueError(f"packed {GGML_BLOCKS[qtype][0]} weight must be uint8 {shape}, got {data.dtype} {tuple(data.shape)}")
+        raise ValueError(f"packed {NAMES[qtype]} weight must be uint8 {shape}, got {data.dtype} {tuple(data.shape)}")
     return nn.Parameter(data, requires_grad=False)
 
 
@@ -63,7 +49,7 @@ class PackedLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {GGML_BLOCKS[self.qtype][0]}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {NAMES[self.qtype]}"
 
 
 class PackedEmbedding(nn.Module):
@@ -82,7 +68,7 @@ class PackedEmbedding(nn.Module):
         return torch.ops.torchchat_cpu.ggml_embedding(self.weight, ids, self.qtype, self.embedding_dim, self.dtype_probe.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, {GGML_BLOCKS[self.qtype][0]}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {NAMES[self.qtype]}"
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
