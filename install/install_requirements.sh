@@ -35,4 +35,8 @@ if [ -n "$EXTRAS" ] && ! command -v chromium >/dev/null 2>&1; then
     echo "note: chromium not found and apt-get unavailable; the browser page test will be skipped" >&2
   fi
 fi
+# The native CPU kernels (GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K) compile once into the cache now rather
+# than on the first generate. Without a C++ compiler torchchat still runs, on slower fallbacks.
+$PYTHON -m torchchat.kernels.cpu.build \
+  || echo "warning: torchchat CPU kernels were not built (see above); quantized GGUF models will run slower" >&2
 $PYTHON -c "import torch, torchao; print(f'torch {torch.__version__}, torchao {torchao.__version__}: ready')"

@@ -4,6 +4,9 @@
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/csrc/inductor/aoti_runner/model_container_runner_cpu.h>
 
+#include <dlfcn.h>
+
+#include <cstdlib>
 #include <filesystem>
 #include <functional>
 
@@ -74,15 +77,83 @@ std::unique_ptr<Model> load_shared_library(const std::string& path, const Metada
                                      [runner](std::vector<at::Tensor>& in) { return runner->run(in); });
 }
 
+// Models exported from packed GGUF weights (or torchchat's CPU recipes) call torchchat's native CPU
+// operators (torchchat_cpu::ggml_linear, ...), which live in their own library: the AOTI loader looks the
+// operators up while it loads the model, so the library must be loaded first. Its path comes from
+// $TORCHCHAT_OPS_LIBRARY (':'-separated), else the newest build in torchchat's kernel cache
+// (${TORCHCHAT_CACHE:-~/.cache/torchchat}/kernels/*/torchchat_cpu_kernels.so), tried only when loading
+// fails for want of those operators.
+void load_ops_library(const std::string& lib) {
+  if (!dlopen(lib.c_str(), RTLD_NOW | RTLD_GLOBAL)) {
+    const char* err = dlerror();
+    throw RunnerError("cannot load the operator library " + lib + ": " + (err ? err : "unknown error") +
+                      "; rebuild it with `python3 -m torchchat.kernels.cpu.build`");
+  }
+}
+
+bool load_ops_from_env() {
+  const char* env = std::getenv("TORCHCHAT_OPS_LIBRARY");
+  if (!env || !*env) return false;
+  std::string list(env);
+  size_t start = 0;
+  while (start <= list.size()) {
+    size_t end = list.find(':', start);
+    if (end == std::string::npos) end = list.size();
+    if (end > start) load_ops_library(list.substr(start, end - start));
+    start = end + 1;
+  }
+  return true;
+}
+
+std::string newest_cached_ops_library() {
+  namespace fs = std::filesystem;
+  fs::path cache;
+  if (const char* c = std::getenv("TORCHCHAT_CACHE"); c && *c) {
+    cache = c;
+  } else if (const char* home = std::getenv("HOME"); home && *home) {
+    cache = fs::path(home) / ".cache" / "torchchat";
+  } else {
+    return "";
+  }
+  std::error_code ec;
+  fs::path best;
+  fs::file_time_type best_time{};
+  for (const auto& dir : fs::directory_iterator(cache / "kernels", ec)) {
+    fs::path lib = dir.path() / "torchchat_cpu_kernels.so";
+    if (!fs::is_regular_file(lib, ec)) continue;
+    auto t = fs::last_write_time(lib, ec);
+    if (best.empty() || t > best_time) best = lib, best_time = t;
+  }
+  return best.string();
+}
+
+std::unique_ptr<Model> load_any(const std::string& path, const MetadataOverrides& overrides) {
+  if (ends_with(path, ".pt2")) return load_package(path, overrides);
+  if (ends_with(path, ".so")) return load_shared_library(path, overrides);
+  return nullptr;
+}
+
 }  // namespace
 
 std::unique_ptr<Model> load_model(const std::string& path, const MetadataOverrides& overrides) {
   if (!std::filesystem::is_regular_file(path)) {
     throw UsageError("model file " + path + " not found; pass the .pt2 or .so that export wrote");
   }
+  bool from_env = load_ops_from_env();
   try {
-    if (ends_with(path, ".pt2")) return load_package(path, overrides);
-    if (ends_with(path, ".so")) return load_shared_library(path, overrides);
+    try {
+      if (auto model = load_any(path, overrides)) return model;
+    } catch (const c10::Error& e) {
+      std::string what = e.what_without_backtrace();
+      if (from_env || what.find("torchchat_cpu") == std::string::npos) throw;
+      std::string lib = newest_cached_ops_library();
+      if (lib.empty()) {
+        throw RunnerError(path + " runs torchchat's CPU kernels and none are built here: run `python3 -m "
+                          "torchchat.kernels.cpu.build` and set TORCHCHAT_OPS_LIBRARY to the path it prints");
+      }
+      load_ops_library(lib);
+      if (auto model = load_any(path, overrides)) return model;
+    }
   } catch (const c10::Error& e) {
     throw RunnerError("cannot load " + path + ": " + e.what_without_backtrace() +
                       "; re-export it with the torch version this runner was built against");

@@ -8,6 +8,7 @@ import torch
 from torchchat.errors import QuantizationError
 from torchchat.model.config import ModelConfig
 from torchchat.model.registry import params_table
+from torchchat.model.packed import kernels_unavailable
 from torchchat.quantize import RECIPE_DIR, QuantPlan, Scheme, parse_quantize, shipped_recipes
 
 SHIPPED = ["cuda-32.json", "cuda.json", "desktop.json", "mobile-32.json", "mobile.json", "pi5.json"]
@@ -142,9 +143,13 @@ def test_per_channel_int8_skips_rows_torchs_cpu_kernel_miscomputes(stories260k_c
 
 
 def test_validate_warns_where_int8_is_slower_than_no_quantization(stories260k_config):
-    notes = parse_quantize('{"linear:int8": {}}').validate(stories260k_config, "cpu", torch.float32)
+    # torchao's path (no native CPU kernels, e.g. no compiler); with the kernels int8 is fast in fp32 too.
+    notes = parse_quantize('{"linear:int8": {}}').validate(stories260k_config, "cpu", torch.float32, cpu_kernels=False)
     assert notes == ["linear:int8 on an fp32 CPU model runs slower than no quantization (torchao 0.18); "
                      "it pays off with --dtype bf16"]
+    if kernels_unavailable() is None:
+        assert not any("slower" in n for n in parse_quantize('{"linear:int8": {}}').validate(
+            stories260k_config, "cpu", torch.float32))
     assert parse_quantize('{"linear:int8": {"bitwidth": 4}}').validate(stories260k_config, "cpu", torch.float32) == []
 
 
@@ -160,9 +165,12 @@ def test_validate_rejects_a_groupsize_that_fits_no_layer(stories260k_config):
 def test_validate_int4_cpu_packing_limits(stories260k_config):
     with pytest.raises(QuantizationError,
                        match="groupsize 256 has no CPU kernel in torchao; on cpu valid groupsizes are 32, 64, 128"):
-        parse_quantize("cuda.json").validate(params_table("stories110M"), "cpu", torch.bfloat16)
+        parse_quantize("cuda.json").validate(params_table("stories110M"), "cpu", torch.bfloat16, cpu_kernels=False)
+    if kernels_unavailable() is None:  # the native kernels take any groupsize, in fp32 too
+        assert parse_quantize("cuda.json").validate(params_table("stories110M"), "cpu", torch.float32) == []
     # torchao's CPU int4 packing also needs out_features % 16 == 0: stories260K's w1/w3 (172 outputs) stay float.
-    notes = parse_quantize('{"linear:int4": {"groupsize": 32}}').validate(stories260k_config, "cpu", torch.bfloat16)
+    notes = parse_quantize('{"linear:int4": {"groupsize": 32}}').validate(stories260k_config, "cpu", torch.bfloat16,
+                                                                          cpu_kernels=False)
     assert any(n.startswith("linear:int4: 10 layer(s) left unquantized, 172 output features are not a multiple of 16")
                for n in notes)
 
@@ -174,7 +182,7 @@ def test_validate_rejects_schemes_the_device_cannot_run(stories260k_config):
     with pytest.raises(QuantizationError, match="'linear:int4' needs a bf16 model .*got fp16; use --dtype bf16"):
         parse_quantize("cuda.json").validate(cfg, "cuda:0", torch.float16)
     with pytest.raises(QuantizationError, match="'linear:int4' needs a bf16 model .*got fp32; use --dtype bf16"):
-        parse_quantize("desktop.json").validate(cfg, "cpu", torch.float32)
+        parse_quantize("desktop.json").validate(cfg, "cpu", torch.float32, cpu_kernels=False)
     # precision/executor alone run anywhere
     assert parse_quantize('{"precision": {"dtype": "fp16"}}').validate(cfg, "mps", torch.float16) == []
 

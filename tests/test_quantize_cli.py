@@ -8,7 +8,7 @@ from torchchat.cli import main
 def stories(stories260k_dir):
     return ["generate", "--checkpoint-path", str(stories260k_dir / "stories260K.bin"), "--tokenizer-path",
             str(stories260k_dir / "tok512.model"), "--device", "cpu", "--temperature", "0", "--max-new-tokens", "30",
-            "--prompt", "Once upon a time"]
+            "--prompt", "Once upon a time", "--no-cpu-kernels"]  # torchao's path (tests/test_quantize_packed.py: the other)
 
 
 def test_generate_with_a_recipe_prints_overrides_and_skipped_layers(stories, capsys):

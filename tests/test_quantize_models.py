@@ -1,4 +1,6 @@
-"""Quantized models: each scheme swaps in the intended torchao tensor types, stays close to the
+"""Quantized models on torchao's path (cpu_kernels=False: CUDA's path, and the CPU's where the native
+kernels are unavailable; tests/test_quantize_packed.py covers the CPU kernels): each scheme swaps in the
+intended torchao tensor types, stays close to the
 unquantized model (real stories260K: greedy agreement over llama2.c's 200-token reference and logit
 error; random weights of the stories15M shape: logit error and bytes), and exports."""
 from __future__ import annotations
@@ -46,7 +48,8 @@ class Reference:
 def _build_260k(stories260k_dir, dtype: torch.dtype, recipe: str | None = None):
     src = ModelSource(checkpoint_path=stories260k_dir / "stories260K.bin",
                       tokenizer_path=stories260k_dir / "tok512.model")
-    built = build_model(BuildSpec(source=src, dtype=dtype, quant=parse_quantize(recipe) if recipe else None))
+    built = build_model(BuildSpec(source=src, dtype=dtype, quant=parse_quantize(recipe) if recipe else None,
+                                  cpu_kernels=False))
     built.model.setup_caches(1, 256)
     return built
 
@@ -140,7 +143,7 @@ def test_apply_checks_the_plan_before_touching_weights(stories260k_dir):
     model = _build_260k(stories260k_dir, torch.float32).model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(QuantizationError, match="groupsize 128 fits no layer"):
-        apply_quantization(model, parse_quantize('{"embedding": {}, "linear:int8": {"groupsize": 128}}'), "cpu")
+        apply_quantization(model, parse_quantize('{"embedding": {}, "linear:int8": {"groupsize": 128}}'), "cpu", cpu_kernels=False)
     assert all(type(t) is torch.Tensor and torch.equal(t, before[k]) for k, t in model.state_dict().items())
 
 
@@ -187,13 +190,13 @@ CASES_15M = {
 def test_stories15m_shape_scheme_types_bytes_and_closeness(case, stories15m_state):
     recipe, dtype, linear_type, embedding_type, max_bytes_ratio, max_error = CASES_15M[case]
     plan = parse_quantize(recipe)
-    assert plan.validate(stories15m_state[0], "cpu", dtype) == []  # every layer divides: nothing skipped
+    assert plan.validate(stories15m_state[0], "cpu", dtype, cpu_kernels=False) == []  # every layer divides: nothing skipped
     tokens, pos = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(1)), torch.arange(16)
     fp32_bytes = stories15m_state[2]
     model = _stories15m(stories15m_state, dtype)
     with torch.no_grad():
         ref = model(tokens, pos)
-        apply_quantization(model, plan, "cpu")
+        apply_quantization(model, plan, "cpu", cpu_kernels=False)
         out = model(tokens, pos)
     types = _weight_types(model)
     assert types.pop("tok_embeddings") == embedding_type
@@ -211,12 +214,12 @@ def test_stories15m_shape_scheme_types_bytes_and_closeness(case, stories15m_stat
 def test_groupsize_that_skips_layers_still_quantizes_the_rest(stories15m_state):
     # mobile.json: groupsize 256 divides only w2's row (768), not dim 288.
     plan = parse_quantize("mobile.json")
-    notes = plan.validate(stories15m_state[0], "cpu", torch.float32)
+    notes = plan.validate(stories15m_state[0], "cpu", torch.float32, cpu_kernels=False)
     assert notes == ["linear:a8w4dq: 37 layer(s) left unquantized, row length 288 is not a multiple of groupsize 256: "
                      "layers.0.attention.wq, layers.0.attention.wk, layers.0.attention.wv, layers.0.attention.wo "
                      "and 33 more"]
     model = _stories15m(stories15m_state, torch.float32)
-    apply_quantization(model, plan, "cpu")
+    apply_quantization(model, plan, "cpu", cpu_kernels=False)
     quantized = {n for n, t in _weight_types(model).items() if t != "Parameter"}
     assert quantized == {"tok_embeddings", *(f"layers.{i}.feed_forward.w2" for i in range(6))}
 
@@ -240,7 +243,7 @@ def test_quantized_model_exports(recipe, dtype):
     torch.manual_seed(0)
     model = Transformer(cfg).to(dtype).eval()
     model.setup_caches(1, 32)
-    apply_quantization(model, parse_quantize(recipe), "cpu")
+    apply_quantization(model, parse_quantize(recipe), "cpu", cpu_kernels=False)
     assert all(t != "Parameter" for t in _weight_types(model).values()) or "embedding" not in recipe
     tokens, pos = torch.tensor([[1, 40, 7, 200]]), torch.arange(4)
     with torch.no_grad():

@@ -44,6 +44,10 @@ class BuildSpec:
     seed: int = 1234  # for --dummy-weights
     tp: Any = None  # torchchat.distributed.tensor_parallel.TPContext: shard the model over its ranks
     cuda_kernels: bool = True  # on CUDA, torchchat's fused Triton kernels (torchchat.kernels); False: PyTorch modules
+    num_threads: int | None = None  # CPU threads; None: torchchat.runtime.threads.default_threads() (load-aware)
+    # On the CPU, GGUF block-quantized weights and the linear recipes run on torchchat's native kernels
+    # (torchchat.model.packed); False: as before (dequantized / torchao), e.g. for an ExecuTorch export.
+    cpu_kernels: bool = True
 
 
 @dataclass
@@ -293,6 +297,10 @@ def _source_name(spec: BuildSpec) -> str:
 
 def build_model(spec: BuildSpec) -> BuiltModel:
     """Build the runtime and tokenizer a BuildSpec names."""
+    if torch.device(resolve_device(spec.device)).type == "cpu":
+        from torchchat.runtime.threads import set_threads
+
+        set_threads(spec.num_threads)
     artifact = _exported_artifact(spec.source)
     if artifact is not None:
         return build_exported(spec, *artifact)
@@ -328,11 +336,14 @@ def build_model(spec: BuildSpec) -> BuiltModel:
         from torchchat.checkpoint import LoadOptions, load_checkpoint
         from torchchat.checkpoint.state_dict import normalize
 
-        # GGUF Q4_0 weights stay 4-bit where an int4 kernel runs, unless --quantize asks for its own scheme.
+        # GGUF block-quantized weights stay packed for the native CPU kernels (else Q4_0 stays 4-bit where
+        # a torchao int4 kernel runs), unless --quantize asks for its own scheme.
         options = LoadOptions(
-            device=device, dtype=spec.dtype, keep_quantized=spec.quant is None, tokenizer=tokenizer_path is None
+            device=device, dtype=spec.dtype, keep_quantized=spec.quant is None, tokenizer=tokenizer_path is None,
+            packed=spec.cpu_kernels and torch.device(device).type == "cpu" and spec.tp is None,
         )
         loaded = load_checkpoint(Path(checkpoint), options)
+        notes.extend(loaded.notes)
         config = config or loaded.config
         if config is None:
             raise CheckpointError(
@@ -351,7 +362,7 @@ def build_model(spec: BuildSpec) -> BuiltModel:
         config = config.with_max_seq_len(min(spec.max_seq_len, config.max_seq_len))
     if spec.quant is not None:
         # Shapes and device checked before any weight is read (the checkpoint is only mapped so far).
-        notes.extend(spec.quant.validate(config, device, spec.dtype))
+        notes.extend(spec.quant.validate(config, device, spec.dtype, spec.cpu_kernels))
 
     _check_model_fits(config, spec, device, checkpoint)
     with torch.device("meta"):
@@ -366,6 +377,10 @@ def build_model(spec: BuildSpec) -> BuiltModel:
         parallelize(model, spec.tp.mesh)
         materialize(model, loaded.state_dict if loaded is not None else None, spec.tp, spec.dtype, spec.seed)
     else:
+        if loaded is not None and loaded.packed:
+            from torchchat.model.packed import install_packed
+
+            install_packed(model, loaded.packed)
         if loaded is not None:
             load_weights(model, loaded.state_dict, str(checkpoint))
         if _use_cuda_kernels(spec, device, config, loaded, notes):
@@ -380,7 +395,7 @@ def build_model(spec: BuildSpec) -> BuiltModel:
             if spec.quant is not None:
                 from torchchat.quantize import apply_quantization
 
-                apply_quantization(model, spec.quant, device)
+                apply_quantization(model, spec.quant, device, spec.cpu_kernels)
     model.eval()
     model.requires_grad_(False)
 

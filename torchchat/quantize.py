@@ -1,4 +1,6 @@
-"""Quantization recipes: `--quantize` JSON -> a checked `QuantPlan` -> thin torchao `quantize_` calls.
+"""Quantization recipes: `--quantize` JSON -> a checked `QuantPlan` -> thin torchao `quantize_` calls,
+except on the CPU, where `linear:int8` (8-bit), `linear:int4` and `linear:a8w4dq` are stored as GGML
+blocks and run by torchchat's native kernels (torchchat/quantize_packed.py; `packs_on_cpu`).
 
 A recipe is a JSON object (given inline, as a file, or as the name of a recipe shipped in
 `torchchat/quant_config/`). Its keys:
@@ -195,7 +197,7 @@ class QuantPlan:
             notes.append(f"--device {cli_device} overrides the recipe's executor accelerator {self.device}")
         return dtype, device, notes
 
-    def validate(self, config: ModelConfig, device: str, dtype: torch.dtype) -> list[str]:
+    def validate(self, config: ModelConfig, device: str, dtype: torch.dtype, cpu_kernels: bool = True) -> list[str]:
         """Check every scheme against the model's layer shapes (from `config`, no weights needed),
         the device ("cpu", "cuda", "cuda:0", ...) and the model dtype. Raises QuantizationError with
         what is valid; returns notes (layers left unquantized) for the caller to print."""
@@ -205,7 +207,7 @@ class QuantPlan:
 
         with torch.device("meta"):
             skeleton = Transformer(config)
-        return check_plan(self, skeleton, device, dtype)
+        return check_plan(self, skeleton, device, dtype, cpu_kernels)
 
 
 def _setting(source: str, key: str, options: Any) -> str:
@@ -302,11 +304,13 @@ def _skip_reason(scheme: Scheme, device_type: str, dtype: torch.dtype, weight_sh
     return None
 
 
-def _targets(model: nn.Module, scheme: Scheme, device_type: str, dtype: torch.dtype) -> tuple[list[str], dict[str, list[str]]]:
-    """Names of the modules the scheme quantizes, and the names it must skip grouped by reason."""
+def _targets(model: nn.Module, scheme: Scheme, device_type: str, dtype: torch.dtype,
+             exclude: set[str] = frozenset()) -> tuple[list[str], dict[str, list[str]]]:
+    """Names of the modules torchao quantizes for the scheme, and the names it must skip grouped by
+    reason; `exclude`: modules taken by the native CPU kernels instead."""
     chosen, skipped = [], {}
     for name, module in model.named_modules():
-        if type(module) is not scheme.spec.targets:
+        if type(module) is not scheme.spec.targets or name in exclude:
             continue
         reason = _skip_reason(scheme, device_type, dtype, tuple(module.weight.shape))
         if reason is None:
@@ -316,8 +320,31 @@ def _targets(model: nn.Module, scheme: Scheme, device_type: str, dtype: torch.dt
     return chosen, skipped
 
 
-def check_plan(plan: QuantPlan, model: nn.Module, device: str, dtype: torch.dtype) -> list[str]:
-    """The checks behind `QuantPlan.validate`, on any module tree (real or on the meta device)."""
+def packs_on_cpu(scheme: Scheme, device_type: str, cpu_kernels: bool = True) -> bool:
+    """Whether `scheme` is stored in GGML blocks and run by torchchat's native CPU kernels
+    (torchchat/quantize_packed.py) rather than by torchao: on the CPU, where the kernels run."""
+    from torchchat.quantize_packed import RECIPE_TYPES
+
+    if not cpu_kernels or device_type != "cpu" or scheme.key not in RECIPE_TYPES:
+        return False
+    if scheme.key == "linear:int8" and scheme.bitwidth != 8:
+        return False
+    from torchchat.model.packed import kernels_unavailable
+
+    return kernels_unavailable() is None
+
+
+def _packed_targets(model: nn.Module, scheme: Scheme) -> list[str]:
+    """The nn.Linear modules a packed scheme stores in GGML blocks (rows of whole blocks and groups)."""
+    from torchchat.quantize_packed import packs
+
+    return [name for name, m in model.named_modules()
+            if type(m) is nn.Linear and packs(scheme.key, scheme.bitwidth, scheme.groupsize, m.in_features)]
+
+
+def check_plan(plan: QuantPlan, model: nn.Module, device: str, dtype: torch.dtype, cpu_kernels: bool = True) -> list[str]:
+    """The checks behind `QuantPlan.validate`, on any module tree (real or on the meta device).
+    cpu_kernels: whether the native CPU kernels may run the linear recipes (see `packs_on_cpu`)."""
     device_type = torch.device(device).type
     notes = []
     for scheme in plan.schemes:
@@ -327,7 +354,12 @@ def check_plan(plan: QuantPlan, model: nn.Module, device: str, dtype: torch.dtyp
                 f"{where} cannot run on {device_type}; it runs on: {_join(scheme.spec.devices)}{scheme.spec.elsewhere}"
             )
         notes += _lowbit_notes(scheme, device_type)
-        if scheme.key == "linear:int4":
+        packed: set[str] = set()
+        if packs_on_cpu(scheme, device_type, cpu_kernels):
+            # GGML blocks on the native kernels: any groupsize and dtype; rows that are not whole blocks
+            # (and groups) go to torchao under its own rules below.
+            packed = set(_packed_targets(model, scheme))
+        elif scheme.key == "linear:int4":
             if device_type == "cpu" and scheme.groupsize not in INT4_CPU_GROUPSIZES:
                 raise QuantizationError(
                     f"{where} groupsize {scheme.groupsize} has no CPU kernel in torchao; "
@@ -339,11 +371,12 @@ def check_plan(plan: QuantPlan, model: nn.Module, device: str, dtype: torch.dtyp
                 raise QuantizationError(
                     f"{where} needs a bf16 model (torchao's int4 kernels), got {_dtype_name(dtype)}; use --dtype bf16"
                 )
-        if scheme.key == "linear:int8" and scheme.bitwidth == 8 and device_type == "cpu" and dtype == torch.float32:
+        if (scheme.key == "linear:int8" and scheme.bitwidth == 8 and device_type == "cpu" and dtype == torch.float32
+                and not packed):
             notes.append("linear:int8 on an fp32 CPU model runs slower than no quantization (torchao 0.18); "
                          "it pays off with --dtype bf16")
-        chosen, skipped = _targets(model, scheme, device_type, dtype)
-        if not chosen:
+        chosen, skipped = _targets(model, scheme, device_type, dtype, exclude=packed)
+        if not chosen and not packed:
             fits = [
                 g for g in scheme.spec.valid["groupsize"]
                 if _targets(model, Scheme(scheme.key, scheme.bitwidth, g), device_type, dtype)[0]
@@ -467,19 +500,26 @@ def _lowbit_config(scheme: Scheme):
     return UIntxWeightOnlyConfig(bitwidth=scheme.bitwidth, group_size=scheme.groupsize)
 
 
-def apply_quantization(model: nn.Module, plan: QuantPlan, device: str) -> None:
+def apply_quantization(model: nn.Module, plan: QuantPlan, device: str, cpu_kernels: bool = True) -> None:
     """Quantize `model` in place (weights loaded, dtype set, already on `device`). Layers whose row
-    length the groupsize does not divide stay unquantized (see `QuantPlan.validate`'s notes)."""
+    length the groupsize does not divide stay unquantized (see `QuantPlan.validate`'s notes). On the CPU
+    the linear recipes go to GGML blocks and the native kernels (`packs_on_cpu`; cpu_kernels=False:
+    torchao, e.g. for an ExecuTorch export), the rest to torchao."""
     if not plan.schemes:
         return
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    check_plan(plan, model, device, dtype)
+    check_plan(plan, model, device, dtype, cpu_kernels)
     from torchao.quantization import quantize_
 
     device_type = torch.device(device).type
     for scheme in plan.schemes:
+        if packs_on_cpu(scheme, device_type, cpu_kernels):
+            from torchchat.quantize_packed import pack_linears
+
+            pack_linears(model, scheme.key, scheme.groupsize, set(_packed_targets(model, scheme)))
         chosen = set(_targets(model, scheme, device_type, dtype)[0])
-        quantize_(model, _torchao_config(scheme, device_type), filter_fn=lambda _m, fqn: fqn in chosen)
+        if chosen:
+            quantize_(model, _torchao_config(scheme, device_type), filter_fn=lambda _m, fqn: fqn in chosen)
 
 
 def weight_nbytes(model: nn.Module) -> int:

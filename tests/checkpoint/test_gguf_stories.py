@@ -66,11 +66,23 @@ def test_build_keeps_q4_0_linears_int4_on_cpu_bf16(stories260k_dir, tmp_path):
     path = tmp_path / "stories260K-q4_0.gguf"
     # Rows of 172 (ffn_down) are not whole Q4_0 blocks: llama.cpp keeps such tensors in float, so do we.
     write_llama_gguf(path, config, state, kind_of=lambda n, w: "Q4_0" if w.ndim == 2 and w.shape[1] % 32 == 0 else "F32")
-    built = build_model(BuildSpec(ModelSource(gguf_path=path, tokenizer_path=stories260k_dir / "tok512.model"),
-                                  dtype=torch.bfloat16))
+    source = ModelSource(gguf_path=path, tokenizer_path=stories260k_dir / "tok512.model")
+    # torchao's int4 path: where torchchat's native CPU kernels are off or cannot be built.
+    built = build_model(BuildSpec(source, dtype=torch.bfloat16, cpu_kernels=False))
     layer = built.model.layers[0]
     assert type(layer.attention.wq.weight).__name__ == "Int4OpaqueTensor"
     assert type(layer.feed_forward.w2.weight) is torch.nn.Parameter and layer.feed_forward.w2.weight.dtype == torch.bfloat16
     built.runtime.setup(1, 16)
     logits = built.runtime.forward(torch.tensor([[1, 403, 407]]), torch.arange(3))
     assert logits.shape == (1, 3, 512) and torch.isfinite(logits).all()
+
+    from torchchat.model.packed import PackedLinear, kernels_unavailable
+
+    if kernels_unavailable() is None:  # the default on the CPU: the Q4_0 blocks as they are in the file
+        packed = build_model(BuildSpec(source, dtype=torch.bfloat16)).model
+        assert type(packed.layers[0].attention.wq) is PackedLinear
+        assert type(packed.layers[0].feed_forward.w2) is torch.nn.Linear  # an F32 tensor in the file
+        packed.setup_caches(1, 16)
+        with torch.no_grad():
+            got = packed(torch.tensor([[1, 403, 407]]), torch.arange(3))
+        assert ((got - logits).norm() / logits.norm()).item() < 0.05

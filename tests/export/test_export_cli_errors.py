@@ -32,7 +32,9 @@ def stories(stories260k_dir):
     (["--output-pte-path", "{tmp}/m.pte", "--dtype", "bf16"], r"ExecuTorch export supports --dtype fp32"),
     (["--output-pte-path", "{tmp}/m.pte", "--quantize", '{"linear:int8": {"groupsize": 0}}'],
      r"ExecuTorch export supports --quantize linear:a8w4dq and embedding, not linear:int8"),
-    (["--output-aoti-package-path", "{tmp}/m.pt2", "--quantize", '{"linear:a8w4dq": {"groupsize": 32}}'],
+    # torchao's path (--no-cpu-kernels); with torchchat's CPU kernels a8w4dq exports to AOTI and runs fast.
+    (["--output-aoti-package-path", "{tmp}/m.pt2", "--quantize", '{"linear:a8w4dq": {"groupsize": 32}}',
+      "--no-cpu-kernels"],
      r"linear:a8w4dq is the ExecuTorch .* recipe"),
     (["--output-aoti-package-path", "{tmp}/m.pt2", "--dtype", "fp16"], r"supports --dtype fp32 or bf16"),
 ])
@@ -44,9 +46,10 @@ def test_export_refuses_before_compiling(outputs, pattern, stories, tmp_path, ca
 
 
 def test_export_refuses_int4_on_fp32(stories, tmp_path, capsys):
-    """torchao's int4 kernels want bf16; the refusal comes before any compiler runs and writes nothing."""
+    """torchao's int4 kernels want bf16 (torchchat's CPU kernels, the default on the CPU, take fp32 too); the
+    refusal comes before any compiler runs and writes nothing."""
     code = main(["export", *stories, "--output-aoti-package-path", str(tmp_path / "m.pt2"),
-                 "--quantize", '{"linear:int4": {"groupsize": 32}}'])
+                 "--quantize", '{"linear:int4": {"groupsize": 32}}', "--no-cpu-kernels"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert re.search(r"^Error: .*'linear:int4' needs a bf16 model .*got fp32; use --dtype bf16", lines[-1])

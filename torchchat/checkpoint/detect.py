@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,6 +18,8 @@ class LoadedCheckpoint:
     config: ModelConfig | None  # None where the file says nothing about the architecture
     format: str  # "pt" | "llama2c" | "hf" | "meta" | "gguf"
     tokenizer: object | None = None  # a Tokenizer, for formats that carry one (GGUF)
+    packed: dict[str, int] = field(default_factory=dict)  # weight name -> GGML type id of uint8 block tensors
+    notes: list[str] = field(default_factory=list)  # one-line notices for the user (e.g. a fallback taken)
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class LoadOptions:
     dtype: torch.dtype = torch.float32
     keep_quantized: bool = False  # False whenever another quantization will be applied afterwards
     tokenizer: bool = True  # build the tokenizer a checkpoint carries (False: the caller has its own)
+    packed: bool = False  # GGUF: keep block-quantized weights packed for the native CPU kernels, where they run
 
 
 def load_checkpoint(path: Path, options: LoadOptions | None = None) -> LoadedCheckpoint:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from torch import Tensor
 from torchchat.checkpoint import gguf_arch
 from torchchat.checkpoint.detect import LoadedCheckpoint, LoadOptions
 from torchchat.checkpoint.gguf_header import check_gguf
+from torchchat.checkpoint.gguf_packed import read_blocks
 from torchchat.checkpoint.gguf_tensors import SUPPORTED_TYPES, to_dense, unpack_q4_0
 from torchchat.checkpoint.gguf_validate import validate_gguf
 from torchchat.errors import CheckpointError, MissingDependencyError
@@ -193,7 +194,9 @@ def load_gguf(path: Path, options: LoadOptions | None = None) -> LoadedCheckpoin
     """A llama-architecture GGUF file -> state dict (our names), config and tokenizer.
 
     F32/F16/BF16 tensors are memory-mapped views; quantized ones are dequantized to `options.dtype`, except
-    that with `options.keep_quantized` Q4_0 linear weights stay 4-bit where an int4 kernel runs
+    that with `options.keep_quantized`: with `options.packed` (CPU) Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K linear
+    and embedding weights stay in their blocks for the native kernels (checkpoint/gguf_packed.py, named
+    in the result's `packed`), else Q4_0 linear weights stay 4-bit where a torchao int4 kernel runs
     (checkpoint/gguf_int4.py)."""
     try:
         from gguf import GGMLQuantizationType, GGUFReader
@@ -231,13 +234,16 @@ def load_gguf(path: Path, options: LoadOptions | None = None) -> LoadedCheckpoin
     validate_gguf(reader, _Metadata(reader, source).get, source, path.stat().st_size)  # checkpoint/gguf_validate.py
     config = config_from_gguf(_Metadata(reader, source), tensors)
 
-    keep_int4 = options.keep_quantized and int4_kernel_runs(options.device, options.dtype)
+    packed, notes = _packed_plan(tensors, options, name_of, arch)
+    keep_int4 = not packed and options.keep_quantized and int4_kernel_runs(options.device, options.dtype)
     state: dict[str, Tensor] = {}
     for name, tensor in tensors.items():
         if name in skipped:
             continue
         ours = name_of(name)
-        if (keep_int4 and tensor.tensor_type == GGMLQuantizationType.Q4_0 and ours.endswith(_LINEAR_WEIGHTS)
+        if ours in packed:
+            state[ours] = read_blocks(path, tensor)
+        elif (keep_int4 and tensor.tensor_type == GGMLQuantizationType.Q4_0 and ours.endswith(_LINEAR_WEIGHTS)
                 and not gguf_arch.needs_relayout(ours, arch)):
             state[ours] = int4_weight(*unpack_q4_0(tensor), options.device, options.dtype)
         else:
@@ -246,4 +252,28 @@ def load_gguf(path: Path, options: LoadOptions | None = None) -> LoadedCheckpoin
         state = gguf_arch.to_runtime_layout(state, config, arch)
     has_vocab = reader.fields.get("tokenizer.ggml.model") is not None
     tokenizer = _tokenizer(reader, source) if options.tokenizer and has_vocab else None
-    return LoadedCheckpoint(state, config, "gguf", tokenizer)
+    return LoadedCheckpoint(state, config, "gguf", tokenizer, packed=packed, notes=notes)
+
+
+def _packed_plan(tensors: dict[str, Any], options: LoadOptions, name_of: Callable[[str], str | None],
+                 arch: str | None) -> tuple[dict[str, int], list[str]]:
+    """(our weight name -> GGML type id of each tensor kept packed, notes). Nothing stays packed unless
+    the caller asked (CPU, no --quantize of its own) and the native kernels run here; where they do not,
+    one note says so and the weights load as before. Tensors the architecture permutes or splits at
+    load (checkpoint/gguf_arch.py) are loaded dense."""
+    from torchchat.checkpoint.gguf_packed import packable
+    from torchchat.model.packed import GGML_IDS, kernels_unavailable
+
+    if not (options.packed and options.keep_quantized):
+        return {}, []
+    packed = {}
+    for name, tensor in tensors.items():
+        ours = name_of(name)
+        if ours is not None and packable(tensor.tensor_type.name, ours) and not gguf_arch.needs_relayout(ours, arch):
+            packed[ours] = GGML_IDS[tensor.tensor_type.name]
+    if not packed:
+        return {}, []
+    reason = kernels_unavailable()
+    if reason is not None:
+        return {}, [f"native CPU kernels unavailable ({reason}): GGUF quantized weights are dequantized"]
+    return packed, []

@@ -90,6 +90,12 @@ def add_build(p: argparse.ArgumentParser, default_dtype: str = "fast") -> None:
                    help="fast picks cuda, then mps, then cpu (default)")
     g.add_argument("--quantize", default=None, help="Quantization recipe: JSON text, a JSON file, or a shipped recipe name")
     g.add_argument("--max-seq-length", type=int, default=None, help="Context length (KV cache) to allocate")
+    g.add_argument("--num-threads", type=int, default=None, metavar="N",
+                   help="CPU threads for the model (default: physical cores minus those other processes keep busy, "
+                        "from the load average; at least 1)")
+    g.add_argument("--no-cpu-kernels", action="store_true",
+                   help="On the CPU, dequantize GGUF weights and quantize recipes with torchao instead of running "
+                        "torchchat's native kernels on packed blocks")
     g.add_argument("--no-cuda-kernels", action="store_true",
                    help="On CUDA, run the plain PyTorch modules instead of torchchat's fused Triton kernels")
 
@@ -216,8 +222,11 @@ def build_spec(args: argparse.Namespace, notes: list[str] | None = None, default
         dtype = resolve_dtype(dtype_name or default_dtype, device)
     if args.max_seq_length is not None and args.max_seq_length <= 0:
         raise UserInputError("--max-seq-length must be positive")
+    if args.num_threads is not None and args.num_threads < 1:
+        raise UserInputError("--num-threads must be at least 1")
     return BuildSpec(source=model_source(args), device=device, dtype=dtype, quant=plan, max_seq_len=args.max_seq_length,
-                     cuda_kernels=not args.no_cuda_kernels)
+                     cuda_kernels=not args.no_cuda_kernels, cpu_kernels=not args.no_cpu_kernels,
+                     num_threads=args.num_threads)
 
 
 def draft_spec(args: argparse.Namespace, target: BuildSpec) -> BuildSpec | None:
@@ -246,7 +255,7 @@ def draft_spec(args: argparse.Namespace, target: BuildSpec) -> BuildSpec | None:
         model_directory=target.source.model_directory,
     )
     return BuildSpec(source=source, device=target.device, dtype=target.dtype, quant=plan,
-                     max_seq_len=target.max_seq_len)
+                     max_seq_len=target.max_seq_len, num_threads=target.num_threads, cpu_kernels=target.cpu_kernels)
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:

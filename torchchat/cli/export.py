@@ -3,6 +3,7 @@ ExecuTorch program (.pte), each carrying its own metadata (docs/export.md)."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -44,8 +45,12 @@ def run(args: argparse.Namespace) -> int:
     notes: list[str] = []
     # fp32 unless asked: it is what ExecuTorch's XNNPACK delegate runs, and matches eager references.
     spec = cli_args.build_spec(args, notes, default_dtype="fp32")
+    if targets.pte_path:
+        # XNNPACK cannot run torchchat's native CPU ops: GGUF weights are dequantized and --quantize goes to
+        # torchao, whose quantized linears ExecuTorch lowers (docs/gguf.md).
+        spec = replace(spec, cpu_kernels=False)
     quantize, schemes = quantize_recipe(spec.quant)
-    check_export(targets, spec.dtype, spec.device, schemes)
+    check_export(targets, spec.dtype, spec.device, schemes, spec.cpu_kernels)
     notices = cli_args.Notices()
     notices.say(*notes)
     timer = StepTimer(sys.stderr)

@@ -53,13 +53,22 @@ def quantize_recipe(plan) -> tuple[dict[str, Any] | None, frozenset[str]]:
     return plan.to_json(), frozenset(s.key for s in plan.schemes)
 
 
-def check_supported(backend: str, dtype: torch.dtype, device: str, schemes: frozenset[str]) -> None:
+def _cpu_kernels_run(device: str) -> bool:
+    """On the CPU with torchchat's native kernels, linear:a8w4dq runs them (not torchao's slow reference)."""
+    if not device.startswith("cpu"):
+        return False
+    from torchchat.model.packed import kernels_unavailable
+
+    return kernels_unavailable() is None
+
+
+def check_supported(backend: str, dtype: torch.dtype, device: str, schemes: frozenset[str], cpu_kernels: bool = True) -> None:
     """The combinations docs/export.md lists as supported; anything else is refused up front rather
     than failing minutes into a compile. `schemes`: the --quantize keys (e.g. {"linear:int8"})."""
     if backend == "aoti":
         if dtype == torch.float16 and device.startswith("cpu"):
             raise UserInputError("AOT Inductor export on the CPU supports --dtype fp32 or bf16 (fp16 CPU kernels are slow)")
-        if "linear:a8w4dq" in schemes:
+        if "linear:a8w4dq" in schemes and not (cpu_kernels and _cpu_kernels_run(device)):
             raise UserInputError(
                 "--quantize linear:a8w4dq is the ExecuTorch (--output-pte-path) recipe: under AOT Inductor it runs "
                 "a slow reference kernel; use linear:int8 or linear:int4"
@@ -90,11 +99,12 @@ def _shipped_recipe(name: str) -> str:
     return json.dumps(json.loads((RECIPE_DIR / f"{name}.json").read_text()))
 
 
-def check_export(targets: ExportTargets, dtype: torch.dtype, device: str, schemes: frozenset[str]) -> None:
+def check_export(targets: ExportTargets, dtype: torch.dtype, device: str, schemes: frozenset[str],
+                 cpu_kernels: bool = True) -> None:
     """Everything about an export that can be checked before building the model."""
     targets.check()
     if targets.aoti_package_path or targets.dso_path:
-        check_supported("aoti", dtype, device, schemes)
+        check_supported("aoti", dtype, device, schemes, cpu_kernels)
     if targets.pte_path:
         check_supported("executorch", dtype, device, schemes)
 
@@ -102,6 +112,7 @@ def check_export(targets: ExportTargets, dtype: torch.dtype, device: str, scheme
 def metadata_for(built, backend: str, max_seq_len: int, dynamic: bool, quantize: dict[str, Any] | None) -> ArtifactMetadata:
     """The metadata of `built` (a BuiltModel with an eager model) exported for `backend`."""
     from torchchat.generation.metrics import bytes_read_per_token
+    from torchchat.model.packed import has_packed
 
     model = built.model
     return ArtifactMetadata(
@@ -116,6 +127,7 @@ def metadata_for(built, backend: str, max_seq_len: int, dynamic: bool, quantize:
         weight_bytes=bytes_read_per_token(model),
         quantize=quantize,
         chat_template=built.chat_template,
+        native_ops=("torchchat_cpu",) if has_packed(model) else (),
     )
 
 
@@ -139,12 +151,22 @@ def _export_artifacts(built, targets: ExportTargets, quantize: dict[str, Any] | 
     timer = timer or StepTimer()
     if built.model is None:
         raise UserInputError("export needs a model built from a checkpoint, not an exported artifact")
-    check_export(targets, built.model.norm.weight.dtype, str(built.model.norm.weight.device), schemes)
+    from torchchat.model.packed import has_packed
+
+    check_export(targets, built.model.norm.weight.dtype, str(built.model.norm.weight.device), schemes,
+                 has_packed(built.model))
     max_seq_len = min(targets.max_seq_len or DEFAULT_MAX_SEQ_LEN, built.config.max_seq_len)
     shapes = f"{'dynamic' if targets.dynamic_shapes else 'one-token'} shapes, {max_seq_len} positions"
     written = []
     if targets.pte_path:
         from torchchat.export.executorch import write_pte
+
+        if has_packed(built.model):
+            raise UserInputError(
+                "ExecuTorch cannot run torchchat's native CPU kernels: build the model with "
+                "BuildSpec(cpu_kernels=False) (what `export --output-pte-path` does) so GGUF weights are "
+                "dequantized and --quantize recipes go to torchao"
+            )
 
         # XNNPACK delegates nn.Linear as it is; the pte is traced before the layout below changes it.
         with timer.step(f"Tracing with torch.export ({shapes})"):

@@ -47,6 +47,9 @@ class ArtifactMetadata:
     weight_bytes: int  # weight bytes one decode step reads (bandwidth figures)
     quantize: dict[str, Any] | None = None  # the --quantize recipe, as JSON
     chat_template: str | None = None  # "llama2" | "llama3" | "hf" (the tokenizer's own) | None (base model)
+    # Operator libraries the program calls besides torch's, loaded before it: "torchchat_cpu" for packed
+    # GGUF / CPU-recipe weights (torchchat.kernels.cpu).
+    native_ops: tuple[str, ...] = ()
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # keys this version does not know
 
@@ -77,6 +80,7 @@ class ArtifactMetadata:
             "backend": self.backend,
             "device": self.device,
             "weight_bytes": self.weight_bytes,
+            **({"native_ops": list(self.native_ops)} if self.native_ops else {}),
         }
 
     def to_json(self) -> str:
@@ -102,7 +106,7 @@ class ArtifactMetadata:
             tok = data["tokenizer"]
             known = {
                 "format_version", "model_name", "config", "tokenizer", "max_seq_len", "dtype", "quantize",
-                "dynamic_shapes", "chat_template", "backend", "device", "weight_bytes",
+                "dynamic_shapes", "chat_template", "backend", "device", "weight_bytes", "native_ops",
             }
             if not isinstance(data["config"], dict) or not isinstance(tok, dict):
                 raise TypeError("config and tokenizer must be objects")
@@ -122,6 +126,7 @@ class ArtifactMetadata:
                 weight_bytes=int(data["weight_bytes"]),
                 quantize=data.get("quantize"),
                 chat_template=data.get("chat_template"),
+                native_ops=tuple(str(x) for x in data.get("native_ops", ())),
                 extra={k: v for k, v in data.items() if k not in known},
             )
         except ConfigError as e:

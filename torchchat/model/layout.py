@@ -8,8 +8,9 @@ before it runs (never to what is saved or exported, whose parameter names stay M
   at about 3x the bandwidth of the row-major (vocab x dim) one for stories15M's 32000 x 288 (measured
   1.2 ms against 3.6 ms); in bf16 the transposed layout is the slow one, so it is left alone.
 
-Only plain (unquantized, unsharded) weights are restacked: torchao's packed tensors and tensor-parallel
-DTensors have layouts of their own."""
+Plain (unquantized, unsharded) weights are restacked, and GGML-packed ones (torchchat.model.packed) of
+one type by appending rows; torchao's packed tensors and tensor-parallel DTensors have layouts of their
+own."""
 from __future__ import annotations
 
 import torch
@@ -53,15 +54,26 @@ def optimize_for_decode(model: nn.Module) -> list[str]:
     --verbose; an empty list when nothing applies (quantized, sharded, fused CUDA model, done already)."""
     if getattr(model, "fused_kernels", False) or not hasattr(model, "layers"):
         return []
+    from torchchat.model.packed import PackedLinear, stack_packed
+
+    def stacked(linears: list[nn.Module]) -> nn.Module | None:
+        if _plain(*linears):
+            return _stack(linears)
+        if all(type(m) is PackedLinear for m in linears):
+            return stack_packed(linears)
+        return None
+
     done = []
     for block in model.layers:
         attn, ff = block.attention, block.feed_forward
-        if attn.wqkv is None and _plain(attn.wq, attn.wk, attn.wv):
-            attn.wqkv = _stack([attn.wq, attn.wk, attn.wv])
+        wqkv = stacked([attn.wq, attn.wk, attn.wv]) if attn.wqkv is None else None
+        if wqkv is not None:
+            attn.wqkv = wqkv
             del attn.wq, attn.wk, attn.wv
             done.append("wqkv")
-        if ff.w13 is None and _plain(ff.w1, ff.w3):
-            ff.w13 = _stack([ff.w1, ff.w3])
+        w13 = stacked([ff.w1, ff.w3]) if ff.w13 is None else None
+        if w13 is not None:
+            ff.w13 = w13
             del ff.w1, ff.w3
             done.append("w13")
     output = model.output

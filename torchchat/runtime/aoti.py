@@ -2,6 +2,8 @@
 sidecar `X.so.json`, see torchchat/export/aoti.py)."""
 from __future__ import annotations
 
+import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -19,6 +21,29 @@ _ELF_MAGIC = b"\x7fELF"
 def _check_device(meta: ArtifactMetadata, path: Path) -> None:
     if meta.device.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError(f"{path} was compiled for CUDA and this machine has none; re-export with --device cpu")
+
+
+def _calls_cpu_ops(path: Path) -> bool:
+    """Whether a .pt2 package calls torchchat's CPU operators: its metadata is readable only once the
+    package is loaded, and loading looks the operators up, so the compiled program's list of calls
+    outside torch (`*.wrapper.json`) is read instead. A damaged archive answers False here and is
+    reported by the archive check (runtime/aoti_archive.py)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.filename.endswith(".json") and "/aotinductor/" in info.filename:
+                    if b"torchchat_cpu::" in zf.read(info):
+                        return True
+    except (zipfile.BadZipFile, OSError, RuntimeError, ValueError, EOFError, zlib.error):
+        return False
+    return False
+
+
+def _load_cpu_ops() -> None:
+    """Load torchchat's CPU kernel library (building it on first use); MissingDependencyError if it cannot."""
+    from torchchat.kernels.cpu import ensure_loaded
+
+    ensure_loaded()
 
 
 class AOTIRuntime(ExportedRuntime):
@@ -39,6 +64,9 @@ class AOTIRuntime(ExportedRuntime):
             raise ExportError(f"{flag}: {path} is not an AOT Inductor package (.pt2 is a zip archive); export one with "
                               "`torchchat.py export MODEL --output-aoti-package-path X.pt2`")
         from torchchat.runtime.aoti_archive import load_package
+
+        if _calls_cpu_ops(path):
+            _load_cpu_ops()
 
         compiled = load_package(path, flag)
         text = compiled.get_metadata().get(METADATA_KEY)
@@ -69,6 +97,8 @@ class AOTIRuntime(ExportedRuntime):
             raise ExportError(f"{flag}: {side} describes a different library than {path} (sizes differ); "
                               "keep each .so with its own .so.json or export again")
         _check_device(meta, path)
+        if "torchchat_cpu" in meta.native_ops:
+            _load_cpu_ops()
         try:
             if meta.device.startswith("cuda"):
                 runner = torch._C._aoti.AOTIModelContainerRunnerCuda(str(path), 1, meta.device)

@@ -1,0 +1,170 @@
+"""GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K weights kept packed on the CPU and run by the native kernels
+(torchchat.model.packed): against the same file's weights dequantized to float (the `gguf` package's
+reference), eager and compiled, tied and separate outputs, and the bytes kept equal to the file's.
+
+Tolerance. The kernels quantize each activation row to int8 per block of 32 values (as llama.cpp
+does) and take integer dot products, so a layer's output carries a relative error of about
+1/127/sqrt(3) ~ 0.5% per product against the float weights, and the error grows through the layers: on
+this 2-layer model the logits' relative L2 error measured 1.6% (fp32) and 2% (bf16) for every type.
+The bound, 4%, leaves room for the other ISA paths (AVX2 rounds the same, the scalar path too) while
+staying an order of magnitude below what a wrong block layout gives (a swapped nibble order or scale
+gives errors of 30-100%)."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchchat.build import BuildSpec, ModelSource, build_model, load_weights
+from torchchat.checkpoint import LoadOptions
+from torchchat.checkpoint.gguf import load_gguf
+from torchchat.model.config import ModelConfig
+from torchchat.model.layout import optimize_for_decode
+from torchchat.model.packed import PackedEmbedding, PackedLinear, kernels_unavailable
+from torchchat.model.transformer import Transformer
+
+from tests.checkpoint.gguf_build import write_llama_gguf
+
+pytestmark = pytest.mark.skipif(kernels_unavailable() is not None, reason=f"CPU kernels: {kernels_unavailable()}")
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+TOKENIZER = SHARED / "models" / "stories260K" / "tok512.model"
+TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+TOKENS = torch.tensor([[1, 57, 300, 12, 499, 8, 77, 3]])
+REL_TOL = 0.04
+
+
+def _config(tied: bool) -> ModelConfig:
+    # Rows of 256 and 512 values: whole K-quant super-blocks (256) as well as 32-value blocks.
+    cfg = ModelConfig.from_params(dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=512,
+                                       max_seq_len=64))
+    return replace(cfg, tie_embeddings=tied)
+
+
+def _weights(config: ModelConfig) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(config).state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    sd = {k: (1 + 0.1 * torch.randn(s, generator=gen)) if len(s) == 1 else 0.05 * torch.randn(s, generator=gen)
+          for k, s in shapes.items()}
+    if config.tie_embeddings:
+        sd.pop("output.weight")
+    return sd
+
+
+@pytest.fixture(scope="module")
+def gguf_files(tmp_path_factory):
+    """{(type, tied): path}: every 2-D weight in that type, norms F32."""
+    folder = tmp_path_factory.mktemp("packed")
+    files = {}
+    for tied in (False, True):
+        config = _config(tied)
+        sd = _weights(config)
+        for kind in TYPES:
+            path = folder / f"tiny-{kind}-{'tied' if tied else 'sep'}.gguf"
+            write_llama_gguf(path, config, sd, kind_of=lambda name, w, kind=kind: kind if w.ndim == 2 else "F32")
+            files[kind, tied] = path
+    return files
+
+
+def _packed_model(path: Path, dtype: torch.dtype):
+    built = build_model(BuildSpec(ModelSource(gguf_path=path, tokenizer_path=TOKENIZER), dtype=dtype))
+    return built.model
+
+
+def _dequantized_model(path: Path) -> Transformer:
+    dense = load_gguf(path, LoadOptions(dtype=torch.float32, tokenizer=False))
+    with torch.device("meta"):
+        model = Transformer(dense.config)
+    load_weights(model, dense.state_dict, str(path))
+    return model.eval().requires_grad_(False)
+
+
+def _logits(model, tokens=TOKENS) -> torch.Tensor:
+    model.setup_caches(1, 64)
+    with torch.no_grad():
+        return model(tokens, torch.arange(tokens.size(1)))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("tied", [False, True], ids=["separate", "tied"])
+def test_packed_logits_match_dequantized(gguf_files, kind, tied):
+    path = gguf_files[kind, tied]
+    model = _packed_model(path, torch.float32)
+    assert type(model.layers[0].attention.wq) is PackedLinear
+    assert type(model.tok_embeddings) is PackedEmbedding and type(model.output) is PackedLinear
+    if tied:
+        assert model.output.weight is model.tok_embeddings.weight  # one table, read by both
+    assert not any(p.is_floating_point() and p.dim() == 2 for p in model.parameters())  # no float copy
+    want = _logits(_dequantized_model(path))
+    assert _rel(_logits(model), want) < REL_TOL
+    optimize_for_decode(model)  # q|k|v and w1|w3 stacked by rows: the same products
+    assert type(model.layers[0].attention.wqkv) is PackedLinear
+    assert _rel(_logits(model), want) < REL_TOL
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q8_0"])
+def test_packed_bf16(gguf_files, kind):
+    path = gguf_files[kind, False]
+    got = _logits(_packed_model(path, torch.bfloat16))
+    assert got.dtype == torch.float32  # logits are always fp32
+    assert _rel(got, _logits(_dequantized_model(path))) < REL_TOL
+
+
+def test_packed_bytes_are_the_files(gguf_files):
+    """The packed parameters hold exactly the bytes of the file's tensors (nothing expanded)."""
+    from gguf import GGUFReader
+
+    path = gguf_files["Q4_K", True]
+    model = _packed_model(path, torch.float32)
+    reader = GGUFReader(path)
+    emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    assert model.tok_embeddings.weight.numpy().tobytes() == bytes(emb.data)
+    wq = next(t for t in reader.tensors if t.name == "blk.1.attn_q.weight")
+    assert model.layers[1].attention.wq.weight.numpy().tobytes() == bytes(wq.data)
+    packed = sum(p.numel() for p in model.parameters() if p.dtype == torch.uint8)
+    assert packed == sum(int(t.n_bytes) for t in reader.tensors if t.tensor_type.name in TYPES)
+
+
+def test_decode_steps_match_prefill(gguf_files):
+    """One token at a time through the KV cache gives the logits of the parallel prefill."""
+    model = _packed_model(gguf_files["Q6_K", False], torch.float32)
+    full = _logits(model)
+    model.setup_caches(1, 64)
+    with torch.no_grad():
+        steps = torch.cat([model(TOKENS[:, i : i + 1], torch.tensor([i])) for i in range(TOKENS.size(1))], dim=1)
+    assert _rel(steps, full) < 1e-5
+
+
+def test_other_devices_and_quantize_keep_todays_path(gguf_files):
+    """With --quantize (the recipe quantizes from float) nothing stays packed."""
+    from torchchat.quantize import parse_quantize
+
+    path = gguf_files["Q8_0", False]
+    built = build_model(BuildSpec(ModelSource(gguf_path=path, tokenizer_path=TOKENIZER), dtype=torch.float32,
+                                  quant=parse_quantize('{"embedding": {"bitwidth": 8, "groupsize": 0}}')))
+    assert not isinstance(built.model.layers[0].attention.wq, PackedLinear)
+    built = build_model(BuildSpec(ModelSource(gguf_path=path, tokenizer_path=TOKENIZER), dtype=torch.float32,
+                                  cpu_kernels=False))
+    assert type(built.model.layers[0].attention.wq) is torch.nn.Linear
+
+
+@pytest.mark.slow
+def test_compile_equals_eager(gguf_files):
+    """torch.compile(fullgraph=True) calls the same ops: the same logits, decode and prefill shapes."""
+    model = _packed_model(gguf_files["Q4_K", True], torch.float32)
+    optimize_for_decode(model)
+    eager = _logits(model)
+    model.setup_caches(1, 64)
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        got = compiled(TOKENS, torch.arange(TOKENS.size(1)))
+        step = compiled(TOKENS[:, :1], torch.arange(1))
+    assert _rel(got, eager) < 1e-5
+    assert _rel(step[0, 0], eager[0, 0]) < 1e-5

@@ -1,0 +1,279 @@
+"""torchchat's native CPU kernels (torchchat/kernels/cpu) against gguf-py's numpy dequantization.
+
+Every instruction-set path this CPU runs is tested in-process (cpu.set_isa), every GGUF type, several
+activation row counts (decode, odd, prefill) and an odd number of output rows so the 4-row tiles and
+the thread split both leave remainders.
+
+Tolerance. The kernels quantize each block of 32 activations to int8 with scale d = max|x| / 127 and
+round to nearest, so each activation is off by at most d / 2. Weights are used exactly (their fp16
+scales are the file's). The output error of row n is therefore at most
+    sum over blocks b of (d_b / 2) * sum_{i in b} |W[n, i]|
+(a strict bound, computed per output below), plus float32 accumulation error, bounded generously by
+1e-5 * sum_i |x_i W[n, i]|. bfloat16 outputs add their own rounding, 2^-8 relative.
+
+The bf16 prefill path (16+ rows: weights dequantized to bf16, dense GEMM) rounds activations and
+weights to bf16 instead, each off by at most 2^-9 relative, so the error is at most
+2^-8 * sum_i |x_i W[n, i]| (plus the same float32 and output-rounding terms).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as GT  # noqa: E402
+from gguf import quants  # noqa: E402
+
+from torchchat.kernels import cpu  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"CPU kernels unavailable: {cpu.unavailable_reason()}")
+
+SIMPLE = [cpu.Q4_0, cpu.Q4_1, cpu.Q8_0]
+KQUANTS = [cpu.Q4_K, cpu.Q5_K, cpu.Q6_K]
+N = 67  # odd: leaves a remainder after the 4-row tiles and the thread split
+
+
+def _supported() -> list[str]:
+    return cpu.supported_isas() if cpu.available() else []
+
+
+@pytest.fixture(params=list(cpu.ISAS))
+def isa(request):
+    if request.param not in _supported():
+        pytest.skip(f"this CPU cannot run the {request.param} path")
+    cpu.set_isa(request.param)
+    cpu.set_prefill("int8")  # the integer kernels for every row count; the bf16 path is tested apart
+    assert cpu.isa() == request.param
+    yield request.param
+    cpu.set_isa(None)
+    cpu.set_prefill(None)
+
+
+def random_kquant(qtype: int, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """K-quant rows from the format (gguf 0.19 cannot quantize them): random codes and 6-bit / int8
+    sub-block scales, with finite positive fp16 super-block scales."""
+    elems, nbytes = cpu.formats.BLOCKS[qtype]
+    raw = rng.integers(0, 256, size=(n, k // elems, nbytes), dtype=np.uint8)
+    d = (rng.random((n, k // elems)) * 0.01 + 1e-3).astype(np.float16).view(np.uint8).reshape(n, -1, 2)
+    dmin = (rng.random((n, k // elems)) * 0.01).astype(np.float16).view(np.uint8).reshape(n, -1, 2)
+    if qtype == cpu.Q6_K:
+        raw[:, :, 208:210] = d
+    else:
+        raw[:, :, 0:2] = d
+        raw[:, :, 2:4] = dmin
+    return raw.reshape(n, -1)
+
+
+def make_weight(qtype: int, n: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(packed uint8 (n, row_bytes), dequantized float32 (n, k))."""
+    rng = np.random.default_rng(seed)
+    if qtype in SIMPLE:
+        packed = quants.quantize(rng.standard_normal((n, k)).astype(np.float32), GT(qtype))
+    else:
+        packed = random_kquant(qtype, n, k, rng)
+    assert packed.shape == (n, cpu.row_bytes(qtype, k))
+    return packed, quants.dequantize(packed, GT(qtype)).reshape(n, k).astype(np.float32)
+
+
+def error_bound(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Per-output bound of the int8 activation quantization error (see the module docstring)."""
+    m, k = x.shape
+    half_d = np.abs(x).reshape(m, k // 32, 32).max(-1) / 127 / 2  # (M, K/32)
+    w_abs = np.abs(w).reshape(w.shape[0], k // 32, 32).sum(-1)  # (N, K/32)
+    return half_d.astype(np.float64) @ w_abs.T.astype(np.float64) + 1e-5 * (np.abs(x) @ np.abs(w).T)
+
+
+def check_linear(qtype: int, k: int, m: int, dtype: torch.dtype, bf16_path: bool = False, n: int = N) -> None:
+    packed, w = make_weight(qtype, n, k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    y = cpu.linear(x, torch.from_numpy(packed), qtype, n, k)
+    assert y.dtype == dtype and y.shape == (m, n)
+    xf = x.float().numpy()
+    ref = xf.astype(np.float64) @ w.T.astype(np.float64)
+    bound = error_bound(xf, w)
+    if bf16_path:
+        bound = 2.0**-8 * (np.abs(xf) @ np.abs(w).T) + 2.0**-8 * np.abs(ref) + 1e-5 * (np.abs(xf) @ np.abs(w).T)
+    if dtype == torch.bfloat16:
+        bound = bound + np.abs(ref) * 2.0**-8
+    err = np.abs(y.float().numpy() - ref)
+    assert (err <= bound).all(), f"max err/bound {(err / bound).max():.3f}"
+    # and the bound is not vacuous: typical errors are far below it
+    assert np.linalg.norm(y.float().numpy() - ref) < 0.02 * np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("m", [1, 3, 17, 128])
+@pytest.mark.parametrize("qtype", SIMPLE + KQUANTS, ids=lambda q: cpu.NAMES[q])
+def test_linear_fp32(isa, qtype, m):
+    # 288 = 9 blocks: a partial group of 8 blocks (stories15M's dim); K-quants need multiples of 256.
+    check_linear(qtype, 288 if qtype in SIMPLE else 512, m, torch.float32)
+
+
+@pytest.mark.parametrize("qtype", SIMPLE + KQUANTS, ids=lambda q: cpu.NAMES[q])
+def test_linear_bf16(isa, qtype):
+    check_linear(qtype, 1280, 3, torch.bfloat16)
+
+
+@pytest.mark.parametrize("qtype", SIMPLE + KQUANTS, ids=lambda q: cpu.NAMES[q])
+def test_linear_bf16_prefill_path(isa, qtype):
+    cpu.set_prefill("bf16")  # each ISA's bf16 dequantization, then torch's GEMM
+    check_linear(qtype, 288 if qtype in SIMPLE else 512, 16, torch.float32, bf16_path=True)
+    check_linear(qtype, 288 if qtype in SIMPLE else 512, 16, torch.bfloat16, bf16_path=True)
+
+
+def test_bf16_prefill_several_slices():
+    cpu.set_prefill("bf16")
+    try:  # k=2048: 256-row weight slices, so 300 rows take two
+        check_linear(cpu.Q4_0, 2048, 16, torch.float32, bf16_path=True, n=300)
+    finally:
+        cpu.set_prefill(None)
+
+
+def test_linear_long_k_prefill(isa):
+    """K beyond one 1024-value slice and M beyond one 16-row block: the prefill blocking adds slices."""
+    check_linear(cpu.Q4_K, 2304, 20, torch.float32)
+    check_linear(cpu.Q8_0, 1056, 20, torch.float32)
+
+
+def test_linear_batch_dims_and_stacked_rows():
+    a, wa = make_weight(cpu.Q4_0, 8, 256, seed=1)
+    b, wb = make_weight(cpu.Q4_0, 12, 256, seed=2)
+    stacked = torch.from_numpy(np.concatenate([a, b]))
+    x = torch.randn(2, 3, 256)
+    y = cpu.linear(x, stacked, cpu.Q4_0, 20, 256)
+    assert y.shape == (2, 3, 20)
+    ya = cpu.linear(x, torch.from_numpy(a), cpu.Q4_0, 8, 256)
+    torch.testing.assert_close(y[..., :8], ya, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("qtype", SIMPLE + KQUANTS, ids=lambda q: cpu.NAMES[q])
+def test_embedding_matches_dequantize(qtype):
+    k = 512
+    packed, w = make_weight(qtype, 50, k)
+    ids = torch.tensor([[0, 49, 7], [7, 3, 1]])
+    e = cpu.embedding(torch.from_numpy(packed), ids, qtype, k, torch.float32)
+    assert e.shape == (2, 3, k)
+    torch.testing.assert_close(e, torch.from_numpy(w)[ids], rtol=1e-6, atol=1e-7)
+    e16 = cpu.embedding(torch.from_numpy(packed), ids, qtype, k, torch.bfloat16)
+    torch.testing.assert_close(e16, torch.from_numpy(w)[ids].bfloat16(), rtol=0, atol=0)
+
+
+def test_bad_arguments_raise():
+    packed, _ = make_weight(cpu.Q4_0, 4, 64)
+    with pytest.raises(RuntimeError, match="expected"):
+        cpu.linear(torch.randn(1, 64), torch.from_numpy(packed), cpu.Q4_0, 5, 64)
+    with pytest.raises(RuntimeError, match="unsupported GGUF type"):
+        cpu.linear(torch.randn(1, 64), torch.from_numpy(packed), 7, 4, 64)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu.embedding(torch.from_numpy(packed), torch.tensor([4]), cpu.Q4_0, 64)
+    with pytest.raises(ValueError, match="supported"):
+        cpu.row_bytes(6, 64)
+
+
+# ---- packers ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("pack,qtype,tol", [(cpu.pack_q8_0, cpu.Q8_0, 0.01), (cpu.pack_q4_0, cpu.Q4_0, 0.15),
+                                            (cpu.pack_q4_1, cpu.Q4_1, 0.12)])
+def test_packers_roundtrip(pack, qtype, tol, group_size):
+    if qtype == cpu.Q8_0 and group_size != 32:
+        pytest.skip("Q8_0 packs per 32")
+    w = torch.randn(24, 256)
+    packed = pack(w) if qtype == cpu.Q8_0 else pack(w, group_size=group_size)
+    assert packed.dtype == torch.uint8 and packed.shape == (24, cpu.row_bytes(qtype, 256))
+    deq = torch.from_numpy(quants.dequantize(packed.numpy(), GT(qtype)).reshape(24, 256))
+    assert ((deq - w).norm() / w.norm()).item() < tol
+    if group_size > 32:  # one scale per group, repeated in each of its 32-value blocks
+        d = packed.view(24, 8, -1)[:, :, :2].reshape(24, 2, 4, 2)
+        assert torch.equal(d, d[:, :, :1].expand_as(d))
+
+
+def test_pack_codes_exact():
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (6, 128), generator=g)
+    scales = torch.rand(6, 2, generator=g).half().float()
+    mins = -torch.rand(6, 2, generator=g).half().float()
+    s_full = scales.repeat_interleave(64, dim=1)
+    m_full = mins.repeat_interleave(64, dim=1)
+    q41 = cpu.pack_q4_1_codes(codes, scales, mins)
+    deq = quants.dequantize(q41.numpy(), GT.Q4_1).reshape(6, 128)
+    torch.testing.assert_close(torch.from_numpy(deq), s_full * codes + m_full, rtol=1e-6, atol=1e-6)
+    q40 = cpu.pack_q4_0_codes(codes, scales)
+    deq = quants.dequantize(q40.numpy(), GT.Q4_0).reshape(6, 128)
+    torch.testing.assert_close(torch.from_numpy(deq), s_full * (codes - 8), rtol=1e-6, atol=1e-6)
+
+
+# ---- compile and export ----------------------------------------------------------------------
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self, packed: np.ndarray, table: np.ndarray, qtype: int, n: int, k: int):
+        super().__init__()
+        self.register_buffer("w", torch.from_numpy(packed))
+        self.register_buffer("table", torch.from_numpy(table))
+        self.qtype, self.n, self.k = qtype, n, k
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.ops.torchchat_cpu.ggml_embedding(self.table, ids, cpu.Q8_0, self.k, torch.float32)
+        return torch.ops.torchchat_cpu.ggml_linear(torch.relu(h), self.w, self.qtype, self.n, self.k) * 2
+
+
+def _tiny() -> _Tiny:
+    packed, _ = make_weight(cpu.Q4_K, 36, 256)
+    table, _ = make_weight(cpu.Q8_0, 10, 256, seed=3)
+    return _Tiny(packed, table, cpu.Q4_K, 36, 256)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    model = _tiny()
+    ids = torch.tensor([[1, 2, 3]])
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(ids), model(ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_aoti_package_matches_eager(tmp_path):
+    model = _tiny()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    seq = torch.export.Dim("seq", min=1, max=16)
+    ep = torch.export.export(model, (ids,), dynamic_shapes=({1: seq},), strict=False)
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "tiny.pt2"))
+    loaded = torch._inductor.aoti_load_package(path)
+    for t in (ids, torch.tensor([[5, 6]])):
+        torch.testing.assert_close(loaded(t), model(t), rtol=1e-5, atol=1e-5)
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    full_env = {**os.environ, "PYTHONPATH": root, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=120)
+
+
+def test_import_builds_nothing_and_without_compiler_unavailable(tmp_path):
+    # Importing touches no cache; with no compiler, available() is False with the reason, no traceback.
+    code = (
+        "import os, sys; from torchchat.kernels import cpu; "
+        "assert not os.listdir(sys.argv[1]), 'import wrote to the cache'; "
+        "print(cpu.available()); print(cpu.unavailable_reason())"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root, "TORCHCHAT_CACHE": str(tmp_path), "CXX": "no-such-compiler"}
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == "False"
+    assert "no-such-compiler" in r.stdout and "Traceback" not in r.stderr
+
+
+def test_env_var_caps_isa():
+    cache = str(cpu.library_path().parent.parent.parent)  # the test process's cache: no rebuild
+    r = _python("from torchchat.kernels import cpu; print(cpu.isa())", TORCHCHAT_CACHE=cache, TORCHCHAT_CPU_ISA="avx2")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ("avx2" if "avx2" in _supported() else "scalar")

@@ -1,0 +1,175 @@
+"""torchchat's native CPU kernels for GGUF block-quantized weights (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K).
+
+Weights stay packed exactly as in the .gguf file (see formats.py). Each call quantizes the activation
+rows to int8 per 32 values and runs integer dot products against the packed blocks (AVX2, AVX-512 or
+AVX-512 VNNI, chosen at run time; a scalar path elsewhere), threads splitting the output rows.
+
+    from torchchat.kernels import cpu
+    if cpu.available():
+        y = cpu.linear(x, w_packed, cpu.Q4_0, n, k)        # x (..., k) fp32/bf16 -> (..., n)
+
+The operators are `torch.ops.torchchat_cpu.ggml_linear(x, w, qtype, n, k)` and
+`torch.ops.torchchat_cpu.ggml_embedding(w, ids, qtype, k, dtype)`, with fake implementations, so
+torch.compile(fullgraph=True), torch.export and AOT Inductor packages call them. A process that
+loads such a package must have called `ensure_loaded()` (or `available()`) first.
+
+Nothing is built or loaded at import: the first call to available()/linear()/... compiles the C++
+once per machine into ${TORCHCHAT_CACHE:-~/.cache/torchchat}/kernels/<hash>/ (a note on stderr), later
+processes just load it. `TORCHCHAT_CPU_ISA=scalar|avx2|avx512|avx512vnni` caps the instruction set
+(the best supported path at or below it is used)."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from torchchat.errors import MissingDependencyError
+from torchchat.kernels.cpu.formats import (  # noqa: F401  (re-exported API)
+    NAMES,
+    Q4_0,
+    Q4_1,
+    Q4_K,
+    Q5_K,
+    Q6_K,
+    Q8_0,
+    SUPPORTED_QTYPES,
+    pack_q4_0,
+    pack_q4_0_codes,
+    pack_q4_1,
+    pack_q4_1_codes,
+    pack_q8_0,
+    row_bytes,
+)
+
+ISAS = ("scalar", "avx2", "avx512", "avx512vnni")
+
+
+class CpuKernelsUnavailable(MissingDependencyError):
+    """The CPU kernels could not be built or loaded here (the message says why); callers fall back."""
+
+
+_lock = threading.Lock()
+_loaded = False
+_reason: str | None = None
+_path: Path | None = None
+
+
+def _register_fakes() -> None:
+    # Shapes only, written with the tensors' (possibly symbolic) sizes, for torch.compile and export.
+    @torch.library.register_fake("torchchat_cpu::ggml_linear")
+    def _linear_fake(x: Tensor, w: Tensor, qtype: int, n: int, k: int) -> Tensor:
+        return x.new_empty((*x.shape[:-1], n))
+
+    @torch.library.register_fake("torchchat_cpu::ggml_embedding")
+    def _embedding_fake(w: Tensor, ids: Tensor, qtype: int, k: int, dtype: torch.dtype) -> Tensor:
+        return w.new_empty((*ids.shape, k), dtype=dtype)
+
+
+def _try_load() -> None:
+    global _loaded, _reason, _path
+    with _lock:
+        if _loaded or _reason is not None:
+            return
+        from torchchat.kernels.cpu import _build
+
+        try:
+            path, already = _build.build()
+            if not already:
+                torch.ops.load_library(str(path))
+            _register_fakes()
+        except _build.BuildError as e:
+            _reason = str(e)
+            return
+        except OSError as e:  # dlopen of a cached library failed (e.g. a foreign or damaged file)
+            _reason = f"loading {path} failed: {e} (delete that folder to rebuild)"
+            return
+        _path = path
+        _loaded = True
+
+
+def available() -> bool:
+    """True when the kernels are built (building them on first use) and loaded in this process."""
+    if not _loaded:
+        _try_load()
+    return _loaded
+
+
+def unavailable_reason() -> str | None:
+    """Why available() is False (compiler missing, build error, ...); None when it is True."""
+    available()
+    return _reason
+
+
+def ensure_loaded() -> None:
+    """Load the kernels or raise CpuKernelsUnavailable naming the reason."""
+    if not available():
+        raise CpuKernelsUnavailable(
+            f"torchchat's CPU kernels are unavailable: {_reason}. Rebuild with "
+            "`python3 -m torchchat.kernels.cpu.build`"
+        )
+
+
+def library_path() -> Path:
+    ensure_loaded()
+    assert _path is not None
+    return _path
+
+
+def _isa_info() -> tuple[str, list[str]]:
+    ensure_loaded()
+    chosen, supported = torch.ops.torchchat_cpu._isa_info().split(";")
+    return chosen, supported.split(",")
+
+
+def isa() -> str:
+    """The instruction-set path the kernels run: scalar, avx2, avx512 or avx512vnni."""
+    return _isa_info()[0]
+
+
+def supported_isas() -> list[str]:
+    """Every path this CPU and OS can run, lowest first."""
+    return _isa_info()[1]
+
+
+def set_isa(name: str | None) -> str:
+    """Use the best supported path at or below `name` in this process (tests, benchmarks); None
+    restores the default (TORCHCHAT_CPU_ISA or the best). Returns the path now chosen."""
+    if name is not None and name not in ISAS:
+        raise ValueError(f"unknown ISA {name!r}; valid: {', '.join(ISAS)}")
+    ensure_loaded()
+    return torch.ops.torchchat_cpu._set_isa(name or "").split(";")[0]
+
+
+def set_prefill(mode: str | None) -> str:
+    """How ggml_linear runs 16 or more activation rows: "int8" (the integer kernels) or "bf16"
+    (weights dequantized slice by slice into a scratch buffer, then torch's dense bf16 GEMM; the
+    default where the CPU has AVX512_BF16, on which that GEMM is about twice as fast). None restores
+    the default (TORCHCHAT_CPU_PREFILL or the CPU's). Returns the mode now used."""
+    if mode is not None and mode not in ("int8", "bf16"):
+        raise ValueError(f"unknown prefill mode {mode!r}; valid: int8, bf16")
+    ensure_loaded()
+    return torch.ops.torchchat_cpu._set_prefill(mode or "")
+
+
+def prefill_mode() -> str:
+    """The prefill mode in use (see set_prefill)."""
+    ensure_loaded()
+    return torch.ops.torchchat_cpu._prefill_mode()
+
+
+def linear(x: Tensor, w: Tensor, qtype: int, n: int, k: int) -> Tensor:
+    """y = x @ W.T for a GGUF-packed W. x (..., k) float32 or bfloat16; w uint8 (n, row_bytes(qtype, k)).
+    Returns (..., n) in x's dtype. Bias, if any, is the caller's."""
+    if not _loaded:
+        ensure_loaded()
+    return torch.ops.torchchat_cpu.ggml_linear(x, w, qtype, n, k)
+
+
+def embedding(w: Tensor, ids: Tensor, qtype: int, k: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Rows `ids` of a GGUF-packed table w (vocab, row_bytes(qtype, k)), dequantized: ids.shape + (k,)
+    in `dtype`. Only the looked-up rows are decoded."""
+    if not _loaded:
+        ensure_loaded()
+    return torch.ops.torchchat_cpu.ggml_embedding(w, ids, qtype, k, dtype)

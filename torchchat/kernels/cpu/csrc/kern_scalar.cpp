@@ -1,0 +1,151 @@
+// Portable reference kernels: the same integer formulation as the SIMD paths (int8 activations in
+// blocks of 32, integer dot per block, fp32 accumulation of scaled block dots), written plainly.
+// Used where no SIMD path runs and as the reference the SIMD paths are tested against.
+#include "common.h"
+
+namespace tcc {
+namespace {
+
+// One 32-value sub-block of a weight row, decoded: w_i = ws * sub[i/16] * code_i, plus offsets
+// off0 (values 0..15) and off1 (16..31) that multiply the activations' 16-value sums.
+struct Sub {
+  int code[32];
+  int sub[2];
+  float ws, off0, off1;
+};
+
+void decode_sub(int qtype, const uint8_t* row, int64_t g, Sub& o) {
+  o.sub[0] = o.sub[1] = 1;
+  o.ws = o.off0 = o.off1 = 0.f;
+  switch (qtype) {
+    case kQ4_0: {
+      const uint8_t* b = row + g * 18;
+      float d = half_to_float(read_u16(b));
+      for (int i = 0; i < 16; i++) { o.code[i] = b[2 + i] & 0xF; o.code[i + 16] = b[2 + i] >> 4; }
+      o.ws = d; o.off0 = o.off1 = -8.f * d;
+      break;
+    }
+    case kQ4_1: {
+      const uint8_t* b = row + g * 20;
+      float d = half_to_float(read_u16(b)), m = half_to_float(read_u16(b + 2));
+      for (int i = 0; i < 16; i++) { o.code[i] = b[4 + i] & 0xF; o.code[i + 16] = b[4 + i] >> 4; }
+      o.ws = d; o.off0 = o.off1 = m;
+      break;
+    }
+    case kQ8_0: {
+      const uint8_t* b = row + g * 34;
+      for (int i = 0; i < 32; i++) o.code[i] = (int8_t)b[2 + i];
+      o.ws = half_to_float(read_u16(b)); o.off0 = o.off1 = 0.f;
+      break;
+    }
+    case kQ4_K:
+    case kQ5_K: {
+      const int bb = qtype == kQ4_K ? 144 : 176;
+      const uint8_t* b = row + (g / 8) * bb;
+      const int t = (int)(g % 8);
+      float d = half_to_float(read_u16(b)), dmin = half_to_float(read_u16(b + 2));
+      int sc, mn;
+      k_scale_min(t, b + 4, &sc, &mn);
+      const uint8_t* qs = b + (qtype == kQ4_K ? 16 : 48) + 32 * (t / 2);
+      for (int i = 0; i < 32; i++) o.code[i] = (t & 1) ? (qs[i] >> 4) : (qs[i] & 0xF);
+      if (qtype == kQ5_K) {
+        const uint8_t* qh = b + 16;
+        for (int i = 0; i < 32; i++) o.code[i] += ((qh[i] >> t) & 1) << 4;
+      }
+      o.ws = d * sc; o.off0 = o.off1 = -dmin * mn;
+      break;
+    }
+    case kQ6_K: {
+      const uint8_t* b = row + (g / 8) * 210;
+      const int t = (int)(g % 8), h = t / 4, i4 = t % 4;
+      const uint8_t* ql = b + 64 * h + (i4 & 1) * 32;
+      const uint8_t* qh = b + 128 + 32 * h;
+      const int8_t* sc = (const int8_t*)(b + 192);
+      float d = half_to_float(read_u16(b + 208));
+      for (int i = 0; i < 32; i++) {
+        int lo = (i4 < 2) ? (ql[i] & 0xF) : (ql[i] >> 4);
+        o.code[i] = lo | (((qh[i] >> (2 * i4)) & 3) << 4);
+      }
+      o.sub[0] = sc[2 * t]; o.sub[1] = sc[2 * t + 1];
+      o.ws = d; o.off0 = -32.f * d * o.sub[0]; o.off1 = -32.f * d * o.sub[1];
+      break;
+    }
+  }
+}
+
+void quantize_row_scalar(const float* x, int64_t K, int8_t* q, float* d, int16_t* s) {
+  for (int64_t b = 0; b < K / 32; b++) {
+    const float* xb = x + 32 * b;
+    float amax = 0.f;
+    for (int i = 0; i < 32; i++) { float v = xb[i] < 0 ? -xb[i] : xb[i]; amax = v > amax ? v : amax; }
+    float db = amax / 127.f, id = amax > 0 ? 127.f / amax : 0.f;
+    d[b] = db;
+    int s0 = 0, s1 = 0;
+    for (int i = 0; i < 32; i++) {
+      float v = xb[i] * id;
+      int c = (int)(v < 0 ? v - 0.5f : v + 0.5f);
+      c = c > 127 ? 127 : (c < -127 ? -127 : c);
+      q[32 * b + i] = (int8_t)c;
+      if (i < 16) s0 += c; else s1 += c;
+    }
+    s[2 * b] = (int16_t)s0;
+    s[2 * b + 1] = (int16_t)s1;
+  }
+}
+
+template <int QT>
+void gemm_scalar(const uint8_t* w, int64_t row_bytes, int64_t n_rows, const ActQ& a, int64_t M, float* y,
+                 int64_t ldy) {
+  const int64_t K = a.K, nb = K / 32;
+  Sub sub;
+  for (int64_t r = 0; r < n_rows; r++) {
+    const uint8_t* row = w + r * row_bytes;
+    for (int64_t m = 0; m < M; m++) y[m * ldy + r] = 0.f;
+    for (int64_t g = 0; g < nb; g++) {
+      decode_sub(QT, row, g, sub);
+      for (int64_t m = 0; m < M; m++) {
+        const int8_t* aq = a.q + m * K + 32 * g;
+        int d0 = 0, d1 = 0;
+        for (int i = 0; i < 16; i++) d0 += sub.code[i] * aq[i];
+        for (int i = 16; i < 32; i++) d1 += sub.code[i] * aq[i];
+        const float da = a.d[m * nb + g];
+        const int16_t* as = a.s + m * 2 * nb + 2 * g;
+        y[m * ldy + r] += da * (sub.ws * (float)(d0 * sub.sub[0] + d1 * sub.sub[1]) + sub.off0 * as[0] +
+                                sub.off1 * as[1]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void dequantize_row(int qtype, const uint8_t* row, int64_t K, float* out) {
+  Sub sub;
+  for (int64_t g = 0; g < K / 32; g++) {
+    decode_sub(qtype, row, g, sub);
+    for (int i = 0; i < 32; i++)
+      out[32 * g + i] = sub.ws * sub.sub[i / 16] * sub.code[i] + (i < 16 ? sub.off0 : sub.off1);
+  }
+}
+
+namespace {
+void dequant_bf16_scalar(int qtype, const uint8_t* w, int64_t rb, int64_t n_rows, int64_t K, uint16_t* out) {
+  float buf[256];
+  for (int64_t r = 0; r < n_rows; r++) {
+    Sub sub;
+    for (int64_t g = 0; g < K / 32; g++) {
+      decode_sub(qtype, w + r * rb, g, sub);
+      for (int i = 0; i < 32; i++)
+        buf[i] = sub.ws * sub.sub[i / 16] * sub.code[i] + (i < 16 ? sub.off0 : sub.off1);
+      for (int i = 0; i < 32; i++) out[r * K + 32 * g + i] = float_to_bf16(buf[i]);
+    }
+  }
+}
+}  // namespace
+
+const KernelTable scalar_table = {
+    "scalar", quantize_row_scalar, gemm_scalar<kQ4_0>, gemm_scalar<kQ4_1>, gemm_scalar<kQ8_0>,
+    gemm_scalar<kQ4_K>, gemm_scalar<kQ5_K>, gemm_scalar<kQ6_K>, dequant_bf16_scalar,
+};
+
+}  // namespace tcc
