@@ -9,7 +9,6 @@ innermost first; the gguf package hands tensors over in torch order.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +25,6 @@ from torchchat.checkpoint.gguf_validate import validate_gguf
 from torchchat.errors import CheckpointError, MissingDependencyError
 from torchchat.model.config import ModelConfig, RopeScaling
 
-_TOP = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight", "output.weight": "output.weight"}
 _LAYER = {
     "attn_q": "attention.wq",
     "attn_k": "attention.wk",
@@ -38,7 +36,6 @@ _LAYER = {
     "attn_norm": "attention_norm",
     "ffn_norm": "ffn_norm",
 }
-_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # Weights read by F.linear, which an int4 tensor can stand in for (the embedding is a lookup).
 _LINEAR_WEIGHTS = (
     "attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
@@ -49,12 +46,7 @@ _ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1+ rope scaling, stored as per-freq
 
 def our_name(gguf_name: str) -> str | None:
     """llama.cpp tensor name -> our parameter name, or None if it is not a llama weight we know."""
-    if gguf_name in _TOP:
-        return _TOP[gguf_name]
-    m = _BLOCK_RE.match(gguf_name)
-    if m and m.group(2) in _LAYER:
-        return f"layers.{m.group(1)}.{_LAYER[m.group(2)]}.{m.group(3)}"
-    return None
+    return gguf_arch.map_name(gguf_name, _LAYER)
 
 
 class _Metadata:

@@ -22,7 +22,6 @@ import math
 import re
 from typing import Any, Callable
 
-import torch
 from torch import Tensor
 
 from torchchat.errors import CheckpointError
@@ -45,14 +44,20 @@ _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")
 
 
-def our_name(gguf_name: str) -> str | None:
-    """llama.cpp tensor name -> our parameter name (before the fused ones are split), or None."""
+def map_name(gguf_name: str, layer_names: dict[str, str]) -> str | None:
+    """llama.cpp tensor name -> our parameter name, with `layer_names` mapping the per-block part
+    (`blk.N.<part>.weight`); None for a name the table does not know."""
     if gguf_name in _TOP:
         return _TOP[gguf_name]
     m = _BLOCK_RE.match(gguf_name)
-    if m and m.group(2) in _LAYER:
-        return f"layers.{m.group(1)}.{_LAYER[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in layer_names:
+        return f"layers.{m.group(1)}.{layer_names[m.group(2)]}.{m.group(3)}"
     return None
+
+
+def our_name(gguf_name: str) -> str | None:
+    """llama.cpp tensor name -> our parameter name (before the fused ones are split), or None."""
+    return map_name(gguf_name, _LAYER)
 
 
 def needs_relayout(name: str, arch: str) -> bool:
