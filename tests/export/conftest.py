@@ -45,6 +45,12 @@ class Artifact:
         return self.flag.replace("--output-", "--")
 
     @property
+    def cpu_kernels(self) -> bool:
+        """Whether the export runs torchchat's native CPU kernels: only .pt2 packages can call them
+        (torchchat/cli/export.py); .so and .pte exports take torchao's path."""
+        return self.flag == "--output-aoti-package-path"
+
+    @property
     def needs_executorch(self) -> bool:
         return self.file.endswith(".pte")
 
@@ -174,8 +180,9 @@ def run_exported(path: Path, run_flag: str, stories260k_dir):
     return built
 
 
-def eager_model(stories260k_dir, quantize: str | None = None, dtype: str = "fp32"):
-    """stories260K built as `generate` builds it, with a KV cache of MAX_SEQ_LEN positions."""
+def eager_model(stories260k_dir, quantize: str | None = None, dtype: str = "fp32", cpu_kernels: bool = True):
+    """stories260K built as `generate` builds it, with a KV cache of MAX_SEQ_LEN positions; `cpu_kernels`
+    False takes torchao's quantized path instead of torchchat's native kernels (as .so/.pte exports do)."""
     from torchchat.build import BuildSpec, ModelSource, build_model, resolve_dtype
 
     plan = None
@@ -185,7 +192,8 @@ def eager_model(stories260k_dir, quantize: str | None = None, dtype: str = "fp32
         plan = parse_quantize(quantize)
     source = ModelSource(checkpoint_path=stories260k_dir / "stories260K.bin",
                          tokenizer_path=stories260k_dir / "tok512.model")
-    built = build_model(BuildSpec(source=source, dtype=resolve_dtype(dtype, "cpu"), quant=plan, max_seq_len=MAX_SEQ_LEN))
+    built = build_model(BuildSpec(source=source, dtype=resolve_dtype(dtype, "cpu"), quant=plan, max_seq_len=MAX_SEQ_LEN,
+                                  cpu_kernels=cpu_kernels))
     built.runtime.setup(1, MAX_SEQ_LEN)
     return built
 

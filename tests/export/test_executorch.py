@@ -32,7 +32,7 @@ def test_mobile_recipe_follows_eager_quantized(exports, stories260k_dir, tok_arg
     exported = run_exported(exports.path("pte_mobile"), "--pte-path", stories260k_dir)
     assert exported.runtime.meta.quantize == {"linear:a8w4dq": {"groupsize": 32},
                                               "embedding": {"bitwidth": 8, "groupsize": 0}}
-    eager = eager_model(stories260k_dir, art.quantize)
+    eager = eager_model(stories260k_dir, art.quantize, cpu_kernels=art.cpu_kernels)
     stats = compare_along(exported, eager, golden_ids(eager, golden))
     assert stats["max_abs_diff"] <= 0.75, stats
     assert stats["argmax_agreement"] >= 0.95, stats

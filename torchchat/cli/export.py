@@ -45,9 +45,10 @@ def run(args: argparse.Namespace) -> int:
     notes: list[str] = []
     # fp32 unless asked: it is what ExecuTorch's XNNPACK delegate runs, and matches eager references.
     spec = cli_args.build_spec(args, notes, default_dtype="fp32")
-    if targets.pte_path:
-        # XNNPACK cannot run torchchat's native CPU ops: GGUF weights are dequantized and --quantize goes to
-        # torchao, whose quantized linears ExecuTorch lowers (docs/gguf.md).
+    if targets.pte_path or targets.dso_path:
+        # XNNPACK cannot run torchchat's native CPU ops, and a bare .so cannot either (AOT Inductor calls
+        # ops outside torch through a JSON description that only a .pt2 package carries): GGUF weights
+        # are dequantized and --quantize goes to torchao, whose quantized linears both run (docs/gguf.md).
         spec = replace(spec, cpu_kernels=False)
     quantize, schemes = quantize_recipe(spec.quant)
     check_export(targets, spec.dtype, spec.device, schemes, spec.cpu_kernels)
