@@ -53,7 +53,8 @@ def test_quantized_layers_keep_their_own_layout(tiny_config):
 
     model = _random(tiny_config, torch.bfloat16)
     tokens = torch.randint(0, tiny_config.vocab_size, (1, 16))
-    apply_quantization(model, parse_quantize('{"linear:int8": {"groupsize": 0}}'), "cpu")
+    # torchao's int8 tensors (cpu_kernels=False); torchchat's packed layers are stacked, tested with them.
+    apply_quantization(model, parse_quantize('{"linear:int8": {"groupsize": 0}}'), "cpu", cpu_kernels=False)
     before = _logits(model, tokens)
     assert optimize_for_decode(model) == []
     assert model.layers[0].attention.wqkv is None and model.layers[0].feed_forward.w13 is None
