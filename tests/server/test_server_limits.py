@@ -16,11 +16,31 @@ from tests.server.test_server_http import assert_openai_error, request
 pytest.importorskip("fastapi")
 
 
+def _read_response(s: socket.socket) -> str:
+    """One whole HTTP/1.1 response: the head, then Content-Length bytes of body (they may come in
+    separate TCP segments, so one recv is not enough), or everything until the server closes."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            return data.decode()
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), None)
+    while length is None or len(body) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode()
+
+
 def test_body_over_the_limit_is_413_before_it_is_read(api_server):
     with socket.create_connection(api_server.host_port, timeout=10) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: 100000000\r\n\r\n")
-        reply = s.recv(65536).decode()
+        reply = _read_response(s)
     head, _, body = reply.partition("\r\n\r\n")
     assert head.startswith("HTTP/1.1 413"), reply
     assert json.loads(body)["error"]["code"] == "request_too_large"
@@ -57,16 +77,15 @@ def test_health_answers_while_a_long_prompt_is_tokenized(api_server):
 
     t = threading.Thread(target=post)
     t.start()
-    time.sleep(1.0)  # the body is sent and being tokenized
-    start = time.monotonic()
+    time.sleep(0.3)  # the body is sent (loopback) and being tokenized, which takes seconds
+    # No timed threshold (the machine may be slow or busy): /health must come back while the long
+    # request is still unanswered, which a tokenizer holding the event loop would not allow.
     api_server.health()
-    took = time.monotonic() - start
     still_busy = not done.is_set()
     t.join(120)
     status, body = result["reply"]
     assert_openai_error(status, body, 400, param="prompt")  # longer than the context
-    assert took < 1.0, f"/health took {took:.2f} s during tokenization"
-    assert still_busy, "the long prompt was done before /health was asked: make it longer"
+    assert still_busy, "the long prompt was answered before /health: the loop was held, or the prompt is too short"
 
 
 def _run_middleware(messages, max_bytes=1000, timeout_s=0.3, headers=()):
