@@ -38,13 +38,18 @@ def tiny_config():
     )
 
 
-@pytest.fixture
-def tiny_model(tiny_config):
+def random_transformer(cfg, std: float = 0.05):
+    """A Transformer of `cfg` with seeded N(0, std) weights, in eval mode."""
     from torchchat.model.transformer import Transformer
 
     torch.manual_seed(0)
-    model = Transformer(tiny_config)
+    model = Transformer(cfg)
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0.0, 0.05)
+            p.normal_(0.0, std)
     return model.eval()
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    return random_transformer(tiny_config)

@@ -16,18 +16,14 @@ def _gemma_like():
     """Every per-layer switch the batched path must carry: a sliding-window layer with its own RoPE
     base, soft-capped attention, sandwich norms, q/k norms, GeGLU."""
     from torchchat.model.config import ModelConfig
-    from torchchat.model.transformer import Transformer
+
+    from tests.conftest import random_transformer
 
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=128,
                       max_seq_len=64, qk_norm=True, activation="gelu_tanh", sandwich_norms=True,
                       attn_softcap=50.0, final_softcap=30.0, sliding_window=4, sliding_layers=(0,),
                       rope_local_base=10000.0, rope_base=1e6)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.05)
-    return model.eval()
+    return random_transformer(cfg)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma-like"])

@@ -4,14 +4,11 @@ import torch
 from torchchat.model.config import ModelConfig
 from torchchat.model.transformer import Transformer
 
+from tests.conftest import random_transformer
+
 
 def _random(cfg: ModelConfig) -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.1)
-    return model.eval()
+    return random_transformer(cfg, std=0.1)
 
 
 @pytest.mark.parametrize("n_kv_heads", [8, 4, 1])
