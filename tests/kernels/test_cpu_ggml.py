@@ -277,3 +277,107 @@ def test_env_var_caps_isa():
     r = _python("from torchchat.kernels import cpu; print(cpu.isa())", TORCHCHAT_CACHE=cache, TORCHCHAT_CPU_ISA="avx2")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ("avx2" if "avx2" in _supported() else "scalar")
+
+
+# ---- row-interleaved layouts (type | X16): made at load time for the kernels ----
+INTERLEAVED = [cpu.Q4_0, cpu.Q8_0, cpu.Q4_K, cpu.Q6_K]
+
+
+def check_interleaved(qtype: int, k: int, m: int, n: int, dtype: torch.dtype = torch.float32, bf16_path: bool = False) -> None:
+    packed, w = make_weight(qtype, n, k, seed=n + m)
+    x16 = cpu.interleave(torch.from_numpy(packed), qtype, k)
+    assert x16.shape == (n, cpu.row_bytes(qtype | cpu.X16, k))
+    # byte for byte back to the file's layout
+    assert torch.equal(cpu.deinterleave(x16, qtype | cpu.X16, k), torch.from_numpy(packed))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    y = cpu.linear(x, x16, qtype | cpu.X16, n, k)
+    assert y.dtype == dtype and y.shape == (m, n)
+    xf = x.float().numpy()
+    ref = xf.astype(np.float64) @ w.T.astype(np.float64)
+    bound = error_bound(xf, w)
+    if bf16_path:
+        bound = 2.0**-8 * (np.abs(xf) @ np.abs(w).T) + 2.0**-8 * np.abs(ref) + 1e-5 * (np.abs(xf) @ np.abs(w).T)
+    if dtype == torch.bfloat16:
+        bound = bound + np.abs(ref) * 2.0**-8
+    err = np.abs(y.float().numpy() - ref)
+    assert (err <= bound).all(), f"max err/bound {(err / bound).max():.3f}"
+    assert np.linalg.norm(y.float().numpy() - ref) < 0.02 * np.linalg.norm(ref)
+    # the same int8 activations as the file layout's kernels: equal up to float summation order
+    y_plain = cpu.linear(x, torch.from_numpy(packed), qtype, n, k)
+    torch.testing.assert_close(y, y_plain, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("m", [1, 3, 17, 128])
+@pytest.mark.parametrize("qtype", INTERLEAVED, ids=lambda q: cpu.NAMES[q])
+def test_interleaved_linear(isa, qtype, m):
+    # 288 = 9 blocks (stories15M's dim); 80 rows = 5 groups, split unevenly between threads
+    check_interleaved(qtype, 288 if qtype in SIMPLE else 512, m, 80)
+
+
+@pytest.mark.parametrize("qtype", INTERLEAVED, ids=lambda q: cpu.NAMES[q])
+def test_interleaved_bf16_and_dense_prefill(isa, qtype):
+    check_interleaved(qtype, 1280, 3, 32, torch.bfloat16)
+    cpu.set_prefill("bf16")
+    check_interleaved(qtype, 1280 if qtype in SIMPLE else 1536, 20, 48, bf16_path=True)
+
+
+@pytest.mark.parametrize("qtype", INTERLEAVED, ids=lambda q: cpu.NAMES[q])
+def test_interleaved_embedding(qtype):
+    k = 512
+    packed, w = make_weight(qtype, 48, k)
+    x16 = cpu.interleave(torch.from_numpy(packed), qtype, k)
+    ids = torch.tensor([[0, 47, 17], [31, 16, 15]])
+    e = cpu.embedding(x16, ids, qtype | cpu.X16, k, torch.float32)
+    torch.testing.assert_close(e, torch.from_numpy(w)[ids], rtol=1e-6, atol=1e-7)
+
+
+def test_interleave_refuses_bad_input():
+    packed, _ = make_weight(cpu.Q4_0, 40, 256)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        cpu.interleave(torch.from_numpy(packed), cpu.Q4_0, 256)
+    packed, _ = make_weight(cpu.Q4_1, 32, 256)
+    with pytest.raises(RuntimeError, match="no interleaved layout"):
+        cpu.interleave(torch.from_numpy(packed), cpu.Q4_1, 256)
+
+
+# ---- decode attention: only the positions the mask allows are read ----
+def _reference_attention(q, k, v, pos, window):
+    """scaled_dot_product_attention with the causal (or sliding-window) mask row of each position."""
+    b, h, _, d = q.shape
+    s = k.size(2)
+    t = torch.arange(s)
+    rows = pos.view(-1, 1).expand(b, 1)
+    mask = t.view(1, -1) <= rows
+    if window:
+        mask &= t.view(1, -1) > rows - window
+    kk = k.float().repeat_interleave(h // k.size(1), dim=1)
+    vv = v.float().repeat_interleave(h // k.size(1), dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q.float(), kk, vv, attn_mask=mask.view(b, 1, 1, s), scale=0.125)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim,window", [(64, 0), (80, 0), (64, 5), (12, 0)])
+def test_decode_attention(isa, dtype, head_dim, window):
+    g = torch.Generator().manual_seed(head_dim + window)
+    b, h, hkv, s = 3, 8, 2, 40  # grouped-query: 4 query heads per cached head
+    q = torch.randn(b, h, 1, head_dim, generator=g).to(dtype)
+    k = torch.randn(b, hkv, s, head_dim, generator=g).to(dtype)
+    v = torch.randn(b, hkv, s, head_dim, generator=g).to(dtype)
+    for pos in (torch.tensor([0]), torch.tensor([39]), torch.tensor([[3], [17], [39]])):
+        out = cpu.decode_attention(q, k, v, pos, 0.125, window)
+        assert out.dtype == dtype and out.shape == q.shape
+        ref = _reference_attention(q, k, v, pos, window)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+    # positions past the one being decoded are never read: garbage there changes nothing
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 18:], v2[:, :, 18:] = float("nan"), float("nan")
+    pos = torch.tensor([17])
+    torch.testing.assert_close(cpu.decode_attention(q, k2, v2, pos, 0.125, window),
+                               cpu.decode_attention(q, k, v, pos, 0.125, window), rtol=0, atol=0)
+
+
+def test_decode_attention_refuses_bad_positions():
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu.decode_attention(q, k, k, torch.tensor([4]), 1.0)

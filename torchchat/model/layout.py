@@ -4,6 +4,12 @@ before it runs (never to what is saved or exported, whose parameter names stay M
 - wq|wk|wv and w1|w3 stacked into one matrix each: one GEMV instead of three / two per layer; on this
   2-core CPU each GEMV call costs ~10-20 us of dispatch and thread start besides its bytes
   (stories15M, compiled bf16: 8% faster per step, measured side by side; bench/generate_bench.py).
+- GGML-packed weights of Q4_0, Q8_0, Q4_K and Q6_K in the kernels' row-interleaved layout (16 rows
+  block by block, torchchat/kernels/cpu/csrc/common.h): one register lane per output row, one
+  sequential stream per 16 rows; 1.5-2.5x the GEMV speed of the file's row-by-row layout.
+- Models with packed weights decode with torchchat_cpu::decode_attention: each step reads the cache
+  positions its mask allows, not the whole cache (the matmul over all max_seq_len positions cost a
+  third of a stories110M Q4_0 step at 512 positions).
 - On CPU in fp32, the output projection stored transposed (dim x vocab): MKL's GEMV reads that layout
   at about 3x the bandwidth of the row-major (vocab x dim) one for stories15M's 32000 x 288 (measured
   1.2 ms against 3.6 ms); in bf16 the transposed layout is the slow one, so it is left alone.
@@ -76,6 +82,16 @@ def optimize_for_decode(model: nn.Module) -> list[str]:
             ff.w13 = w13
             del ff.w1, ff.w3
             done.append("w13")
+    from torchchat.model.packed import has_packed, interleave_packed, kernels_unavailable
+
+    if has_packed(model) and kernels_unavailable() is None:
+        # The model already needs the native library (its packed layers), so decode attention may use
+        # it too; a float model stays free of it (its exports must load without the library).
+        if interleave_packed(model):
+            done.append("packed weights interleaved")
+        for block in model.layers:
+            block.attention.native_decode = block.attention.softcap is None  # (soft-capping: its own path)
+        done.append("native decode attention")
     output = model.output
     tied = getattr(output, "weight", None) is model.tok_embeddings.weight
     if (_plain(output) and not tied and output.bias is None and output.weight.device.type == "cpu"

@@ -112,6 +112,32 @@ def stack_packed(linears: list[PackedLinear]) -> PackedLinear | None:
     return PackedLinear(first.in_features, weight.size(0), first.qtype, weight, bias)
 
 
+def interleave_packed(model: nn.Module) -> int:
+    """Store every packed weight that has a row-interleaved layout (Q4_0, Q8_0, Q4_K, Q6_K with a
+    multiple of 16 rows) in it, in place: the kernels run it 1.5-2.5x faster (one lane per row, one
+    sequential stream per 16 rows; bench/cpu_kernels.py). A tied table is converted once, and the
+    embedding and the output keep sharing it. Returns how many weights were converted."""
+    from torchchat.kernels import cpu
+
+    by_storage: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        if is_packed(module) and module.weight.device.type == "cpu":
+            by_storage.setdefault(id(module.weight), []).append(module)
+    done = 0
+    for modules in by_storage.values():
+        first = modules[0]
+        k = first.in_features if isinstance(first, PackedLinear) else first.embedding_dim
+        qtype = first.qtype
+        if qtype not in cpu.X16_BLOCK_BYTES or first.weight.size(0) % 16:
+            continue
+        weight = nn.Parameter(cpu.interleave(first.weight.detach(), qtype, k), requires_grad=False)
+        for module in modules:
+            module.weight = weight
+            module.qtype = qtype | cpu.X16
+        done += 1
+    return done
+
+
 def is_packed(module: nn.Module) -> bool:
     return isinstance(module, (PackedLinear, PackedEmbedding))
 

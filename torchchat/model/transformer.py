@@ -43,6 +43,10 @@ class Attention(nn.Module):
         self.use_rope = layer_id not in cfg.nope_layers
         self.rope_dim = cfg.rotary_dim
         self.softcap = cfg.attn_softcap
+        self.window = cfg.sliding_window if layer_id in cfg.sliding_layers else 0
+        # Set by torchchat.model.layout where torchchat's CPU kernels are loaded: decode steps then
+        # read only the cache positions the mask allows (torchchat_cpu::decode_attention).
+        self.native_decode = False
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, row: int = 0) -> Tensor:
         """x: (B, S, dim); rope: (S, rope_dim/2, 2); mask: (1, 1, S, S_max) bool; input_pos: (S,); or, with
@@ -67,6 +71,8 @@ class Attention(nn.Module):
         k, v = self.kv_cache.update(input_pos, k, v, row)  # (B, H_kv, S_max, D)
         if self.softcap is not None:
             out = _softcapped_attention(q, k, v, mask, self.scale, self.softcap)
+        elif seqlen == 1 and x.device.type == "cpu" and self.native_decode:
+            out = torch.ops.torchchat_cpu.decode_attention(q, k, v, input_pos, self.scale, self.window)
         elif seqlen == 1 and x.device.type == "cpu":
             # CPU's scaled_dot_product_attention costs ~85 us per call for one query (stories15M), a
             # sixth of a compiled decode step; these few ops compile into much less.

@@ -35,6 +35,8 @@ from torchchat.kernels.cpu.formats import (  # noqa: F401  (re-exported API)
     Q6_K,
     Q8_0,
     SUPPORTED_QTYPES,
+    X16,
+    X16_BLOCK_BYTES,
     pack_q4_0,
     pack_q4_0_codes,
     pack_q4_1,
@@ -62,9 +64,35 @@ def _register_fakes() -> None:
     def _linear_fake(x: Tensor, w: Tensor, qtype: int, n: int, k: int) -> Tensor:
         return x.new_empty((*x.shape[:-1], n))
 
+    @torch.library.register_fake("torchchat_cpu::decode_attention")
+    def _attention_fake(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, scale: float, window: int) -> Tensor:
+        return torch.empty_like(q)
+
     @torch.library.register_fake("torchchat_cpu::ggml_embedding")
     def _embedding_fake(w: Tensor, ids: Tensor, qtype: int, k: int, dtype: torch.dtype) -> Tensor:
         return w.new_empty((*ids.shape, k), dtype=dtype)
+
+
+def interleave(w: Tensor, qtype: int, k: int) -> Tensor:
+    """A weight (n, row_bytes) in the file's layout of `qtype` (Q4_0, Q8_0, Q4_K or Q6_K), n a multiple
+    of 16, in the row-interleaved layout of type `qtype | X16`, which the kernels run faster (one
+    lane per row, one sequential stream per 16 rows). A new tensor; `deinterleave` undoes it."""
+    ensure_loaded()
+    return torch.ops.torchchat_cpu.ggml_interleave(w, qtype, k)
+
+
+def deinterleave(w: Tensor, qtype: int, k: int) -> Tensor:
+    """An interleaved weight (type `qtype`, X16 set) back in the file's layout, byte for byte."""
+    ensure_loaded()
+    return torch.ops.torchchat_cpu.ggml_deinterleave(w, qtype, k)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, scale: float, window: int = 0) -> Tensor:
+    """One query per sequence, q (B, H, 1, D), against the caches k, v (B, H_kv, S_max, D) over the
+    positions the mask allows: [0, pos], or the last `window` of them (sliding-window layers). pos:
+    (1,) shared or (B,) / (B, 1) per row. Reads only those positions, not the whole cache."""
+    ensure_loaded()
+    return torch.ops.torchchat_cpu.decode_attention(q, k, v, pos, scale, window)
 
 
 def _try_load() -> None:

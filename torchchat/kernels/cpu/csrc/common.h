@@ -37,11 +37,50 @@ typedef void (*gemm_fn)(const uint8_t* w, int64_t row_bytes, int64_t n_rows, con
 typedef void (*dequant_bf16_fn)(int qtype, const uint8_t* w, int64_t row_bytes, int64_t n_rows, int64_t K,
                                 uint16_t* out);
 
+// Row-interleaved layouts ("x16", type id | kX16): 16 consecutive output rows stored together, block by
+// block, so that one 512-bit register (or two 256-bit ones) holds the same 4 bytes of 16 rows and the
+// kernels' integer dots land one row per lane: no horizontal sums, one sequential stream per 16 rows,
+// and the 16 rows' scales in one load. Made once at load time (repack_x16) from rows in the file's
+// layout, which unpack_x16_row restores byte for byte. Per block of 16 rows (offsets in bytes; r the
+// row 0..15, i the byte 0..3 of a 4-byte chunk):
+//   Q4_0 (288 = 16 x 18):  d[r] f16 @0 | qs chunk c=0..3 @32 + 64c + 4r + i = qs_r[4c + i]
+//   Q8_0 (544 = 16 x 34):  d[r] f16 @0 | qs chunk c=0..7 @32 + 64c + 4r + i = qs_r[4c + i]
+//   Q4_K (2368 = 16 x 148, 1.03x the file's 144): d[r] @0 | dmin[r] @32 | scale j=0..7 @64 + 16j + r,
+//        min j @192 + 16j + r (the 6-bit values, one byte each) | qs @320 + 512p + 64c + 4r + i =
+//        qs_r[32p + 4c + i], p=0..3, c=0..7
+//   Q6_K (3360 = 16 x 210): d[r] @0 | scales s=0..15 @32 + 16s + r | ql @288 + 1024h + 64c + 4r + i =
+//        ql_r[64h + 4c + i], c=0..15 | qh @2336 + 512h + 64c + 4r + i = qh_r[32h + 4c + i], c=0..7
+constexpr int kX16 = 256;
+static inline int base_type(int qtype) { return qtype & 0xFF; }
+static inline bool is_x16(int qtype) { return (qtype & kX16) != 0; }
+// Bytes per block and row of the interleaved layout (0: the type has none).
+static inline int x16_block_bytes(int base) {
+  switch (base) {
+    case kQ4_0: return 18;
+    case kQ8_0: return 34;
+    case kQ4_K: return 148;
+    case kQ6_K: return 210;
+    default: return 0;
+  }
+}
+// 16 rows of nb blocks each (file layout, rows rb bytes apart) -> one interleaved group at out.
+void repack_x16(int base, const uint8_t* rows, int64_t rb, int64_t nb, uint8_t* out);
+// Row r (0..15) of an interleaved group of nb blocks -> the file's layout at out.
+void unpack_x16_row(int base, const uint8_t* group, int64_t nb, int r, uint8_t* out);
+
+// One query head of decode attention: out[D] = softmax(scale * q . k_t for t in [t0, t1]) . v_t, with
+// the cached keys/values k, v (rows of D values, fp32 or bf16 bits) and a scratch of t1 - t0 + 1 floats.
+typedef void (*attend_fn)(const float* q, const void* k, const void* v, int bf16, int64_t D, int64_t t0, int64_t t1,
+                          float scale, float* scores, float* out);
+
 struct KernelTable {
   const char* name;
   quantize_row_fn quantize_row;
   gemm_fn q4_0, q4_1, q8_0, q4_k, q5_k, q6_k;
   dequant_bf16_fn dequant_bf16;
+  // The interleaved layouts: w is a group, row_bytes its bytes / 16, n_rows a multiple of 16.
+  gemm_fn q4_0x, q8_0x, q4_kx, q6_kx;
+  attend_fn attend;
 };
 
 extern const KernelTable scalar_table;

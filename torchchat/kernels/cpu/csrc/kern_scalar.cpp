@@ -1,6 +1,8 @@
 // Portable reference kernels: the same integer formulation as the SIMD paths (int8 activations in
 // blocks of 32, integer dot per block, fp32 accumulation of scaled block dots), written plainly.
 // Used where no SIMD path runs and as the reference the SIMD paths are tested against.
+#include <vector>
+
 #include "common.h"
 
 namespace tcc {
@@ -141,11 +143,51 @@ void dequant_bf16_scalar(int qtype, const uint8_t* w, int64_t rb, int64_t n_rows
     }
   }
 }
+
+// Interleaved groups: each group's 16 rows are restored to the file's layout and run as above, which
+// keeps this path the plain reference the SIMD ones are checked against.
+template <int QT>
+void gemm_scalar_x16(const uint8_t* w, int64_t row_bytes, int64_t n_rows, const ActQ& a, int64_t M, float* y,
+                     int64_t ldy) {
+  const int64_t nb = a.K / block_elems(QT), rb = nb * block_bytes(QT);
+  std::vector<uint8_t> rows(16 * rb);
+  for (int64_t g = 0; g < n_rows / 16; g++) {
+    const uint8_t* group = w + g * 16 * row_bytes;
+    for (int r = 0; r < 16; r++) unpack_x16_row(QT, group, nb, r, rows.data() + r * rb);
+    gemm_scalar<QT>(rows.data(), rb, 16, a, M, y + 16 * g, ldy);
+  }
+}
+inline float cache_value(const void* p, int bf16, int64_t i) {
+  if (!bf16) return ((const float*)p)[i];
+  union { uint32_t u; float f; } v;
+  v.u = (uint32_t)((const uint16_t*)p)[i] << 16;
+  return v.f;
+}
+
+void attend_scalar(const float* q, const void* k, const void* v, int bf16, int64_t D, int64_t t0, int64_t t1,
+                   float scale, float* scores, float* out) {
+  float mx = -3.0e38f;
+  for (int64_t t = t0; t <= t1; t++) {
+    float dot = 0.f;
+    for (int64_t d = 0; d < D; d++) dot += q[d] * cache_value(k, bf16, t * D + d);
+    scores[t - t0] = dot * scale;
+    if (scores[t - t0] > mx) mx = scores[t - t0];
+  }
+  float sum = 0.f;
+  for (int64_t t = t0; t <= t1; t++) sum += (scores[t - t0] = __builtin_expf(scores[t - t0] - mx));
+  for (int64_t d = 0; d < D; d++) out[d] = 0.f;
+  for (int64_t t = t0; t <= t1; t++) {
+    const float p = scores[t - t0] / sum;
+    for (int64_t d = 0; d < D; d++) out[d] += p * cache_value(v, bf16, t * D + d);
+  }
+}
 }  // namespace
 
 const KernelTable scalar_table = {
     "scalar", quantize_row_scalar, gemm_scalar<kQ4_0>, gemm_scalar<kQ4_1>, gemm_scalar<kQ8_0>,
     gemm_scalar<kQ4_K>, gemm_scalar<kQ5_K>, gemm_scalar<kQ6_K>, dequant_bf16_scalar,
+    gemm_scalar_x16<kQ4_0>, gemm_scalar_x16<kQ8_0>, gemm_scalar_x16<kQ4_K>, gemm_scalar_x16<kQ6_K>,
+    attend_scalar,
 };
 
 }  // namespace tcc

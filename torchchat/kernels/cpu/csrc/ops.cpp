@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -148,13 +149,25 @@ gemm_fn gemm_for(const KernelTable& t, int64_t qtype) {
     case kQ4_K: return t.q4_k;
     case kQ5_K: return t.q5_k;
     case kQ6_K: return t.q6_k;
+    case kQ4_0 | kX16: return t.q4_0x;
+    case kQ8_0 | kX16: return t.q8_0x;
+    case kQ4_K | kX16: return t.q4_kx;
+    case kQ6_K | kX16: return t.q6_kx;
     default: return nullptr;
   }
 }
 
+// Bytes per block and row of a weight of this type id (file layout or interleaved), 0 if unknown.
+int layout_block_bytes(int64_t qtype) {
+  if (qtype < 0 || qtype >= 2 * kX16) return 0;
+  return is_x16((int)qtype) ? x16_block_bytes(base_type((int)qtype)) : block_bytes((int)qtype);
+}
+
 void check_weight(const at::Tensor& w, int64_t qtype, int64_t n, int64_t k, const char* op) {
-  const int be = block_elems((int)qtype), bb = block_bytes((int)qtype);
-  TORCH_CHECK(bb > 0, op, ": unsupported GGUF type ", qtype, " (supported: 2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 13 Q5_K, 14 Q6_K)");
+  const int be = block_elems(base_type((int)qtype)), bb = layout_block_bytes(qtype);
+  TORCH_CHECK(bb > 0, op, ": unsupported GGUF type ", qtype,
+              " (supported: 2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 13 Q5_K, 14 Q6_K; +256 interleaved 2, 8, 12, 14)");
+  TORCH_CHECK(!is_x16((int)qtype) || n % 16 == 0, op, ": an interleaved weight has a multiple of 16 rows, got ", n);
   TORCH_CHECK(k > 0 && k % be == 0, op, ": k=", k, " must be a positive multiple of ", be, " for type ", qtype);
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2, op,
               ": w must be a 2-D uint8 CPU tensor, got ", w.scalar_type(), " with ", w.dim(), " dims");
@@ -174,11 +187,24 @@ at::Tensor dense_prefill(const KernelTable& t, const at::Tensor& x, const at::Te
   at::Tensor y = at::empty({M, n}, x.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
   uint16_t* bp = reinterpret_cast<uint16_t*>(buf.data_ptr<at::BFloat16>());
+  const int base = base_type((int)qtype);
+  const int64_t plain_rb = k / block_elems(base) * block_bytes(base);
   for (int64_t r0 = 0; r0 < n; r0 += slice) {
     const int64_t len = std::min(slice, n - r0);
-    at::parallel_for(0, len, 16, [&](int64_t b, int64_t e) {
-      t.dequant_bf16((int)qtype, wp + (r0 + b) * rb, rb, e - b, k, bp + b * k);
-    });
+    if (is_x16((int)qtype)) {  // slice and r0 are multiples of 16: whole groups
+      at::parallel_for(0, len / 16, 1, [&](int64_t b, int64_t e) {
+        std::vector<uint8_t> rows(16 * plain_rb);
+        for (int64_t g = b; g < e; g++) {
+          for (int r = 0; r < 16; r++)
+            unpack_x16_row(base, wp + (r0 + 16 * g) * rb, k / block_elems(base), r, rows.data() + r * plain_rb);
+          t.dequant_bf16(base, rows.data(), plain_rb, 16, k, bp + 16 * g * k);
+        }
+      });
+    } else {
+      at::parallel_for(0, len, 16, [&](int64_t b, int64_t e) {
+        t.dequant_bf16((int)qtype, wp + (r0 + b) * rb, rb, e - b, k, bp + b * k);
+      });
+    }
     y.narrow(1, r0, len).copy_(at::mm(xb, buf.narrow(0, 0, len).t()));
   }
   return y;
@@ -230,11 +256,12 @@ at::Tensor ggml_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype, 
   const int64_t rb = w.size(1);
   // Output rows are split evenly across threads; each chunk at least ~32 KiB of weights times M so
   // that small matrices do not pay for waking threads, and a multiple of 4 rows (the kernels' tile).
-  int64_t grain = (32768 / (rb * M)) + 1;
-  grain = (grain + 3) / 4 * 4;
-  const int64_t tiles = (n + 3) / 4;
-  at::parallel_for(0, tiles, (grain + 3) / 4, [&](int64_t b, int64_t e) {
-    const int64_t r0 = b * 4, r1 = std::min(n, e * 4);
+  // (Interleaved weights: whole groups of 16 rows.)
+  const int64_t tile = is_x16((int)qtype) ? 16 : 4;
+  const int64_t tiles = (n + tile - 1) / tile;
+  const int64_t grain = (32768 / (rb * M)) / tile + 1;
+  at::parallel_for(0, tiles, grain, [&](int64_t b, int64_t e) {
+    const int64_t r0 = b * tile, r1 = std::min(n, e * tile);
     gemm(wp + r0 * rb, rb, r1 - r0, act, M, yp + r0, n);
   });
   if (x.scalar_type() != at::kFloat) y = y.to(x.scalar_type());
@@ -253,12 +280,97 @@ at::Tensor ggml_embedding(const at::Tensor& w, const at::Tensor& ids, int64_t qt
   at::Tensor out = at::empty({cnt, k}, w.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int base = base_type((int)qtype);
   at::parallel_for(0, cnt, 8, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; i++) dequantize_row((int)qtype, wp + ip[i] * rb, k, op + i * k);
+    std::vector<uint8_t> row(is_x16((int)qtype) ? k / block_elems(base) * block_bytes(base) : 0);
+    for (int64_t i = b; i < e; i++) {
+      if (is_x16((int)qtype)) {
+        unpack_x16_row(base, wp + ip[i] / 16 * 16 * rb, k / block_elems(base), (int)(ip[i] % 16), row.data());
+        dequantize_row(base, row.data(), k, op + i * k);
+      } else {
+        dequantize_row((int)qtype, wp + ip[i] * rb, k, op + i * k);
+      }
+    }
   });
   std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
   shape.push_back(k);
   return out.to(dtype).view(shape);
+}
+
+// Decode attention: one query per sequence against the KV cache, over the positions the causal (or
+// sliding-window) mask lets it see, [max(0, pos - window + 1), pos], rather than the whole cache.
+// q (B, H, 1, D); k, v (B, H_kv, S_max, D) contiguous, fp32 or bf16; pos (1,), (B,) or (B, 1) int64.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
+                            double scale, int64_t window) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "decode_attention: q must be (B, H, 1, D), got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes(), "decode_attention: k and v must be (B, H_kv, S_max, D) alike");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "decode_attention: the caches must be contiguous");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
+              "decode_attention: caches must both be float32 or bfloat16");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hkv > 0 && H % Hkv == 0, "decode_attention: q ", q.sizes(),
+              " does not match the cache ", k.sizes());
+  const at::Tensor p = pos.to(at::kLong).contiguous().view(-1);
+  TORCH_CHECK(p.numel() == 1 || p.numel() == B, "decode_attention: pos must hold 1 or B positions, got ", p.numel());
+  const int64_t* pp = p.data_ptr<int64_t>();
+  for (int64_t i = 0; i < p.numel(); i++)
+    TORCH_CHECK(pp[i] >= 0 && pp[i] < S, "decode_attention: position ", pp[i], " outside the cache [0, ", S, ")");
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({B, H, 1, D}, q.options().dtype(at::kFloat));
+  const KernelTable& t = table();
+  const int bf16 = k.scalar_type() == at::kBFloat16;
+  const int64_t esize = bf16 ? 2 : 4;
+  const char* kp = static_cast<const char*>(k.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  const float* qp = qf.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t longest = *std::max_element(pp, pp + p.numel()) + 1;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, longest * D * 2));
+  at::parallel_for(0, B * H, grain, [&](int64_t b0, int64_t e0) {
+    std::vector<float> scores(S);
+    for (int64_t i = b0; i < e0; i++) {
+      const int64_t b = i / H, h = i % H, kvh = h / (H / Hkv);
+      const int64_t t1 = pp[p.numel() == 1 ? 0 : b];
+      const int64_t t0 = window > 0 ? std::max<int64_t>(0, t1 - window + 1) : 0;
+      const int64_t off = ((b * Hkv + kvh) * S) * D * esize;
+      t.attend(qp + i * D, kp + off, vp + off, bf16, D, t0, t1, (float)scale, scores.data(), op + i * D);
+    }
+  });
+  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+}
+
+// Rows (n, k) of a weight in the file's layout -> the interleaved layout (common.h), n a multiple of 16.
+at::Tensor ggml_interleave(const at::Tensor& w, int64_t qtype, int64_t k) {
+  TORCH_CHECK(!is_x16((int)qtype) && x16_block_bytes((int)qtype) > 0, "ggml_interleave: type ", qtype,
+              " has no interleaved layout (Q4_0, Q8_0, Q4_K, Q6_K do)");
+  const int64_t n = w.size(0);
+  check_weight(w, qtype, n, k, "ggml_interleave");
+  TORCH_CHECK(n % 16 == 0, "ggml_interleave: ", n, " rows is not a multiple of 16");
+  const int64_t nb = k / block_elems((int)qtype), rb = w.size(1), xrb = nb * x16_block_bytes((int)qtype);
+  at::Tensor out = at::empty({n, xrb}, w.options());
+  const uint8_t* src = w.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, n / 16, 1, [&](int64_t b, int64_t e) {
+    for (int64_t g = b; g < e; g++) repack_x16((int)qtype, src + 16 * g * rb, rb, nb, dst + 16 * g * xrb);
+  });
+  return out;
+}
+
+// The inverse: an interleaved weight (type id | 256) back in the file's layout.
+at::Tensor ggml_deinterleave(const at::Tensor& w, int64_t qtype, int64_t k) {
+  const int64_t n = w.size(0);
+  check_weight(w, qtype, n, k, "ggml_deinterleave");
+  TORCH_CHECK(is_x16((int)qtype), "ggml_deinterleave: type ", qtype, " is not an interleaved layout");
+  const int base = base_type((int)qtype);
+  const int64_t nb = k / block_elems(base), rb = nb * block_bytes(base), xrb = w.size(1);
+  at::Tensor out = at::empty({n, rb}, w.options());
+  const uint8_t* src = w.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, n / 16, 1, [&](int64_t b, int64_t e) {
+    for (int64_t g = b; g < e; g++)
+      for (int r = 0; r < 16; r++) unpack_x16_row(base, src + 16 * g * xrb, nb, r, dst + (16 * g + r) * rb);
+  });
+  return out;
 }
 
 }  // namespace
@@ -267,6 +379,9 @@ at::Tensor ggml_embedding(const at::Tensor& w, const at::Tensor& ids, int64_t qt
 TORCH_LIBRARY(torchchat_cpu, m) {
   m.def("ggml_linear(Tensor x, Tensor w, int qtype, int n, int k) -> Tensor");
   m.def("ggml_embedding(Tensor w, Tensor ids, int qtype, int k, ScalarType dtype) -> Tensor");
+  m.def("ggml_interleave(Tensor w, int qtype, int k) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor pos, float scale, int window) -> Tensor");
+  m.def("ggml_deinterleave(Tensor w, int qtype, int k) -> Tensor");
   // "chosen;supported,..." and a switch for tests; not for graphs.
   m.def("_isa_info() -> str", &tcc::isa_info);
   m.def("_set_isa(str name) -> str", &tcc::set_isa);
@@ -277,4 +392,7 @@ TORCH_LIBRARY(torchchat_cpu, m) {
 TORCH_LIBRARY_IMPL(torchchat_cpu, CPU, m) {
   m.impl("ggml_linear", &tcc::ggml_linear);
   m.impl("ggml_embedding", &tcc::ggml_embedding);
+  m.impl("ggml_interleave", &tcc::ggml_interleave);
+  m.impl("decode_attention", &tcc::decode_attention);
+  m.impl("ggml_deinterleave", &tcc::ggml_deinterleave);
 }
