@@ -44,6 +44,14 @@ def random_packed(qtype: int, n: int, k: int) -> torch.Tensor:
     return w
 
 
+def laid_out(w: torch.Tensor, qtype: int, n: int, k: int, layout: str) -> tuple[torch.Tensor, int]:
+    """The weight and type id the kernels get: the file's layout, or ("x16") the row-interleaved one
+    torchchat runs (torchchat.model.layout) where the type has it and n is a multiple of 16."""
+    if layout == "x16" and qtype in cpu.X16_BLOCK_BYTES and n % 16 == 0:
+        return cpu.interleave(w, qtype, k), qtype | cpu.X16
+    return w, qtype
+
+
 MODELS = {  # layers, dim, hidden, vocab (output layer)
     "110m": (12, 768, 2048, 32000),
     "1b": (16, 2048, 8192, 128256),
@@ -63,20 +71,21 @@ def bench_model(args, dtype) -> None:
     print("| model | type | M | threads | wall ms per forward (median) | forwards/s | CPU ms per forward, all threads (median) | weight MB |")
     print("|---|---|---|---|---|---|---|---|")
     for t in args.types:
-        weights = [(random_packed(TYPES[t], n, k), n, k) for n, k in model_linears(args.model)]
-        mb = sum(w.numel() for w, _, _ in weights) / 1e6
+        weights = [(*laid_out(random_packed(TYPES[t], n, k), TYPES[t], n, k, args.layout), n, k)
+                   for n, k in model_linears(args.model)]
+        mb = sum(w.numel() for w, _, _, _ in weights) / 1e6
         for m in args.m:
-            xs = {k: torch.randn(m, k, dtype=dtype) for _, _, k in weights}
+            xs = {k: torch.randn(m, k, dtype=dtype) for _, _, _, k in weights}
 
             def forward():
-                for w, n, k in weights:
-                    cpu.linear(xs[k], w, TYPES[t], n, k)
+                for w, q, n, k in weights:
+                    cpu.linear(xs[k], w, q, n, k)
 
             for th in args.threads:
                 torch.set_num_threads(th)
                 ms = median_ms(forward, min_time=1.0, max_runs=20)
                 cpu_ms = median_ms(forward, min_time=1.0, max_runs=20, clock=time.process_time)
-                print(f"| {args.model} | {t} | {m} | {th} | {ms:.2f} | {1e3 / ms:.1f} | {cpu_ms:.2f} | {mb:.0f} |", flush=True)
+                print(f"| {args.model} | {t} ({args.layout}) | {m} | {th} | {ms:.2f} | {1e3 / ms:.1f} | {cpu_ms:.2f} | {mb:.0f} |", flush=True)
         del weights
 
 
@@ -100,6 +109,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="activation dtype")
     p.add_argument("--no-dense", action="store_true", help="skip the dense F.linear columns")
     p.add_argument("--model", choices=list(MODELS), help="time all linears of one forward instead")
+    p.add_argument("--layout", choices=["x16", "file"], default="x16",
+                   help="x16: the row-interleaved layout torchchat runs; file: the GGUF rows as stored")
     args = p.parse_args()
     cpu.ensure_loaded()
     dtype = getattr(torch, args.dtype)
@@ -111,7 +122,7 @@ def main() -> None:
     print("|---" * (5 + len(args.types)) + "|")
     for shape_set in args.shapes:
         for name, n, k in SHAPES[shape_set]:
-            packed = {t: random_packed(TYPES[t], n, k) for t in args.types}
+            packed = {t: laid_out(random_packed(TYPES[t], n, k), TYPES[t], n, k, args.layout) for t in args.types}
             dense32 = None if args.no_dense else torch.randn(n, k)
             dense16 = None if args.no_dense else dense32.bfloat16()
             for m in args.m:
@@ -126,8 +137,8 @@ def main() -> None:
                     else:
                         cells += ["-", "-"]
                     for t in args.types:
-                        w = packed[t]
-                        ms = median_ms(lambda: cpu.linear(x, w, TYPES[t], n, k))
+                        w, q = packed[t]
+                        ms = median_ms(lambda: cpu.linear(x, w, q, n, k))
                         cells.append(f"{ms:.3f} ({w.numel() / ms / 1e6:.1f})")
                     print(f"| {name} | {m} | {th} | " + " | ".join(cells) + " |", flush=True)
 

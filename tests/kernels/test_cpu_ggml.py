@@ -280,7 +280,7 @@ def test_env_var_caps_isa():
 
 
 # ---- row-interleaved layouts (type | X16): made at load time for the kernels ----
-INTERLEAVED = [cpu.Q4_0, cpu.Q8_0, cpu.Q4_K, cpu.Q6_K]
+INTERLEAVED = SIMPLE + KQUANTS  # every type has one
 
 
 def check_interleaved(qtype: int, k: int, m: int, n: int, dtype: torch.dtype = torch.float32, bf16_path: bool = False) -> None:
@@ -336,8 +336,9 @@ def test_interleave_refuses_bad_input():
     with pytest.raises(RuntimeError, match="multiple of 16"):
         cpu.interleave(torch.from_numpy(packed), cpu.Q4_0, 256)
     packed, _ = make_weight(cpu.Q4_1, 32, 256)
+    twice = cpu.interleave(torch.from_numpy(packed), cpu.Q4_1, 256)
     with pytest.raises(RuntimeError, match="no interleaved layout"):
-        cpu.interleave(torch.from_numpy(packed), cpu.Q4_1, 256)
+        cpu.interleave(twice, cpu.Q4_1 | cpu.X16, 256)
 
 
 # ---- decode attention: only the positions the mask allows are read ----

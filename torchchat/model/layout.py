@@ -4,7 +4,7 @@ before it runs (never to what is saved or exported, whose parameter names stay M
 - wq|wk|wv and w1|w3 stacked into one matrix each: one GEMV instead of three / two per layer; on this
   2-core CPU each GEMV call costs ~10-20 us of dispatch and thread start besides its bytes
   (stories15M, compiled bf16: 8% faster per step, measured side by side; bench/generate_bench.py).
-- GGML-packed weights of Q4_0, Q8_0, Q4_K and Q6_K in the kernels' row-interleaved layout (16 rows
+- GGML-packed weights in the kernels' row-interleaved layout (16 rows
   block by block, torchchat/kernels/cpu/csrc/common.h): one register lane per output row, one
   sequential stream per 16 rows; 1.5-2.5x the GEMV speed of the file's row-by-row layout.
 - Models with packed weights decode with torchchat_cpu::decode_attention: each step reads the cache

@@ -113,7 +113,7 @@ def stack_packed(linears: list[PackedLinear]) -> PackedLinear | None:
 
 
 def interleave_packed(model: nn.Module) -> int:
-    """Store every packed weight that has a row-interleaved layout (Q4_0, Q8_0, Q4_K, Q6_K with a
+    """Store every packed weight that has a row-interleaved layout (every GGUF type the kernels run, with a
     multiple of 16 rows) in it, in place: the kernels run it 1.5-2.5x faster (one lane per row, one
     sequential stream per 16 rows; bench/cpu_kernels.py). A tied table is converted once, and the
     embedding and the output keep sharing it. Returns how many weights were converted."""

@@ -74,7 +74,7 @@ def _register_fakes() -> None:
 
 
 def interleave(w: Tensor, qtype: int, k: int) -> Tensor:
-    """A weight (n, row_bytes) in the file's layout of `qtype` (Q4_0, Q8_0, Q4_K or Q6_K), n a multiple
+    """A weight (n, row_bytes) in the file's layout of `qtype` (any supported GGUF type), n a multiple
     of 16, in the row-interleaved layout of type `qtype | X16`, which the kernels run faster (one
     lane per row, one sequential stream per 16 rows). A new tensor; `deinterleave` undoes it."""
     ensure_loaded()

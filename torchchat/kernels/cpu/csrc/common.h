@@ -44,10 +44,13 @@ typedef void (*dequant_bf16_fn)(int qtype, const uint8_t* w, int64_t row_bytes, 
 // layout, which unpack_x16_row restores byte for byte. Per block of 16 rows (offsets in bytes; r the
 // row 0..15, i the byte 0..3 of a 4-byte chunk):
 //   Q4_0 (288 = 16 x 18):  d[r] f16 @0 | qs chunk c=0..3 @32 + 64c + 4r + i = qs_r[4c + i]
+//   Q4_1 (320 = 16 x 20):  d[r] f16 @0 | m[r] f16 @32 | qs chunk c=0..3 @64 + 64c + 4r + i = qs_r[4c + i]
 //   Q8_0 (544 = 16 x 34):  d[r] f16 @0 | qs chunk c=0..7 @32 + 64c + 4r + i = qs_r[4c + i]
 //   Q4_K (2368 = 16 x 148, 1.03x the file's 144): d[r] @0 | dmin[r] @32 | scale j=0..7 @64 + 16j + r,
 //        min j @192 + 16j + r (the 6-bit values, one byte each) | qs @320 + 512p + 64c + 4r + i =
 //        qs_r[32p + 4c + i], p=0..3, c=0..7
+//   Q5_K (2880 = 16 x 180, 1.02x the file's 176): Q4_K's layout (its qs from the file's @48), then
+//        qh @2368 + 64c + 4r + i = qh_r[4c + i], c=0..7
 //   Q6_K (3360 = 16 x 210): d[r] @0 | scales s=0..15 @32 + 16s + r | ql @288 + 1024h + 64c + 4r + i =
 //        ql_r[64h + 4c + i], c=0..15 | qh @2336 + 512h + 64c + 4r + i = qh_r[32h + 4c + i], c=0..7
 constexpr int kX16 = 256;
@@ -57,8 +60,10 @@ static inline bool is_x16(int qtype) { return (qtype & kX16) != 0; }
 static inline int x16_block_bytes(int base) {
   switch (base) {
     case kQ4_0: return 18;
+    case kQ4_1: return 20;
     case kQ8_0: return 34;
     case kQ4_K: return 148;
+    case kQ5_K: return 180;
     case kQ6_K: return 210;
     default: return 0;
   }
@@ -79,7 +84,7 @@ struct KernelTable {
   gemm_fn q4_0, q4_1, q8_0, q4_k, q5_k, q6_k;
   dequant_bf16_fn dequant_bf16;
   // The interleaved layouts: w is a group, row_bytes its bytes / 16, n_rows a multiple of 16.
-  gemm_fn q4_0x, q8_0x, q4_kx, q6_kx;
+  gemm_fn q4_0x, q4_1x, q8_0x, q4_kx, q5_kx, q6_kx;
   attend_fn attend;
 };
 

@@ -186,7 +186,8 @@ void attend_scalar(const float* q, const void* k, const void* v, int bf16, int64
 const KernelTable scalar_table = {
     "scalar", quantize_row_scalar, gemm_scalar<kQ4_0>, gemm_scalar<kQ4_1>, gemm_scalar<kQ8_0>,
     gemm_scalar<kQ4_K>, gemm_scalar<kQ5_K>, gemm_scalar<kQ6_K>, dequant_bf16_scalar,
-    gemm_scalar_x16<kQ4_0>, gemm_scalar_x16<kQ8_0>, gemm_scalar_x16<kQ4_K>, gemm_scalar_x16<kQ6_K>,
+    gemm_scalar_x16<kQ4_0>, gemm_scalar_x16<kQ4_1>, gemm_scalar_x16<kQ8_0>, gemm_scalar_x16<kQ4_K>,
+    gemm_scalar_x16<kQ5_K>, gemm_scalar_x16<kQ6_K>,
     attend_scalar,
 };
 

@@ -150,8 +150,10 @@ gemm_fn gemm_for(const KernelTable& t, int64_t qtype) {
     case kQ5_K: return t.q5_k;
     case kQ6_K: return t.q6_k;
     case kQ4_0 | kX16: return t.q4_0x;
+    case kQ4_1 | kX16: return t.q4_1x;
     case kQ8_0 | kX16: return t.q8_0x;
     case kQ4_K | kX16: return t.q4_kx;
+    case kQ5_K | kX16: return t.q5_kx;
     case kQ6_K | kX16: return t.q6_kx;
     default: return nullptr;
   }
@@ -166,7 +168,7 @@ int layout_block_bytes(int64_t qtype) {
 void check_weight(const at::Tensor& w, int64_t qtype, int64_t n, int64_t k, const char* op) {
   const int be = block_elems(base_type((int)qtype)), bb = layout_block_bytes(qtype);
   TORCH_CHECK(bb > 0, op, ": unsupported GGUF type ", qtype,
-              " (supported: 2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 13 Q5_K, 14 Q6_K; +256 interleaved 2, 8, 12, 14)");
+              " (supported: 2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 13 Q5_K, 14 Q6_K; +256 for each interleaved)");
   TORCH_CHECK(!is_x16((int)qtype) || n % 16 == 0, op, ": an interleaved weight has a multiple of 16 rows, got ", n);
   TORCH_CHECK(k > 0 && k % be == 0, op, ": k=", k, " must be a positive multiple of ", be, " for type ", qtype);
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2, op,
@@ -342,7 +344,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // Rows (n, k) of a weight in the file's layout -> the interleaved layout (common.h), n a multiple of 16.
 at::Tensor ggml_interleave(const at::Tensor& w, int64_t qtype, int64_t k) {
   TORCH_CHECK(!is_x16((int)qtype) && x16_block_bytes((int)qtype) > 0, "ggml_interleave: type ", qtype,
-              " has no interleaved layout (Q4_0, Q8_0, Q4_K, Q6_K do)");
+              " has no interleaved layout (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K do)");
   const int64_t n = w.size(0);
   check_weight(w, qtype, n, k, "ggml_interleave");
   TORCH_CHECK(n % 16 == 0, "ggml_interleave: ", n, " rows is not a multiple of 16");

@@ -35,7 +35,14 @@ void repack_x16(int type, const uint8_t* rows, int64_t rb, int64_t nb, uint8_t* 
           memcpy(o + 2 * r, s, 2);
           for (int c = 0; c < (type == kQ4_0 ? 4 : 8); c++) memcpy(o + chunk(32, c, r), s + 2 + 4 * c, 4);
           break;
+        case kQ4_1:
+          memcpy(o + 2 * r, s, 2);
+          memcpy(o + 32 + 2 * r, s + 2, 2);
+          for (int c = 0; c < 4; c++) memcpy(o + chunk(64, c, r), s + 4 + 4 * c, 4);
+          break;
         case kQ4_K:
+        case kQ5_K: {
+          const int qs = type == kQ5_K ? 48 : 16;
           memcpy(o + 2 * r, s, 2);
           memcpy(o + 32 + 2 * r, s + 2, 2);
           for (int j = 0; j < 8; j++) {
@@ -45,8 +52,11 @@ void repack_x16(int type, const uint8_t* rows, int64_t rb, int64_t nb, uint8_t* 
             o[192 + 16 * j + r] = (uint8_t)mn;
           }
           for (int p = 0; p < 4; p++)
-            for (int c = 0; c < 8; c++) memcpy(o + chunk(320 + 512 * p, c, r), s + 16 + 32 * p + 4 * c, 4);
+            for (int c = 0; c < 8; c++) memcpy(o + chunk(320 + 512 * p, c, r), s + qs + 32 * p + 4 * c, 4);
+          if (type == kQ5_K)
+            for (int c = 0; c < 8; c++) memcpy(o + chunk(2368, c, r), s + 16 + 4 * c, 4);
           break;
+        }
         case kQ6_K:
           memcpy(o + 2 * r, s + 208, 2);
           for (int j = 0; j < 16; j++) o[32 + 16 * j + r] = s[192 + j];
@@ -71,14 +81,23 @@ void unpack_x16_row(int type, const uint8_t* group, int64_t nb, int r, uint8_t* 
         memcpy(s, o + 2 * r, 2);
         for (int c = 0; c < (type == kQ4_0 ? 4 : 8); c++) memcpy(s + 2 + 4 * c, o + chunk(32, c, r), 4);
         break;
-      case kQ4_K: {
+      case kQ4_1:
+        memcpy(s, o + 2 * r, 2);
+        memcpy(s + 2, o + 32 + 2 * r, 2);
+        for (int c = 0; c < 4; c++) memcpy(s + 4 + 4 * c, o + chunk(64, c, r), 4);
+        break;
+      case kQ4_K:
+      case kQ5_K: {
+        const int qs = type == kQ5_K ? 48 : 16;
         memcpy(s, o + 2 * r, 2);
         memcpy(s + 2, o + 32 + 2 * r, 2);
         uint8_t sc[8], mn[8];
         for (int j = 0; j < 8; j++) { sc[j] = o[64 + 16 * j + r]; mn[j] = o[192 + 16 * j + r]; }
         pack_k_scales(sc, mn, s + 4);
         for (int p = 0; p < 4; p++)
-          for (int c = 0; c < 8; c++) memcpy(s + 16 + 32 * p + 4 * c, o + chunk(320 + 512 * p, c, r), 4);
+          for (int c = 0; c < 8; c++) memcpy(s + qs + 32 * p + 4 * c, o + chunk(320 + 512 * p, c, r), 4);
+        if (type == kQ5_K)
+          for (int c = 0; c < 8; c++) memcpy(s + 16 + 4 * c, o + chunk(2368, c, r), 4);
         break;
       }
       case kQ6_K:
