@@ -10,7 +10,8 @@ memory of torchchat's weight storages (pages present, from /proc/self/pagemap) b
 Builds nothing. Files: `{shape}-{TYPE}.gguf` in --models (the stories15M/110M-shaped ones made by
 ../shared/tools/make_gguf_models.sh, e.g. s15m-Q4_0.gguf). The Llama-3.2-1B-shaped files (`l1b-*.gguf`)
 are made here if missing: random F16 weights written with the `gguf` package (tied embeddings,
-vocabulary 128256), quantized by the given llama.cpp's own llama-quantize.
+vocabulary 128256), quantized by the given llama.cpp's own llama-quantize; other missing types of
+any shape are quantized from its F16 file the same way.
 
     python3 bench/cpu_vs_llamacpp.py /work/llamacpp/bin /work/llamacpp/models
     python3 bench/cpu_vs_llamacpp.py BIN MODELS --shapes s15m s110m l1b --types Q8_0 Q4_0 Q4_K_M --threads 1 2 --rounds 3
@@ -93,9 +94,9 @@ def ensure_file(models: Path, shape: str, qtype: str, bin_dir: Path) -> Path:
     path = models / f"{shape}-{qtype}.gguf"
     if path.is_file():
         return path
-    if shape != "l1b":
+    f16 = models / f"{shape}-F16.gguf"
+    if shape != "l1b" and not f16.is_file():
         raise SystemExit(f"{path} is missing (../shared/tools/make_gguf_models.sh makes the stories-shaped files)")
-    f16 = models / "l1b-F16.gguf"
     if not f16.is_file():
         print(f"writing {f16} (random weights) ...", flush=True)
         write_l1b_f16(f16)

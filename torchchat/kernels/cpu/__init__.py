@@ -172,9 +172,10 @@ def set_isa(name: str | None) -> str:
 
 def set_prefill(mode: str | None) -> str:
     """How ggml_linear runs 16 or more activation rows: "int8" (the integer kernels) or "bf16"
-    (weights dequantized slice by slice into a scratch buffer, then torch's dense bf16 GEMM; the
-    default where the CPU has AVX512_BF16, on which that GEMM is about twice as fast). None restores
-    the default (TORCHCHAT_CPU_PREFILL or the CPU's). Returns the mode now used."""
+    (weights dequantized slice by slice into a scratch buffer, then torch's dense bf16 GEMM). None
+    restores the default (TORCHCHAT_CPU_PREFILL, else automatic: bf16 for weights in the file's row
+    layout where the CPU has AVX512_BF16, on which that GEMM beats the row-layout kernels about twice,
+    and int8 for the interleaved layouts, whose kernels beat it). Returns the mode now used."""
     if mode is not None and mode not in ("int8", "bf16"):
         raise ValueError(f"unknown prefill mode {mode!r}; valid: int8, bf16")
     ensure_loaded()

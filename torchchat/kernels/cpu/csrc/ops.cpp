@@ -114,12 +114,14 @@ std::string set_isa(std::string name) {
 }
 
 // ---- prefill mode ------------------------------------------------------------------------
-// With many activation rows the int8 kernels are compute bound. Where the CPU has native bf16 dot
-// products (AVX512_BF16), torch's dense bf16 GEMM (oneDNN) is about twice as fast as them, so
-// prefill dequantizes the weights slice by slice (a scratch of ~1 MiB, never the whole matrix) and
-// calls it. TORCHCHAT_CPU_PREFILL=int8|bf16 forces one; decode (few rows) always runs int8.
+// With many activation rows the integer kernels are compute bound. For weights in the file's row
+// layout, where the CPU has native bf16 dot products (AVX512_BF16), torch's dense bf16 GEMM (oneDNN) is
+// about twice as fast as them, so prefill dequantizes the weights slice by slice (a scratch of ~1 MiB,
+// never the whole matrix) and calls it. The interleaved layouts' integer kernels are faster than that
+// (stories110M's linears, 128 rows, 1 thread: 87-143 ms against 170-182; bench/cpu_kernels.py), so they
+// keep them. TORCHCHAT_CPU_PREFILL=int8|bf16 forces one; decode (few rows) always runs int8.
 constexpr int64_t kDenseMinRows = 16;
-std::atomic<int> g_prefill{-1};  // -1 unset, 0 int8, 1 bf16
+std::atomic<int> g_prefill{-1};  // -1 unset, 0 int8, 1 bf16, 2 automatic
 
 int prefill_mode() {
   int p = g_prefill.load();
@@ -127,16 +129,25 @@ int prefill_mode() {
   const char* env = std::getenv("TORCHCHAT_CPU_PREFILL");
   if (env && std::string(env) == "int8") p = 0;
   else if (env && std::string(env) == "bf16") p = 1;
-  else p = has_avx512bf16() ? 1 : 0;
+  else p = 2;
   g_prefill.store(p);
   return p;
 }
 
-std::string prefill_name() { return prefill_mode() ? "bf16" : "int8"; }
+// Whether a prefill of a weight of this type goes through the dense bf16 GEMM.
+bool dense_prefill_for(int64_t qtype) {
+  const int p = prefill_mode();
+  return p == 1 || (p == 2 && !is_x16((int)qtype) && has_avx512bf16());
+}
+
+std::string prefill_name() {
+  const int p = prefill_mode();
+  return p == 0 ? "int8" : p == 1 ? "bf16" : has_avx512bf16() ? "auto (bf16 for the file's row layout, int8 interleaved)" : "int8";
+}
 
 std::string set_prefill(std::string mode) {
   g_prefill.store(mode == "int8" ? 0 : mode == "bf16" ? 1 : -1);
-  return prefill_mode() ? "bf16" : "int8";
+  return prefill_name();
 }
 
 // ---- operators -----------------------------------------------------------------------------
@@ -224,7 +235,7 @@ at::Tensor ggml_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype, 
   out_shape.back() = n;
   const int64_t M = x.numel() / k;
   if (M == 0) return at::empty(out_shape, x.options());
-  if (M >= kDenseMinRows && prefill_mode() == 1) return dense_prefill(t, x, w, qtype, n, k).view(out_shape);
+  if (M >= kDenseMinRows && dense_prefill_for(qtype)) return dense_prefill(t, x, w, qtype, n, k).view(out_shape);
   const at::Tensor xf = x.reshape({-1, k}).to(at::kFloat).contiguous();
 
   // Activation rows quantized once, reused by every weight row. The scratch is per calling thread
