@@ -121,7 +121,8 @@ class Targets:
         return self._cache[str(path)]
 
     def gguf_model(self, rng, tmp: Path):
-        from torchchat.checkpoint.detect import LoadOptions, load_checkpoint
+        from torchchat.checkpoint.detect import load_checkpoint
+        from torchchat.checkpoint.loaded import LoadOptions
 
         data = self._read(STORIES / "stories260K.gguf")
         path = tmp / "m.gguf"

@@ -3,7 +3,6 @@
 Library callers make a BuildSpec themselves; the CLI makes one in `torchchat/cli/args.py`."""
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import torch
 from torchchat.errors import CheckpointError, DeviceError, QuantizationError, TokenizerError, UserInputError
 from torchchat.inventory.store import default_model_directory
 from torchchat.model.config import ModelConfig
+from torchchat.model.dummy_weights import dummy_tensor, init_dummy_weights
 from torchchat.model.registry import ModelEntry, params_table, resolve_model
 
 
@@ -129,38 +129,6 @@ def _tokenizer_beside(checkpoint: Path) -> Path | None:
         if (folder / name).is_file():
             return folder / name
     return None
-
-
-# Random weights are drawn this many values at a time (bounded float32 scratch on the device).
-_DUMMY_CHUNK = 1 << 24
-
-
-def dummy_tensor(name: str, shape: torch.Size, device: str, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """The random (--dummy-weights) value of one parameter: N(0, 0.02) from a generator seeded by
-    `seed` and the parameter's name, norm weights 1 and biases 0. Depending only on the name makes the
-    weights the same whatever order or grouping a build path materializes them in."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if name.endswith("norm.weight"):
-        return out.fill_(1.0)
-    if name.endswith(".bias"):
-        return out.zero_()
-    gen = torch.Generator(device=device).manual_seed(seed + zlib.crc32(name.encode()))
-    flat = out.view(-1)
-    scratch = torch.empty(min(flat.numel(), _DUMMY_CHUNK), dtype=torch.float32, device=device)
-    for a in range(0, flat.numel(), _DUMMY_CHUNK):
-        part = scratch[: min(_DUMMY_CHUNK, flat.numel() - a)]
-        flat[a : a + part.numel()].copy_(part.normal_(0.0, 0.02, generator=gen))
-    return out
-
-
-def _init_dummy(model: torch.nn.Module, device: str, dtype: torch.dtype, seed: int) -> None:
-    with torch.no_grad():
-        for module_name, module in model.named_modules():
-            for pname, p in list(module.named_parameters(recurse=False)):
-                name = f"{module_name}.{pname}" if module_name else pname
-                setattr(module, pname, torch.nn.Parameter(dummy_tensor(name, p.shape, device, dtype, seed)))
-    if model.config.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
 
 
 def check_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -391,7 +359,7 @@ def build_model(spec: BuildSpec) -> BuiltModel:
                 if config.tie_embeddings:
                     model.output.weight = model.tok_embeddings.weight
             else:
-                _init_dummy(model, device, spec.dtype, spec.seed)
+                init_dummy_weights(model, device, spec.dtype, spec.seed)
             if spec.quant is not None:
                 from torchchat.quantize import apply_quantization
 

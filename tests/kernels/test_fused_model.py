@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 from tests.kernels.conftest import rel_err  # noqa: E402
-from torchchat.build import _init_dummy, dummy_tensor  # noqa: E402
+from torchchat.model.dummy_weights import dummy_tensor, init_dummy_weights  # noqa: E402
 from torchchat.kernels.formats import LinearQuant  # noqa: E402
 from torchchat.kernels.modules import FusedBlock  # noqa: E402
 from torchchat.kernels.transform import fuse_model  # noqa: E402
@@ -51,7 +51,7 @@ def _fused(cfg, device, dtype, quant=None, random_norms=False):
 def _reference(cfg, device, dtype):
     with torch.device("meta"):
         model = Transformer(cfg)
-    _init_dummy(model, device, dtype, SEED)
+    init_dummy_weights(model, device, dtype, SEED)
     return model.eval()
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from torchchat.checkpoint import gguf_arch
-from torchchat.checkpoint.detect import LoadedCheckpoint, LoadOptions
+from torchchat.checkpoint.loaded import LoadedCheckpoint, LoadOptions
 from torchchat.checkpoint.gguf_header import check_gguf
 from torchchat.checkpoint.gguf_packed import read_blocks
 from torchchat.checkpoint.gguf_tensors import SUPPORTED_TYPES, to_dense, unpack_q4_0

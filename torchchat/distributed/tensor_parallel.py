@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from torchchat.errors import DeviceError, UserInputError
 from torchchat.model.config import ModelConfig
+from torchchat.model.dummy_weights import dummy_tensor
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,6 @@ def materialize(model: nn.Module, state_dict: dict[str, Tensor] | None, ctx: TPC
     rank copying only its slice of a sharded tensor; or, with `state_dict` None, the same random weights
     a one-process --dummy-weights build draws (each full tensor drawn, sliced, and dropped)."""
     from torch.distributed.tensor import DTensor
-
-    from torchchat.build import dummy_tensor
 
     for name, param in list(model.named_parameters()):
         if state_dict is not None:

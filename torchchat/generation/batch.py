@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from torchchat.errors import ContextLengthError
-from torchchat.generation.engine import common_prefix_len
+from torchchat.generation.decoding import common_prefix_len
 from torchchat.generation.sampling import SamplingParams
 
 Forward = Callable[..., Tensor]  # (tokens (B, S), input_pos (S,) or (B, S), row=int) -> logits (B, S, V)

@@ -11,7 +11,9 @@ from typing import Iterator, Sequence
 import torch
 
 from torchchat.errors import ChatTemplateError, ContextLengthError
+from torchchat.generation.decoding import PlainDecoder, common_prefix_len
 from torchchat.generation.sampling import SamplingParams
+from torchchat.generation.speculative import Draft, SpeculativeDecoder
 from torchchat.generation.steps import Steps
 from torchchat.runtime.base import Runtime
 
@@ -67,50 +69,6 @@ class Response:
     extra: dict = field(default_factory=dict)
 
 
-@dataclass
-class DecodeStep:
-    """What a decoder produced for one fed token: the next tokens (at least one). Every token but the
-    last is now in the KV cache, after the fed one."""
-
-    tokens: list[int]
-    proposed: int = 0  # speculative decoding: draft tokens proposed ...
-    accepted: int = 0  # ... and accepted
-
-
-class PlainDecoder:
-    """One token per forward: the prefill and decode steps (torchchat.generation.steps) as they are.
-    Produces tokens only; the Engine does the bookkeeping."""
-
-    k = 0
-
-    def __init__(self, steps: Steps, device: torch.device, parallel_prefill: bool):
-        self.steps, self.device, self.parallel_prefill = steps, device, parallel_prefill
-        # The last step's output tensor: fed back as it is when it is the next input, so the decode loop
-        # makes no host-to-device copy per token (as before the decoders were split out).
-        self._last: torch.Tensor | None = None
-        self._last_id = -1
-
-    def prefill(self, prompt_ids: Sequence[int], start_pos: int, params: SamplingParams) -> int:
-        prompt = torch.tensor([list(prompt_ids)], dtype=torch.int64, device=self.device)
-        if self.parallel_prefill:
-            pos = torch.arange(start_pos, start_pos + len(prompt_ids), device=self.device)
-            nxt = self.steps.prefill(params)(prompt, pos)
-        else:
-            decode = self.steps.decode(params)
-            for i in range(len(prompt_ids)):
-                nxt = decode(prompt[:, i : i + 1], torch.tensor([start_pos + i], device=self.device))
-        self._last, self._last_id = nxt, int(nxt)
-        return self._last_id
-
-    def step(self, x: int, history: Sequence[int], params: SamplingParams, room: int) -> DecodeStep:
-        """Feed `x` at position len(history); the next token."""
-        fed = self._last.clone() if self._last is not None and self._last_id == x else \
-            torch.tensor([[x]], dtype=torch.int64, device=self.device)
-        nxt = self.steps.decode(params)(fed, torch.tensor([len(history)], device=self.device))
-        self._last, self._last_id = nxt, int(nxt)
-        return DecodeStep([self._last_id])
-
-
 class Engine:
     def __init__(self, runtime: Runtime, tokenizer, steps: Steps, max_seq_len: int, parallel_prefill: bool = True):
         self.runtime = runtime
@@ -124,7 +82,7 @@ class Engine:
         # Ids whose K/V the cache holds at positions [0, len): chat reuses their common prefix with the
         # next prompt. -1 marks a position of unknown content.
         self.kv_ids: list[int] = []
-        self.draft = None  # torchchat.generation.speculative.Draft, when decoding speculatively
+        self.draft: Draft | None = None  # when decoding speculatively
         self._plain = PlainDecoder(steps, self.device, self.parallel_prefill)
         self.chat_format = None  # torchchat.generation.chat_format.ChatFormat used by chat()
         runtime.setup(1, max_seq_len)
@@ -132,8 +90,6 @@ class Engine:
     def attach_draft(self, runtime: Runtime, k: int) -> None:
         """Decode speculatively from now on: `runtime` (a smaller model with the same vocabulary)
         proposes `k` tokens per step and this engine's model verifies them in one forward."""
-        from torchchat.generation.speculative import Draft
-
         self.draft = Draft.create(runtime, k, self.max_seq_len, self.runtime)
 
     def _claim_prefix(self, start_pos: int) -> None:
@@ -154,8 +110,6 @@ class Engine:
         """The decoder for the next call: speculative while a draft is attached, else plain."""
         if self.draft is None:
             return self._plain
-        from torchchat.generation.speculative import SpeculativeDecoder
-
         return SpeculativeDecoder(self.runtime, self.steps, self.draft)
 
     def tokens(self, prompt_ids: Sequence[int], cfg: GenerationConfig, start_pos: int = 0) -> Iterator[int]:
@@ -250,15 +204,6 @@ class Engine:
             if r.stats is not None:
                 r.stats.cached_tokens = reuse
             yield r
-
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def make_engine(built, options=None, max_seq_len: int | None = None, parallel_prefill: bool = True) -> Engine:

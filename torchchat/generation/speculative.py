@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 
 from torchchat.errors import UserInputError
+from torchchat.generation.decoding import DecodeStep, common_prefix_len
 from torchchat.generation.sampling import SamplingParams, logits_to_probs, sample_from_probs
 
 if TYPE_CHECKING:
-    from torchchat.generation.engine import DecodeStep
     from torchchat.runtime.base import Runtime
 
 
@@ -114,7 +114,7 @@ def verify(target_logits: Tensor, proposed: list[int], draft_probs: Tensor | Non
 
 class SpeculativeDecoder:
     """Produces tokens only: the Engine does the bookkeeping (budget, stop ids, KV ids, positions,
-    stats) for this decoder as for the plain one (torchchat.generation.engine.PlainDecoder)."""
+    stats) for this decoder as for the plain one (torchchat.generation.decoding.PlainDecoder)."""
 
     parallel_prefill = True
 
@@ -130,10 +130,8 @@ class SpeculativeDecoder:
         with torch.no_grad():
             return int(self.steps.prefill(params)(prompt, positions))
 
-    def step(self, x: int, history: Sequence[int], params: SamplingParams, room: int) -> "DecodeStep":
+    def step(self, x: int, history: Sequence[int], params: SamplingParams, room: int) -> DecodeStep:
         """Feed `x` at position len(history) (the target's cache holds `history`); return 1..room tokens."""
-        from torchchat.generation.engine import DecodeStep, common_prefix_len
-
         draft, device = self.draft, self.runtime.device
         pos = len(history)
         k = min(draft.k, room - 1)
