@@ -398,7 +398,7 @@ def cmd_memory(a) -> dict:
     """Peak GPU memory while building (loading + quantizing) vs the final model + a 206-position KV cache."""
     import torch
 
-    from torchchat.generation.metrics import tensor_bytes
+    from torchchat.model.size import tensor_bytes
 
     rows = []
     for model in a.models:

@@ -53,10 +53,10 @@ def main() -> None:
 
     from torchchat.build import BuildSpec, ModelSource, build_model, resolve_dtype
     from torchchat.generation.engine import GenerationConfig, make_engine
-    from torchchat.generation.metrics import bytes_read_per_token
     from torchchat.generation.sampling import SamplingParams
     from torchchat.generation.steps import CompileOptions
-    from torchchat.quantize import parse_quantize, weight_nbytes
+    from torchchat.model.size import bytes_read_per_token, weight_nbytes
+    from torchchat.quantize import parse_quantize
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -42,8 +42,9 @@ def main() -> None:
     import torch
 
     from torchchat.model.registry import params_table
+    from torchchat.model.size import weight_nbytes
     from torchchat.model.transformer import Transformer
-    from torchchat.quantize import apply_quantization, parse_quantize, weight_nbytes
+    from torchchat.quantize import apply_quantization, parse_quantize
 
     dev = "cuda"
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}

@@ -15,8 +15,9 @@ from torchchat.build import BuildSpec, ModelSource, build_model
 from torchchat.errors import QuantizationError
 from torchchat.model.config import ModelConfig
 from torchchat.model.registry import params_table
+from torchchat.model.size import weight_nbytes
 from torchchat.model.transformer import Transformer
-from torchchat.quantize import apply_quantization, parse_quantize, weight_nbytes
+from torchchat.quantize import apply_quantization, parse_quantize
 
 pytest.importorskip("torchao")
 

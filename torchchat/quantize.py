@@ -521,10 +521,3 @@ def apply_quantization(model: nn.Module, plan: QuantPlan, device: str, cpu_kerne
         if chosen:
             quantize_(model, _torchao_config(scheme, device_type), filter_fn=lambda _m, fqn: fqn in chosen)
 
-
-def weight_nbytes(model: nn.Module) -> int:
-    """Bytes the model's parameters hold, quantized tensors at what they really store (packed data,
-    scales, zero points); a tied weight counts once."""
-    from torchchat.generation.metrics import tensor_bytes
-
-    return sum(tensor_bytes(p) for p in model.parameters())

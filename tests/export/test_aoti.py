@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_pt2_metadata_describes_the_model(exports, stories260k_dir):
-    from torchchat.generation.metrics import bytes_read_per_token
+    from torchchat.model.size import bytes_read_per_token
 
     meta = run_exported(exports.path("pt2"), "--aoti-package-path", stories260k_dir).runtime.meta
     eager = eager_model(stories260k_dir)

@@ -103,7 +103,8 @@ def _generate(args: argparse.Namespace, spec, notes: list[str], seed: int | None
 
     from torchchat.errors import UserInputError
     from torchchat.generation.engine import make_engine
-    from torchchat.generation.metrics import Summary, bytes_read_per_token, peak_memory_bytes, print_sample, sample_report
+    from torchchat.generation.metrics import Summary, peak_memory_bytes, print_sample, sample_report
+    from torchchat.model.size import bytes_read_per_token
 
     cfg = cli_args.generation_config(args)
     notices = cli_args.Notices(streams_text=True)

@@ -111,8 +111,8 @@ def check_export(targets: ExportTargets, dtype: torch.dtype, device: str, scheme
 
 def metadata_for(built, backend: str, max_seq_len: int, dynamic: bool, quantize: dict[str, Any] | None) -> ArtifactMetadata:
     """The metadata of `built` (a BuiltModel with an eager model) exported for `backend`."""
-    from torchchat.generation.metrics import bytes_read_per_token
     from torchchat.model.packed import has_packed
+    from torchchat.model.size import bytes_read_per_token
 
     model = built.model
     return ArtifactMetadata(
