@@ -14,8 +14,8 @@ _DERIVED = ("freqs_cis", "rope.freqs", "rotary_emb.inv_freq")
 
 
 def normalize(state_dict: Mapping[str, Tensor], config: ModelConfig | None = None) -> dict[str, Tensor]:
-    """Strip wrapper prefixes (`_orig_mod.` from torch.compile, `model.` of some trainers), drop derived
-    buffers, and split gpt-fast's fused `wqkv` into wq/wk/wv (needs `config`)."""
+    """Strip wrapper prefixes (`_orig_mod.` from torch.compile, `module.` from (Distributed)DataParallel),
+    drop derived buffers, and split gpt-fast's fused `wqkv` into wq/wk/wv (needs `config`)."""
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
         for prefix in ("_orig_mod.", "module."):

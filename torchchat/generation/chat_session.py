@@ -27,10 +27,6 @@ class ChatSession:
     def _fresh(self) -> list[Message]:
         return [Message("system", self.system_prompt)] if self.system_prompt else []
 
-    def reset(self) -> None:
-        """Forget the turns so far (the system prompt stays)."""
-        self.messages = self._fresh()
-
     def prompt_tokens(self, messages: list[Message]) -> int:
         return len(self.format.encode(self.engine.tokenizer, messages))
 

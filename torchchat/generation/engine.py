@@ -5,7 +5,7 @@ none re-implements decoding."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 import torch
@@ -66,7 +66,6 @@ class Response:
     token: int | None  # the generated id, None on the final record
     finish_reason: str | None = None  # "stop" | "length" on the final record
     stats: GenerationStats | None = None  # on the final record
-    extra: dict = field(default_factory=dict)
 
 
 class Engine:
