@@ -6,10 +6,9 @@
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
+from common import median_seconds
 from torchchat.tokenizer.load import load_tokenizer
 from torchchat.tokenizer.stream import StreamDecoder
 
@@ -17,15 +16,6 @@ TEXT = (
     "Once upon a time, in a village by the sea, there lived a girl named Lily. "
     "She loved to collect shells 🐚 and to write stories in her notebook: café, naïve, 我想在这里工作. "
 )
-
-
-def median_seconds(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -9,19 +9,15 @@ template; the assistant's turns are fixed text. Prints medians of several runs p
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-from pathlib import Path
 
 import torch
 
+from common import SHARED
 from torchchat.build import BuildSpec, ModelSource, build_model
 from torchchat.generation.chat_format import Llama2Format, Message
 from torchchat.generation.engine import GenerationConfig, make_engine
 from torchchat.generation.sampling import SamplingParams
-
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("TORCHCHAT_SHARED", ROOT.parent / "shared"))
 
 USER = "Tell me more about the little village by the sea, the girl who lived there and her notebook of stories."
 ASSISTANT = ("Lily lived in a white house near the harbour. Every morning she walked along the beach, picked up "

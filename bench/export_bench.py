@@ -16,26 +16,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("TORCHCHAT_SHARED", ROOT.parent / "shared"))
-CLI = [sys.executable, str(ROOT / "torchchat.py")]
+from common import CLI, ROOT, SHARED, run
+
 FORMS = {  # form -> (export flag, run flag, file name)
     "pt2": ("--output-aoti-package-path", "--aoti-package-path", "model.pt2"),
     "pte": ("--output-pte-path", "--pte-path", "model.pte"),
 }
-
-
-def run(cmd: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return proc
 
 
 def write_checkpoint(shape: str, tokenizer: Path, folder: Path) -> Path:
@@ -71,7 +61,7 @@ def decode_tok_s(source: list[str], runs: int, tokens: int, compile_: bool, fold
            str(tokens), "--num-samples", str(runs + 1), "--metrics-json", str(metrics)]
     if compile_:
         cmd.append("--compile")
-    run(cmd)
+    run(cmd, cwd=ROOT)
     samples = json.loads(metrics.read_text())["samples"][1:]  # the first is a warm-up (or compile) sample
     assert all(s["generated_tokens"] == tokens for s in samples)
     return statistics.median(s["next_tokens_per_s"] for s in samples)
@@ -106,7 +96,8 @@ def main() -> None:
                     export_times = []
                     for _ in range(a.export_runs):
                         start = time.perf_counter()
-                        run([*CLI, "export", *source, out_flag, str(path), "--max-seq-length", str(a.max_seq_length)])
+                        run([*CLI, "export", *source, out_flag, str(path), "--max-seq-length", str(a.max_seq_length)],
+                            cwd=ROOT)
                         export_times.append(time.perf_counter() - start)
                     export_s = f"{statistics.median(export_times):9.1f}"
                     size = f"{path.stat().st_size / 1e6:7.1f}"

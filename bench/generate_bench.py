@@ -12,29 +12,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("TORCHCHAT_SHARED", ROOT.parent / "shared"))
+from common import CLI, SHARED, run
 
 
 def run_one(shape: str, dtype: str, mode: str, samples: int, tokens: int, tokenizer: Path, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "m.json"
         compiled = mode != "eager"
-        cmd = [sys.executable, str(ROOT / "torchchat.py"), "generate", "--params-table", shape, "--dummy-weights",
+        cmd = [*CLI, "generate", "--params-table", shape, "--dummy-weights",
                "--tokenizer-path", str(tokenizer), "--dtype", dtype, "--device", "cpu", "--temperature", "0",
                "--prompt", "Once upon a time", "--max-new-tokens", str(tokens),
                "--num-samples", str(samples + (1 if compiled else 0)), "--metrics-json", str(out), *extra]
         if compiled:
             cmd.append("--compile")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+        run(cmd)
         return json.loads(out.read_text())
 
 

@@ -8,27 +8,17 @@ Shapes are Llama 3 8B's: q/o (4096x4096), gate/up (14336x4096), down (4096x14336
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common import median_seconds
+
 
 def _median_ms(fn, x, device: str, repeats: int) -> float:
-    for _ in range(3):
-        fn(x)
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn(x)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    return median_seconds(lambda: fn(x), repeats, warmup=3, sync=sync) * 1e3
 
 
 def main() -> None:

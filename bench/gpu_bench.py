@@ -28,8 +28,8 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("TORCHCHAT_SHARED", ROOT.parent / "shared"))
+from common import ROOT, SHARED
+
 PROMPT = "Hello, my name is"  # BOS + 5 tokens with the Llama 2 and Llama 3 tokenizers
 QUANT = {
     "bf16": None,

@@ -14,13 +14,11 @@ next-token rate with its ratio to the unquantized fp32 model in the same mode.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("TORCHCHAT_SHARED", ROOT.parent / "shared"))
+from common import SHARED
 
 # name -> (dtype, recipe)
 CONFIGS = {

@@ -19,9 +19,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import CLI, ROOT, SHARED
+
 OUT = ROOT / "bench" / "out" / "stories15M"
-TOKENIZER = Path(os.environ.get("TORCHCHAT_SHARED", ROOT.parent / "shared")) / "tokenizers" / "llama2" / "tokenizer.model"
+TOKENIZER = SHARED / "tokenizers" / "llama2" / "tokenizer.model"
 PROMPT = "Once upon a time"
 DECODE = re.compile(r"generated tokens: (\d+), prefill: [\d.]+ ms, decode: ([\d.]+) tok/s")
 
@@ -37,7 +38,7 @@ def export_if_missing(threads: int) -> None:
         print(f"exporting stories15M as {', '.join(missing)} into {OUT} (minutes) ...", file=sys.stderr)
         OUT.mkdir(parents=True, exist_ok=True)
         targets = [arg for k in missing for arg in (outputs[k], str(OUT / f"model.{k}"))]
-        subprocess.run([sys.executable, str(ROOT / "torchchat.py"), "export", *source_args(), *targets], check=True,
+        subprocess.run([*CLI, "export", *source_args(), *targets], check=True,
                        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
 
 

@@ -18,19 +18,17 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import re
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("TORCHCHAT_SHARED", ROOT.parent / "shared"))
+from common import CLI, ROOT, SHARED
+
 PROMPTS = [
     "Once upon a time",
     "Lily and Tom went to the park. They",
@@ -52,7 +50,7 @@ def start_server(extra: list[str], shape: str | None = None) -> tuple[subprocess
         source = extra or ["--checkpoint-path", str(folder / "stories260K.bin"),
                            "--tokenizer-path", str(folder / "tok512.model"), "--dtype", "fp32"]
     log = Path(tempfile.mkstemp(prefix="torchchat-server-", suffix=".log")[1])
-    cmd = [sys.executable, str(ROOT / "torchchat.py"), "server", *source, "--port", "0"]
+    cmd = [*CLI, "server", *source, "--port", "0"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     while True:

@@ -11,19 +11,17 @@ real speed-up.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from common import SHARED
 from torchchat.build import BuildSpec, ModelSource, build_model
 from torchchat.generation.engine import GenerationConfig, make_engine
 from torchchat.generation.sampling import SamplingParams
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("TORCHCHAT_SHARED", ROOT.parent / "shared"))
 STORIES = SHARED / "models" / "stories260K"
 
 
