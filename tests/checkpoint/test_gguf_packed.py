@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(kernels_unavailable() is not None, reason=f"CPU 
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 TOKENIZER = SHARED / "models" / "stories260K" / "tok512.model"
-TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 TOKENS = torch.tensor([[1, 57, 300, 12, 499, 8, 77, 3]])
 REL_TOL = 0.04
 

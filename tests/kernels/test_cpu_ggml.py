@@ -33,7 +33,7 @@ from torchchat.kernels import cpu  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"CPU kernels unavailable: {cpu.unavailable_reason()}")
 
-SIMPLE = [cpu.Q4_0, cpu.Q4_1, cpu.Q8_0]
+SIMPLE = [cpu.Q4_0, cpu.Q4_1, cpu.Q5_0, cpu.Q5_1, cpu.Q8_0]
 KQUANTS = [cpu.Q4_K, cpu.Q5_K, cpu.Q6_K]
 N = 67  # odd: leaves a remainder after the 4-row tiles and the thread split
 
@@ -167,11 +167,11 @@ def test_bad_arguments_raise():
     with pytest.raises(RuntimeError, match="expected"):
         cpu.linear(torch.randn(1, 64), torch.from_numpy(packed), cpu.Q4_0, 5, 64)
     with pytest.raises(RuntimeError, match="unsupported GGUF type"):
-        cpu.linear(torch.randn(1, 64), torch.from_numpy(packed), 7, 4, 64)
+        cpu.linear(torch.randn(1, 64), torch.from_numpy(packed), 9, 4, 64)  # Q8_1: no kernel
     with pytest.raises(RuntimeError, match="out of range"):
         cpu.embedding(torch.from_numpy(packed), torch.tensor([4]), cpu.Q4_0, 64)
     with pytest.raises(ValueError, match="supported"):
-        cpu.row_bytes(6, 64)
+        cpu.row_bytes(9, 64)
 
 
 # ---- packers ---------------------------------------------------------------------------------

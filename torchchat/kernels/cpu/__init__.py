@@ -30,6 +30,8 @@ from torchchat.kernels.cpu.formats import (  # noqa: F401  (re-exported API)
     NAMES,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q4_K,
     Q5_K,
     Q6_K,

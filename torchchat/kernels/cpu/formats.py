@@ -8,6 +8,8 @@ type can be concatenated (stacked q|k|v). Block layouts follow ggml-common.h:
 |---|---|---|---|---|
 | Q4_0 | 2 | 32 | 18 | d * (q - 8), q 4-bit, d fp16 |
 | Q4_1 | 3 | 32 | 20 | d * q + m, d and m fp16 |
+| Q5_0 | 6 | 32 | 22 | d * (q - 16), q 5-bit (high bits in a 32-bit qh) |
+| Q5_1 | 7 | 32 | 24 | d * q + m, q 5-bit |
 | Q8_0 | 8 | 32 | 34 | d * q, q int8 |
 | Q4_K | 12 | 256 | 144 | d * sc_j * q - dmin * m_j, 8 sub-blocks with 6-bit sc/m |
 | Q5_K | 13 | 256 | 176 | as Q4_K with 5-bit q |
@@ -21,24 +23,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 8, 12, 13, 14
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14
 # qtype -> (values per block, bytes per block)
 BLOCKS: dict[int, tuple[int, int]] = {
     Q4_0: (32, 18),
     Q4_1: (32, 20),
+    Q5_0: (32, 22),
+    Q5_1: (32, 24),
     Q8_0: (32, 34),
     Q4_K: (256, 144),
     Q5_K: (256, 176),
     Q6_K: (256, 210),
 }
 SUPPORTED_QTYPES: frozenset[int] = frozenset(BLOCKS)
-NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}
+NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1", Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}
 
 # Row-interleaved layouts (csrc/common.h): type id | X16, 16 rows stored together block by block, made
 # at load time for the kernels (torchchat.kernels.cpu.interleave). Bytes per block and row; Q4_K's and
 # Q5_K's expanded 6-bit scales make them 148 and 180 instead of 144 and 176.
 X16 = 256
-X16_BLOCK_BYTES: dict[int, int] = {Q4_0: 18, Q4_1: 20, Q8_0: 34, Q4_K: 148, Q5_K: 180, Q6_K: 210}
+X16_BLOCK_BYTES: dict[int, int] = {Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24, Q8_0: 34, Q4_K: 148, Q5_K: 180, Q6_K: 210}
 for _q, _bytes in X16_BLOCK_BYTES.items():
     BLOCKS[_q | X16] = (BLOCKS[_q][0], _bytes)
     NAMES[_q | X16] = NAMES[_q] + "x16"

@@ -10,7 +10,7 @@
 namespace tcc {
 
 // ggml's type ids, as stored in the .gguf file.
-enum QType : int { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
+enum QType : int { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
 
 // Activations are quantized once per call to int8 in blocks of 32 values (round to nearest,
 // scale = max|x| / 127, so codes are in [-127, 127]). Per row of K values:
@@ -45,6 +45,8 @@ typedef void (*dequant_bf16_fn)(int qtype, const uint8_t* w, int64_t row_bytes, 
 // row 0..15, i the byte 0..3 of a 4-byte chunk):
 //   Q4_0 (288 = 16 x 18):  d[r] f16 @0 | qs chunk c=0..3 @32 + 64c + 4r + i = qs_r[4c + i]
 //   Q4_1 (320 = 16 x 20):  d[r] f16 @0 | m[r] f16 @32 | qs chunk c=0..3 @64 + 64c + 4r + i = qs_r[4c + i]
+//   Q5_0 (352 = 16 x 22):  d[r] f16 @0 | qh_r (4 bytes) @32 + 4r | qs chunk c=0..3 @96 + 64c + 4r + i
+//   Q5_1 (384 = 16 x 24):  d[r] @0 | m[r] @32 | qh_r @64 + 4r | qs chunk c=0..3 @128 + 64c + 4r + i
 //   Q8_0 (544 = 16 x 34):  d[r] f16 @0 | qs chunk c=0..7 @32 + 64c + 4r + i = qs_r[4c + i]
 //   Q4_K (2368 = 16 x 148, 1.03x the file's 144): d[r] @0 | dmin[r] @32 | scale j=0..7 @64 + 16j + r,
 //        min j @192 + 16j + r (the 6-bit values, one byte each) | qs @320 + 512p + 64c + 4r + i =
@@ -61,6 +63,8 @@ static inline int x16_block_bytes(int base) {
   switch (base) {
     case kQ4_0: return 18;
     case kQ4_1: return 20;
+    case kQ5_0: return 22;
+    case kQ5_1: return 24;
     case kQ8_0: return 34;
     case kQ4_K: return 148;
     case kQ5_K: return 180;
@@ -82,10 +86,13 @@ struct KernelTable {
   const char* name;
   quantize_row_fn quantize_row;
   gemm_fn q4_0, q4_1, q8_0, q4_k, q5_k, q6_k;
-  dequant_bf16_fn dequant_bf16;
+  dequant_bf16_fn dequant_bf16;  // the SIMD tables: every type but Q5_0 / Q5_1 (the scalar one: all)
   // The interleaved layouts: w is a group, row_bytes its bytes / 16, n_rows a multiple of 16.
   gemm_fn q4_0x, q4_1x, q8_0x, q4_kx, q5_kx, q6_kx;
   attend_fn attend;
+  // Q5_0 / Q5_1: the file's row layout runs only in the scalar table (nullptr in the SIMD ones: rows
+  // are interleaved before the first step wherever they are a multiple of 16).
+  gemm_fn q5_0, q5_1, q5_0x, q5_1x;
 };
 
 extern const KernelTable scalar_table;
@@ -138,6 +145,8 @@ static inline int block_bytes(int qtype) {
   switch (qtype) {
     case kQ4_0: return 18;
     case kQ4_1: return 20;
+    case kQ5_0: return 22;
+    case kQ5_1: return 24;
     case kQ8_0: return 34;
     case kQ4_K: return 144;
     case kQ5_K: return 176;
@@ -149,6 +158,8 @@ static inline int block_bytes(int qtype) {
 // Byte offsets inside the blocks (ggml-common.h layouts).
 //   Q4_0: d f16 | qs[16]            value j: lo nibble of qs[j] (j<16), hi nibble of qs[j-16]; w = d*(q-8)
 //   Q4_1: d f16 | m f16 | qs[16]    same nibbles; w = d*q + m
+//   Q5_0: d f16 | qh[4] | qs[16]    value j: nibble as Q4_0 | bit j of qh (LE uint32) << 4; w = d*(q-16)
+//   Q5_1: d f16 | m f16 | qh[4] | qs[16]                      as Q5_0; w = d*q + m
 //   Q8_0: d f16 | qs[32] int8       w = d*q
 //   Q4_K: d f16 | dmin f16 | scales[12] | qs[128]             w = d*sc_j*q - dmin*m_j
 //   Q5_K: d f16 | dmin f16 | scales[12] | qh[32] | qs[128]    q += 16 * high bit

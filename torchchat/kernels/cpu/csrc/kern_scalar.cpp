@@ -34,6 +34,22 @@ void decode_sub(int qtype, const uint8_t* row, int64_t g, Sub& o) {
       o.ws = d; o.off0 = o.off1 = m;
       break;
     }
+    case kQ5_0:
+    case kQ5_1: {
+      const bool one = qtype == kQ5_1;
+      const uint8_t* b = row + g * (one ? 24 : 22);
+      const float d = half_to_float(read_u16(b));
+      const uint8_t* qh = b + (one ? 4 : 2);
+      const uint32_t h = (uint32_t)qh[0] | ((uint32_t)qh[1] << 8) | ((uint32_t)qh[2] << 16) | ((uint32_t)qh[3] << 24);
+      const uint8_t* qs = qh + 4;
+      for (int i = 0; i < 16; i++) {
+        o.code[i] = (qs[i] & 0xF) | (((h >> i) & 1) << 4);
+        o.code[i + 16] = (qs[i] >> 4) | (((h >> (i + 16)) & 1) << 4);
+      }
+      o.ws = d;
+      o.off0 = o.off1 = one ? half_to_float(read_u16(b + 2)) : -16.f * d;
+      break;
+    }
     case kQ8_0: {
       const uint8_t* b = row + g * 34;
       for (int i = 0; i < 32; i++) o.code[i] = (int8_t)b[2 + i];
@@ -189,6 +205,7 @@ const KernelTable scalar_table = {
     gemm_scalar_x16<kQ4_0>, gemm_scalar_x16<kQ4_1>, gemm_scalar_x16<kQ8_0>, gemm_scalar_x16<kQ4_K>,
     gemm_scalar_x16<kQ5_K>, gemm_scalar_x16<kQ6_K>,
     attend_scalar,
+    gemm_scalar<kQ5_0>, gemm_scalar<kQ5_1>, gemm_scalar_x16<kQ5_0>, gemm_scalar_x16<kQ5_1>,
 };
 
 }  // namespace tcc

@@ -152,8 +152,12 @@ std::string set_prefill(std::string mode) {
 
 // ---- operators -----------------------------------------------------------------------------
 
-gemm_fn gemm_for(const KernelTable& t, int64_t qtype) {
+gemm_fn gemm_for_table(const KernelTable& t, int64_t qtype) {
   switch (qtype) {
+    case kQ5_0: return t.q5_0;
+    case kQ5_1: return t.q5_1;
+    case kQ5_0 | kX16: return t.q5_0x;
+    case kQ5_1 | kX16: return t.q5_1x;
     case kQ4_0: return t.q4_0;
     case kQ4_1: return t.q4_1;
     case kQ8_0: return t.q8_0;
@@ -170,6 +174,17 @@ gemm_fn gemm_for(const KernelTable& t, int64_t qtype) {
   }
 }
 
+// The table's kernel, or the scalar one where the table has none (Q5_0 / Q5_1 in the file's row layout).
+gemm_fn gemm_for(const KernelTable& t, int64_t qtype) {
+  const gemm_fn f = gemm_for_table(t, qtype);
+  return f ? f : gemm_for_table(scalar_table, qtype);
+}
+
+// The SIMD tables dequantize every type but Q5_0 / Q5_1, which the scalar code does.
+const KernelTable& dequant_table(const KernelTable& t, int base) {
+  return base == kQ5_0 || base == kQ5_1 ? scalar_table : t;
+}
+
 // Bytes per block and row of a weight of this type id (file layout or interleaved), 0 if unknown.
 int layout_block_bytes(int64_t qtype) {
   if (qtype < 0 || qtype >= 2 * kX16) return 0;
@@ -179,7 +194,7 @@ int layout_block_bytes(int64_t qtype) {
 void check_weight(const at::Tensor& w, int64_t qtype, int64_t n, int64_t k, const char* op) {
   const int be = block_elems(base_type((int)qtype)), bb = layout_block_bytes(qtype);
   TORCH_CHECK(bb > 0, op, ": unsupported GGUF type ", qtype,
-              " (supported: 2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 13 Q5_K, 14 Q6_K; +256 for each interleaved)");
+              " (supported: 2 Q4_0, 3 Q4_1, 6 Q5_0, 7 Q5_1, 8 Q8_0, 12 Q4_K, 13 Q5_K, 14 Q6_K; +256 for each interleaved)");
   TORCH_CHECK(!is_x16((int)qtype) || n % 16 == 0, op, ": an interleaved weight has a multiple of 16 rows, got ", n);
   TORCH_CHECK(k > 0 && k % be == 0, op, ": k=", k, " must be a positive multiple of ", be, " for type ", qtype);
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2, op,
@@ -210,12 +225,12 @@ at::Tensor dense_prefill(const KernelTable& t, const at::Tensor& x, const at::Te
         for (int64_t g = b; g < e; g++) {
           for (int r = 0; r < 16; r++)
             unpack_x16_row(base, wp + (r0 + 16 * g) * rb, k / block_elems(base), r, rows.data() + r * plain_rb);
-          t.dequant_bf16(base, rows.data(), plain_rb, 16, k, bp + 16 * g * k);
+          dequant_table(t, base).dequant_bf16(base, rows.data(), plain_rb, 16, k, bp + 16 * g * k);
         }
       });
     } else {
       at::parallel_for(0, len, 16, [&](int64_t b, int64_t e) {
-        t.dequant_bf16((int)qtype, wp + (r0 + b) * rb, rb, e - b, k, bp + b * k);
+        dequant_table(t, base).dequant_bf16((int)qtype, wp + (r0 + b) * rb, rb, e - b, k, bp + b * k);
       });
     }
     y.narrow(1, r0, len).copy_(at::mm(xb, buf.narrow(0, 0, len).t()));
@@ -355,7 +370,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // Rows (n, k) of a weight in the file's layout -> the interleaved layout (common.h), n a multiple of 16.
 at::Tensor ggml_interleave(const at::Tensor& w, int64_t qtype, int64_t k) {
   TORCH_CHECK(!is_x16((int)qtype) && x16_block_bytes((int)qtype) > 0, "ggml_interleave: type ", qtype,
-              " has no interleaved layout (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K do)");
+              " has no interleaved layout (every supported GGUF type has one)");
   const int64_t n = w.size(0);
   check_weight(w, qtype, n, k, "ggml_interleave");
   TORCH_CHECK(n % 16 == 0, "ggml_interleave: ", n, " rows is not a multiple of 16");

@@ -40,6 +40,15 @@ void repack_x16(int type, const uint8_t* rows, int64_t rb, int64_t nb, uint8_t* 
           memcpy(o + 32 + 2 * r, s + 2, 2);
           for (int c = 0; c < 4; c++) memcpy(o + chunk(64, c, r), s + 4 + 4 * c, 4);
           break;
+        case kQ5_0:
+        case kQ5_1: {
+          const int hdr = type == kQ5_1 ? 64 : 32;  // d (and m) arrays before qh
+          memcpy(o + 2 * r, s, 2);
+          if (type == kQ5_1) memcpy(o + 32 + 2 * r, s + 2, 2);
+          memcpy(o + hdr + 4 * r, s + hdr / 16, 4);
+          for (int c = 0; c < 4; c++) memcpy(o + chunk(hdr + 64, c, r), s + hdr / 16 + 4 + 4 * c, 4);
+          break;
+        }
         case kQ4_K:
         case kQ5_K: {
           const int qs = type == kQ5_K ? 48 : 16;
@@ -86,6 +95,15 @@ void unpack_x16_row(int type, const uint8_t* group, int64_t nb, int r, uint8_t* 
         memcpy(s + 2, o + 32 + 2 * r, 2);
         for (int c = 0; c < 4; c++) memcpy(s + 4 + 4 * c, o + chunk(64, c, r), 4);
         break;
+      case kQ5_0:
+      case kQ5_1: {
+        const int hdr = type == kQ5_1 ? 64 : 32;
+        memcpy(s, o + 2 * r, 2);
+        if (type == kQ5_1) memcpy(s + 2, o + 32 + 2 * r, 2);
+        memcpy(s + hdr / 16, o + hdr + 4 * r, 4);
+        for (int c = 0; c < 4; c++) memcpy(s + hdr / 16 + 4 + 4 * c, o + chunk(hdr + 64, c, r), 4);
+        break;
+      }
       case kQ4_K:
       case kQ5_K: {
         const int qs = type == kQ5_K ? 48 : 16;
