@@ -42,6 +42,9 @@ def main() -> None:
         built = build_model(BuildSpec(ModelSource(gguf_path=path), dtype=dtype, max_seq_len=a.tokens + 64,
                                       cpu_kernels=not a.no_cpu_kernels))
         tok, model = built.tokenizer, built.model
+        from torchchat.model.layout import optimize_for_decode
+
+        optimize_for_decode(model)  # what generate runs: stacked, interleaved weights, native decode attention
         body = text.split("<s>", 1)[-1].lstrip() if "<s>" in text else text
         # Re-tokenizing the printed text: the last piece may be cut short by the token limit, so it is dropped.
         ids = tok.encode(body, bos=True)[: a.tokens + 16][:-1]
