@@ -109,15 +109,20 @@ def test_packed_logits_match_dequantized(gguf_files, kind, tied):
     assert type(model.layers[0].attention.wqkv) is PackedLinear
     from torchchat.kernels import cpu
 
-    assert all(m.qtype & cpu.X16 for m in model.modules() if isinstance(m, (PackedLinear, PackedEmbedding)))
+    # (Q8_0 keeps its rows where the kernels run without VNNI: see interleave_packed.)
+    interleaved = not (kind == "Q8_0" and cpu.isa() != "avx512vnni")
+    assert all(bool(m.qtype & cpu.X16) == interleaved
+               for m in model.modules() if isinstance(m, (PackedLinear, PackedEmbedding)))
     if tied:
         assert model.output.weight is model.tok_embeddings.weight  # still one table, interleaved once
     after = _logits(model)
     assert _rel(after, want) < REL_TOL
     # The same int8 arithmetic, summed in another order: each layer agrees to ~2e-7, but the next layer
     # quantizes its input to int8 again, and a last-bit difference can move a value across a rounding
-    # boundary (one code step, ~0.4% of that value): measured 8e-4 for Q4_1, under 1e-6 for the rest.
-    assert _rel(after, before) < 5e-3, _rel(after, before)
+    # boundary (one code step, ~0.4% of that value): measured 8e-4 for Q4_1 and under 1e-6 for the rest on
+    # the VNNI path, up to 5.5e-3 (Q4_0) on the AVX2 one. Each kernel alone is held to 1e-4 against the
+    # file layout's in tests/kernels/test_cpu_ggml.py.
+    assert _rel(after, before) < 1e-2, _rel(after, before)
 
 
 def test_optimized_decode_steps_match_prefill(gguf_files):
