@@ -93,17 +93,23 @@ def check_linear(qtype: int, k: int, m: int, dtype: torch.dtype, bf16_path: bool
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
     y = cpu.linear(x, torch.from_numpy(packed), qtype, n, k)
     assert y.dtype == dtype and y.shape == (m, n)
+    assert_within_bound(y, x, w, bf16_path)
+
+
+def assert_within_bound(y: torch.Tensor, x: torch.Tensor, w: np.ndarray, bf16_path: bool = False) -> np.ndarray:
+    """y = x @ w.T within the module docstring's bound for the path taken; returns the float64 reference."""
     xf = x.float().numpy()
     ref = xf.astype(np.float64) @ w.T.astype(np.float64)
     bound = error_bound(xf, w)
     if bf16_path:
         bound = 2.0**-8 * (np.abs(xf) @ np.abs(w).T) + 2.0**-8 * np.abs(ref) + 1e-5 * (np.abs(xf) @ np.abs(w).T)
-    if dtype == torch.bfloat16:
+    if y.dtype == torch.bfloat16:
         bound = bound + np.abs(ref) * 2.0**-8
     err = np.abs(y.float().numpy() - ref)
     assert (err <= bound).all(), f"max err/bound {(err / bound).max():.3f}"
     # and the bound is not vacuous: typical errors are far below it
     assert np.linalg.norm(y.float().numpy() - ref) < 0.02 * np.linalg.norm(ref)
+    return ref
 
 
 @pytest.mark.parametrize("m", [1, 3, 17, 128])
@@ -292,16 +298,7 @@ def check_interleaved(qtype: int, k: int, m: int, n: int, dtype: torch.dtype = t
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
     y = cpu.linear(x, x16, qtype | cpu.X16, n, k)
     assert y.dtype == dtype and y.shape == (m, n)
-    xf = x.float().numpy()
-    ref = xf.astype(np.float64) @ w.T.astype(np.float64)
-    bound = error_bound(xf, w)
-    if bf16_path:
-        bound = 2.0**-8 * (np.abs(xf) @ np.abs(w).T) + 2.0**-8 * np.abs(ref) + 1e-5 * (np.abs(xf) @ np.abs(w).T)
-    if dtype == torch.bfloat16:
-        bound = bound + np.abs(ref) * 2.0**-8
-    err = np.abs(y.float().numpy() - ref)
-    assert (err <= bound).all(), f"max err/bound {(err / bound).max():.3f}"
-    assert np.linalg.norm(y.float().numpy() - ref) < 0.02 * np.linalg.norm(ref)
+    ref = assert_within_bound(y, x, w, bf16_path)
     # the same int8 activations as the file layout's kernels: equal up to float summation order
     y_plain = cpu.linear(x, torch.from_numpy(packed), qtype, n, k)
     torch.testing.assert_close(y, y_plain, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))

@@ -172,7 +172,8 @@ class Transformer(nn.Module):
     def setup_caches(self, max_batch: int, max_seq: int) -> None:
         """Allocate KV caches, the RoPE table and the causal mask for up to `max_seq` positions.
 
-        Reallocates only when the size changes; caches are zeroed positions are overwritten anyway."""
+        Reallocates only when the size changes. New caches start zeroed; a position is always written
+        before it is attended to, so old contents never need clearing."""
         max_seq = min(max_seq, self.config.max_seq_len)
         if (max_batch, max_seq) == (self.max_batch, self.max_seq):
             return
