@@ -110,4 +110,6 @@ def test_packed_recipe_exports():
         eager = model(TOKENS, POS)
         ep = torch.export.export(model, (TOKENS, POS), strict=False)
         assert any("torchchat_cpu.ggml_linear" in str(n.target) for n in ep.graph.nodes)
-        assert torch.equal(ep.module()(TOKENS, POS), eager)
+        # Equal up to float summation order: eager prefill attends over the written cache positions
+        # only, the traced graph over the whole (masked) cache.
+        torch.testing.assert_close(ep.module()(TOKENS, POS), eager, rtol=1e-5, atol=1e-5)
