@@ -110,6 +110,9 @@ def test_packed_recipe_exports():
         eager = model(TOKENS, POS)
         ep = torch.export.export(model, (TOKENS, POS), strict=False)
         assert any("torchchat_cpu.ggml_linear" in str(n.target) for n in ep.graph.nodes)
-        # Equal up to float summation order: eager prefill attends over the written cache positions
-        # only, the traced graph over the whole (masked) cache.
-        torch.testing.assert_close(ep.module()(TOKENS, POS), eager, rtol=1e-5, atol=1e-5)
+        # The same ops; eager prefill attends over the written cache positions only, the traced graph
+        # over the whole (masked) cache, so sums differ in the last bits, and where a value then sits
+        # on an int8 rounding boundary of the next layer's activation quantization, by one code step:
+        # measured 5.7e-3 relative (torch.equal held before eager prefill sliced the cache).
+        got = ep.module()(TOKENS, POS)
+        assert ((got - eager).norm() / eager.norm()).item() < 1e-2
