@@ -53,3 +53,14 @@ def random_transformer(cfg, std: float = 0.05):
 @pytest.fixture
 def tiny_model(tiny_config):
     return random_transformer(tiny_config)
+
+
+def assert_prefill_and_steps_match(model, tokens, expected, tol: float = 1e-4) -> None:
+    """`model` (a torchchat Transformer) gives `expected` logits for `tokens` (1, S) both in one prefill
+    and one token at a time through its KV cache."""
+    with torch.no_grad():
+        model.setup_caches(1, 64)
+        full = model(tokens, torch.arange(tokens.size(1)))
+        stepped = torch.cat([model(tokens[:, i : i + 1], torch.tensor([i])) for i in range(tokens.size(1))], dim=1)
+    torch.testing.assert_close(full, expected, atol=tol, rtol=tol)
+    torch.testing.assert_close(stepped, expected, atol=tol, rtol=tol)

@@ -24,6 +24,7 @@ from test_hf_families import CASES  # noqa: E402
 from torchchat.build import load_weights  # noqa: E402
 from torchchat.checkpoint import load_checkpoint  # noqa: E402
 from torchchat.model.transformer import Transformer  # noqa: E402
+from tests.conftest import assert_prefill_and_steps_match  # noqa: E402
 
 LLAMACPP = Path(os.environ.get("TORCHCHAT_LLAMACPP", Path(__file__).resolve().parents[3] / "llamacpp"))
 CONVERTER = LLAMACPP / "src" / "convert_hf_to_gguf.py"
@@ -84,11 +85,7 @@ def test_converted_gguf_matches_transformers(case, converted):
     tokens = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(tokens).logits
-        ours.setup_caches(1, 64)
-        full = ours(tokens, torch.arange(tokens.size(1)))
-        stepped = torch.cat([ours(tokens[:, i : i + 1], torch.tensor([i])) for i in range(tokens.size(1))], dim=1)
-    torch.testing.assert_close(full, expected, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(stepped, expected, atol=1e-4, rtol=1e-4)
+    assert_prefill_and_steps_match(ours, tokens, expected)
 
     tok = loaded.tokenizer
     assert tok is not None and tok.kind == "gguf"

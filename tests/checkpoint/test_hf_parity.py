@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 from torchchat.build import load_weights  # noqa: E402
 from torchchat.checkpoint import load_checkpoint  # noqa: E402
 from torchchat.model.transformer import Transformer  # noqa: E402
+from tests.conftest import assert_prefill_and_steps_match  # noqa: E402
 
 BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=300,
             max_position_embeddings=128, rms_norm_eps=1e-5)
@@ -56,12 +57,8 @@ def test_logits_match_transformers(case, tmp_path):
     tokens = torch.randint(0, kwargs["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(tokens).logits
-        ours.setup_caches(1, 64)
-        full = ours(tokens, torch.arange(tokens.size(1)))
-        stepped = torch.cat([ours(tokens[:, i : i + 1], torch.tensor([i])) for i in range(tokens.size(1))], dim=1)
     assert loaded.config.tie_embeddings == bool(kwargs.get("tie_word_embeddings", False))
-    torch.testing.assert_close(full, expected, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(stepped, expected, atol=1e-4, rtol=1e-4)
+    assert_prefill_and_steps_match(ours, tokens, expected)
 
 
 def test_unknown_weight_names_are_named(tmp_path):

@@ -111,3 +111,10 @@ def api_server(tmp_path_factory):
         yield server
     finally:
         stop_server(server.process)
+
+
+@pytest.fixture(scope="module")
+def client(api_server):
+    """The real `openai` client on the session's server (tests skip without the test extra)."""
+    openai = pytest.importorskip("openai", reason="the openai client is in the test extra: pip install -e '.[test]'")
+    return openai.OpenAI(base_url=api_server.base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)

@@ -4,16 +4,11 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import shared_path
-from tests.server.conftest import API_KEY, DOWNLOADED
+from tests.server.conftest import DOWNLOADED
 
 openai = pytest.importorskip("openai", reason="the openai client is in the test extra: pip install -e '.[test]'")
 
 STORY = "Once upon a time"
-
-
-@pytest.fixture(scope="module")
-def client(api_server):
-    return openai.OpenAI(base_url=api_server.base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
