@@ -17,8 +17,10 @@ from pathlib import Path
 
 def llama_simple(bin_dir: Path, path: Path, prompt: str, n: int) -> str:
     out = subprocess.run([str(bin_dir / "llama-simple"), "-m", str(path), "-n", str(n), prompt],
-                         capture_output=True, text=True, check=True)
-    return out.stdout
+                         capture_output=True, check=True)
+    # A random model's pieces may be lone bytes of a UTF-8 sequence: those read as U+FFFD, so the
+    # re-tokenized text differs from llama.cpp's ids there (both programs are compared on the same text).
+    return out.stdout.decode("utf-8", errors="replace")
 
 
 def main() -> None:
