@@ -122,6 +122,10 @@ class BatchEngine:
         self.vocab_size = runtime.config.vocab_size
         self._decode_forward = decode_forward or runtime.forward
         self._forward = prefill_forward or runtime.forward
+        # A prompt chunk whose request wants no prompt logprobs samples from its last position only:
+        # the runtime's last-position forward (EagerRuntime.forward_last) skips the output matrix for
+        # the others. A compiled prefill keeps the full forward it was compiled for.
+        self._forward_last = None if prefill_forward else getattr(runtime, "forward_last", None)
         self.parallel_prefill = parallel_prefill and runtime.supports_parallel_prefill
         self.slots: list[Sequence | None] = [None] * max_batch
         self.slot_ids: list[list[int]] = [[] for _ in range(max_batch)]  # ids whose K/V each row holds
@@ -207,7 +211,7 @@ class BatchEngine:
             budget -= len(chunk)
             tokens = torch.tensor([chunk], dtype=torch.int64, device=self.device)
             pos = torch.arange(seq.position, seq.position + len(chunk), device=self.device)
-            logits = self._prefill_forward(tokens, pos, seq.slot)
+            logits = self._prefill_forward(tokens, pos, seq.slot, last_only=not seq.request.prompt_logprobs)
             seq.position += len(chunk)
             self.slot_ids[seq.slot].extend(chunk)
             self.prefilled_tokens += len(chunk)
@@ -219,8 +223,11 @@ class BatchEngine:
             return []
         return self._sample([s for s, _ in firsts], torch.stack([l for _, l in firsts]))
 
-    def _prefill_forward(self, tokens: Tensor, pos: Tensor, row: int) -> Tensor:
-        """tokens (1, S) at positions pos (S,) in cache row `row` -> logits (1, S, V)."""
+    def _prefill_forward(self, tokens: Tensor, pos: Tensor, row: int, last_only: bool = False) -> Tensor:
+        """tokens (1, S) at positions pos (S,) in cache row `row` -> logits (1, S, V), or (1, 1, V) for
+        the last position where `last_only` and the runtime can skip the others."""
+        if last_only and self.parallel_prefill and self._forward_last is not None:
+            return self._forward_last(tokens, pos, row=row)
         forward = self._forward
         if not self.parallel_prefill:  # one token per call (--sequential-prefill, some .pte programs)
             return torch.cat([forward(tokens[:, i : i + 1], pos[i : i + 1], row=row) if row else
