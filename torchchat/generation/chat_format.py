@@ -83,7 +83,7 @@ def _map_strings(value: Any, fn) -> Any:
 def tools_prompt(tools: Sequence[Mapping[str, Any]]) -> str:
     """The instruction that describes `tools` (OpenAI's {"type": "function", "function": {...}})
     and asks for a call as Llama 3.1's JSON format: {"name": ..., "parameters": {...}}."""
-    listed = "\n\n".join(json.dumps(t.get("function", t), ensure_ascii=False, indent=4) for t in tools)
+    listed = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
     return ("You have access to the following functions. To call a function, respond with only a JSON "
             'object in the format {"name": function name, "parameters": dictionary of argument name and its '
             "value}, and nothing else. Do not use variables.\n\n" + listed)

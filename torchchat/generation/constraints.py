@@ -122,6 +122,8 @@ class GrammarVocabulary:
                 return encode(data)
 
         self.vocab_size = len(tokens)
+        self.spelled = spelled
+        self.by_bytes = by_bytes
         self.ll = llg.LLTokenizer(llg.TokenizerWrapper(_Spelling()))
 
 
@@ -145,23 +147,72 @@ def grammar_vocabulary(tokenizer) -> GrammarVocabulary:
 
 class GrammarConstraint:
     """A logits processor for one sequence: (ids generated so far, logits (V,)) -> logits (V,) with
-    every token the grammar does not allow next at -inf. Call it once per generated token, in order."""
+    every token the grammar does not allow next at -inf. Call it once per generated token, in order.
 
-    def __init__(self, vocab: GrammarVocabulary, grammar: str, stop_ids: frozenset[int]):
+    With `budget` (the most tokens the sequence may generate) and `close_json`, the output is JSON
+    that must be complete by then: once the shortest way to close what is open (strings, arrays,
+    objects; see json_closing) needs nearly all the tokens left, those closing tokens are forced, so a
+    model that rambles (a tiny random one) still ends with a complete value instead of "length".
+    A closing that the grammar refuses (a schema's required keys) is not forced."""
+
+    # Tokens kept in reserve beyond the closing bytes: a multi-byte character cut inside a string
+    # must be completed before the string can close.
+    CLOSE_SLACK = 4
+
+    def __init__(self, vocab: GrammarVocabulary, grammar: str, stop_ids: frozenset[int], *,
+                 budget: int | None = None, close_json: bool = False, json_between: tuple[bytes, bytes] = (b"", b"")):
+        """`json_between`: the text the grammar puts before and after the JSON value (a tool call's
+        tags), for closing it in time."""
         self.matcher = _llguidance().LLMatcher(vocab.ll, grammar, log_level=0)
         if self.matcher.is_error():
             raise GrammarError(_first_line(self.matcher.get_error()))
         self.vocab = vocab
         self.stop_ids = sorted(stop_ids)
+        self.budget, self.close_json, self.json_between = budget, close_json, json_between
         self._consumed = 0
+        self._text = bytearray()
+        self._closing_now = False
 
     def __call__(self, generated: Sequence[int], logits: Tensor) -> Tensor:
         for token in generated[self._consumed :]:
             if token not in self.stop_ids:
                 self.matcher.consume_token(int(token))
+                self._text += self.vocab.spelled[token] or b"" if token < self.vocab.vocab_size else b""
         self._consumed = len(generated)
         allowed = self.allowed(logits.size(-1))
+        if self.close_json and self.budget is not None:
+            allowed = self._closing(allowed, self.budget - len(generated))
         return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+
+    def _closing(self, allowed: Tensor, left: int) -> Tensor:
+        suffix = self._closing_suffix()
+        if suffix is None or (not self._closing_now and len(suffix) + 1 + self.CLOSE_SLACK < left):
+            return allowed
+        self._closing_now = True  # from here on (a forced token may close several bytes at once)
+        forced = torch.zeros_like(allowed)
+        if not suffix:  # complete: end now
+            stops = [i for i in self.stop_ids if i < allowed.numel() and allowed[i]]
+            forced[stops] = True
+            return forced if stops else allowed
+        for n in range(len(suffix), 0, -1):
+            token = self.vocab.by_bytes.get(suffix[:n])
+            if token is not None and token < allowed.numel() and allowed[token]:
+                forced[token] = True
+                return forced
+        return allowed
+
+    def _closing_suffix(self) -> bytes | None:
+        """What completes the output: close the JSON value, then write the text after it."""
+        before, after = self.json_between
+        text = bytes(self._text)
+        if not text.startswith(before):
+            return None
+        body = text[len(before):]
+        for k in range(min(len(after), len(body)), 0, -1):  # the value done, `after` begun
+            if body.endswith(after[:k]) and json_closing(body[:-k]) == b"":
+                return after[k:]
+        suffix = json_closing(body)
+        return None if suffix is None else suffix + after
 
     def allowed(self, size: int) -> Tensor:
         """(size,) bool: the tokens the grammar allows next (ids past the tokenizer's vocabulary never)."""
@@ -185,3 +236,130 @@ class GrammarConstraint:
     @property
     def accepting(self) -> bool:
         return not self.matcher.is_error() and self.matcher.is_accepting()
+
+
+def json_closing(text: bytes) -> bytes | None:
+    """The shortest bytes that make `text`, the start of one JSON value, a complete value: close the
+    open string (finishing an escape), complete a number or literal, give a pending key a null value,
+    close every open array and object. None when `text` is not the start of a JSON value. Used to
+    close a constrained output in time, so strings here are bytes and never validated as UTF-8."""
+    stack: list[list[str]] = []  # [kind, state]: ("obj", key0|key|colon|value|next) ("arr", value0|value|next)
+    done = started = False
+    in_string = is_key = False
+    escape: int | None = None  # None; -1: after a backslash; 0..3: hex digits of a \u escape seen
+    atom = b""  # a number or literal being written
+
+    def value_done() -> None:
+        nonlocal done
+        if not stack:
+            done = True
+        elif stack[-1][0] == "obj":
+            stack[-1][1] = "next"
+        else:
+            stack[-1][1] = "next"
+
+    def end_atom() -> bool:
+        nonlocal atom
+        if not atom:
+            return True
+        if atom in (b"true", b"false", b"null") or _complete_number(atom):
+            atom = b""
+            value_done()
+            return True
+        return False
+
+    for ch in text:
+        c = bytes([ch])
+        if in_string:
+            if escape == -1:
+                escape = 0 if c == b"u" else None
+            elif escape is not None:
+                escape = None if escape == 3 else escape + 1
+            elif c == b"\\":
+                escape = -1
+            elif c == b'"':
+                in_string = False
+                if is_key:
+                    stack[-1][1] = "colon"
+                else:
+                    value_done()
+            continue
+        if atom and (c.isalnum() or c in b"+-."):
+            atom += c
+            continue
+        if not end_atom():
+            return None
+        if c in b" \t\r\n":
+            continue
+        if done:
+            return None
+        state = stack[-1][1] if stack else ("value" if not started else "")
+        started = True
+        if c in b"{[":
+            if state not in ("value", "value0"):
+                return None
+            stack.append(["obj", "key0"] if c == b"{" else ["arr", "value0"])
+        elif c == b'"':
+            is_key = state in ("key0", "key")
+            if not is_key and state not in ("value", "value0"):
+                return None
+            in_string = True
+        elif c == b":":
+            if state != "colon":
+                return None
+            stack[-1][1] = "value"
+        elif c == b",":
+            if state != "next":
+                return None
+            stack[-1][1] = "key" if stack[-1][0] == "obj" else "value"
+        elif c in b"}]":
+            kind = "obj" if c == b"}" else "arr"
+            if not stack or stack[-1][0] != kind or state not in ("key0", "value0", "next"):
+                return None
+            stack.pop()
+            value_done()
+        elif c.isalnum() or c == b"-":
+            if state not in ("value", "value0"):
+                return None
+            atom = c
+        else:
+            return None
+    out = b""
+    if in_string:
+        if escape == -1:
+            out += b"n"
+        elif escape is not None:
+            out += b"0" * (4 - escape)
+        out += b'"'
+        if is_key:
+            stack[-1][1] = "colon"
+        else:
+            value_done()
+    elif atom:
+        for literal in (b"true", b"false", b"null"):
+            if literal.startswith(atom):
+                out += literal[len(atom):]
+                break
+        else:
+            if not _complete_number(atom):
+                out += b"0"
+                if not _complete_number(atom + b"0"):
+                    return None
+        value_done()
+    if not started and not done:
+        return b"{}"
+    for depth, (kind, state) in enumerate(reversed(stack)):
+        state = state if depth == 0 else "next"  # an outer container holds the inner one as a value
+        if kind == "obj":
+            out += {"key0": b"}", "key": b'"":null}', "colon": b":null}", "value": b"null}", "next": b"}"}[state]
+        else:
+            out += {"value0": b"]", "value": b"null]", "next": b"]"}[state]
+    return out
+
+
+def _complete_number(atom: bytes) -> bool:
+    try:
+        json.loads(atom)
+    except ValueError:
+        return False
+    return not atom.startswith((b"true", b"false", b"null"))

@@ -26,6 +26,7 @@ from torchchat.generation.engine import GenerationConfig
 from torchchat.generation.sampling import SamplingParams
 from torchchat.server import limits, protocol, responses
 from torchchat.errors import ChatTemplateError
+from torchchat.server import structured, tools
 from torchchat.server.choices import Collected, collect_all
 from torchchat.server.logprobs import TokenTexts
 from torchchat.server.prompt import completion_prompt_ids
@@ -179,6 +180,13 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
                     top_logprobs=body.logprob_count, prompt_logprobs=prompt_logprobs)
                 for i in range(body.n)]
 
+    async def constrained(body: SamplingFields, jobs: list[Job]) -> list[Job]:
+        """Jobs with the grammar of response_format / a forced tool call (server/structured.py)."""
+        try:
+            return await structured.constrain(jobs, body, tok, served.chat_format.tool_style)
+        except structured.InvalidRequest as e:
+            raise APIError(400, f"Invalid request: {e.param}: {e}", param=e.param, code="invalid_value") from e
+
     async def collect(request: Request, jobs: list[Job]) -> list[Collected] | None:
         """Run the jobs to the end; None if the client disconnected first (they are then cancelled)."""
         handler = asyncio.current_task()
@@ -235,20 +243,21 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
         check_supported(body)
-        messages = [{"role": m.role, "content": m.text} for m in body.messages]
+        messages = tools.chat_messages(body)
         try:
             # Tokenizing a long prompt takes seconds: in a thread, so /health and other requests are served.
-            prompt_ids = await _tokenize(served.chat_format.encode, tok, messages)
+            prompt_ids = await _tokenize(served.chat_format.encode, tok, messages, True, tools.tool_list(body))
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from e
-        jobs = jobs_for(body, prompt_ids, "messages", served.chat_stop_ids)
+        jobs = await constrained(body, jobs_for(body, prompt_ids, "messages", served.chat_stop_ids))
         head = Head(protocol.new_id("chatcmpl"), served.id, served.fingerprint)
+        tool_use = tools.ToolUse.of(body, served.chat_format.tool_style)
         if body.stream:
-            return stream_response(responses.chat_events(head, worker, jobs, texts, body.include_usage))
+            return stream_response(responses.chat_events(head, worker, jobs, texts, body.include_usage, tool_use))
         results = await collect(request, jobs)
         if results is None:
             return Response(status_code=499)
-        return JSONResponse(responses.chat_body(head, jobs, results, texts))
+        return JSONResponse(responses.chat_body(head, jobs, results, texts, tool_use))
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -267,6 +276,7 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
             for job in jobs_for(body, prompt_ids, "prompt", prompt_logprobs=body.echo and body.logprobs is not None):
                 jobs.append(job)
                 meta.append(responses.CompletionChoice(text, body.echo))
+        jobs = await constrained(body, jobs)
         head = Head(protocol.new_id("cmpl"), served.id, served.fingerprint)
         if body.stream:
             return stream_response(responses.completion_events(head, worker, jobs, meta, texts, body.n,

@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from torchchat import __version__
 
@@ -263,17 +263,23 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs needs logprobs: true")
         return self
 
-    @model_validator(mode="after")
-    def _tool_choice_names_a_tool(self):
-        names = [t.function.name for t in self.tools or []]
+    @field_validator("tools")
+    @classmethod
+    def _unique_names(cls, tools):
+        names = [t.function.name for t in tools or []]
         if len(set(names)) != len(names):
-            raise ValueError("tools: function names must be unique")
-        choice = self.tool_choice
+            raise ValueError("function names must be unique")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_names_a_tool(cls, choice, info: ValidationInfo):
+        names = [t.function.name for t in info.data.get("tools") or []]
         if choice not in (None, "none") and not names:
             raise ValueError("tool_choice is only allowed when tools are specified")
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            raise ValueError(f"tool_choice: no tool named {choice.function.name!r} (tools: {', '.join(names)})")
-        return self
+            raise ValueError(f"no tool named {choice.function.name!r} (tools: {', '.join(names)})")
+        return choice
 
     @property
     def tool_mode(self) -> str | None:

@@ -12,6 +12,7 @@ from torchchat.server import protocol
 from torchchat.server.choices import Collected, merged
 from torchchat.server.logprobs import CompletionLogprobs, TokenTexts, chat_content, merge
 from torchchat.server.protocol import Head
+from torchchat.server.tools import ToolUse
 from torchchat.server.worker import Delta, Finished, Job, ModelWorker
 
 log = logging.getLogger("torchchat.server")
@@ -35,34 +36,56 @@ def _error_event(e: Exception) -> str:
 
 # -- chat ------------------------------------------------------------------------------------------------
 
-def chat_body(head: Head, jobs: Sequence[Job], results: Sequence[Collected], texts: TokenTexts) -> dict[str, Any]:
+def chat_body(head: Head, jobs: Sequence[Job], results: Sequence[Collected], texts: TokenTexts,
+              tools: ToolUse | None = None) -> dict[str, Any]:
+    """With `tools`, a reply that parses as calls becomes message.tool_calls (finish_reason "tool_calls")."""
     choices = []
     for i, (job, r) in enumerate(zip(jobs, results)):
         lp = None
         if job.top_logprobs is not None:
             lp = {"content": chat_content(texts, r.tokens, job.prompt_ids[-1])}
-        choices.append(Head.chat_choice(i, r.text, r.finished.finish_reason, lp))
+        content, calls = tools.parse(r.text) if tools and r.finished.finish_reason == "stop" else (r.text, [])
+        if calls:
+            choices.append(Head.chat_choice(i, content, "tool_calls", lp, [c.openai() for c in calls]))
+        else:
+            choices.append(Head.chat_choice(i, r.text, r.finished.finish_reason, lp))
     return head.chat_completion(choices, usage([r.finished for r in results], len(jobs)))
 
 
 async def chat_events(head: Head, worker: ModelWorker, jobs: Sequence[Job], texts: TokenTexts,
-                      include_usage: bool) -> AsyncIterator[str]:
+                      include_usage: bool, tools: ToolUse | None = None) -> AsyncIterator[str]:
+    """With `tools`, text that may be a call is held back; calls come as one tool_calls delta at the
+    end (finish_reason "tool_calls"), text that was not a call as content."""
     for i in range(len(jobs)):
         yield sse(head.chat_chunk({"role": "assistant", "content": ""}, include_usage=include_usage, index=i))
     prev = [job.prompt_ids[-1] for job in jobs]
     finished: list[Finished | None] = [None] * len(jobs)
+    splitters = [tools.stream() if tools else None for _ in jobs]
     try:
         async for i, item in merged(worker, jobs):
+            split = splitters[i]
             if isinstance(item, Delta):
                 lp = None
                 if jobs[i].top_logprobs is not None:
                     lp = {"content": chat_content(texts, item.tokens, prev[i])}
                     if item.tokens:
                         prev[i] = item.tokens[-1].token
-                yield sse(head.chat_chunk({"content": item.text}, include_usage=include_usage, index=i, logprobs=lp))
+                text = split.feed(item.text) if split else item.text
+                if text or lp or not split:
+                    yield sse(head.chat_chunk({"content": text}, include_usage=include_usage, index=i, logprobs=lp))
             else:
                 finished[i] = item
-                yield sse(head.chat_chunk({}, item.finish_reason, include_usage=include_usage, index=i))
+                reason = item.finish_reason
+                if split:
+                    rest, calls = split.finish(complete=reason == "stop")
+                    if calls:
+                        reason = "tool_calls"
+                    if rest:
+                        yield sse(head.chat_chunk({"content": rest}, include_usage=include_usage, index=i))
+                    if calls:
+                        delta = {"tool_calls": [c.openai(index=k) for k, c in enumerate(calls)]}
+                        yield sse(head.chat_chunk(delta, include_usage=include_usage, index=i))
+                yield sse(head.chat_chunk({}, reason, include_usage=include_usage, index=i))
     except Exception as e:  # headers are sent: report the failure in the stream, as OpenAI does
         yield _error_event(e)
         return

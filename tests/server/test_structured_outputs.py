@@ -1,0 +1,177 @@
+"""response_format (json_object, json_schema) and tools through the real `openai` client, on the
+server's random-ish stories260K: constrained decoding makes even this model's output valid JSON that
+conforms to the schema, and a forced tool call a valid call."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+openai = pytest.importorskip("openai", reason="the openai client is in the test extra: pip install -e '.[test]'")
+pytest.importorskip("llguidance", reason="constrained decoding needs llguidance (pyproject.toml pins it)")
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "pet": {"enum": ["cat", "dog", "bird"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
+        "happy": {"type": "boolean"},
+    },
+    "required": ["name", "age", "pet", "tags", "happy"],
+    "additionalProperties": False,
+}
+# Small on purpose: stories260K's context is 512 tokens of a 512-piece vocabulary, and the tools are
+# described in the prompt.
+WEATHER = {"type": "function", "function": {
+    "name": "weather", "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+                                      "required": ["city"]}}}
+TIME = {"type": "function", "function": {
+    "name": "time", "parameters": {"type": "object", "properties": {"zone": {"enum": [0, 1, 2]}}}}}
+MESSAGES = [{"role": "user", "content": "Once upon a time"}]
+
+
+def conforms(value, schema) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(value, schema)
+
+
+def json_schema_format(schema=PERSON, **kw):
+    return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True, **kw}}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_json_schema_output_conforms(client, seed):
+    out = client.chat.completions.create(model="x", messages=MESSAGES, seed=seed, temperature=1.0, max_tokens=300,
+                                         response_format=json_schema_format())
+    choice = out.choices[0]
+    assert choice.finish_reason == "stop"
+    conforms(json.loads(choice.message.content), PERSON)
+
+
+def test_json_schema_greedy_and_n(client):
+    out = client.chat.completions.create(model="x", messages=MESSAGES, temperature=0.8, seed=5, n=3, max_tokens=300,
+                                         response_format=json_schema_format())
+    for choice in out.choices:
+        conforms(json.loads(choice.message.content), PERSON)
+
+
+def test_json_schema_streamed(client):
+    stream = client.chat.completions.create(model="x", messages=MESSAGES, seed=3, max_tokens=300, stream=True,
+                                            response_format=json_schema_format())
+    parts, reasons = [], []
+    for chunk in stream:
+        for c in chunk.choices:
+            parts.append(c.delta.content or "")
+            reasons.append(c.finish_reason)
+    assert reasons[-1] == "stop"
+    conforms(json.loads("".join(parts)), PERSON)
+
+
+def test_json_object_on_completions(client):
+    # A small schema keeps the random model's strings short; json_object itself is tested on chat.
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99,
+                                                                                 "minimum": 0}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    out = client.completions.create(model="x", prompt="Once upon a time", max_tokens=100, seed=1,
+                                    extra_body={"response_format": json_schema_format(schema)})
+    conforms(json.loads(out.choices[0].text), schema)
+
+
+@pytest.mark.parametrize("max_tokens", [12, 60, 200])
+def test_json_object_is_closed_within_max_tokens(client, max_tokens):
+    # Any object: this model writes strings that never end, so the output is closed (strings, arrays,
+    # objects) in the last tokens of the budget rather than cut off.
+    for seed in range(3):
+        out = client.chat.completions.create(model="x", messages=MESSAGES, seed=seed, max_tokens=max_tokens,
+                                             response_format={"type": "json_object"})
+        choice = out.choices[0]
+        assert choice.finish_reason == "stop"
+        assert isinstance(json.loads(choice.message.content), dict)
+        assert out.usage.completion_tokens <= max_tokens
+
+
+@pytest.mark.parametrize("fmt, param", [
+    (json_schema_format({"type": "object", "properties": {"x": {"type": "string", "pattern": "("}}}),
+     "response_format.json_schema.schema"),
+    (json_schema_format({"type": "nope"}), "response_format.json_schema.schema"),
+    ({"type": "json_schema"}, "response_format"),
+    ({"type": "grammar", "grammar": "start: x"}, "response_format.type"),
+    ({"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}}, "response_format.json_schema.name"),
+])
+def test_invalid_response_format_is_a_400_naming_the_field(client, fmt, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=5, response_format=fmt)
+    assert e.value.body["param"] == param, e.value.body
+
+
+# -- tools -----------------------------------------------------------------------------------------------
+
+def test_tool_choice_required_makes_a_valid_call(client):
+    for seed in range(3):
+        out = client.chat.completions.create(model="x", messages=MESSAGES, seed=seed, max_tokens=100,
+                                             tools=[WEATHER, TIME], tool_choice="required")
+        choice = out.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_")
+        tool = {"weather": WEATHER, "time": TIME}[call.function.name]
+        conforms(json.loads(call.function.arguments), tool["function"]["parameters"])
+
+
+def test_named_tool_choice_calls_that_function_streamed(client):
+    stream = client.chat.completions.create(model="x", messages=MESSAGES, seed=4, max_tokens=100, stream=True,
+                                            tools=[WEATHER, TIME],
+                                            tool_choice={"type": "function", "function": {"name": "time"}})
+    calls, reasons, content = [], [], []
+    for chunk in stream:
+        for c in chunk.choices:
+            calls += c.delta.tool_calls or []
+            content.append(c.delta.content or "")
+            reasons.append(c.finish_reason)
+    assert reasons[-1] == "tool_calls" and "".join(content) == ""
+    (call,) = calls
+    assert call.index == 0 and call.id and call.function.name == "time"
+    conforms(json.loads(call.function.arguments), TIME["function"]["parameters"])
+
+
+def test_tool_history_is_accepted(client):
+    messages = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "weather",
+                                                             "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees, sunny"},
+    ]
+    out = client.chat.completions.create(model="x", messages=messages, tools=[WEATHER], max_tokens=8, seed=0)
+    assert out.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_tool_choice_none_and_auto_answer_text(client):
+    for choice in ("none", "auto"):
+        out = client.chat.completions.create(model="x", messages=MESSAGES, tools=[WEATHER], tool_choice=choice,
+                                             max_tokens=10, temperature=0)
+        assert out.choices[0].message.tool_calls is None and out.choices[0].message.content
+
+
+@pytest.mark.parametrize("kw, param", [
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, None),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"type": "string", "pattern": "("}}}}}]}, "tools.0.function.parameters"),
+    ({"tools": [{"type": "code_interpreter"}]}, "tools.0.type"),
+    ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+])
+def test_invalid_tools_are_a_400_naming_the_field(client, kw, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=5, **kw)
+    if param is not None:
+        assert e.value.body["param"] == param, e.value.body
+
+
+def test_tool_messages_need_a_call_id(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="x", max_tokens=5, messages=[*MESSAGES, {"role": "tool", "content": "x"}])
+    assert "tool_call_id" in e.value.body["message"]
