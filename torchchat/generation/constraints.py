@@ -74,7 +74,8 @@ def check_grammar(grammar: str) -> None:
 
 
 def _first_line(message: str) -> str:
-    return " ".join(message.strip().splitlines()[:3])[:300]
+    """llguidance's message on one line (its regex errors span several), at most 300 characters."""
+    return " ".join(message.split())[:300]
 
 
 class GrammarVocabulary:
