@@ -168,10 +168,13 @@ def forced_call_grammar(body: ChatCompletionRequest, style: str) -> str:
     """The grammar of exactly one call in `style` (llguidance Lark with an embedded JSON schema)."""
     from torchchat.generation.constraints import JSON_WHITESPACE, lark_grammar
 
+    # Keywords llguidance lacks are ignored unless every function is strict (as for response_format).
+    options = {"whitespace_pattern": JSON_WHITESPACE,
+               "lenient": not all(t.function.strict for t in body.tools or [])}
     if style == "hermes":
-        schema = json.dumps({**call_schema(body, "arguments"), "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}})
+        schema = json.dumps({**call_schema(body, "arguments"), "x-guidance": options})
         return lark_grammar(f'start: "{_OPEN}\\n" call "\\n{_CLOSE}"\ncall: %json {schema}')
-    schema = json.dumps({**call_schema(body, "parameters"), "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}})
+    schema = json.dumps({**call_schema(body, "parameters"), "x-guidance": options})
     return lark_grammar(f"start: call\ncall: %json {schema}")
 
 
