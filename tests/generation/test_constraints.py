@@ -221,3 +221,20 @@ def test_streamed_hermes_text_before_the_call_passes():
     sent, rest, calls = _stream("hermes", pieces)
     assert sent == "I will look it up. " and rest == "" and calls == ["weather"]
     assert _stream("hermes", ["a <to", "p> b"]) == ("a <top> b", "", [])
+
+
+@pytest.mark.parametrize("style", ["json", "hermes"])
+def test_forced_call_from_random_logits_is_a_call_within_the_budget(tok512, style):
+    from torchchat.server.protocol import ChatCompletionRequest
+    from torchchat.server.tools import call_wrapping, forced_call_grammar, parse_tool_calls
+
+    jsonschema = pytest.importorskip("jsonschema")
+    body = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS,
+                                                 "tool_choice": "required"})
+    grammar = forced_call_grammar(body, style)
+    for seed, budget in [(0, 90), (1, 120), (2, 200)]:
+        out, reason = _generate(tok512, grammar, budget, seed, close_json=True, json_between=call_wrapping(style))
+        assert reason == "stop", tok512.decode(out)
+        content, calls = parse_tool_calls(tok512.decode(out[:-1]), style, ["weather"])
+        assert content is None and len(calls) == 1
+        jsonschema.validate(json.loads(calls[0].arguments), TOOLS[0]["function"]["parameters"])
