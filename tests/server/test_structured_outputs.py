@@ -175,3 +175,62 @@ def test_tool_messages_need_a_call_id(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="x", max_tokens=5, messages=[*MESSAGES, {"role": "tool", "content": "x"}])
     assert "tool_call_id" in e.value.body["message"]
+
+
+# -- a model whose Hugging Face chat template knows tools (Hermes / Qwen 2.5 style) ----------------------
+
+@pytest.fixture(scope="module")
+def hermes_client(tmp_path_factory):
+    """stories260K served with its tokenizer as tokenizer.json + a tokenizer_config.json whose
+    chat_template renders tools and <tool_call> blocks (tests/generation/chat_templates/hermes-tools.jinja)."""
+    pytest.importorskip("transformers")
+    import shutil
+
+    from transformers import LlamaTokenizer
+
+    from tests.conftest import ROOT, shared_path
+    from tests.server.conftest import start_server, stop_server
+
+    folder = tmp_path_factory.mktemp("hermes")
+    shutil.copy(shared_path("models", "stories260K", "tok512.model"), folder / "tokenizer.model")
+    LlamaTokenizer.from_pretrained(str(folder)).save_pretrained(str(folder / "hf"))
+    (folder / "hf" / "chat_template.jinja").write_text(
+        (ROOT / "tests" / "generation" / "chat_templates" / "hermes-tools.jinja").read_text())
+    server = start_server("server", ["--tokenizer-path", str(folder / "hf")], folder / "server.log")
+    try:
+        yield openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+    finally:
+        stop_server(server.process)
+
+
+def test_hermes_template_forced_call_whole_and_streamed(hermes_client):
+    out = hermes_client.chat.completions.create(model="x", messages=MESSAGES, seed=1, max_tokens=150,
+                                                tools=[WEATHER, TIME], tool_choice="required")
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    tool = {"weather": WEATHER, "time": TIME}[call.function.name]
+    conforms(json.loads(call.function.arguments), tool["function"]["parameters"])
+
+    stream = hermes_client.chat.completions.create(model="x", messages=MESSAGES, seed=2, max_tokens=150, stream=True,
+                                                   tools=[WEATHER], tool_choice={"type": "function",
+                                                                                 "function": {"name": "weather"}})
+    calls, reasons = [], []
+    for chunk in stream:
+        for c in chunk.choices:
+            calls += c.delta.tool_calls or []
+            reasons.append(c.finish_reason)
+    assert reasons[-1] == "tool_calls" and [c.function.name for c in calls] == ["weather"]
+    conforms(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
+
+
+def test_hermes_template_renders_tool_history(hermes_client):
+    messages = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_9", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_9", "content": "cold"},
+    ]
+    out = hermes_client.chat.completions.create(model="x", messages=messages, tools=[WEATHER], max_tokens=5,
+                                                temperature=0)
+    assert out.usage.prompt_tokens > 100  # the tools, the call and the result are in the prompt
