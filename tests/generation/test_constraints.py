@@ -186,6 +186,8 @@ def test_parse_json_calls():
     _, calls = parse_tool_calls('[{"name": "time", "arguments": {}}, {"name": "weather", "parameters": "{\\"city\\": 1}"}]',
                                 "json", names)
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("time", {}), ("weather", {"city": 1})]
+    _, calls = parse_tool_calls('[TOOL_CALLS] [{"name": "time", "arguments": {"z": 1}}]', "json", names)
+    assert [(c.name, c.arguments) for c in calls] == [("time", '{"z": 1}')]
     for text in ['{"name": "other", "parameters": {}}', "The weather is fine.", '{"name": "weather"', '{"x": 1}']:
         assert parse_tool_calls(text, "json", names) == (text, [])
 

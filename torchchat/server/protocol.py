@@ -200,7 +200,7 @@ class ChatMessage(_Request):
     content: str | list[TextPart] | None = None  # None only for assistant turns that made tool calls
     tool_calls: list[ToolCall] | None = None  # assistant turns only
     tool_call_id: str | None = None  # tool turns: the call this is the result of
-    name: str | None = None  # ignored except on tool turns (the function's name, older clients)
+    name: str | None = None  # a participant's or function's name: accepted, not rendered
 
     @field_validator("content")
     @classmethod

@@ -3,7 +3,7 @@ that forces a call when tool_choice is "required" or names a function.
 
 Two call formats, chosen by the chat format (ChatFormat.tool_style):
 - "json", Llama 3.1's JSON tool calling: the whole reply is `{"name": f, "parameters": {...}}`
-  (a leading `<|python_tag|>` is dropped; "arguments" is accepted for "parameters"; a JSON list of
+  (a leading `<|python_tag|>` or Mistral's `[TOOL_CALLS]` is dropped; "arguments" is accepted for "parameters"; a JSON list of
   such objects is several calls). Also what formats without native tools are asked to produce.
 - "hermes", Qwen 2.5 / Hermes: `<tool_call>\n{"name": f, "arguments": {...}}\n</tool_call>`, one
   block per call, possibly after some text (which becomes the message's content).
@@ -19,6 +19,8 @@ from typing import Any, Sequence
 from torchchat.server.protocol import ChatCompletionRequest
 
 _PYTHON_TAG = "<|python_tag|>"
+# What models put before a JSON call: Llama 3.1's <|python_tag|>, Mistral's [TOOL_CALLS].
+_CALL_PREFIXES = (_PYTHON_TAG, "[TOOL_CALLS]")
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _HERMES_BLOCK = re.compile(re.escape(_OPEN) + r"(.*?)(?:" + re.escape(_CLOSE) + r"|$)", re.DOTALL)
 
@@ -64,7 +66,9 @@ def parse_tool_calls(text: str, style: str, names: Sequence[str]) -> tuple[str |
                 return text, []
             calls.append(call)
         return (before or None), calls
-    stripped = text.strip().removeprefix(_PYTHON_TAG).strip()
+    stripped = text.strip()
+    for prefix in _CALL_PREFIXES:
+        stripped = stripped.removeprefix(prefix).strip()
     try:
         value = json.loads(stripped)
     except json.JSONDecodeError:
@@ -107,9 +111,9 @@ class ToolCallStream:
             out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep:]
             return self._send(out)
         lead = self.held.lstrip()
-        if not lead or _PYTHON_TAG.startswith(lead):
+        if not lead or any(p.startswith(lead) for p in _CALL_PREFIXES):
             return ""
-        if lead[0] in "{[" or lead.startswith(_PYTHON_TAG):
+        if lead[0] in "{[" or lead.startswith(_CALL_PREFIXES):
             self.calling = True
             return ""
         self.streaming = True
