@@ -11,6 +11,10 @@ scales are the file's). The output error of row n is therefore at most
 (a strict bound, computed per output below), plus float32 accumulation error, bounded generously by
 1e-5 * sum_i |x_i W[n, i]|. bfloat16 outputs add their own rounding, 2^-8 relative.
 
+The interleaved K-quant kernels of the SIMD paths (Q4_K, Q5_K, Q6_K) quantize activations per 256 values
+instead (one scale per super-block, as llama.cpp's Q8_K): the same bound with 256-value blocks, and
+they are also checked against that quantization emulated here in numpy, to float summation order.
+
 The bf16 prefill path (16+ rows: weights dequantized to bf16, dense GEMM) rounds activations and
 weights to bf16 instead, each off by at most 2^-9 relative, so the error is at most
 2^-8 * sum_i |x_i W[n, i]| (plus the same float32 and output-rounding terms).
@@ -80,11 +84,11 @@ def make_weight(qtype: int, n: int, k: int, seed: int = 0) -> tuple[np.ndarray, 
     return packed, quants.dequantize(packed, GT(qtype)).reshape(n, k).astype(np.float32)
 
 
-def error_bound(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+def error_bound(x: np.ndarray, w: np.ndarray, blk: int = 32) -> np.ndarray:
     """Per-output bound of the int8 activation quantization error (see the module docstring)."""
     m, k = x.shape
-    half_d = np.abs(x).reshape(m, k // 32, 32).max(-1) / 127 / 2  # (M, K/32)
-    w_abs = np.abs(w).reshape(w.shape[0], k // 32, 32).sum(-1)  # (N, K/32)
+    half_d = np.abs(x).reshape(m, k // blk, blk).max(-1) / 127 / 2  # (M, K/blk)
+    w_abs = np.abs(w).reshape(w.shape[0], k // blk, blk).sum(-1)  # (N, K/blk)
     return half_d.astype(np.float64) @ w_abs.T.astype(np.float64) + 1e-5 * (np.abs(x) @ np.abs(w).T)
 
 
@@ -96,11 +100,12 @@ def check_linear(qtype: int, k: int, m: int, dtype: torch.dtype, bf16_path: bool
     assert_within_bound(y, x, w, bf16_path)
 
 
-def assert_within_bound(y: torch.Tensor, x: torch.Tensor, w: np.ndarray, bf16_path: bool = False) -> np.ndarray:
+def assert_within_bound(y: torch.Tensor, x: torch.Tensor, w: np.ndarray, bf16_path: bool = False,
+                        blk: int = 32) -> np.ndarray:
     """y = x @ w.T within the module docstring's bound for the path taken; returns the float64 reference."""
     xf = x.float().numpy()
     ref = xf.astype(np.float64) @ w.T.astype(np.float64)
-    bound = error_bound(xf, w)
+    bound = error_bound(xf, w, blk)
     if bf16_path:
         bound = 2.0**-8 * (np.abs(xf) @ np.abs(w).T) + 2.0**-8 * np.abs(ref) + 1e-5 * (np.abs(xf) @ np.abs(w).T)
     if y.dtype == torch.bfloat16:
@@ -298,10 +303,32 @@ def check_interleaved(qtype: int, k: int, m: int, n: int, dtype: torch.dtype = t
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
     y = cpu.linear(x, x16, qtype | cpu.X16, n, k)
     assert y.dtype == dtype and y.shape == (m, n)
-    ref = assert_within_bound(y, x, w, bf16_path)
-    # the same int8 activations as the file layout's kernels: equal up to float summation order
-    y_plain = cpu.linear(x, torch.from_numpy(packed), qtype, n, k)
-    torch.testing.assert_close(y, y_plain, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+    blk = 256 if qtype in KQUANTS and cpu.isa() != "scalar" and not bf16_path else 32
+    ref = assert_within_bound(y, x, w, bf16_path, blk)
+    if bf16_path:
+        return
+    # the int8 activations emulated: equal up to float summation order
+    emulated = torch.from_numpy(quantized(x.float().numpy(), blk, cpu.isa() != "scalar").astype(np.float64)
+                                @ w.T.astype(np.float64))
+    rtol = 1e-4 if dtype == torch.float32 else 2.0**-8  # bf16 outputs are rounded
+    torch.testing.assert_close(y.double(), emulated, rtol=rtol, atol=2e-4 * float(np.abs(ref).max()))
+    if blk == 32:  # the same int8 activations as the file layout's kernels
+        y_plain = cpu.linear(x, torch.from_numpy(packed), qtype, n, k)
+        torch.testing.assert_close(y, y_plain, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
+def quantized(x: np.ndarray, blk: int, half_even: bool) -> np.ndarray:
+    """x (M, K) after the kernels' activation quantization: int8 codes per `blk` values, round to
+    nearest, scale max|x| / 127, in float32 arithmetic as the kernels do. Ties (they occur: x / d is
+    a float32) go to even in the SIMD paths (cvtps2dq), away from zero in the scalar one."""
+    m, k = x.shape
+    xb = x.reshape(m, k // blk, blk).astype(np.float32)
+    amax = np.abs(xb).max(-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    v = xb * inv
+    rounded = np.rint(v) if half_even else np.trunc(v + np.where(v < 0, np.float32(-0.5), np.float32(0.5)))
+    codes = np.clip(rounded, -127, 127)
+    return (codes * (amax / np.float32(127))).reshape(m, k)
 
 
 @pytest.mark.parametrize("m", [1, 3, 17, 128])

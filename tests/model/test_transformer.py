@@ -25,6 +25,23 @@ def test_cached_decode_equals_full_forward(tiny_config, n_kv_heads):
     torch.testing.assert_close(torch.cat([prefix, *steps], dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_last_only_gives_the_last_positions_logits_and_the_same_cache(tiny_model):
+    """Prefill's `last_only` skips the output matrix for all but the last position; the caches it
+    leaves (what decoding continues from) are the full forward's."""
+    from torchchat.runtime.base import EagerRuntime
+
+    tokens = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        tiny_model.setup_caches(2, 32)
+        full = tiny_model(tokens, torch.arange(12))
+        full_next = tiny_model(tokens[:, :1], torch.tensor([12]))
+        last = EagerRuntime(tiny_model).forward_last(tokens, torch.arange(12))
+        last_next = tiny_model(tokens[:, :1], torch.tensor([12]))
+    assert last.shape == (2, 1, 512)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last_next, full_next, atol=1e-5, rtol=1e-5)
+
+
 def test_later_positions_do_not_change_earlier_logits(tiny_model):
     tokens = torch.randint(0, 512, (1, 16))
     with torch.no_grad():

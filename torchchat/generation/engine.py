@@ -215,6 +215,7 @@ def make_engine(built, options=None, max_seq_len: int | None = None, parallel_pr
     runtime = built.runtime
     if isinstance(runtime, EagerRuntime):
         optimize_for_decode(runtime.model)
-    steps = Steps(runtime.forward, runtime.device, options or CompileOptions(), getattr(runtime, "graph_key", None))
+    steps = Steps(runtime.forward, runtime.device, options or CompileOptions(), getattr(runtime, "graph_key", None),
+                  getattr(runtime, "forward_last", None))
     ctx = min(max_seq_len or runtime.max_seq_len, runtime.max_seq_len)
     return Engine(runtime, built.tokenizer, steps, ctx, parallel_prefill)

@@ -102,8 +102,11 @@ class Steps:
     the compiled decode step a CudaGraphStep on CUDA instead of a torch.compile'd function."""
 
     def __init__(self, forward: Forward, device: torch.device, options: CompileOptions = CompileOptions(),
-                 graph_key: Callable[[], Hashable] | None = None):
+                 graph_key: Callable[[], Hashable] | None = None, forward_last: Forward | None = None):
         self.forward = forward
+        # Prefill samples from the last position only; a runtime that can skip the other positions'
+        # logits (EagerRuntime.forward_last) saves the output matrix times S-1 rows.
+        self.forward_last = forward_last or forward
         self.device = device
         self.options = options
         self.graph_key = graph_key if device.type == "cuda" else None
@@ -145,6 +148,6 @@ class Steps:
     def prefill(self, params: SamplingParams) -> Callable[[Tensor, Tensor], Tensor]:
         key = ("prefill", params)
         if key not in self._cache:
-            fn = _step(self.forward, params)
+            fn = _step(self.forward_last, params)
             self._cache[key] = self._compile(fn, dynamic=True) if self.options.prefill else fn
         return self._cache[key]

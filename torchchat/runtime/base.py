@@ -52,3 +52,8 @@ class EagerRuntime:
 
     def forward(self, tokens: Tensor, input_pos: Tensor, row: int = 0) -> Tensor:
         return self.model(tokens, input_pos, row) if row else self.model(tokens, input_pos)
+
+    def forward_last(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        """`forward`'s logits for the last position only, (B, 1, V): the output matrix multiplies one
+        row instead of S (what a prefill samples from)."""
+        return self.model(tokens, input_pos, last_only=True)

@@ -12,20 +12,25 @@ namespace tcc {
 // ggml's type ids, as stored in the .gguf file.
 enum QType : int { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
 
-// Activations are quantized once per call to int8 in blocks of 32 values (round to nearest,
+// Activations are quantized once per call to int8 in blocks of `blk` values (round to nearest,
 // scale = max|x| / 127, so codes are in [-127, 127]). Per row of K values:
-//   q[K] int8 codes, d[K/32] float scales, s[K/16] int16 sums of the codes of each 16 values.
+//   q[K] int8 codes, d[K/blk] float scales, s[K/16] int16 sums of the codes of each 16 values.
 // The 16-value sums serve the offset terms of types whose codes are unsigned (Q4_0's "-8",
 // Q4_1/Q4_K/Q5_K's min, Q6_K's "-32" with its two scales per 32 values).
+// blk is 32, except for the SIMD tables' interleaved K-quant kernels (KernelTable::k256), which take
+// one scale per 256-value super-block, as llama.cpp's Q8_K does: a super-block's sub-block dots and
+// integer scales then add up in int32, with one float multiply per super-block instead of one per
+// sub-block (Q6_K has 16 of them).
 struct ActQ {
   const int8_t* q;   // (M, K)
-  const float* d;    // (M, K/32)
+  const float* d;    // (M, K/blk)
   const int16_t* s;  // (M, K/16)
   int64_t K;
+  int blk;           // 32 or 256
 };
 
-// Quantize one row of K floats (K a multiple of 32) into q, d, s as above.
-typedef void (*quantize_row_fn)(const float* x, int64_t K, int8_t* q, float* d, int16_t* s);
+// Quantize one row of K floats (K a multiple of blk) into q, d, s as above.
+typedef void (*quantize_row_fn)(const float* x, int64_t K, int blk, int8_t* q, float* d, int16_t* s);
 
 // y[m * ldy + r] = dot(activation row m, weight row r) for r in [0, n_rows), m in [0, M).
 // w points at weight row 0; rows are row_bytes apart, each holding K/QK GGUF blocks.
@@ -93,6 +98,7 @@ struct KernelTable {
   // Q5_0 / Q5_1: the file's row layout runs only in the scalar table (nullptr in the SIMD ones: rows
   // are interleaved before the first step wherever they are a multiple of 16).
   gemm_fn q5_0, q5_1, q5_0x, q5_1x;
+  bool k256;  // q4_kx / q5_kx / q6_kx take activations with blk 256 (ActQ); every other kernel blk 32
 };
 
 extern const KernelTable scalar_table;

@@ -91,23 +91,24 @@ void decode_sub(int qtype, const uint8_t* row, int64_t g, Sub& o) {
   }
 }
 
-void quantize_row_scalar(const float* x, int64_t K, int8_t* q, float* d, int16_t* s) {
-  for (int64_t b = 0; b < K / 32; b++) {
-    const float* xb = x + 32 * b;
+void quantize_row_scalar(const float* x, int64_t K, int blk, int8_t* q, float* d, int16_t* s) {
+  for (int64_t b = 0; b < K / blk; b++) {
+    const float* xb = x + blk * b;
     float amax = 0.f;
-    for (int i = 0; i < 32; i++) { float v = xb[i] < 0 ? -xb[i] : xb[i]; amax = v > amax ? v : amax; }
+    for (int i = 0; i < blk; i++) { float v = xb[i] < 0 ? -xb[i] : xb[i]; amax = v > amax ? v : amax; }
     float db = amax / 127.f, id = amax > 0 ? 127.f / amax : 0.f;
     d[b] = db;
-    int s0 = 0, s1 = 0;
-    for (int i = 0; i < 32; i++) {
-      float v = xb[i] * id;
-      int c = (int)(v < 0 ? v - 0.5f : v + 0.5f);
-      c = c > 127 ? 127 : (c < -127 ? -127 : c);
-      q[32 * b + i] = (int8_t)c;
-      if (i < 16) s0 += c; else s1 += c;
+    for (int j = 0; j < blk / 16; j++) {
+      int sum = 0;
+      for (int i = 16 * j; i < 16 * j + 16; i++) {
+        float v = xb[i] * id;
+        int c = (int)(v < 0 ? v - 0.5f : v + 0.5f);
+        c = c > 127 ? 127 : (c < -127 ? -127 : c);
+        q[blk * b + i] = (int8_t)c;
+        sum += c;
+      }
+      s[blk / 16 * b + j] = (int16_t)sum;
     }
-    s[2 * b] = (int16_t)s0;
-    s[2 * b + 1] = (int16_t)s1;
   }
 }
 
@@ -206,6 +207,7 @@ const KernelTable scalar_table = {
     gemm_scalar_x16<kQ5_K>, gemm_scalar_x16<kQ6_K>,
     attend_scalar,
     gemm_scalar<kQ5_0>, gemm_scalar<kQ5_1>, gemm_scalar_x16<kQ5_0>, gemm_scalar_x16<kQ5_1>,
+    false,
 };
 
 }  // namespace tcc

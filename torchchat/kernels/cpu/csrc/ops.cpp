@@ -266,17 +266,20 @@ at::Tensor ggml_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype, 
   std::vector<int8_t>& aq = keep ? keep_q : own_q;
   std::vector<float>& ad = keep ? keep_d : own_d;
   std::vector<int16_t>& as = keep ? keep_s : own_s;
+  const int base = base_type((int)qtype);
+  const bool kquant = base == kQ4_K || base == kQ5_K || base == kQ6_K;
+  const int blk = t.k256 && kquant && is_x16((int)qtype) ? 256 : 32;
   aq.resize(M * k);
-  ad.resize(M * (k / 32));
+  ad.resize(M * (k / blk));
   as.resize(M * (k / 16));
   const float* xp = xf.data_ptr<float>();
   int8_t* qp = aq.data();
   float* dp = ad.data();
   int16_t* sp = as.data();
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; m++) t.quantize_row(xp + m * k, k, qp + m * k, dp + m * (k / 32), sp + m * (k / 16));
+    for (int64_t m = b; m < e; m++) t.quantize_row(xp + m * k, k, blk, qp + m * k, dp + m * (k / blk), sp + m * (k / 16));
   });
-  const ActQ act{qp, dp, sp, k};
+  const ActQ act{qp, dp, sp, k, blk};
 
   at::Tensor y = at::empty({M, n}, x.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
