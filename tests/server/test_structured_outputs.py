@@ -161,6 +161,8 @@ def test_tool_choice_none_and_auto_answer_text(client):
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
         "x": {"type": "string", "pattern": "("}}}}}]}, "tools.0.function.parameters"),
     ({"tools": [{"type": "code_interpreter"}]}, "tools.0.type"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     "tools.0.function.parameters"),
     ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "response_format"),
     ({"functions": [{"name": "f"}]}, "functions"),
 ])

@@ -14,7 +14,16 @@ pytest.importorskip("llguidance", reason="constrained decoding needs llguidance 
 
 # -- token bytes -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["tok512", "llama2_tok", "llama3_tok", "llama3_hf", "llama2_hf"])
+@pytest.fixture(scope="module")
+def llama2_gguf():
+    from tests.conftest import shared_path
+    from tests.tokenizer.conftest import SPM_CASES, VOCAB_TESTS
+    from torchchat.tokenizer.gguf import tokenizer_from_gguf
+
+    return tokenizer_from_gguf(shared_path(*VOCAB_TESTS, SPM_CASES))
+
+
+@pytest.mark.parametrize("name", ["tok512", "llama2_tok", "llama3_tok", "llama3_hf", "llama2_hf", "llama2_gguf"])
 def test_token_bytes_spell_encoded_text(request, name):
     tok = request.getfixturevalue(name)
     spelled = tok.token_bytes()

@@ -232,6 +232,13 @@ class FunctionDefinition(_Request):
     parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object; None: no arguments
     strict: bool | None = None
 
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, parameters):
+        if parameters is not None and parameters.get("type", "object") != "object":
+            raise ValueError(f"must be a JSON schema of an object (got type {parameters['type']!r})")
+        return parameters
+
 
 class ToolDefinition(_Request):
     type: Literal["function"]
