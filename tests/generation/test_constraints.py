@@ -240,3 +240,35 @@ def test_forced_call_from_random_logits_is_a_call_within_the_budget(tok512, styl
         content, calls = parse_tool_calls(tok512.decode(out[:-1]), style, ["weather"])
         assert content is None and len(calls) == 1
         jsonschema.validate(json.loads(calls[0].arguments), TOOLS[0]["function"]["parameters"])
+
+
+def test_llama3_prompt_forced_call_from_a_random_model(llama3_tok):
+    """The whole path without the server: Llama 3's format renders the tools, a random model with
+    Llama 3's vocabulary decodes under the forced-call grammar in the batched engine, the reply parses."""
+    from tests.conftest import random_transformer
+    from torchchat.generation.batch import BatchEngine, SequenceRequest
+    from torchchat.generation.constraints import GrammarConstraint, grammar_vocabulary
+    from torchchat.generation.sampling import SamplingParams
+    from torchchat.model.config import ModelConfig
+    from torchchat.runtime.base import EagerRuntime
+    from torchchat.server.protocol import ChatCompletionRequest
+    from torchchat.server.tools import forced_call_grammar, parse_tool_calls
+
+    cfg = ModelConfig.from_params(dict(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=llama3_tok.vocab_size,
+                                       multiple_of=32, max_seq_len=512))
+    engine = BatchEngine(EagerRuntime(random_transformer(cfg, std=0.5)), max_batch=2, max_seq_len=512)
+    fmt = Llama3Format()
+    body = ChatCompletionRequest.model_validate({"messages": HISTORY[:2], "tools": TOOLS, "tool_choice": "required"})
+    prompt = fmt.encode(llama3_tok, HISTORY[:2], tools=TOOLS)
+    stops = fmt.stop_ids(llama3_tok)
+    grammar = forced_call_grammar(body, fmt.tool_style)
+    seqs = [engine.add(SequenceRequest(tuple(prompt), 64, SamplingParams(temperature=1.0, top_k=None), stops, seed=s,
+                                       logits_processor=GrammarConstraint(grammar_vocabulary(llama3_tok), grammar,
+                                                                          stops, budget=64, close_json=True)))
+            for s in (0, 1)]
+    while engine.active:
+        engine.step()
+    for seq in seqs:
+        assert seq.finish_reason == "stop"
+        _, calls = parse_tool_calls(llama3_tok.decode(seq.output[:-1]), "json", ["weather"])
+        assert [c.name for c in calls] == ["weather"] and "city" in json.loads(calls[0].arguments)
