@@ -71,10 +71,10 @@ def check_grammar(grammar: str) -> None:
     """Raise GrammarError when llguidance refuses the grammar (bad regex, unknown format, bad $ref)."""
     is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:
-        raise GrammarError(_first_line(messages[0]))
+        raise GrammarError(_one_line(messages[0]))
 
 
-def _first_line(message: str) -> str:
+def _one_line(message: str) -> str:
     """llguidance's message on one line (its regex errors span several), at most 300 characters."""
     return " ".join(message.split())[:300]
 
@@ -155,7 +155,8 @@ class GrammarConstraint:
     that must be complete by then: once the shortest way to close what is open (strings, arrays,
     objects; see json_closing) needs nearly all the tokens left, those closing tokens are forced, so a
     model that rambles (a tiny random one) still ends with a complete value instead of "length".
-    A closing that the grammar refuses (a schema's required keys) is not forced."""
+    Where the grammar refuses that closing (a schema's required key is missing), the text the grammar
+    forces anyway is taken; where it leaves a choice, the model chooses."""
 
     # Tokens kept in reserve beyond the closing bytes: a multi-byte character cut inside a string
     # must be completed before the string can close.
@@ -167,9 +168,10 @@ class GrammarConstraint:
         tags), for closing it in time."""
         self.matcher = _llguidance().LLMatcher(vocab.ll, grammar, log_level=0)
         if self.matcher.is_error():
-            raise GrammarError(_first_line(self.matcher.get_error()))
+            raise GrammarError(_one_line(self.matcher.get_error()))
         self.vocab = vocab
         self.stop_ids = sorted(stop_ids)
+        self._stops = frozenset(stop_ids)
         self.budget, self.close_json, self.json_between = budget, close_json, json_between
         self._consumed = 0
         self._before_left = json_between[0]  # what of the text before the JSON value is still to come
@@ -178,7 +180,7 @@ class GrammarConstraint:
 
     def __call__(self, generated: Sequence[int], logits: Tensor) -> Tensor:
         for token in generated[self._consumed :]:
-            if token not in self.stop_ids:
+            if token not in self._stops:
                 self.matcher.consume_token(int(token))
                 if self.close_json and token < self.vocab.vocab_size:
                     self._follow(self.vocab.spelled[token] or b"")
@@ -235,7 +237,7 @@ class GrammarConstraint:
         m = self.matcher
         allowed = np.zeros(size, dtype=bool)
         if m.is_error():  # a token the grammar refused (cannot happen while the mask is applied): end
-            log.warning("grammar matcher failed: %s", _first_line(m.get_error()))
+            log.warning("grammar matcher failed: %s", _one_line(m.get_error()))
         else:
             bits = np.unpackbits(np.frombuffer(m.compute_bitmask(), dtype=np.uint8), bitorder="little")
             n = min(size, self.vocab.vocab_size)
