@@ -37,7 +37,8 @@ def request_grammar(body: SamplingFields, tool_style: str = "json") -> str | Non
             try:
                 return forced_call_grammar(body, tool_style)
             except GrammarError as e:
-                raise InvalidRequest(f"Invalid schema in tools: {e}", _tool_param(body, str(e))) from e
+                # Each tool's schema compiled alone (check_tool_schemas): what fails is their union.
+                raise InvalidRequest(f"Invalid schema in tools: {e}", "tools") from e
     if not json_format:
         return None
     if fmt.type == "json_object":
@@ -48,18 +49,6 @@ def request_grammar(body: SamplingFields, tool_style: str = "json") -> str | Non
     except GrammarError as e:
         raise InvalidRequest(f"Invalid schema for response_format '{spec.name}': {e}",
                              "response_format.json_schema.schema") from e
-
-
-def _tool_param(body: ChatCompletionRequest, _message: str) -> str:
-    """The parameters field of the first tool whose schema fails alone (the grammar covers them all)."""
-    from torchchat.generation.constraints import GrammarError, json_schema_grammar
-
-    for i, tool in enumerate(body.tools or []):
-        try:
-            json_schema_grammar(tool.function.parameters, strict=True)
-        except GrammarError:
-            return f"tools.{i}.function.parameters"
-    return "tools"
 
 
 def check_tool_schemas(body: ChatCompletionRequest) -> None:
