@@ -147,7 +147,7 @@ def test_api_key_with_spaces_is_stripped_at_startup():
 
 def test_tokenizer_panic_becomes_a_json_error():
     """tiktoken's Rust panics are BaseExceptions, which FastAPI would answer as a plain-text 500."""
-    from torchchat.server.app import APIError, _tokenize
+    from torchchat.server.request_config import APIError, run_tokenizer
 
     class PanicException(BaseException):
         pass
@@ -156,5 +156,5 @@ def test_tokenizer_panic_becomes_a_json_error():
         raise PanicException("no entry found for key")
 
     with pytest.raises(APIError) as e:
-        asyncio.run(_tokenize(panics, "x"))
+        asyncio.run(run_tokenizer(panics, "x"))
     assert e.value.status == 500 and "no entry found for key" in e.value.message

@@ -153,7 +153,8 @@ def _serve_on(sock, args, spec, compile_opts, notes, notices, options: ServerOpt
     from torchchat.generation.chat_format import resolve_chat_format
     from torchchat.generation.batch import make_batch_engine
     from torchchat.server import protocol
-    from torchchat.server.app import ServedModel, create_app, downloaded_models
+    from torchchat.server.app import create_app
+    from torchchat.server.served import ServedModel, downloaded_models
     from torchchat.server.worker import ModelWorker
 
     notices.say(*notes)

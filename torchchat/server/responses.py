@@ -1,25 +1,17 @@
-"""Response bodies and event streams of /v1/chat/completions and /v1/completions from the worker's
+"""Response bodies and stream chunks of /v1/chat/completions and /v1/completions from the worker's
 results: one choice per job (n per prompt), logprobs in each endpoint's shape, usage summed over the
-choices (the prompt counted once per prompt, as OpenAI does)."""
+choices (the prompt counted once per prompt, as OpenAI does). The stream itself is streaming.py's."""
 from __future__ import annotations
 
-import json
-import logging
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, Sequence
 
 from torchchat.server import protocol
-from torchchat.server.choices import Collected, merged
+from torchchat.server.choices import Collected
 from torchchat.server.logprobs import CompletionLogprobs, TokenTexts, chat_content, merge
 from torchchat.server.protocol import Head
 from torchchat.server.tools import ToolUse
-from torchchat.server.worker import Delta, Finished, Job, ModelWorker
-
-log = logging.getLogger("torchchat.server")
-
-
-def sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+from torchchat.server.worker import Delta, Finished, Job
 
 
 def usage(finished: Sequence[Finished], n: int) -> dict[str, Any]:
@@ -27,11 +19,6 @@ def usage(finished: Sequence[Finished], n: int) -> dict[str, Any]:
     prompts = finished[::n]
     return protocol.usage(sum(f.prompt_tokens for f in prompts), sum(f.completion_tokens for f in finished),
                           sum(f.cached_tokens for f in prompts))
-
-
-def _error_event(e: Exception) -> str:
-    log.error("generation failed", exc_info=e)
-    return sse(protocol.error_body(f"generation failed: {e}", type_="server_error"))
 
 
 # -- chat ------------------------------------------------------------------------------------------------
@@ -52,46 +39,49 @@ def chat_body(head: Head, jobs: Sequence[Job], results: Sequence[Collected], tex
     return head.chat_completion(choices, usage([r.finished for r in results], len(jobs)))
 
 
-async def chat_events(head: Head, worker: ModelWorker, jobs: Sequence[Job], texts: TokenTexts,
-                      include_usage: bool, tools: ToolUse | None = None) -> AsyncIterator[str]:
-    """With `tools`, text that may be a call is held back; calls come as one tool_calls delta at the
-    end (finish_reason "tool_calls"), text that was not a call as content."""
-    for i in range(len(jobs)):
-        yield sse(head.chat_chunk({"role": "assistant", "content": ""}, include_usage=include_usage, index=i))
-    prev = [job.prompt_ids[-1] for job in jobs]
-    finished: list[Finished | None] = [None] * len(jobs)
-    splitters = [tools.stream() if tools else None for _ in jobs]
-    try:
-        async for i, item in merged(worker, jobs):
-            split = splitters[i]
-            if isinstance(item, Delta):
-                lp = None
-                if jobs[i].top_logprobs is not None:
-                    lp = {"content": chat_content(texts, item.tokens, prev[i])}
-                    if item.tokens:
-                        prev[i] = item.tokens[-1].token
-                text = split.feed(item.text) if split else item.text
-                if text or lp or not split:
-                    yield sse(head.chat_chunk({"content": text}, include_usage=include_usage, index=i, logprobs=lp))
-            else:
-                finished[i] = item
-                reason = item.finish_reason
-                if split:
-                    rest, calls = split.finish(complete=reason == "stop")
-                    if calls:
-                        reason = "tool_calls"
-                    if rest:
-                        yield sse(head.chat_chunk({"content": rest}, include_usage=include_usage, index=i))
-                    if calls:
-                        delta = {"tool_calls": [c.openai(index=k) for k, c in enumerate(calls)]}
-                        yield sse(head.chat_chunk(delta, include_usage=include_usage, index=i))
-                yield sse(head.chat_chunk({}, reason, include_usage=include_usage, index=i))
-    except Exception as e:  # headers are sent: report the failure in the stream, as OpenAI does
-        yield _error_event(e)
-        return
-    if include_usage:
-        yield sse(head.usage_chunk("chat.completion.chunk", usage(finished, len(jobs))))
-    yield "data: [DONE]\n\n"
+class ChatChunks:
+    """Chat's stream chunks (streaming.Chunks): a role chunk per choice first, then content deltas
+    with their logprobs, an empty delta with the finish reason. With `tools`, text that may be a call
+    is held back (no chunk while nothing is to be sent); calls come in one tool_calls delta before
+    the finish chunk (finish_reason "tool_calls"), held text that was no call as content."""
+
+    def __init__(self, head: Head, jobs: Sequence[Job], texts: TokenTexts, include_usage: bool,
+                 tools: ToolUse | None = None):
+        self.head, self.jobs, self.texts, self.include_usage = head, jobs, texts, include_usage
+        self.prev = [job.prompt_ids[-1] for job in jobs]  # the token before each choice's next delta
+        self.splitters = [tools.stream() if tools else None for _ in jobs]
+
+    def opening(self, i: int) -> list[dict[str, Any]]:
+        return [self.head.chat_chunk({"role": "assistant", "content": ""}, include_usage=self.include_usage,
+                                     index=i)]
+
+    def delta(self, i: int, item: Delta) -> dict[str, Any] | None:
+        lp = None
+        if self.jobs[i].top_logprobs is not None:
+            lp = {"content": chat_content(self.texts, item.tokens, self.prev[i])}
+            if item.tokens:
+                self.prev[i] = item.tokens[-1].token
+        split = self.splitters[i]
+        text = split.feed(item.text) if split else item.text
+        if split and not text and lp is None:
+            return None
+        return self.head.chat_chunk({"content": text}, include_usage=self.include_usage, index=i, logprobs=lp)
+
+    def finish(self, i: int, item: Finished) -> list[dict[str, Any]]:
+        out, reason, split = [], item.finish_reason, self.splitters[i]
+        if split:
+            rest, calls = split.finish(complete=reason == "stop")
+            if rest:
+                out.append(self.head.chat_chunk({"content": rest}, include_usage=self.include_usage, index=i))
+            if calls:
+                reason = "tool_calls"
+                delta = {"tool_calls": [c.openai(index=k) for k, c in enumerate(calls)]}
+                out.append(self.head.chat_chunk(delta, include_usage=self.include_usage, index=i))
+        out.append(self.head.chat_chunk({}, reason, include_usage=self.include_usage, index=i))
+        return out
+
+    def usage(self, finished: Sequence[Finished]) -> dict[str, Any]:
+        return self.head.usage_chunk("chat.completion.chunk", usage(finished, len(self.jobs)))
 
 
 # -- completions -----------------------------------------------------------------------------------------
@@ -113,42 +103,44 @@ def _completion_logprobs(texts: TokenTexts, job: Job, c: CompletionChoice, r: Co
     return merge(out, lps.add([t.token for t in r.tokens], [t.logprob for t in r.tokens]))
 
 
-def completion_body(head: Head, jobs: Sequence[Job], meta: Sequence[CompletionChoice], results: Sequence[Collected],
+def completion_body(head: Head, jobs: Sequence[Job], prompts: Sequence[CompletionChoice], results: Sequence[Collected],
                     texts: TokenTexts, n: int) -> dict[str, Any]:
     choices = []
-    for i, (job, c, r) in enumerate(zip(jobs, meta, results)):
+    for i, (job, c, r) in enumerate(zip(jobs, prompts, results)):
         lp = _completion_logprobs(texts, job, c, r) if job.top_logprobs is not None else None
         text = (c.prompt_text if c.echo else "") + r.text
         choices.append(Head.text_choice(i, text, r.finished.finish_reason, lp))
     return head.text_completion(choices, usage([r.finished for r in results], n))
 
 
-async def completion_events(head: Head, worker: ModelWorker, jobs: Sequence[Job], meta: Sequence[CompletionChoice],
-                            texts: TokenTexts, n: int, include_usage: bool) -> AsyncIterator[str]:
-    """With echo, each choice starts with its prompt's text; with echo and logprobs, the prompt's
-    logprobs (known once its prefill ends) come in a chunk of empty text just before the finish chunk."""
-    lps = {}
-    for i, (job, c) in enumerate(zip(jobs, meta)):
-        lps[i] = CompletionLogprobs(texts, prev=job.prompt_ids[-1], offset=len(c.prompt_text))
-        if c.echo:
-            yield sse(head.text_chunk(c.prompt_text, include_usage=include_usage, index=i))
-    finished: list[Finished | None] = [None] * len(jobs)
-    try:
-        async for i, item in merged(worker, jobs):
-            job = jobs[i]
-            if isinstance(item, Delta):
-                lp = lps[i].add([t.token for t in item.tokens], [t.logprob for t in item.tokens]) \
-                    if job.top_logprobs is not None else None
-                yield sse(head.text_chunk(item.text, include_usage=include_usage, index=i, logprobs=lp))
-                continue
-            finished[i] = item
-            if job.prompt_logprobs:
-                prompt_lp = CompletionLogprobs(texts).add(job.prompt_ids, item.prompt_logprobs)
-                yield sse(head.text_chunk("", include_usage=include_usage, index=i, logprobs=prompt_lp))
-            yield sse(head.text_chunk("", item.finish_reason, include_usage=include_usage, index=i))
-    except Exception as e:
-        yield _error_event(e)
-        return
-    if include_usage:
-        yield sse(head.usage_chunk("text_completion", usage(finished, n)))
-    yield "data: [DONE]\n\n"
+class CompletionChunks:
+    """Completions' stream chunks (streaming.Chunks). With echo, each choice starts with its prompt's
+    text; with echo and logprobs, the prompt's logprobs (known once its prefill ends) come in a chunk
+    of empty text just before the finish chunk."""
+
+    def __init__(self, head: Head, jobs: Sequence[Job], prompts: Sequence[CompletionChoice], texts: TokenTexts,
+                 n: int, include_usage: bool):
+        self.head, self.jobs, self.prompts, self.texts, self.n = head, jobs, prompts, texts, n
+        self.include_usage = include_usage
+        self.lps = [CompletionLogprobs(texts, prev=job.prompt_ids[-1], offset=len(c.prompt_text))
+                    for job, c in zip(jobs, prompts)]
+
+    def opening(self, i: int) -> list[dict[str, Any]]:
+        c = self.prompts[i]
+        return [self.head.text_chunk(c.prompt_text, include_usage=self.include_usage, index=i)] if c.echo else []
+
+    def delta(self, i: int, item: Delta) -> dict[str, Any]:
+        lp = self.lps[i].add([t.token for t in item.tokens], [t.logprob for t in item.tokens]) \
+            if self.jobs[i].top_logprobs is not None else None
+        return self.head.text_chunk(item.text, include_usage=self.include_usage, index=i, logprobs=lp)
+
+    def finish(self, i: int, item: Finished) -> list[dict[str, Any]]:
+        job, out = self.jobs[i], []
+        if job.prompt_logprobs:
+            prompt_lp = CompletionLogprobs(self.texts).add(job.prompt_ids, item.prompt_logprobs)
+            out.append(self.head.text_chunk("", include_usage=self.include_usage, index=i, logprobs=prompt_lp))
+        out.append(self.head.text_chunk("", item.finish_reason, include_usage=self.include_usage, index=i))
+        return out
+
+    def usage(self, finished: Sequence[Finished]) -> dict[str, Any]:
+        return self.head.usage_chunk("text_completion", usage(finished, self.n))
