@@ -236,3 +236,25 @@ def test_hermes_template_renders_tool_history(hermes_client):
     out = hermes_client.chat.completions.create(model="x", messages=messages, tools=[WEATHER], max_tokens=5,
                                                 temperature=0)
     assert out.usage.prompt_tokens > 100  # the tools, the call and the result are in the prompt
+
+
+def test_chat_chunks_stream_text_and_send_a_held_call_at_the_end():
+    from torchchat.generation.engine import GenerationConfig
+    from torchchat.server.protocol import Head
+    from torchchat.server.responses import ChatChunks
+    from torchchat.server.tools import ToolUse
+    from torchchat.server.worker import Delta, Finished, Job
+
+    jobs = [Job(prompt_ids=[1], cfg=GenerationConfig(max_new_tokens=50))] * 2
+    chunks = ChatChunks(Head("chatcmpl-1", "m", "fp"), jobs, None, False, ToolUse("hermes", ("weather",), False))
+    pieces = ["Sure. ", "<tool_", 'call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>']
+    sent = [chunks.delta(0, Delta(p)) for p in pieces]
+    assert sent[0]["choices"][0]["delta"] == {"content": "Sure. "} and sent[1:] == [None, None]
+    *_, calls, end = chunks.finish(0, Finished("stop", 1, 30, 0.0, 0.0))
+    (call,) = calls["choices"][0]["delta"]["tool_calls"]
+    assert call["index"] == 0 and call["function"] == {"name": "weather", "arguments": '{"city": "Oslo"}'}
+    assert end["choices"][0]["finish_reason"] == "tool_calls"
+    # cut short by max_tokens: the held text is content, no call
+    assert chunks.delta(1, Delta("<tool_call>\n{")) is None
+    rest, end = chunks.finish(1, Finished("length", 1, 50, 0.0, 0.0))
+    assert rest["choices"][0]["delta"] == {"content": "<tool_call>\n{"} and end["choices"][0]["finish_reason"] == "length"
