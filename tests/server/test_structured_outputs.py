@@ -57,6 +57,16 @@ def test_json_schema_greedy_and_n(client):
         conforms(json.loads(choice.message.content), PERSON)
 
 
+def test_json_schema_with_logprobs_lists_allowed_alternatives_only(client):
+    out = client.chat.completions.create(model="x", messages=MESSAGES, seed=0, max_tokens=300, logprobs=True,
+                                         top_logprobs=20, response_format=json_schema_format())
+    choice = out.choices[0]
+    conforms(json.loads(choice.message.content), PERSON)
+    content = choice.logprobs.content
+    assert all(-1e9 < t.logprob <= 0 for c in content for t in c.top_logprobs)
+    assert min(len(c.top_logprobs) for c in content) == 1  # the grammar forces some tokens (the keys)
+
+
 def test_json_schema_streamed(client):
     stream = client.chat.completions.create(model="x", messages=MESSAGES, seed=3, max_tokens=300, stream=True,
                                             response_format=json_schema_format())

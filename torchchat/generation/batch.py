@@ -321,7 +321,8 @@ def _token_logprob(row: Tensor, token: int, n_top: int) -> TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
     if n_top > 0:
         values, idx = torch.topk(row, min(n_top, row.size(-1)))
-        top = tuple(zip(idx.tolist(), values.tolist()))
+        # Tokens a logits processor ruled out (-inf: a grammar's mask) are no alternatives.
+        top = tuple((i, v) for i, v in zip(idx.tolist(), values.tolist()) if v != float("-inf"))
     return TokenLogprob(float(row[token]), top)
 
 
