@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchchat.generation.chat_format import HFTemplateFormat, Llama3Format, PlainFormat, as_messages
+from torchchat.generation.chat_format import HFTemplateFormat, Llama2Format, Llama3Format, PlainFormat, as_messages
 from torchchat.generation.constraints import json_closing
 
 llguidance = pytest.importorskip("llguidance", reason="constrained decoding needs llguidance (pyproject.toml pins it)")
@@ -162,10 +162,13 @@ def test_llama3_format_describes_tools_in_the_system_turn(llama3_tok):
     assert "<|start_header_id|>ipython<|end_header_id|>\n\n21 C<|eot_id|>" in text
 
 
-def test_formats_without_tools_get_them_as_text(tok512):
-    text = tok512.decode(PlainFormat("<s>").encode(tok512, HISTORY, tools=TOOLS))
+@pytest.mark.parametrize("fmt", [PlainFormat("<s>"), Llama2Format("<s>", "</s>")], ids=["none", "llama2"])
+def test_formats_without_tools_get_them_as_text(tok512, fmt):
+    history = HISTORY + [{"role": "tool", "tool_call_id": "call_2", "content": "and windy"},
+                         {"role": "user", "content": "Thanks!"}]  # consecutive user turns are joined (llama2)
+    text = tok512.decode(fmt.encode(tok512, history, tools=TOOLS))
     assert '{"name": "weather", "parameters": {"city": "Paris"}}' in text
-    assert "Result of weather (call call_1): 21 C" in text
+    assert "Result of weather (call call_1): 21 C" in text and "and windy" in text and "Thanks!" in text
     assert text.index("You have access to the following functions") < text.index("Be brief.")
 
 
