@@ -197,7 +197,7 @@ class ToolCall(_Request):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None  # None only for assistant turns that made tool calls
+    content: str | list[TextPart] | None = None  # None only on assistant turns (those that made tool calls)
     tool_calls: list[ToolCall] | None = None  # assistant turns only
     tool_call_id: str | None = None  # tool turns: the call this is the result of
     name: str | None = None  # a participant's or function's name: accepted, not rendered
@@ -213,7 +213,7 @@ class ChatMessage(_Request):
             raise ValueError(f"tool_calls is only allowed on assistant messages (got role {self.role})")
         if self.role == "tool" and self.tool_call_id is None:
             raise ValueError("a tool message needs tool_call_id (the id of the call it answers)")
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+        if self.content is None and self.role != "assistant":
             raise ValueError(f"content is required on {self.role} messages")
         return self
 
