@@ -100,8 +100,9 @@ def test_malformed_json(api_server):
     ("logit_bias", {"5": 101}, "logit_bias"),
     ("logit_bias", {"999999": 1}, "logit_bias"),
     ("top_logprobs", 3, None),  # needs logprobs: true
-    ("response_format", {"type": "json_object"}, "response_format"),
-    ("tools", [{"type": "function", "function": {"name": "f"}}], "tools"),
+    ("response_format", {"type": "xml"}, "response_format.type"),
+    ("tools", [{"type": "function", "function": {"name": "not a name"}}], "tools.0.function.name"),
+    ("tool_choice", "always", "tool_choice"),
     ("messages", "hello", "messages"),
     ("messages", [], "messages"),
     ("messages", [{"role": "wizard", "content": "hi"}], "messages.0.role"),

@@ -173,8 +173,8 @@ def test_requested_model_name(client, model_id):
 
 def test_errors(client, model_id, api_server):
     with pytest.raises(openai.BadRequestError, match="response_format") as e:
-        chat(client, model_id, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}})
-    assert e.value.param == "response_format"
+        chat(client, model_id, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}})
+    assert e.value.param == "response_format.json_schema.schema"
     with pytest.raises(openai.BadRequestError, match="maximum context length is 512 tokens") as e:
         chat(client, model_id, messages=[{"role": "user", "content": "Once upon a time " * 200}])
     assert e.value.code == "context_length_exceeded"

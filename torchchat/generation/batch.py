@@ -34,6 +34,9 @@ from torchchat.generation.decoding import common_prefix_len
 from torchchat.generation.sampling import SamplingParams
 
 Forward = Callable[..., Tensor]  # (tokens (B, S), input_pos (S,) or (B, S), row=int) -> logits (B, S, V)
+# (ids this sequence generated so far, its next-token logits (V,) float) -> logits (V,). Called once
+# per generated token, in order, after penalties and bias; e.g. a grammar mask (generation/constraints.py).
+LogitsProcessor = Callable[[Seq[int], Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class SequenceRequest:
     top_logprobs: int | None = None  # None: no logprobs; n >= 0: the chosen token's and the n most likely
     prompt_logprobs: bool = False  # also the logprob of every prompt token after the first (echo)
     reuse_prefix: bool = True
+    logits_processor: LogitsProcessor | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,7 @@ class Sequence:
     cached_tokens: int = 0  # prompt ids whose K/V were reused from the slot
     next_token: int | None = None  # sampled, not yet fed
     generated: int = 0
+    output: list[int] = field(default_factory=list)  # the generated ids, in order
     finish_reason: str | None = None
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     t_added: float = field(default_factory=time.perf_counter)
@@ -272,10 +277,13 @@ class BatchEngine:
     def _sample(self, seqs: list[Sequence], logits: Tensor) -> list[TokenOut]:
         """logits: (N, V) for `seqs` in order. One batched sampling step with per-row parameters."""
         logits = logits.float()
-        if any(s.counts is not None or s.bias is not None for s in seqs):
+        if any(s.counts is not None or s.bias is not None or s.request.logits_processor for s in seqs):
             logits = logits.clone()
             for i, s in enumerate(seqs):
-                logits[i] = _adjust(logits[i], s)
+                row = _adjust(logits[i], s)
+                if s.request.logits_processor is not None:
+                    row = s.request.logits_processor(s.output, row)
+                logits[i] = row
         tokens = sample_rows(logits, [s.request.sampling for s in seqs], [s.generator for s in seqs])
         want_lp = any(s.request.top_logprobs is not None for s in seqs)
         lps = torch.log_softmax(logits, dim=-1) if want_lp else None
@@ -284,6 +292,7 @@ class BatchEngine:
         out = []
         for i, (s, t) in enumerate(zip(seqs, ids)):
             s.generated += 1
+            s.output.append(t)
             if s.t_first is None:
                 s.t_first = now
             if s.counts is not None:
@@ -319,7 +328,8 @@ def _token_logprob(row: Tensor, token: int, n_top: int) -> TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
     if n_top > 0:
         values, idx = torch.topk(row, min(n_top, row.size(-1)))
-        top = tuple(zip(idx.tolist(), values.tolist()))
+        # Tokens a logits processor ruled out (-inf: a grammar's mask) are no alternatives.
+        top = tuple((i, v) for i, v in zip(idx.tolist(), values.tolist()) if v != float("-inf"))
     return TokenLogprob(float(row[token]), top)
 
 

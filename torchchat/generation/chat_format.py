@@ -38,12 +38,17 @@ _MAX_SPECIAL_LEN = 128
 
 @dataclass(frozen=True)
 class Message:
-    role: str  # "system" | "user" | "assistant" (Hugging Face templates may accept more)
+    role: str  # "system" | "user" | "assistant" | "tool" (Hugging Face templates may accept more)
     content: str
+    # An assistant turn's calls, OpenAI's shape: {"id", "type": "function", "function": {"name", "arguments"}}
+    # with "arguments" JSON text.
+    tool_calls: tuple[Mapping[str, Any], ...] = ()
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
 def as_messages(messages: Iterable[Message | Mapping[str, Any]]) -> list[Message]:
-    """Messages given as Message objects or OpenAI-style dicts ({"role", "content"})."""
+    """Messages given as Message objects or OpenAI-style dicts ({"role", "content"}, and
+    "tool_calls" / "tool_call_id" for tool calling)."""
     out = []
     for m in messages:
         if isinstance(m, Message):
@@ -55,7 +60,75 @@ def as_messages(messages: Iterable[Message | Mapping[str, Any]]) -> list[Message
             raise ChatTemplateError(f"a chat message needs 'role' and 'content'; got {m!r}") from e
         if not isinstance(role, str) or not isinstance(content, str):
             raise ChatTemplateError(f"a chat message's role and content must be text; got {m!r}")
-        out.append(Message(role, content))
+        out.append(Message(role, content, tuple(m.get("tool_calls") or ()), m.get("tool_call_id")))
+    return out
+
+
+def _map_strings(value: Any, fn) -> Any:
+    """`value` (JSON-like) with `fn` applied to every string in it, keys included."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, Mapping):
+        return {fn(k) if isinstance(k, str) else k: _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_map_strings(v, fn) for v in value]
+    return value
+
+
+# -- tools ---------------------------------------------------------------------------------------------
+# Formats whose template knows no tools (llama2, none, an HF template that never mentions `tools`) get
+# them as text: a system message that describes the functions and asks for Llama 3.1's JSON call
+# format, each call the assistant made written in that format, each tool result as a user turn.
+
+def tools_prompt(tools: Sequence[Mapping[str, Any]]) -> str:
+    """The instruction that describes `tools` (OpenAI's {"type": "function", "function": {...}})
+    and asks for a call as Llama 3.1's JSON format: {"name": ..., "parameters": {...}}."""
+    listed = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
+    return ("You have access to the following functions. To call a function, respond with only a JSON "
+            'object in the format {"name": function name, "parameters": dictionary of argument name and its '
+            "value}, and nothing else. Do not use variables.\n\n" + listed)
+
+
+def json_call_text(call: Mapping[str, Any]) -> str:
+    """An OpenAI tool call as Llama 3.1's JSON call text."""
+    function = call.get("function", call)
+    return json.dumps({"name": function["name"], "parameters": parse_arguments(function.get("arguments"))},
+                      ensure_ascii=False)
+
+
+def parse_arguments(arguments: Any) -> Any:
+    """OpenAI sends a call's arguments as JSON text; templates want the object (text that is not JSON
+    stays text)."""
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except json.JSONDecodeError:
+            return arguments
+    return {} if arguments is None else arguments
+
+
+def tools_as_text(messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None) -> list[Message]:
+    """The conversation with its tools, calls and tool results written as plain system/user/assistant
+    turns (see above); consecutive user turns are joined (Llama 2 needs strict alternation)."""
+    names = {c.get("id"): c.get("function", {}).get("name") for m in messages for c in m.tool_calls}
+    out: list[Message] = []
+    if tools:
+        if messages and messages[0].role == "system":
+            out.append(Message("system", tools_prompt(tools) + "\n\n" + messages[0].content))
+            messages = messages[1:]
+        else:
+            out.append(Message("system", tools_prompt(tools)))
+    for m in messages:
+        if m.tool_calls:
+            calls = "\n".join(json_call_text(c) for c in m.tool_calls)
+            m = Message("assistant", (m.content + "\n" if m.content else "") + calls)
+        elif m.role == "tool":
+            name = names.get(m.tool_call_id) or "the function"
+            m = Message("user", f"Result of {name} (call {m.tool_call_id}): {m.content}")
+        if out and out[-1].role == m.role == "user":
+            m = Message("user", out[-1].content + "\n\n" + m.content)
+            out.pop()
+        out.append(m)
     return out
 
 
@@ -120,10 +193,16 @@ class ChatFormat(ABC):
 
     name: str = ""
     continues_text = False  # True: the reply continues the prompt's text rather than starting a message
+    native_tools = False  # True: render() takes `tools`, tool turns and calls in the model's own format
+    # How the model writes a call: "json" (Llama 3.1: {"name", "parameters"}) or "hermes" (Qwen, Hermes:
+    # <tool_call>{"name", "arguments"}</tool_call>).
+    tool_style = "json"
 
     @abstractmethod
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        """The prompt text, special tokens written as their text."""
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+               tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """The prompt text, special tokens written as their text. `tools` (OpenAI's tool list) only
+        where native_tools is True."""
 
     @abstractmethod
     def stop_texts(self) -> tuple[str, ...]:
@@ -134,11 +213,20 @@ class ChatFormat(ABC):
         return frozenset(i for i in ids if i is not None) | tokenizer.stop_ids
 
     def encode(self, tokenizer, messages: Iterable[Message | Mapping[str, Any]],
-               add_generation_prompt: bool = True) -> list[int]:
+               add_generation_prompt: bool = True, tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         """Token ids of the rendered conversation: the template's special tokens as special ids,
-        message text as plain text. BOS comes from the template, never added on top."""
-        marked = [Message(m.role, mark_specials(m.content, tokenizer)) for m in as_messages(messages)]
-        return encode_marked(self.render(marked, add_generation_prompt), tokenizer)
+        message text (tool definitions and calls included) as plain text. BOS comes from the
+        template, never added on top. `tools`: OpenAI's tool list, rendered natively or as text."""
+        mark = lambda text: mark_specials(text, tokenizer)  # noqa: E731
+        marked = [Message(m.role, mark(m.content), tuple(_map_strings(list(m.tool_calls), mark)), m.tool_call_id)
+                  for m in as_messages(messages)]
+        tools = _map_strings(list(tools), mark) if tools else None
+        uses_tools = tools or any(m.tool_calls or m.role == "tool" for m in marked)
+        if not uses_tools:
+            return encode_marked(self.render(marked, add_generation_prompt), tokenizer)
+        if self.native_tools:
+            return encode_marked(self.render(marked, add_generation_prompt, tools=tools), tokenizer)
+        return encode_marked(self.render(tools_as_text(marked, tools), add_generation_prompt), tokenizer)
 
 
 class Llama2Format(ChatFormat):
@@ -150,7 +238,7 @@ class Llama2Format(ChatFormat):
     def __init__(self, bos_token: str = "<s>", eos_token: str = "</s>"):
         self.bos, self.eos = bos_token, eos_token
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True, tools=None) -> str:
         messages = list(messages)
         system = None
         if messages and messages[0].role == "system":
@@ -180,11 +268,26 @@ class Llama3Format(ChatFormat):
 
     name = "llama3"
     REQUIRED = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+    native_tools = True
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+               tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """With tools, as Llama 3.1 documents JSON tool calling: "Environment: ipython" and the
+        functions in the system message, calls as {"name", "parameters"} JSON, results in
+        `ipython` turns."""
+        messages = list(messages)
+        if tools:
+            system = "Environment: ipython\n\n" + tools_prompt(tools)
+            if messages and messages[0].role == "system":
+                system += "\n\n" + messages[0].content
+                messages = messages[1:]
+            messages.insert(0, Message("system", system))
         out = ["<|begin_of_text|>"] if messages else []
         for m in messages:
-            out.append(f"<|start_header_id|>{m.role}<|end_header_id|>\n\n{m.content.strip()}<|eot_id|>")
+            role, content = ("ipython" if m.role == "tool" else m.role), m.content
+            if m.tool_calls:
+                content = "\n".join(json_call_text(c) for c in m.tool_calls)
+            out.append(f"<|start_header_id|>{role}<|end_header_id|>\n\n{content.strip()}<|eot_id|>")
         if add_generation_prompt:
             out.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
         return "".join(out)
@@ -203,7 +306,7 @@ class PlainFormat(ChatFormat):
     def __init__(self, bos_token: str | None = None):
         self.bos = bos_token or ""
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True, tools=None) -> str:
         out = [self.bos]
         for i, m in enumerate(messages):
             if m.role != "assistant" and i > 0:
@@ -228,13 +331,19 @@ class HFTemplateFormat(ChatFormat):
         self.bos, self.eos = bos_token, eos_token
         self._extra_stops = tuple(extra_stop_texts)
         self._template = _compile(template)
+        # A template that reads `tools` renders them (and calls, and tool turns) itself.
+        self.native_tools = re.search(r"\btools\b", template) is not None
+        self.tool_style = "hermes" if "<tool_call>" in template else "json"
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+               tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """As transformers renders it: `tools` is OpenAI's list; a call's arguments are passed as
+        an object (templates write them with `tojson`), a tool turn carries `tool_call_id`."""
         import jinja2
 
         variables: dict[str, Any] = {
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
-            "tools": None,
+            "messages": [_template_message(m) for m in messages],
+            "tools": list(tools) if tools else None,
             "documents": None,
             "add_generation_prompt": add_generation_prompt,
         }
@@ -249,6 +358,16 @@ class HFTemplateFormat(ChatFormat):
 
     def stop_texts(self) -> tuple[str, ...]:
         return ((self.eos,) if self.eos else ()) + self._extra_stops
+
+
+def _template_message(m: Message) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [{**c, "function": {**c["function"], "arguments": parse_arguments(c["function"].get("arguments"))}}
+                             for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
 
 
 @lru_cache(maxsize=8)

@@ -26,6 +26,7 @@ from torchchat.server.logprobs import TokenTexts
 from torchchat.server.protocol import ChatCompletionRequest, CompletionRequest, Head
 from torchchat.server.request_config import APIError, chat_jobs, check_model, check_supported, completion_jobs
 from torchchat.server.served import ListedModel, ServedModel, model_card
+from torchchat.server.tools import ToolUse
 from torchchat.server.worker import ModelWorker
 
 log = logging.getLogger("torchchat.server")
@@ -128,13 +129,14 @@ def create_app(worker: ModelWorker, served: ServedModel, *, api_key: str | None 
         check_supported(body, tok.vocab_size)
         jobs = await chat_jobs(body, served)
         head = Head(protocol.new_id("chatcmpl"), served.id, served.fingerprint)
+        tool_use = ToolUse.of(body, served.chat_format.tool_style)  # None: replies are never read as calls
         if body.stream:
-            chunks = responses.ChatChunks(head, jobs, texts, body.include_usage)
+            chunks = responses.ChatChunks(head, jobs, texts, body.include_usage, tool_use)
             return streaming.event_stream(worker, jobs, chunks, body.include_usage)
         results = await streaming.collect(request, worker, jobs)
         if results is None:
             return Response(status_code=499)
-        return JSONResponse(responses.chat_body(head, jobs, results, texts))
+        return JSONResponse(responses.chat_body(head, jobs, results, texts, tool_use))
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, request: Request) -> Response:

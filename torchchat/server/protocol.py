@@ -1,8 +1,8 @@
 """The OpenAI wire format: request models (validated by pydantic) and response/chunk/error bodies.
 
 Requests follow OpenAI's field names and ranges. Fields that change what OpenAI would generate and
-that this server does not implement (tools, response_format json_object/json_schema, ...) are a 400
-naming the field (see UNSUPPORTED), never silently ignored; fields that change nothing here (user,
+that this server does not implement (functions, audio, ...) are a 400 naming the field (see
+UNSUPPORTED), never silently ignored; fields that change nothing here (user,
 metadata, ...) and unknown ones are ignored, as OpenAI ignores unknown ones. A wrong type or value is
 an error (see `error_body`). Types are strict: "0.5" is not a number.
 """
@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from torchchat import __version__
 
@@ -45,11 +45,12 @@ MAX_TOP_LOGPROBS = 20
 # Fields OpenAI (or vLLM) takes that this server does not implement, with what to do instead. Sending
 # one with a value other than its no-op is a 400 naming it.
 UNSUPPORTED = {
-    "tools": "tool calling is not supported; describe the tools in the prompt instead",
-    "tool_choice": "tool calling is not supported",
-    "functions": "function calling is not supported",
-    "function_call": "function calling is not supported",
-    "response_format": "only {\"type\": \"text\"} is supported (no JSON mode or json_schema constrained decoding)",
+    # Only /v1/chat/completions declares tools (a completion has no chat template to describe them).
+    "tools": "tools are supported on /v1/chat/completions only",
+    "tool_choice": "tools are supported on /v1/chat/completions only",
+    "parallel_tool_calls": "tools are supported on /v1/chat/completions only",
+    "functions": "the deprecated functions parameter is not supported; use tools",
+    "function_call": "the deprecated function_call parameter is not supported; use tool_choice",
     "audio": "audio output is not supported",
     "modalities": "only text output is supported",
     "prediction": "predicted outputs are not supported",
@@ -62,7 +63,32 @@ UNSUPPORTED = {
     "best_of": "best_of other than n is not supported; use n",
 }
 # The values of those fields that ask for nothing (accepted).
-_NO_OP = {"tool_choice": ("none",), "modalities": (["text"],), "response_format": ({"type": "text"},)}
+_NO_OP = {"tool_choice": ("none",), "modalities": (["text"],), "parallel_tool_calls": (True, False)}
+
+_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for schema and function names
+
+
+class JsonSchemaFormat(_Request):
+    name: str = Field(pattern=_NAME)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # true: keywords the grammar library lacks are a 400; else ignored
+
+
+class ResponseFormat(_Request):
+    """`text` (no constraint), `json_object` (any JSON object) or `json_schema`; the JSON types are
+    enforced by constrained decoding (torchchat/generation/constraints.py)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object ({name, schema, strict})")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f"json_schema is only allowed with type json_schema (got type {self.type})")
+        return self
 
 
 class SamplingFields(_Request):
@@ -83,6 +109,7 @@ class SamplingFields(_Request):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # extension (vLLM, llama.cpp): 1 is off
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -155,14 +182,40 @@ class TextPart(_Request):
         return type_
 
 
+class CalledFunction(_Request):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Request):
+    """A call an assistant turn made (in the request's history, or in a response)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None  # None only for assistant turns that made tool calls
+    content: str | list[TextPart] | None = None  # None only on assistant turns (those that made tool calls)
+    tool_calls: list[ToolCall] | None = None  # assistant turns only
+    tool_call_id: str | None = None  # tool turns: the call this is the result of
+    name: str | None = None  # a participant's or function's name: accepted, not rendered
 
     @field_validator("content")
     @classmethod
     def _valid_content(cls, content):
         return no_surrogates(content) if isinstance(content, str) else content
+
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"tool_calls is only allowed on assistant messages (got role {self.role})")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs tool_call_id (the id of the call it answers)")
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content is required on {self.role} messages")
+        return self
 
     @property
     def text(self) -> str:
@@ -173,8 +226,39 @@ class ChatMessage(_Request):
         return "".join(part.text for part in self.content)
 
 
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object; None: no arguments
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, parameters):
+        if parameters is not None and parameters.get("type", "object") != "object":
+            raise ValueError(f"must be a JSON schema of an object (got type {parameters['type']!r})")
+        return parameters
+
+
+class ToolDefinition(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ToolDefinition] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool = True
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
@@ -185,6 +269,33 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_names(cls, tools):
+        names = [t.function.name for t in tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("function names must be unique")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_names_a_tool(cls, choice, info: ValidationInfo):
+        names = [t.function.name for t in info.data.get("tools") or []]
+        if choice not in (None, "none") and not names:
+            raise ValueError("tool_choice is only allowed when tools are specified")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"no tool named {choice.function.name!r} (tools: {', '.join(names)})")
+        return choice
+
+    @property
+    def tool_mode(self) -> str | None:
+        """None: no tools (or tool_choice "none"); "auto", "required", or the one function's name."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice or "auto"
 
     @property
     def logprob_count(self) -> int | None:
@@ -235,9 +346,11 @@ class CompletionRequest(SamplingFields):
 # 'str' or 'list[int]') into OpenAI's dotted `param`.
 _FIELD_NAMES = frozenset(
     name
-    for model in (ChatCompletionRequest, CompletionRequest, ChatMessage, TextPart, StreamOptions)
+    for model in (ChatCompletionRequest, CompletionRequest, ChatMessage, TextPart, StreamOptions, ResponseFormat,
+                  JsonSchemaFormat, ToolCall, CalledFunction, ToolDefinition, FunctionDefinition, NamedToolChoice,
+                  ToolChoiceFunction)
     for name in model.model_fields
-)
+) | {"schema"}
 
 
 def error_param(loc: tuple[Any, ...]) -> str | None:
@@ -293,9 +406,12 @@ class Head:
         return {**self._fields("chat.completion"), "choices": choices, "usage": usage_}
 
     @staticmethod
-    def chat_choice(index: int, text: str, finish_reason: str, logprobs: Any = None) -> dict[str, Any]:
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                "finish_reason": finish_reason}
+    def chat_choice(index: int, text: str | None, finish_reason: str, logprobs: Any = None,
+                    tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def chat_chunk(self, delta: dict[str, Any], finish_reason: str | None = None,
                    include_usage: bool = False, index: int = 0, logprobs: Any = None) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Requests -> worker jobs: the checks a request must pass (model, unsupported parameters, token ids,
-context length), its prompt as token ids, and one Job per choice with its sampling, limits, penalties
-and logprobs. Every refusal is an APIError, answered as OpenAI's error JSON by the app."""
+context length), its prompt as token ids (tools rendered by the chat format), and one Job per choice
+with its sampling, limits, penalties, logprobs and grammar constraint. Every refusal is an APIError, answered as OpenAI's error JSON by the app."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +11,7 @@ from torchchat.errors import ChatTemplateError
 from torchchat.generation.batch import Penalties
 from torchchat.generation.engine import GenerationConfig
 from torchchat.generation.sampling import SamplingParams
+from torchchat.server import structured, tools
 from torchchat.server.prompt import completion_prompt_ids
 from torchchat.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from torchchat.server.responses import CompletionChoice
@@ -83,14 +84,25 @@ def jobs_for(body: SamplingFields, prompt_ids: list[int], param: str, context: i
 
 
 async def chat_jobs(body: ChatCompletionRequest, served: ServedModel) -> list[Job]:
-    """The messages through the model's chat format, then one job per choice."""
-    messages = [{"role": m.role, "content": m.text} for m in body.messages]
+    """The messages (and tools) through the model's chat format, then one job per choice, each
+    constrained by the request's grammar if it asks for one."""
+    messages = tools.chat_messages(body)
     try:
         # Tokenizing a long prompt takes seconds: in a thread, so /health and other requests are served.
-        prompt_ids = await run_tokenizer(served.chat_format.encode, served.tokenizer, messages)
+        prompt_ids = await run_tokenizer(served.chat_format.encode, served.tokenizer, messages, True,
+                                         tools.tool_list(body))
     except ChatTemplateError as e:
         raise APIError(400, str(e), param="messages") from e
-    return jobs_for(body, prompt_ids, "messages", served.context, served.chat_stop_ids)
+    return await constrained(body, jobs_for(body, prompt_ids, "messages", served.context, served.chat_stop_ids),
+                             served)
+
+
+async def constrained(body: SamplingFields, jobs: list[Job], served: ServedModel) -> list[Job]:
+    """The jobs with the grammar of response_format or of a forced tool call (structured.py)."""
+    try:
+        return await structured.constrain(jobs, body, served.tokenizer, served.chat_format.tool_style)
+    except structured.InvalidRequest as e:
+        raise APIError(400, f"Invalid request: {e.param}: {e}", param=e.param, code="invalid_value") from e
 
 
 async def completion_jobs(body: CompletionRequest,
@@ -111,7 +123,7 @@ async def completion_jobs(body: CompletionRequest,
                             prompt_logprobs=body.echo and body.logprobs is not None):
             jobs.append(job)
             choices.append(CompletionChoice(text, body.echo))
-    return jobs, choices
+    return await constrained(body, jobs, served), choices
 
 
 async def run_tokenizer(fn, *args):

@@ -10,6 +10,7 @@ from torchchat.server import protocol
 from torchchat.server.choices import Collected
 from torchchat.server.logprobs import CompletionLogprobs, TokenTexts, chat_content, merge
 from torchchat.server.protocol import Head
+from torchchat.server.tools import ToolUse
 from torchchat.server.worker import Delta, Finished, Job
 
 
@@ -22,38 +23,62 @@ def usage(finished: Sequence[Finished], n: int) -> dict[str, Any]:
 
 # -- chat ------------------------------------------------------------------------------------------------
 
-def chat_body(head: Head, jobs: Sequence[Job], results: Sequence[Collected], texts: TokenTexts) -> dict[str, Any]:
+def chat_body(head: Head, jobs: Sequence[Job], results: Sequence[Collected], texts: TokenTexts,
+              tools: ToolUse | None = None) -> dict[str, Any]:
+    """With `tools`, a reply that parses as calls becomes message.tool_calls (finish_reason "tool_calls")."""
     choices = []
     for i, (job, r) in enumerate(zip(jobs, results)):
         lp = None
         if job.top_logprobs is not None:
             lp = {"content": chat_content(texts, r.tokens, job.prompt_ids[-1])}
-        choices.append(Head.chat_choice(i, r.text, r.finished.finish_reason, lp))
+        content, calls = tools.parse(r.text) if tools and r.finished.finish_reason == "stop" else (r.text, [])
+        if calls:
+            choices.append(Head.chat_choice(i, content, "tool_calls", lp, [c.openai() for c in calls]))
+        else:
+            choices.append(Head.chat_choice(i, r.text, r.finished.finish_reason, lp))
     return head.chat_completion(choices, usage([r.finished for r in results], len(jobs)))
 
 
 class ChatChunks:
     """Chat's stream chunks (streaming.Chunks): a role chunk per choice first, then content deltas
-    with their logprobs, an empty delta with the finish reason."""
+    with their logprobs, an empty delta with the finish reason. With `tools`, text that may be a call
+    is held back (no chunk while nothing is to be sent); calls come in one tool_calls delta before
+    the finish chunk (finish_reason "tool_calls"), held text that was no call as content."""
 
-    def __init__(self, head: Head, jobs: Sequence[Job], texts: TokenTexts, include_usage: bool):
+    def __init__(self, head: Head, jobs: Sequence[Job], texts: TokenTexts, include_usage: bool,
+                 tools: ToolUse | None = None):
         self.head, self.jobs, self.texts, self.include_usage = head, jobs, texts, include_usage
         self.prev = [job.prompt_ids[-1] for job in jobs]  # the token before each choice's next delta
+        self.splitters = [tools.stream() if tools else None for _ in jobs]
 
     def opening(self, i: int) -> list[dict[str, Any]]:
         return [self.head.chat_chunk({"role": "assistant", "content": ""}, include_usage=self.include_usage,
                                      index=i)]
 
-    def delta(self, i: int, item: Delta) -> dict[str, Any]:
+    def delta(self, i: int, item: Delta) -> dict[str, Any] | None:
         lp = None
         if self.jobs[i].top_logprobs is not None:
             lp = {"content": chat_content(self.texts, item.tokens, self.prev[i])}
             if item.tokens:
                 self.prev[i] = item.tokens[-1].token
-        return self.head.chat_chunk({"content": item.text}, include_usage=self.include_usage, index=i, logprobs=lp)
+        split = self.splitters[i]
+        text = split.feed(item.text) if split else item.text
+        if split and not text and lp is None:
+            return None
+        return self.head.chat_chunk({"content": text}, include_usage=self.include_usage, index=i, logprobs=lp)
 
     def finish(self, i: int, item: Finished) -> list[dict[str, Any]]:
-        return [self.head.chat_chunk({}, item.finish_reason, include_usage=self.include_usage, index=i)]
+        out, reason, split = [], item.finish_reason, self.splitters[i]
+        if split:
+            rest, calls = split.finish(complete=reason == "stop")
+            if rest:
+                out.append(self.head.chat_chunk({"content": rest}, include_usage=self.include_usage, index=i))
+            if calls:
+                reason = "tool_calls"
+                delta = {"tool_calls": [c.openai(index=k) for k, c in enumerate(calls)]}
+                out.append(self.head.chat_chunk(delta, include_usage=self.include_usage, index=i))
+        out.append(self.head.chat_chunk({}, reason, include_usage=self.include_usage, index=i))
+        return out
 
     def usage(self, finished: Sequence[Finished]) -> dict[str, Any]:
         return self.head.usage_chunk("chat.completion.chunk", usage(finished, len(self.jobs)))

@@ -24,7 +24,7 @@ class Chunks(Protocol):
     """An endpoint's chunk bodies for choice i (the index of its job)."""
 
     def opening(self, i: int) -> list[dict[str, Any]]: ...  # before any text
-    def delta(self, i: int, item: Delta) -> dict[str, Any]: ...
+    def delta(self, i: int, item: Delta) -> dict[str, Any] | None: ...  # None: nothing to send yet
     def finish(self, i: int, item: Finished) -> list[dict[str, Any]]: ...
     def usage(self, finished: Sequence[Finished]) -> dict[str, Any]: ...  # the extra last chunk
 
@@ -42,7 +42,9 @@ async def events(worker: ModelWorker, jobs: Sequence[Job], chunks: Chunks,
     try:
         async for i, item in merged(worker, jobs):
             if isinstance(item, Delta):
-                yield sse(chunks.delta(i, item))
+                chunk = chunks.delta(i, item)
+                if chunk is not None:
+                    yield sse(chunk)
                 continue
             finished[i] = item
             for obj in chunks.finish(i, item):

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Mapping
 
-from torchchat.generation.batch import BatchEngine, Penalties, Sequence, SequenceRequest, TokenLogprob
+from torchchat.generation.batch import BatchEngine, LogitsProcessor, Penalties, Sequence, SequenceRequest, TokenLogprob
 from torchchat.generation.engine import GenerationConfig
 from torchchat.server.metrics import ServerMetrics
 from torchchat.server.stop_strings import StopStrings
@@ -36,6 +36,7 @@ class Job:
     logit_bias: Mapping[int, float] | None = None
     top_logprobs: int | None = None  # None: no logprobs; n: each token's logprob and the n most likely
     prompt_logprobs: bool = False  # also every prompt token's (completions' echo + logprobs)
+    logits_processor: LogitsProcessor | None = None  # e.g. a grammar (one per job: it keeps state)
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,8 @@ class ModelWorker:
             req = SequenceRequest(
                 prompt_ids=tuple(job.prompt_ids), max_new_tokens=job.cfg.max_new_tokens, sampling=job.cfg.sampling,
                 stop_ids=frozenset(r.stop_ids), seed=job.seed, penalties=job.penalties, logit_bias=job.logit_bias,
-                top_logprobs=job.top_logprobs, prompt_logprobs=job.prompt_logprobs)
+                top_logprobs=job.top_logprobs, prompt_logprobs=job.prompt_logprobs,
+                logits_processor=job.logits_processor)
             with self.stats.lock:
                 self.stats.queued -= 1
             try:

@@ -33,6 +33,12 @@ class Tokenizer(Protocol):
         """Id of a special token given as text ("<|eot_id|>", "</s>"), or None if there is none."""
         ...
 
+    def token_bytes(self) -> list[bytes | None]:
+        """Each id's bytes as they appear in generated text (SentencePiece's "▁" as a space, byte
+        pieces as their byte, byte-level BPE's alphabet mapped back to bytes); None for special and
+        control tokens, which are not text. Length vocab_size. For grammar-constrained decoding."""
+        ...
+
 
 def add_bos_eos(tok: Tokenizer, ids: list[int], bos: bool, eos: bool) -> list[int]:
     """Put BOS in front of / EOS after `ids` (in place) when asked; a tokenizer without one is an error."""

@@ -182,6 +182,45 @@ class HFTokenizer:
     def special_id(self, text: str) -> int | None:
         return self._added.get(text)
 
+    def token_bytes(self) -> list[bytes | None]:
+        """Spelled from the vocabulary by the decoder's kind: byte-level BPE (GPT-2's alphabet, one
+        character per byte) or SentencePiece-style ("▁" for a space, "<0xNN>" byte pieces). Added
+        tokens that are not special (Qwen's "<tool_call>") are their text."""
+        decoder = self._tok.decoder
+        spec = decoder.__getstate__().decode("utf-8", "replace") if decoder is not None else ""
+        byte_level = '"ByteLevel"' in spec
+        unbyte = {c: b for b, c in _gpt2_byte_chars().items()}
+        specials = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        added = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items() if not t.special}
+        out: list[bytes | None] = []
+        for i in range(self.vocab_size):
+            piece = self._tok.id_to_token(i)
+            if piece is None or i in specials:
+                out.append(None)
+            elif i in added:
+                out.append(added[i].encode("utf-8"))
+            elif byte_level:
+                out.append(bytes(unbyte[c] for c in piece) if all(c in unbyte for c in piece) else piece.encode())
+            elif _BYTE_TOKEN.fullmatch(piece):
+                out.append(bytes([int(piece[3:5], 16)]))
+            else:
+                out.append(piece.replace("\u2581", " ").encode("utf-8"))
+        return out
+
+
+def _gpt2_byte_chars() -> dict[int, str]:
+    """Byte-level BPE's alphabet (GPT-2): printable Latin-1 bytes are their own character, the other
+    bytes the characters from U+0100 on, in byte order."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(0x100 + extra)
+            extra += 1
+    return chars
+
 
 def _read_text(path: Path) -> str:
     try:

@@ -107,6 +107,17 @@ class SentencePieceTokenizer:
     def special_id(self, text: str) -> int | None:
         return self._specials.get(text)
 
+    def token_bytes(self) -> list[bytes | None]:
+        sp, out = self._sp, []
+        for i in range(self.vocab_size):
+            if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+                out.append(None)
+            elif sp.is_byte(i):  # "<0x0A>"
+                out.append(bytes([int(sp.id_to_piece(i)[3:5], 16)]))
+            else:
+                out.append(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        return out
+
 
 def _id_or_none(i: int) -> int | None:
     return None if i < 0 else i

@@ -129,6 +129,10 @@ class TiktokenTokenizer:
     def special_id(self, text: str) -> int | None:
         return self._specials.get(text)
 
+    def token_bytes(self) -> list[bytes | None]:
+        n_ranks = self.vocab_size - len(self._specials)
+        return [self._enc.decode_single_token_bytes(i) for i in range(n_ranks)] + [None] * len(self._specials)
+
 
 def _bounded_runs(text: str) -> Iterator[str]:
     """Cut `text` inside whitespace / non-whitespace runs longer than _MAX_RUN characters, keeping
