@@ -48,6 +48,17 @@ CASES = {
     "smollm3-nope-layers": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(BASE, no_rope_layers=[1, 0])),
 }
 
+# One case per llama.cpp architecture, for the tests that take each family through the other paths
+# (compile, export, quantize, tensor parallelism): family -> (case, tokenizer family of hf_family_folders).
+FAMILIES = {
+    "qwen2": ("qwen2.5-tied-qkv-bias", "qwen"),
+    "qwen3": ("qwen3-qk-norm-head-dim", "qwen"),
+    "gemma2": ("gemma2-softcaps-sliding", "gemma"),
+    "gemma3": ("gemma3-local-global-rope", "gemma"),
+    "phi3": ("phi3-fused-longrope-short", "phi"),
+    "smollm3": ("smollm3-nope-layers", "smollm"),
+}
+
 
 def hf_model(case: str):
     config_cls, model_cls, kwargs = CASES[case]
