@@ -22,9 +22,11 @@ def _factors(n: int, seed: int) -> list[float]:
     return [1.0 + x for x in torch.rand(n, generator=torch.Generator().manual_seed(seed)).tolist()]
 
 
-def _longrope(original: int) -> dict:
+def _longrope(original: int, n_factors: int = 4) -> dict:
+    """n_factors: one per rotated pair, rope_dim / 2 (head_dim 16 at partial_rotary_factor 0.5: 4)."""
     return {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-            "short_factor": _factors(4, 1), "long_factor": _factors(4, 2), "original_max_position_embeddings": original}
+            "short_factor": _factors(n_factors, 1), "long_factor": _factors(n_factors, 2),
+            "original_max_position_embeddings": original}
 
 
 # name -> (transformers config class, model class, config kwargs)
