@@ -27,13 +27,20 @@ from test_hf_families import _longrope  # noqa: E402
 from torchchat.build import BuildSpec, ModelSource, build_model, load_weights  # noqa: E402
 from torchchat.checkpoint import LoadOptions  # noqa: E402
 from torchchat.checkpoint.gguf import load_gguf  # noqa: E402
+from torchchat.model.layout import optimize_for_decode  # noqa: E402
 from torchchat.model.packed import PackedLinear, kernels_unavailable  # noqa: E402
 from torchchat.model.transformer import Transformer  # noqa: E402
 
 QTYPES = ("Q8_0", "Q4_0", "Q4_K_M")
 REL_TOL = 0.05
 PROMPT = "Once upon a time there was a little robot"
-N_TOKENS, NEAR_TIE = 16, 0.03
+N_TOKENS = 16
+# Below this gap between the two best logits (in standard deviations of that step's logits) a step is a
+# near-tie that either program may break either way. Q8_0 and Q4_0: both quantize activations to int8 per
+# 32 values, only summation orders differ (divergences seen at gaps 0.0007-0.017). K-quants: llama.cpp
+# quantizes activations per 256 values (Q8_K), torchchat per 32, so their logits differ a little more
+# (divergences seen at gaps up to 0.053).
+NEAR_TIE = {"Q8_0": 0.03, "Q4_0": 0.03, "Q4_K_M": 0.1}
 TOKENS = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(3))
 
 
@@ -117,22 +124,21 @@ def _greedy_with_margins(model, ids: list[int], n: int) -> tuple[list[int], list
     return seq[len(ids) :], margins
 
 
-@pytest.mark.parametrize("case", list(GGUF_CASES))
-def test_greedy_text_follows_llama_simple(files, case):
-    """llama-simple's greedy text on each quantized file starts with torchchat's up to the first step whose
-    two best logits are within NEAR_TIE standard deviations (random tiny models meet such near-ties often;
-    there the two programs' summation orders may pick either token: seen at 0.0007-0.017)."""
+def test_greedy_text_follows_llama_simple(files):
+    """llama-simple's greedy text on each quantized file starts with torchchat's (through the decode layout
+    make_engine runs) up to the first step whose two best logits are within NEAR_TIE standard deviations:
+    random tiny models meet such near-ties often, the Phi-3 one (two close tokens alternating) within two
+    steps, the Gemma 3 one never in 16."""
     if missing("llama-simple"):
         pytest.skip(missing("llama-simple"))
     compared = 0
-    for qtype in QTYPES:
-        path = files[case, qtype]
+    for (case, qtype), path in files.items():
         built = build_model(BuildSpec(source=ModelSource(gguf_path=path), dtype=torch.float32, max_seq_len=64))
+        optimize_for_decode(built.model)  # as make_engine does: stacked q|k|v and w1|w3, interleaved rows
         tok = built.tokenizer
         new, margins = _greedy_with_margins(built.model, tok.encode(PROMPT, bos=getattr(tok, "add_bos", False)), N_TOKENS)
-        sure = next((i for i, m in enumerate(margins) if m < NEAR_TIE), len(new))
-        theirs = simple_greedy(path, PROMPT, N_TOKENS).lstrip()
-        assert theirs.startswith(PROMPT.encode() + token_bytes(path, new[:sure])), (qtype, sure, theirs)
+        sure = next((i for i, m in enumerate(margins) if m < NEAR_TIE[qtype]), len(new))
+        theirs = simple_greedy(path, PROMPT, N_TOKENS + 4).lstrip()
+        assert theirs.startswith(PROMPT.encode() + token_bytes(path, new[:sure])), (case, qtype, sure, theirs)
         compared += sure
-    # Of 3 * 16 tokens, clear of near-ties: 6 (phi3, whose random model alternates two close tokens) to 48.
-    assert compared >= 4, f"only {compared} tokens were clear of near-ties"
+    assert compared >= len(files) * N_TOKENS // 2, f"only {compared} tokens were clear of near-ties"
