@@ -42,6 +42,9 @@ ArtifactInfo parse_artifact_info(const std::string& json_text, const std::string
     info.max_seq_len = get_or<int64_t>(doc, "max_seq_len", 0);
     info.dynamic_shapes = get_or<bool>(doc, "dynamic_shapes", false);
     info.chat_template = get_or<std::string>(doc, "chat_template", "");
+    // A model whose chat template the runners cannot render ("hf") names the turn format they write instead.
+    const std::string runner_format = get_or<std::string>(doc, "runner_chat_format", "");
+    if (!runner_format.empty()) info.chat_template = runner_format;
     if (auto cfg = doc.find("config"); cfg != doc.end() && cfg->is_object()) {
       info.vocab_size = get_or<int64_t>(*cfg, "vocab_size", 0);
       if (info.max_seq_len == 0) info.max_seq_len = get_or<int64_t>(*cfg, "max_seq_len", 0);

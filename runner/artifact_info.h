@@ -21,7 +21,7 @@ struct ArtifactInfo {
   int64_t max_seq_len = 0;  // positions the static KV cache holds
   bool dynamic_shapes = false;  // true: forward takes S in [1, max_seq_len] tokens (parallel prefill)
   TokenizerInfo tokenizer;
-  std::string chat_template;  // "llama2" | "llama3" | "" (base model)
+  std::string chat_template;  // chat format: "llama2" | "llama3" | "chatml" | "gemma" | "phi3" | "hf" | "" (base model)
 };
 
 // What the user passes on the command line: the metadata of an artifact that carries none (an AOT

@@ -168,6 +168,8 @@ BAD_INPUT = {
     "tiktoken file for a sentencepiece model": ("pt2", ["-z", "{llama3_tok}"], "sentencepiece"),
     "tokenizer larger than the model": ("pt2", ["-z", "{llama2_tok}"], "32000"),
     "chat with a base model": ("pt2", ["-z", "{tok}", "-m", "chat"], "generate"),
+    "chat format the tokenizer cannot write": ("pt2", ["-z", "{tok}", "-m", "chat", "-f", "chatml"], "<|im_start|>"),
+    "unknown chat format": ("pt2", ["-z", "{tok}", "-m", "chat", "-f", "zephyr"], "llama2|llama3|chatml|gemma|phi3"),
     "prompt longer than the context": ("pte", ["-z", "{tok}", "-i", "{long}"], "shorten"),
     "so without metadata or flags": ("bare-so", ["-z", "{tok}"], "-j"),
     "unknown tokenizer kind for a so": ("bare-so", ["-z", "{tok}", "-l", "bpe", "-c", "{ctx}"], "-l"),
