@@ -6,8 +6,9 @@ packed (no float copy) and its logits, prefill and cached decode, follow the sam
 float; its greedy text equals llama-simple's on the same file up to the first near-tie.
 
 Tolerance: the packed kernels quantize activations to int8 per 32 values, as llama.cpp does; against the
-float weights that leaves a relative L2 logit error of about 1-2% per two layers (tests/checkpoint/
-test_gguf_packed.py). The bound, 5%, is an order of magnitude below what a wrong block layout gives.
+same file's weights in float that leaves a relative L2 logit error of 0.45-0.8% here (every family and
+type). The bound, 2%, is an order of magnitude below what a wrong block layout or row order gives
+(30-100%). Greedy text: 218 of the 18 x 16 tokens were clear of near-ties and equal llama-simple's.
 Skipped where llama.cpp's tools are absent (llamacpp_tools.py says where they are looked for)."""
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from torchchat.model.packed import PackedLinear, kernels_unavailable  # noqa: E4
 from torchchat.model.transformer import Transformer  # noqa: E402
 
 QTYPES = ("Q8_0", "Q4_0", "Q4_K_M")
-REL_TOL = 0.05
+REL_TOL = 0.02
 PROMPT = "Once upon a time there was a little robot"
 N_TOKENS = 16
 # Below this gap between the two best logits (in standard deviations of that step's logits) a step is a
