@@ -232,7 +232,8 @@ void run_generate(const RunOptions& opt, Loaded& l) {
   Session session(*l.model, l.model->info().max_seq_len);
   Sampler sampler(opt.sampler);
   TextStream out(*l.tokenizer);
-  std::vector<int64_t> prompt{l.bos_id};
+  std::vector<int64_t> prompt;
+  if (l.bos_id >= 0) prompt.push_back(l.bos_id);  // Qwen, SmolLM and Phi prompts start without one
   const auto body = l.tokenizer->encode(opt.prompt);
   prompt.insert(prompt.end(), body.begin(), body.end());
   const int64_t max_seq_len = l.model->info().max_seq_len;

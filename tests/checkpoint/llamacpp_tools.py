@@ -57,12 +57,17 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+def pieces_bytes(pieces: list[str]) -> bytes:
+    """Byte-level BPE token texts (GPT-2's printable characters) -> the bytes they stand for; a piece
+    outside that alphabet (a special token) as its own text."""
+    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    return b"".join(bytes(byte_of[c] for c in p) if all(c in byte_of for c in p) else p.encode() for p in pieces)
+
+
 def token_bytes(gguf: Path, ids: list[int]) -> bytes:
     """The bytes llama.cpp prints for `ids` of a byte-level BPE GGUF vocabulary (special tokens as their
     text): a random model's tokens are often pieces of UTF-8 characters, so text is compared as bytes."""
     from gguf import GGUFReader
 
     pieces = [str(p) for p in GGUFReader(gguf).fields["tokenizer.ggml.tokens"].contents()]
-    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
-    return b"".join(bytes(byte_of[c] for c in pieces[i]) if all(c in byte_of for c in pieces[i])
-                    else pieces[i].encode() for i in ids)
+    return pieces_bytes([pieces[i] for i in ids])
