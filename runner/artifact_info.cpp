@@ -74,8 +74,9 @@ ArtifactInfo read_artifact_info_file(const std::string& path) {
 
 void apply_overrides(ArtifactInfo& info, const MetadataOverrides& overrides, const std::string& source) {
   if (!overrides.tokenizer_kind.empty()) {
-    if (overrides.tokenizer_kind != "sentencepiece" && overrides.tokenizer_kind != "tiktoken") {
-      throw UsageError("-l " + overrides.tokenizer_kind + ": the tokenizer kind is sentencepiece or tiktoken");
+    const std::string& kind = overrides.tokenizer_kind;
+    if (kind != "sentencepiece" && kind != "tiktoken" && kind != "hf") {
+      throw UsageError("-l " + kind + ": the tokenizer kind is sentencepiece, tiktoken or hf");
     }
     info.tokenizer.kind = overrides.tokenizer_kind;
   }
@@ -102,13 +103,15 @@ ArtifactInfo artifact_info_from_outside(const std::string& artifact, const std::
   }
   if (overrides.tokenizer_kind.empty() || overrides.max_seq_len <= 0) {
     throw UsageError(artifact + " carries no metadata and " + sidecar_path +
-                     " is missing; pass -j METADATA.json, or -l sentencepiece|tiktoken and -c MAX_SEQ_LEN "
+                     " is missing; pass -j METADATA.json, or -l sentencepiece|tiktoken|hf and -c MAX_SEQ_LEN "
                      "(the max_seq_len it was exported with)");
   }
   ArtifactInfo info;
   info.model_name = artifact;
   apply_overrides(info, overrides, artifact);
-  info.chat_template = overrides.tokenizer_kind == "tiktoken" ? "llama3" : "llama2";
+  // A tokenizer.json says nothing of the model's family: its chat format is named with -f.
+  const std::string& kind = overrides.tokenizer_kind;
+  info.chat_template = kind == "tiktoken" ? "llama3" : kind == "sentencepiece" ? "llama2" : "";
   return info;
 }
 

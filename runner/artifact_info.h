@@ -28,7 +28,7 @@ struct ArtifactInfo {
 // Inductor .so without its .json sidecar), or corrections to the metadata it has (explicit flags win).
 struct MetadataOverrides {
   std::string metadata_path;  // -j: a metadata JSON file
-  std::string tokenizer_kind;  // -l: "sentencepiece" | "tiktoken"
+  std::string tokenizer_kind;  // -l: "sentencepiece" | "tiktoken" | "hf"
   int64_t max_seq_len = 0;  // -c
 };
 

@@ -53,7 +53,7 @@ void print_usage(const char* prog) {
                "  -f <name>   chat format, llama2 | llama3 | chatml | gemma | phi3; default the model's\n"
                "For an AOT Inductor .so without its <model>.so.json sidecar:\n"
                "  -j <path>   the model's metadata JSON file, or\n"
-               "  -l <kind>   tokenizer kind, sentencepiece | tiktoken, with\n"
+               "  -l <kind>   tokenizer kind, sentencepiece | tiktoken | hf (tokenizer.json), with\n"
                "  -c <int>    the max_seq_len the model was exported with\n"
                "Given with any model, -l and -c win over its metadata (-c at most the exported length).\n",
                prog, backend_artifacts(), prog, backend_name() == std::string("et") ? ".pte" : ".pt2");

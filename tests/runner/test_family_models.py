@@ -112,6 +112,9 @@ def test_exported_qwen_generates_and_chats_as_python_does(runner_bins, qwen):
     res = _runner(runner_bins, qwen / "model.pt2", "-z", qwen / "tokenizer.json", "-i", prompt, "-n", "12", "-t", "0")
     assert res.returncode == 0, res.stderr.decode()
     assert res.stdout == prompt.encode() + pieces_bytes([pieces(i) for i in new]) + b"\n"
+    again = _runner(runner_bins, qwen / "model.pt2", "-z", qwen / "tokenizer.json", "-l", "hf", "-i", prompt, "-n", "12",
+                    "-t", "0")
+    assert again.stdout == res.stdout  # -l names the kind the metadata says
 
     fmt = resolve_chat_format(tok).format  # the folder's ChatML template, rendered by Python
     ids = fmt.encode(tok, [Message("system", SYSTEM), Message("user", USER1)])
