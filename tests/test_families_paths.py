@@ -116,7 +116,7 @@ def test_exported_logits_follow_eager(family, folders, tmp_path):
     export_model(_build(folder), ExportTargets(aoti_package_path=paths.get("pt2"), pte_path=paths.get("pte"),
                                                max_seq_len=MAX_SEQ))
     for form, path in paths.items():
-        kind, atol = ("aoti_package_path", 1e-3) if form == "pt2" else ("pte_path", 3e-3)  # XNNPACK fp32: 7e-4 seen
+        kind, atol = ("aoti_package_path", 1e-3) if form == "pt2" else ("pte_path", 3e-3)  # XNNPACK fp32: 7.4e-4 seen
         exported = build_model(BuildSpec(source=ModelSource(**{kind: path}, tokenizer_path=folder / "tokenizer.json"),
                                          dtype=None))
         exported.runtime.setup(1, MAX_SEQ)
