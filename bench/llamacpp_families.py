@@ -19,23 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Once upon a time there was a little robot"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table, which byte-level BPE vocabularies are written in."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + len(cs) - 188)
-    return dict(zip(bs, map(chr, cs)))
-
-
-def _piece_bytes(piece: str, byte_of: dict[str, int]) -> bytes:
-    if all(c in byte_of for c in piece):
-        return bytes(byte_of[c] for c in piece)
-    return piece.encode()  # a special token, printed as its text
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--llamacpp", type=Path, default=Path(os.environ.get("TORCHCHAT_LLAMACPP", ROOT.parent / "llamacpp")))
@@ -46,8 +29,9 @@ def main() -> int:
     sys.path.insert(0, str(ROOT / "tests" / "checkpoint"))
     import torch
 
-    from test_gguf_families import GGUF_CASES
     from hf_family_folders import write_folder
+    from llamacpp_tools import token_bytes
+    from test_gguf_families import GGUF_CASES
 
     from torchchat.build import BuildSpec, ModelSource, build_model
     from torchchat.generation.engine import GenerationConfig, make_engine
@@ -67,13 +51,10 @@ def main() -> int:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, str(ROOT / "tests" / "checkpoint" / "llamacpp_convert.py"),
                     str(args.llamacpp / "src"), *jobs], check=True, env=env, capture_output=True)
-    from gguf import GGUFReader
-    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
     greedy = GenerationConfig(max_new_tokens=args.tokens, sampling=SamplingParams(temperature=0), stop_ids=frozenset())
     same = 0
     for case in GGUF_CASES:
         gguf = folders[case] / "model.gguf"
-        pieces = [str(p) for p in GGUFReader(gguf).fields["tokenizer.ggml.tokens"].contents()]
         ref = subprocess.run([str(args.llamacpp / "bin" / "llama-simple"), "-m", str(gguf), "-n", str(args.tokens), PROMPT],
                              capture_output=True)
         theirs = ref.stdout  # raw bytes: the prompt, then each generated token's bytes
@@ -81,9 +62,8 @@ def main() -> int:
         tok = built.tokenizer
         ids = tok.encode(PROMPT, bos=tok.add_bos if hasattr(tok, "add_bos") else False)
         new = list(make_engine(built, max_seq_len=128).tokens(ids, greedy))
-        # Compared as bytes (a random model's tokens are often pieces of UTF-8 characters): each token's
-        # bytes from the GGUF vocabulary through GPT-2's byte-to-character table.
-        ours = PROMPT.encode() + b"".join(_piece_bytes(pieces[i], byte_of) for i in new)
+        # Compared as bytes (a random model's tokens are often pieces of UTF-8 characters).
+        ours = PROMPT.encode() + token_bytes(gguf, new)
         ok = theirs.strip() == ours.strip()
         same += ok
         print(f"{case:8s} {'SAME' if ok else 'DIFFERENT'}  {len(new)} tokens {new[:8]}...  bytes={ours[len(PROMPT):]!r}")

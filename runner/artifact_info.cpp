@@ -42,6 +42,9 @@ ArtifactInfo parse_artifact_info(const std::string& json_text, const std::string
     info.max_seq_len = get_or<int64_t>(doc, "max_seq_len", 0);
     info.dynamic_shapes = get_or<bool>(doc, "dynamic_shapes", false);
     info.chat_template = get_or<std::string>(doc, "chat_template", "");
+    // A model whose chat template the runners cannot render ("hf") names the turn format they write instead.
+    const std::string runner_format = get_or<std::string>(doc, "runner_chat_format", "");
+    if (!runner_format.empty()) info.chat_template = runner_format;
     if (auto cfg = doc.find("config"); cfg != doc.end() && cfg->is_object()) {
       info.vocab_size = get_or<int64_t>(*cfg, "vocab_size", 0);
       if (info.max_seq_len == 0) info.max_seq_len = get_or<int64_t>(*cfg, "max_seq_len", 0);
@@ -71,8 +74,9 @@ ArtifactInfo read_artifact_info_file(const std::string& path) {
 
 void apply_overrides(ArtifactInfo& info, const MetadataOverrides& overrides, const std::string& source) {
   if (!overrides.tokenizer_kind.empty()) {
-    if (overrides.tokenizer_kind != "sentencepiece" && overrides.tokenizer_kind != "tiktoken") {
-      throw UsageError("-l " + overrides.tokenizer_kind + ": the tokenizer kind is sentencepiece or tiktoken");
+    const std::string& kind = overrides.tokenizer_kind;
+    if (kind != "sentencepiece" && kind != "tiktoken" && kind != "hf") {
+      throw UsageError("-l " + kind + ": the tokenizer kind is sentencepiece, tiktoken or hf");
     }
     info.tokenizer.kind = overrides.tokenizer_kind;
   }
@@ -99,13 +103,15 @@ ArtifactInfo artifact_info_from_outside(const std::string& artifact, const std::
   }
   if (overrides.tokenizer_kind.empty() || overrides.max_seq_len <= 0) {
     throw UsageError(artifact + " carries no metadata and " + sidecar_path +
-                     " is missing; pass -j METADATA.json, or -l sentencepiece|tiktoken and -c MAX_SEQ_LEN "
+                     " is missing; pass -j METADATA.json, or -l sentencepiece|tiktoken|hf and -c MAX_SEQ_LEN "
                      "(the max_seq_len it was exported with)");
   }
   ArtifactInfo info;
   info.model_name = artifact;
   apply_overrides(info, overrides, artifact);
-  info.chat_template = overrides.tokenizer_kind == "tiktoken" ? "llama3" : "llama2";
+  // A tokenizer.json says nothing of the model's family: its chat format is named with -f.
+  const std::string& kind = overrides.tokenizer_kind;
+  info.chat_template = kind == "tiktoken" ? "llama3" : kind == "sentencepiece" ? "llama2" : "";
   return info;
 }
 

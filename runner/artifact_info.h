@@ -21,14 +21,14 @@ struct ArtifactInfo {
   int64_t max_seq_len = 0;  // positions the static KV cache holds
   bool dynamic_shapes = false;  // true: forward takes S in [1, max_seq_len] tokens (parallel prefill)
   TokenizerInfo tokenizer;
-  std::string chat_template;  // "llama2" | "llama3" | "" (base model)
+  std::string chat_template;  // chat format: "llama2" | "llama3" | "chatml" | "gemma" | "phi3" | "hf" | "" (base model)
 };
 
 // What the user passes on the command line: the metadata of an artifact that carries none (an AOT
 // Inductor .so without its .json sidecar), or corrections to the metadata it has (explicit flags win).
 struct MetadataOverrides {
   std::string metadata_path;  // -j: a metadata JSON file
-  std::string tokenizer_kind;  // -l: "sentencepiece" | "tiktoken"
+  std::string tokenizer_kind;  // -l: "sentencepiece" | "tiktoken" | "hf"
   int64_t max_seq_len = 0;  // -c
 };
 

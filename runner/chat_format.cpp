@@ -1,5 +1,7 @@
 #include "chat_format.h"
 
+#include <map>
+
 #include "errors.h"
 
 namespace torchchat {
@@ -89,15 +91,150 @@ class Llama3Format : public ChatFormat {
   int64_t start_header_ = -1, end_header_ = -1, eot_ = -1;
 };
 
+// Turn formats of Llama's relatives, written as their Hugging Face chat templates render plain text messages
+// (the Python chat command renders those templates: torchchat/generation/chat_format.py). Special tokens go
+// in by id; the text between two of them is encoded in one piece, as the Python side encodes it.
+class SpecialTokenFormat : public ChatFormat {
+ protected:
+  SpecialTokenFormat(const Tokenizer& tok, std::initializer_list<const char*> names) : tok_(tok) {
+    for (const char* name : names) {
+      const int64_t id = tok.special_id(name);
+      if (id < 0) throw UsageError(std::string("the tokenizer has no ") + name + " token; pass the model's own tokenizer");
+      ids_[name] = id;
+    }
+  }
+
+  int64_t id(const std::string& name) const { return ids_.at(name); }
+
+  // The text between two special tokens, encoded in one piece.
+  void text(std::vector<int64_t>& out, std::initializer_list<std::string> parts) const {
+    std::string joined;
+    for (const auto& part : parts) joined += part;
+    if (!joined.empty()) append(out, tok_.encode(joined));
+  }
+
+  const Tokenizer& tok_;
+
+ private:
+  std::map<std::string, int64_t> ids_;
+};
+
+// ChatML (Qwen2/2.5/3, SmolLM2/3): <|im_start|>role "\n" content <|im_end|> "\n" per message, then an open
+// assistant message. No default system prompt is added (Qwen2.5's own template adds one when none is given).
+class ChatMLFormat : public SpecialTokenFormat {
+ public:
+  explicit ChatMLFormat(const Tokenizer& tok) : SpecialTokenFormat(tok, {"<|im_start|>", "<|im_end|>"}) {}
+
+  std::vector<int64_t> first_turn(const std::string& system, const std::string& user) const override {
+    std::vector<int64_t> ids;
+    if (!strip(system).empty()) message(ids, "system", system);
+    message(ids, "user", user);
+    ids.push_back(id("<|im_start|>"));
+    text(ids, {"assistant\n"});
+    return ids;
+  }
+
+  std::vector<int64_t> next_turn(const std::string& user) const override {
+    std::vector<int64_t> ids{id("<|im_end|>")};
+    text(ids, {"\n"});
+    message(ids, "user", user);
+    ids.push_back(id("<|im_start|>"));
+    text(ids, {"assistant\n"});
+    return ids;
+  }
+
+ private:
+  void message(std::vector<int64_t>& ids, const std::string& role, const std::string& content) const {
+    ids.push_back(id("<|im_start|>"));
+    text(ids, {role + "\n", content});
+    ids.push_back(id("<|im_end|>"));
+    text(ids, {"\n"});
+  }
+};
+
+// Gemma 2/3: BOS, then <start_of_turn>user "\n" content <end_of_turn> "\n" and <start_of_turn>model "\n" for
+// the reply; contents are trimmed, and a system prompt opens the first user message followed by "\n\n"
+// (Gemma has no system role).
+class GemmaFormat : public SpecialTokenFormat {
+ public:
+  explicit GemmaFormat(const Tokenizer& tok) : SpecialTokenFormat(tok, {"<start_of_turn>", "<end_of_turn>"}) {}
+
+  std::vector<int64_t> first_turn(const std::string& system, const std::string& user) const override {
+    std::vector<int64_t> ids{tok_.bos_id()};
+    ids.push_back(id("<start_of_turn>"));
+    if (strip(system).empty()) {
+      text(ids, {"user\n", strip(user)});
+    } else {
+      text(ids, {"user\n", system, "\n\n", strip(user)});
+    }
+    close_and_open_reply(ids);
+    return ids;
+  }
+
+  std::vector<int64_t> next_turn(const std::string& user) const override {
+    std::vector<int64_t> ids{id("<end_of_turn>")};
+    text(ids, {"\n"});
+    ids.push_back(id("<start_of_turn>"));
+    text(ids, {"user\n", strip(user)});
+    close_and_open_reply(ids);
+    return ids;
+  }
+
+ private:
+  void close_and_open_reply(std::vector<int64_t>& ids) const {
+    ids.push_back(id("<end_of_turn>"));
+    text(ids, {"\n"});
+    ids.push_back(id("<start_of_turn>"));
+    text(ids, {"model\n"});
+  }
+};
+
+// Phi-3 / Phi-4-mini (Phi-4-mini's template): <|system|> content <|end|> <|user|> content <|end|> <|assistant|>,
+// no newlines between them.
+class Phi3Format : public SpecialTokenFormat {
+ public:
+  explicit Phi3Format(const Tokenizer& tok)
+      : SpecialTokenFormat(tok, {"<|system|>", "<|user|>", "<|assistant|>", "<|end|>"}) {}
+
+  std::vector<int64_t> first_turn(const std::string& system, const std::string& user) const override {
+    std::vector<int64_t> ids;
+    if (!strip(system).empty()) message(ids, "<|system|>", system);
+    message(ids, "<|user|>", user);
+    ids.push_back(id("<|assistant|>"));
+    return ids;
+  }
+
+  std::vector<int64_t> next_turn(const std::string& user) const override {
+    std::vector<int64_t> ids{id("<|end|>")};
+    message(ids, "<|user|>", user);
+    ids.push_back(id("<|assistant|>"));
+    return ids;
+  }
+
+ private:
+  void message(std::vector<int64_t>& ids, const std::string& role, const std::string& content) const {
+    ids.push_back(id(role));
+    text(ids, {content});
+    ids.push_back(id("<|end|>"));
+  }
+};
+
 }  // namespace
 
 std::unique_ptr<ChatFormat> make_chat_format(const std::string& name, const Tokenizer& tokenizer) {
   if (name == "llama2") return std::make_unique<Llama2Format>(tokenizer);
   if (name == "llama3") return std::make_unique<Llama3Format>(tokenizer);
+  if (name == "chatml") return std::make_unique<ChatMLFormat>(tokenizer);
+  if (name == "gemma") return std::make_unique<GemmaFormat>(tokenizer);
+  if (name == "phi3") return std::make_unique<Phi3Format>(tokenizer);
   if (name.empty()) {
-    throw UsageError("this model has no chat format (it is a base model); use -m generate");
+    throw UsageError("this model has no chat format (it is a base model); use -m generate, or name one with -f");
   }
-  throw UsageError("unknown chat format \"" + name + "\" in the model's metadata; the runners know llama2 and llama3");
+  if (name == "hf") {
+    throw UsageError("the model's chat template is a Hugging Face Jinja template the runners cannot render; "
+                     "name the format with -f " + std::string(kChatFormats));
+  }
+  throw UsageError("unknown chat format \"" + name + "\"; the runners know " + std::string(kChatFormats));
 }
 
 }  // namespace torchchat

@@ -1,4 +1,5 @@
-// Chat prompt formats, as token ids: Llama 2 ([INST] ... [/INST]) and Llama 3 (header tokens).
+// Chat prompt formats, as token ids: Llama 2 ([INST] ... [/INST]), Llama 3 (header tokens), ChatML (Qwen,
+// SmolLM), Gemma (<start_of_turn>) and Phi-3 / Phi-4-mini (<|user|> ... <|end|>).
 #pragma once
 
 #include <cstdint>
@@ -23,7 +24,10 @@ class ChatFormat {
   virtual std::vector<int64_t> next_turn(const std::string& user) const = 0;
 };
 
-// name: "llama2" or "llama3" (the artifact's chat_template). Throws UsageError for "" and unknown names.
+inline constexpr const char* kChatFormats = "llama2|llama3|chatml|gemma|phi3";
+
+// name: one of kChatFormats (the artifact's chat format, or -f). Throws UsageError for "", "hf" (a Jinja
+// template) and unknown names, and when the tokenizer lacks the format's special tokens.
 std::unique_ptr<ChatFormat> make_chat_format(const std::string& name, const Tokenizer& tokenizer);
 
 }  // namespace torchchat

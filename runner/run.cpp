@@ -29,6 +29,7 @@ struct RunOptions {
   std::string prompt;
   std::string system_prompt;
   std::string mode = "generate";
+  std::string chat_format;  // -f: wins over the artifact's chat format
   int64_t steps = 200;  // new tokens to generate; 0: until the context is full
   SamplerConfig sampler;
   MetadataOverrides overrides;
@@ -49,9 +50,10 @@ void print_usage(const char* prog) {
                "  -s <int>    random seed, default the time\n"
                "  -m <mode>   generate | chat, default generate\n"
                "  -y <text>   system prompt (chat)\n"
+               "  -f <name>   chat format, llama2 | llama3 | chatml | gemma | phi3; default the model's\n"
                "For an AOT Inductor .so without its <model>.so.json sidecar:\n"
                "  -j <path>   the model's metadata JSON file, or\n"
-               "  -l <kind>   tokenizer kind, sentencepiece | tiktoken, with\n"
+               "  -l <kind>   tokenizer kind, sentencepiece | tiktoken | hf (tokenizer.json), with\n"
                "  -c <int>    the max_seq_len the model was exported with\n"
                "Given with any model, -l and -c win over its metadata (-c at most the exported length).\n",
                prog, backend_artifacts(), prog, backend_name() == std::string("et") ? ".pte" : ".pt2");
@@ -87,6 +89,7 @@ RunOptions parse_args(int argc, char** argv) {
       case 'i': opt.prompt = value; break;
       case 'y': opt.system_prompt = value; break;
       case 'm': opt.mode = value; break;
+      case 'f': opt.chat_format = value; break;
       case 'n': opt.steps = parse_int(flag, value); break;
       case 't': opt.sampler.temperature = parse_float(flag, value); break;
       case 'p': opt.sampler.top_p = parse_float(flag, value); break;
@@ -229,7 +232,8 @@ void run_generate(const RunOptions& opt, Loaded& l) {
   Session session(*l.model, l.model->info().max_seq_len);
   Sampler sampler(opt.sampler);
   TextStream out(*l.tokenizer);
-  std::vector<int64_t> prompt{l.bos_id};
+  std::vector<int64_t> prompt;
+  if (l.bos_id >= 0) prompt.push_back(l.bos_id);  // Qwen, SmolLM and Phi prompts start without one
   const auto body = l.tokenizer->encode(opt.prompt);
   prompt.insert(prompt.end(), body.begin(), body.end());
   const int64_t max_seq_len = l.model->info().max_seq_len;
@@ -253,7 +257,7 @@ void run_generate(const RunOptions& opt, Loaded& l) {
 }
 
 void run_chat(const RunOptions& opt, Loaded& l) {
-  auto format = make_chat_format(l.model->info().chat_template, *l.tokenizer);
+  auto format = make_chat_format(opt.chat_format.empty() ? l.model->info().chat_template : opt.chat_format, *l.tokenizer);
   Session session(*l.model, l.model->info().max_seq_len);
   Sampler sampler(opt.sampler);
   TextStream out(*l.tokenizer);

@@ -28,12 +28,9 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& kind, const std::st
   if (kind == "sentencepiece") return load_sentencepiece(path);
   if (kind == "tiktoken") return load_tiktoken(path);
   if (kind == "gguf") return load_gguf_export_tokenizer(path);
-  if (kind == "hf") {
-    throw UsageError("the model uses a Hugging Face tokenizer.json, which the C++ runners do not read; "
-                     "run it with `python3 torchchat.py generate` instead");
-  }
-  throw UsageError("unknown tokenizer kind \"" + kind + "\"; the C++ runners read sentencepiece, tiktoken and gguf "
-                   "(a GGUF's vocabulary written by export)");
+  if (kind == "hf") return load_hf_bpe(path);
+  throw UsageError("unknown tokenizer kind \"" + kind + "\"; the C++ runners read sentencepiece, tiktoken, hf "
+                   "(a byte-level BPE tokenizer.json) and gguf (a GGUF's vocabulary written by export)");
 }
 
 }  // namespace torchchat

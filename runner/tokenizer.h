@@ -37,12 +37,14 @@ class Tokenizer {
   }
 };
 
-// kind: "sentencepiece" (a SentencePiece .model), "tiktoken" (a Llama 3 tokenizer.model ranks file) or
+// kind: "sentencepiece" (a SentencePiece .model), "tiktoken" (a Llama 3 tokenizer.model ranks file), "hf"
+// (a Hugging Face tokenizer.json with a byte-level BPE model: Qwen, SmolLM, Phi-4-mini) or
 // "gguf" (the <artifact>.tokenizer.model export writes for a model converted from a GGUF file).
 // Throws UsageError naming the file and the kind when it cannot be read as that kind.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& kind, const std::string& path);
 
 std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& path);
 std::unique_ptr<Tokenizer> load_tiktoken(const std::string& path);
+std::unique_ptr<Tokenizer> load_hf_bpe(const std::string& path);  // a byte-level BPE tokenizer.json
 
 }  // namespace torchchat

@@ -22,9 +22,11 @@ def _factors(n: int, seed: int) -> list[float]:
     return [1.0 + x for x in torch.rand(n, generator=torch.Generator().manual_seed(seed)).tolist()]
 
 
-def _longrope(original: int) -> dict:
+def _longrope(original: int, n_factors: int = 4) -> dict:
+    """n_factors: one per rotated pair, rope_dim / 2 (head_dim 16 at partial_rotary_factor 0.5: 4)."""
     return {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-            "short_factor": _factors(4, 1), "long_factor": _factors(4, 2), "original_max_position_embeddings": original}
+            "short_factor": _factors(n_factors, 1), "long_factor": _factors(n_factors, 2),
+            "original_max_position_embeddings": original}
 
 
 # name -> (transformers config class, model class, config kwargs)
@@ -46,6 +48,17 @@ CASES = {
                                          rope_parameters=_longrope(32))),
     "smollm2-llama-tied": ("LlamaConfig", "LlamaForCausalLM", dict(BASE, tie_word_embeddings=True)),
     "smollm3-nope-layers": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(BASE, no_rope_layers=[1, 0])),
+}
+
+# One case per llama.cpp architecture, for the tests that take each family through the other paths
+# (compile, export, quantize, tensor parallelism): family -> (case, tokenizer family of hf_family_folders).
+FAMILIES = {
+    "qwen2": ("qwen2.5-tied-qkv-bias", "qwen"),
+    "qwen3": ("qwen3-qk-norm-head-dim", "qwen"),
+    "gemma2": ("gemma2-softcaps-sliding", "gemma"),
+    "gemma3": ("gemma3-local-global-rope", "gemma"),
+    "phi3": ("phi3-fused-longrope-short", "phi"),
+    "smollm3": ("smollm3-nope-layers", "smollm"),
 }
 
 

@@ -89,3 +89,10 @@ def test_architecture_check_ignores_context_length_only():
     meta.check_config(params_table("stories260K").with_max_seq_len(4096), "model 'stories260K'", "x.pt2")
     with pytest.raises(ExportError, match="differs from model 'stories15M'.*dim 64 vs 288"):
         meta.check_config(params_table("stories15M"), "model 'stories15M'", "x.pt2")
+
+
+def test_the_runner_chat_format_round_trips_and_is_written_only_when_set():
+    meta = _meta(chat_template="hf", runner_chat_format="chatml")
+    assert json.loads(meta.to_json())["runner_chat_format"] == "chatml"
+    assert ArtifactMetadata.from_json(meta.to_json(), "x.pt2") == meta
+    assert "runner_chat_format" not in json.loads(_meta().to_json())

@@ -157,3 +157,27 @@ def test_as_messages_rejects_malformed():
         as_messages([{"content": "x"}])
     with pytest.raises(ChatTemplateError, match="text"):
         as_messages([{"role": "user", "content": 3}])
+
+
+@pytest.mark.parametrize("template_file, expected", [
+    ("chatml.jinja", "chatml"), ("gemma-it.jinja", "gemma"), ("llama3-instruct.jinja", "llama3"),
+    ("llama2-chat.jinja", "llama2"), ("zephyr.jinja", None),
+])
+def test_runner_format_names_the_family_a_template_writes(template_file, expected):
+    """What `export` writes as runner_chat_format for the C++ runners (runner/chat_format.cpp)."""
+    from pathlib import Path
+
+    from torchchat.generation.chat_format import runner_format
+
+    template = (Path(__file__).parent / "chat_templates" / template_file).read_text()
+    assert runner_format(None, template) == expected
+    assert runner_format("llama3", template) == "llama3"  # the registry's own wins
+
+
+def test_runner_format_of_the_phi_template():
+    from torchchat.generation.chat_format import runner_format
+
+    phi = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endfor %}"
+           "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    assert runner_format("hf", phi) == "phi3"
+    assert runner_format(None, None) is None

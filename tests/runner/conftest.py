@@ -2,15 +2,13 @@
 and stories260K exported by `torchchat.py export` to each artifact form the runners read."""
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from runner_process import BUILD_DIR, MAX_SEQ_LEN, ROOT
+from runner_process import BUILD_DIR, MAX_SEQ_LEN, ROOT, export
 
 
 @dataclass(frozen=True)
@@ -28,16 +26,6 @@ def runner_bins() -> Path:
     if proc.returncode != 0:
         pytest.fail(f"install/build_runner.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return BUILD_DIR
-
-
-def export(*args: str | Path) -> None:
-    """`torchchat.py export` as a user runs it, on one thread (exporting is compile-bound; the other core
-    stays with the rest of the suite)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "torchchat.py"), "export", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        pytest.fail(f"torchchat.py export failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
 
 
 @pytest.fixture(scope="session")

@@ -111,6 +111,21 @@ def test_sampling_repeats_with_a_seed_and_varies_without(runner_bins, stories_ar
     assert len(others | {first}) > 1
 
 
+def test_the_runner_chat_format_in_metadata_wins_and_f_wins_over_it(runner_bins, stories_artifacts, tmp_path):
+    # A model with a Jinja template ("hf") whose family export recognised: the runner writes that format.
+    meta = json.loads((stories_artifacts.so.parent / "model.so.json").read_text())
+    meta.update(chat_template="hf", runner_chat_format="gemma")
+    meta_path = tmp_path / "gemma.json"
+    meta_path.write_text(json.dumps(meta))
+    args = [stories_artifacts.so, "-z", stories_artifacts.tokenizer, "-j", meta_path, "-m", "chat", "-i", "Hi", "-n", "5"]
+    res = run_binary(runner_bins / "aoti_run", *args, stdin="")
+    assert res.returncode == 2
+    assert res.stderr.strip() == "error: the tokenizer has no <start_of_turn> token; pass the model's own tokenizer"
+    res = run_binary(runner_bins / "aoti_run", *args, "-f", "llama2", stdin="")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("Assistant: ")
+
+
 def test_chat_turns_follow_the_llama2_format_and_keep_the_cache(runner_bins, stories_artifacts, python_engine, sp, tmp_path):
     # stories260K is a base model; metadata naming the llama2 template makes the runner chat with it.
     meta = json.loads((stories_artifacts.so.parent / "model.so.json").read_text())
@@ -168,6 +183,8 @@ BAD_INPUT = {
     "tiktoken file for a sentencepiece model": ("pt2", ["-z", "{llama3_tok}"], "sentencepiece"),
     "tokenizer larger than the model": ("pt2", ["-z", "{llama2_tok}"], "32000"),
     "chat with a base model": ("pt2", ["-z", "{tok}", "-m", "chat"], "generate"),
+    "chat format the tokenizer cannot write": ("pt2", ["-z", "{tok}", "-m", "chat", "-f", "chatml"], "<|im_start|>"),
+    "unknown chat format": ("pt2", ["-z", "{tok}", "-m", "chat", "-f", "zephyr"], "llama2|llama3|chatml|gemma|phi3"),
     "prompt longer than the context": ("pte", ["-z", "{tok}", "-i", "{long}"], "shorten"),
     "so without metadata or flags": ("bare-so", ["-z", "{tok}"], "-j"),
     "unknown tokenizer kind for a so": ("bare-so", ["-z", "{tok}", "-l", "bpe", "-c", "{ctx}"], "-l"),

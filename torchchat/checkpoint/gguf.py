@@ -241,7 +241,9 @@ def load_gguf(path: Path, options: LoadOptions | None = None) -> LoadedCheckpoin
         else:
             state[ours] = to_dense(tensor, options.dtype, source)
     if arch in gguf_arch.ARCHITECTURES:
+        # Packed tensors move with their rows: (rows, row bytes) blocks split and permute like float rows.
         state = gguf_arch.to_runtime_layout(state, config, arch)
+        packed = gguf_arch.runtime_packed(packed, arch)
     has_vocab = reader.fields.get("tokenizer.ggml.model") is not None
     tokenizer = _tokenizer(reader, source) if options.tokenizer and has_vocab else None
     return LoadedCheckpoint(state, config, "gguf", tokenizer, packed=packed, notes=notes)
@@ -252,7 +254,8 @@ def _packed_plan(tensors: dict[str, Any], options: LoadOptions, name_of: Callabl
     """(our weight name -> GGML type id of each tensor kept packed, notes). Nothing stays packed unless
     the caller asked (CPU, no --quantize of its own) and the native kernels run here; where they do not,
     one note says so and the weights load as before. Tensors the architecture permutes or splits at
-    load (checkpoint/gguf_arch.py) are loaded dense."""
+    load by rows (checkpoint/gguf_arch.py: half-split q/k, Phi-3's fused qkv and gate|up) stay packed:
+    a block never spans two rows."""
     from torchchat.checkpoint.gguf_packed import packable
     from torchchat.model.packed import GGML_IDS, kernels_unavailable
 
@@ -261,7 +264,7 @@ def _packed_plan(tensors: dict[str, Any], options: LoadOptions, name_of: Callabl
     packed = {}
     for name, tensor in tensors.items():
         ours = name_of(name)
-        if ours is not None and packable(tensor.tensor_type.name, ours) and not gguf_arch.needs_relayout(ours, arch):
+        if ours is not None and packable(tensor.tensor_type.name, ours):
             packed[ours] = GGML_IDS[tensor.tensor_type.name]
     if not packed:
         return {}, []

@@ -61,7 +61,8 @@ def our_name(gguf_name: str) -> str | None:
 
 
 def needs_relayout(name: str, arch: str) -> bool:
-    """Whether the tensor under our name `name` is permuted or split at load (so it must be dense)."""
+    """Whether the tensor under our name `name` is permuted or split at load. GGML blocks move with their
+    rows (runtime_packed); torchao's int4 tensors do not, so for that path such tensors load dense."""
     if arch == "phi3" and name.endswith(("wqkv.weight", "w3.weight")):
         return True
     return arch in _NEOX and name.endswith(
@@ -153,6 +154,21 @@ def config_from_gguf_arch(meta, tensors: dict[str, Any], arch: str,
         rope_scaling=scaling, max_seq_len=context, tie_embeddings="output.weight" not in tensors,
         rope_dim=rope_dim if rope_dim != head_dim else None, **switches,
     )
+
+
+def runtime_packed(packed: dict[str, int], arch: str) -> dict[str, int]:
+    """The packed plan (our name -> GGML type) under the names to_runtime_layout gives: each part of
+    Phi-3's fused qkv and gate|up keeps the fused tensor's type."""
+    out: dict[str, int] = {}
+    for name, qtype in packed.items():
+        base = name.rsplit(".", 2)[0]
+        if name.endswith("attention.wqkv.weight"):
+            out.update({f"{base}.{part}.weight": qtype for part in ("wq", "wk", "wv")})
+        elif arch == "phi3" and name.endswith("feed_forward.w3.weight") and f"{base}.w1.weight" not in packed:
+            out.update({f"{base}.w1.weight": qtype, name: qtype})
+        else:
+            out[name] = qtype
+    return out
 
 
 def _unpermute(w: Tensor, n_heads: int, rope_dim: int) -> Tensor:

@@ -19,7 +19,7 @@ from torchchat.model.packed import GGML_IDS, row_bytes
 PACKABLE_WEIGHTS = (
     "attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
     "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight", "output.weight",
-    "tok_embeddings.weight",
+    "tok_embeddings.weight", "attention.wqkv.weight",  # Phi-3's fused q|k|v, split by rows at load
 )
 
 

@@ -2,7 +2,10 @@
 
 Column-wise: wq, wk, wv, w1, w3 (each rank computes its heads / its slice of the hidden layer);
 row-wise: wo, w2 (partial sums, all-reduced). Embedding, norms and output stay replicated. Each rank
-takes only its slice of every sharded checkpoint tensor, so none holds the full set of linear weights."""
+takes only its slice of every sharded checkpoint tensor, so none holds the full set of linear weights.
+The relatives' switches need nothing more: q/k/v biases shard with their columns, q/k norms and
+soft-capping act within a head, and Phi-3's fused qkv / gate_up arrive split (wq/wk/wv, w1/w3) from the
+loader; a layout that restacks them (torchchat.model.layout) leaves DTensors alone."""
 from __future__ import annotations
 
 import os

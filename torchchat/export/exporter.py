@@ -111,10 +111,12 @@ def check_export(targets: ExportTargets, dtype: torch.dtype, device: str, scheme
 
 def metadata_for(built, backend: str, max_seq_len: int, dynamic: bool, quantize: dict[str, Any] | None) -> ArtifactMetadata:
     """The metadata of `built` (a BuiltModel with an eager model) exported for `backend`."""
+    from torchchat.generation.chat_format import runner_format
     from torchchat.model.packed import has_packed
     from torchchat.model.size import bytes_read_per_token
 
     model = built.model
+    runner_chat = runner_format(built.chat_template, getattr(built.tokenizer, "chat_template", None))
     return ArtifactMetadata(
         model_name=built.name,
         config=built.config,
@@ -127,6 +129,7 @@ def metadata_for(built, backend: str, max_seq_len: int, dynamic: bool, quantize:
         weight_bytes=bytes_read_per_token(model),
         quantize=quantize,
         chat_template=built.chat_template,
+        runner_chat_format=runner_chat if runner_chat != built.chat_template else None,
         native_ops=("torchchat_cpu",) if has_packed(model) else (),
     )
 

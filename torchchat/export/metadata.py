@@ -47,6 +47,9 @@ class ArtifactMetadata:
     weight_bytes: int  # weight bytes one decode step reads (bandwidth figures)
     quantize: dict[str, Any] | None = None  # the --quantize recipe, as JSON
     chat_template: str | None = None  # "llama2" | "llama3" | "hf" (the tokenizer's own) | None (base model)
+    # The turn format the C++ runners write (chat_format.RUNNER_FORMATS: "chatml", "gemma", "phi3", ...), for
+    # a model whose chat template they cannot render themselves; None: chat_template, or none known.
+    runner_chat_format: str | None = None
     # Operator libraries the program calls besides torch's, loaded before it: "torchchat_cpu" for packed
     # GGUF / CPU-recipe weights (torchchat.kernels.cpu).
     native_ops: tuple[str, ...] = ()
@@ -81,6 +84,7 @@ class ArtifactMetadata:
             "device": self.device,
             "weight_bytes": self.weight_bytes,
             **({"native_ops": list(self.native_ops)} if self.native_ops else {}),
+            **({"runner_chat_format": self.runner_chat_format} if self.runner_chat_format else {}),
         }
 
     def to_json(self) -> str:
@@ -107,6 +111,7 @@ class ArtifactMetadata:
             known = {
                 "format_version", "model_name", "config", "tokenizer", "max_seq_len", "dtype", "quantize",
                 "dynamic_shapes", "chat_template", "backend", "device", "weight_bytes", "native_ops",
+                "runner_chat_format",
             }
             if not isinstance(data["config"], dict) or not isinstance(tok, dict):
                 raise TypeError("config and tokenizer must be objects")
@@ -126,6 +131,7 @@ class ArtifactMetadata:
                 weight_bytes=int(data["weight_bytes"]),
                 quantize=data.get("quantize"),
                 chat_template=data.get("chat_template"),
+                runner_chat_format=data.get("runner_chat_format"),
                 native_ops=tuple(str(x) for x in data.get("native_ops", ())),
                 extra={k: v for k, v in data.items() if k not in known},
             )

@@ -413,6 +413,32 @@ def _compile(template: str):
         ) from e
 
 
+# The formats the C++ runners write themselves (runner/chat_format.cpp): Llama 2 and 3 as above, and the
+# plain-message turns of Llama's relatives' Hugging Face templates, which the runners cannot render.
+RUNNER_FORMATS = ("llama2", "llama3", "chatml", "gemma", "phi3")
+# Markers of a Hugging Face chat template -> the runner format that writes its turns (first match wins).
+_TEMPLATE_MARKERS = (
+    (("<|im_start|>", "<|im_end|>"), "chatml"),  # Qwen2/2.5/3, SmolLM2/3
+    (("<start_of_turn>", "<end_of_turn>"), "gemma"),  # Gemma 2/3
+    (("<|assistant|>", "<|end|>"), "phi3"),  # Phi-4-mini (its template writes '<|' + role + '|>'); Phi-3
+    (("<|start_header_id|>", "<|eot_id|>"), "llama3"),
+    (("[INST]", "[/INST]"), "llama2"),
+)
+
+
+def runner_format(known_template: str | None, hf_template: str | None) -> str | None:
+    """The runner format (RUNNER_FORMATS) of a model, for exported artifacts' metadata: the registry's
+    llama2/llama3, else the family whose special tokens its Hugging Face chat template writes, else None
+    (a base model, or a template of no known family: the runner is then told with -f)."""
+    if known_template in ("llama2", "llama3"):
+        return known_template
+    if hf_template:
+        for markers, name in _TEMPLATE_MARKERS:
+            if all(m in hf_template for m in markers):
+                return name
+    return None
+
+
 @dataclass(frozen=True)
 class ChatSetup:
     """The format a model chats with, whether it is known to be tuned for chat, and what to tell the user."""

@@ -49,7 +49,9 @@ def apply_rope(x: Tensor, table: Tensor) -> Tensor:
     """x: (B, S, H, D); table: (S, D/2, 2) rows for x's positions, or (B, S, D/2, 2) when each row of
     the batch has its own positions. Returns x rotated, in x's dtype."""
     xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, S, H, D/2, 2)
-    t = table.view(-1, xs.size(1), 1, xs.size(3), 2)
+    # (S, 1, D/2, 2) or (B, S, 1, D/2, 2), broadcast over heads. A view(-1, S, ...) here made torch.export
+    # guard on S before it knew the positions' length equals the tokens' (Gemma 2 failed to export).
+    t = table.unsqueeze(-3)
     out = torch.stack(
         [
             xs[..., 0] * t[..., 0] - xs[..., 1] * t[..., 1],

@@ -107,13 +107,16 @@ def _softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: 
     which scaled_dot_product_attention cannot do. q (B, H, S, D); k, v (B, H_kv, S_max, D); mask
     (1 or B, 1, S, S_max) bool. Returns (B, H, S, D)."""
     bsz, n_heads, seqlen, head_dim = q.shape
-    n_kv = k.size(1)
-    qg = q.reshape(bsz, n_kv, n_heads // n_kv * seqlen, head_dim)  # heads of a group share one K/V
+    n_kv, s_max = k.size(1), k.size(2)
+    group = n_heads // n_kv
+    # Heads of a group share one K/V: q is made contiguous, so (G, S) merge by a view. Every size is
+    # spelled out: a reshape of the strided tensor or a -1 left torch.export guards that fail for a dynamic S.
+    qg = q.contiguous().view(bsz, n_kv, group * seqlen, head_dim)
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, H_kv, G*S, S_max)
     scores = torch.tanh(scores / cap) * cap
-    scores = scores.view(bsz, n_kv, n_heads // n_kv, seqlen, -1).masked_fill(~mask.unsqueeze(2), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).type_as(v).view(bsz, n_kv, -1, k.size(2))
-    return torch.matmul(probs, v).view(bsz, n_heads, seqlen, head_dim)
+    scores = scores.view(bsz, n_kv, group, seqlen, s_max).masked_fill(~mask.unsqueeze(2), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).type_as(v).view(bsz, n_kv, group * seqlen, s_max)
+    return torch.matmul(probs, v).unflatten(2, (group, seqlen)).flatten(1, 2)  # (B, H, S, D)
 
 
 class FeedForward(nn.Module):
