@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from torchchat.build import DTYPE_NAMES, BuildSpec, ModelSource, default_model_directory, resolve_device, resolve_dtype
+from torchchat.build import (DTYPE_NAMES, BuildSpec, ModelSource, check_exported_quantize, check_tensor_parallel,
+                             default_model_directory, resolve_device, resolve_dtype)
 from torchchat.errors import UserInputError
 from torchchat.generation.engine import GenerationConfig
 from torchchat.generation.sampling import SamplingParams
@@ -154,8 +155,8 @@ def add_tensor_parallel(p: argparse.ArgumentParser) -> None:
 def tensor_parallel_size(args: argparse.Namespace) -> int:
     if args.tp < 1:
         raise UserInputError("--tp must be >= 1")
-    if args.tp > 1 and args.quantize:
-        raise UserInputError("--quantize does not run with --tp yet; drop one of them")
+    if args.tp > 1:
+        check_tensor_parallel(args.quantize)
     if args.tp > 1 and (args.draft_model or args.draft_checkpoint_path):
         raise UserInputError("speculative decoding (--draft-model / --draft-checkpoint-path) does not run with --tp yet")
     return args.tp
@@ -205,8 +206,8 @@ def build_spec(args: argparse.Namespace, notes: list[str] | None = None, default
     plan = None
     dtype_name, device_name = args.dtype, args.device
     exported = exported_flag(args)
-    if exported and args.quantize:
-        raise UserInputError(f"{exported}: quantization is fixed when a model is exported; drop --quantize")
+    if exported:
+        check_exported_quantize(exported, args.quantize)
     if args.quantize:
         from torchchat.quantize import parse_quantize
 
