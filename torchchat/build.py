@@ -1,7 +1,7 @@
 """BuildSpec -> a ready model, in two steps. Resolving (`resolve_spec`): the device, the registry entry,
 the checkpoint (downloaded if named), its config and mapped weights, the tokenizer file, checked
 against the quantize plan and the memory there is -> one `ResolvedModel`. Materializing
-(`materialize`): that weight source (or random weights) -> one model, meta init then tensor-parallel,
+(`materialize`): that weight source (or random weights) -> one model, meta-device init then tensor-parallel,
 fused CUDA or plain modules. An exported artifact skips both (`build_exported`).
 
 Library callers make a BuildSpec themselves; the CLI makes one in `torchchat/cli/args.py`."""
@@ -87,12 +87,13 @@ def resolve_device(name: str) -> str:
     return name
 
 
-_DTYPES = {
+# --dtype names -> torch dtypes; with the two names resolved per device, what --dtype accepts.
+DTYPE_BY_NAME = {
     "fp32": torch.float32, "float": torch.float32, "float32": torch.float32,
     "fp16": torch.float16, "half": torch.float16, "float16": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }
-DTYPE_NAMES = (*_DTYPES, "fast", "fast16")
+DTYPE_CHOICES = (*DTYPE_BY_NAME, "fast", "fast16")
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -102,9 +103,9 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
             return torch.float16
         return torch.bfloat16
     try:
-        return _DTYPES[name]
+        return DTYPE_BY_NAME[name]
     except KeyError:
-        raise UserInputError(f"unknown dtype '{name}'; use one of {', '.join(DTYPE_NAMES)}") from None
+        raise UserInputError(f"unknown dtype '{name}'; use one of {', '.join(DTYPE_CHOICES)}") from None
 
 
 def _find_in_dir(folder: Path, entry: ModelEntry | None) -> tuple[Path, Path | None]:
@@ -149,10 +150,10 @@ def check_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], s
 
 def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Assign a (memory-mapped) state dict onto a meta-initialised model, checking names and shapes."""
-    cfg: ModelConfig = model.config
+    config: ModelConfig = model.config
     check_weights(model, state_dict, source)
-    model.load_state_dict(state_dict, assign=True, strict=not cfg.tie_embeddings)
-    if cfg.tie_embeddings:
+    model.load_state_dict(state_dict, assign=True, strict=not config.tie_embeddings)
+    if config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
 
 
@@ -183,16 +184,16 @@ def build_exported(spec: BuildSpec, flag: str, path: Path) -> BuiltModel:
         from torchchat.runtime.aoti import AOTIRuntime
 
         runtime = AOTIRuntime.load_package(path) if flag == "--aoti-package-path" else AOTIRuntime.load_shared_library(path)
-    meta = runtime.meta
-    if spec.dtype is not None and spec.dtype != meta.torch_dtype:
-        raise UserInputError(f"--dtype: {path} was exported in {meta.dtype}; drop --dtype or re-export with the one you want")
+    metadata = runtime.metadata
+    if spec.dtype is not None and spec.dtype != metadata.torch_dtype:
+        raise UserInputError(f"--dtype: {path} was exported in {metadata.dtype}; drop --dtype or re-export with the one you want")
     entry = resolve_model(src.name) if src.name else None
     if src.params_path is not None:
-        meta.check_config(ModelConfig.from_json_file(src.params_path), f"--params-path {src.params_path}", str(path))
+        metadata.check_config(ModelConfig.from_json_file(src.params_path), f"--params-path {src.params_path}", str(path))
     elif src.params_table is not None:
-        meta.check_config(params_table(src.params_table), f"--params-table {src.params_table}", str(path))
+        metadata.check_config(params_table(src.params_table), f"--params-table {src.params_table}", str(path))
     elif entry is not None:
-        meta.check_config(params_table(entry.params), f"model '{entry.name}'", str(path))
+        metadata.check_config(params_table(entry.params), f"model '{entry.name}'", str(path))
     tokenizer_path = src.tokenizer_path
     if tokenizer_path is None and entry is not None:
         candidate = entry.local_dir(src.model_directory) / entry.tokenizer_file
@@ -200,12 +201,12 @@ def build_exported(spec: BuildSpec, flag: str, path: Path) -> BuiltModel:
     if tokenizer_path is None:
         raise TokenizerError(f"{flag} needs the model's tokenizer: pass --tokenizer-path")
     tokenizer = load_tokenizer(Path(tokenizer_path))
-    meta.check_tokenizer(tokenizer, str(path))
+    metadata.check_tokenizer(tokenizer, str(path))
     notes = _capped_context(spec.max_seq_len, runtime.max_seq_len, f"the positions {path.name} was exported with")
     return BuiltModel(
         runtime=runtime, tokenizer=tokenizer, config=runtime.config, entry=entry, model=None,
-        chat_template=meta.chat_template, is_chat=True if meta.chat_template else (entry.is_chat if entry else None),
-        name=meta.model_name, dtype=meta.torch_dtype, notes=notes,
+        chat_template=metadata.chat_template, is_chat=True if metadata.chat_template else (entry.is_chat if entry else None),
+        name=metadata.model_name, dtype=metadata.torch_dtype, notes=notes,
     )
 
 
@@ -375,7 +376,7 @@ def _materialize_sharded(model: torch.nn.Module, resolved: ResolvedModel, spec: 
 
 
 def _assign(model: torch.nn.Module, weights: LoadedCheckpoint, source: str) -> None:
-    """The mapped checkpoint's tensors become the meta model's parameters (packed blocks as they are)."""
+    """The mapped checkpoint's tensors become the meta-device model's parameters (packed blocks as they are)."""
     if weights.packed:
         from torchchat.model.packed import install_packed
 

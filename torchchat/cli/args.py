@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from torchchat.build import (DTYPE_NAMES, BuildSpec, ModelSource, check_exported_quantize, check_tensor_parallel,
+from torchchat.build import (DTYPE_CHOICES, BuildSpec, ModelSource, check_exported_quantize, check_tensor_parallel,
                              default_model_directory, resolve_device, resolve_dtype)
 from torchchat.errors import UserInputError
 from torchchat.generation.engine import GenerationConfig
@@ -85,7 +85,7 @@ def add_build(p: argparse.ArgumentParser, default_dtype: str = "fast") -> None:
     g = p.add_argument_group("precision, device and quantization")
     default_help = ("default: fast = bfloat16; fp32 on the CPU matches references" if default_dtype == "fast"
                     else f"default: {default_dtype}, unless the --quantize recipe names one")
-    g.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help=f"Weights and activations dtype ({default_help})")
     g.add_argument("--device", choices=("fast", "cpu", "cuda", "mps"), default=None,
                    help="fast picks cuda, then mps, then cpu (default)")
