@@ -11,6 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("TORCHCHAT_SHARED", ROOT.parent / "shared"))
 STORIES260K = SHARED / "models" / "stories260K"
 
+# For tests of the CUDA path (fused kernels, CUDA graphs, torchao's CUDA schemes): `pytestmark = needs_cuda`.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
 # Tests never reach a model hub: fail fast instead of retrying for ~20 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
