@@ -271,13 +271,13 @@ def _given_config(src: ModelSource, entry: ModelEntry | None, checkpoint: Path |
     return None
 
 
-def _map_checkpoint(spec: BuildSpec, device: str, checkpoint: Path, carries_tokenizer: bool) -> LoadedCheckpoint:
+def _map_checkpoint(spec: BuildSpec, device: str, checkpoint: Path, build_tokenizer: bool) -> LoadedCheckpoint:
     from torchchat.checkpoint import LoadOptions, load_checkpoint
 
     # GGUF block-quantized weights stay packed for the native CPU kernels (else Q4_0 stays 4-bit where
     # a torchao int4 kernel runs), unless --quantize asks for its own scheme.
     options = LoadOptions(
-        device=device, dtype=spec.dtype, keep_quantized=spec.quant is None, tokenizer=carries_tokenizer,
+        device=device, dtype=spec.dtype, keep_quantized=spec.quant is None, tokenizer=build_tokenizer,
         packed=spec.cpu_kernels and torch.device(device).type == "cpu" and spec.tp is None,
     )
     return load_checkpoint(checkpoint, options)
@@ -298,7 +298,7 @@ def resolve_spec(spec: BuildSpec, device: str) -> ResolvedModel:
     if checkpoint is not None and not src.dummy_weights:
         from torchchat.checkpoint.state_dict import normalize
 
-        weights = _map_checkpoint(spec, device, Path(checkpoint), carries_tokenizer=tokenizer_path is None)
+        weights = _map_checkpoint(spec, device, Path(checkpoint), build_tokenizer=tokenizer_path is None)
         notes.extend(weights.notes)
         config = config or weights.config
         if config is None:
