@@ -1,4 +1,4 @@
-"""BuildSpec -> a ready model, in two steps. Resolving (`resolve_spec`): the device, the registry entry,
+"""BuildSpec -> a ready model, in two steps. Resolving (`resolve_spec`): the registry entry,
 the checkpoint (downloaded if named), its config and mapped weights, the tokenizer file, checked
 against the quantize plan and the memory there is -> one `ResolvedModel`. Materializing
 (`materialize`): that weight source (or random weights) -> one model, meta-device init then tensor-parallel,
@@ -41,9 +41,12 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class BuildSpec:
+    """What to build. The device, and a dtype given by name, are resolved once, when the spec is made
+    (`resolve_device`, `resolve_dtype`): whoever reads a spec sees a real device and a torch dtype."""
+
     source: ModelSource
-    device: str = "cpu"
-    dtype: torch.dtype | None = torch.float32  # None: an exported artifact's own (it is fixed at export)
+    device: str = "cpu"  # fast | cpu | cuda[:N] | mps; "fast" becomes the best device there is
+    dtype: torch.dtype | str | None = torch.float32  # or a --dtype name; None: an exported artifact's own
     quant: Any = None  # torchchat.quantize.QuantPlan, or None
     max_seq_len: int | None = None  # cap on the context (KV cache) length
     seed: int = 1234  # for --dummy-weights
@@ -53,6 +56,12 @@ class BuildSpec:
     # On the CPU, GGUF block-quantized weights and the linear recipes run on torchchat's native kernels
     # (torchchat.model.packed); False: as before (dequantized / torchao), e.g. for an ExecuTorch export.
     cpu_kernels: bool = True
+
+    def __post_init__(self):
+        device = resolve_device(self.device)
+        object.__setattr__(self, "device", device)
+        if isinstance(self.dtype, str):
+            object.__setattr__(self, "dtype", resolve_dtype(self.dtype, device))
 
 
 @dataclass
@@ -283,10 +292,11 @@ def _map_checkpoint(spec: BuildSpec, device: str, checkpoint: Path, build_tokeni
     return load_checkpoint(checkpoint, options)
 
 
-def resolve_spec(spec: BuildSpec, device: str) -> ResolvedModel:
-    """Which model, config, weights and tokenizer a (non-exported) spec names on a resolved `device`:
-    downloads a named model if needed and maps its checkpoint; checks the quantize plan against the
-    config and that the model can fit, before anything is materialized."""
+def resolve_spec(spec: BuildSpec) -> ResolvedModel:
+    """Which model, config, weights and tokenizer a (non-exported) spec names on its device: downloads
+    a named model if needed and maps its checkpoint; checks the quantize plan against the config and
+    that the model can fit, before anything is materialized."""
+    device = spec.device
     if spec.dtype is None:
         raise UserInputError("a dtype is needed to build a model from a checkpoint")
     src = spec.source
@@ -458,10 +468,9 @@ def _tokenizer(resolved: ResolvedModel):
 
 
 def build_model(spec: BuildSpec) -> BuiltModel:
-    """Build the runtime and tokenizer a BuildSpec names: resolve (device once, then model, config,
-    weights), then materialize."""
-    device = resolve_device(spec.device)
-    if torch.device(device).type == "cpu":
+    """Build the runtime and tokenizer a BuildSpec names: resolve (model, config, weights, on the
+    spec's device), then materialize."""
+    if torch.device(spec.device).type == "cpu":
         from torchchat.runtime.threads import set_threads
 
         set_threads(spec.num_threads)
@@ -470,7 +479,7 @@ def build_model(spec: BuildSpec) -> BuiltModel:
         return build_exported(spec, *artifact)
     from torchchat.runtime.base import EagerRuntime
 
-    resolved = resolve_spec(spec, device)
+    resolved = resolve_spec(spec)
     model = materialize(resolved, spec)
     tokenizer = _tokenizer(resolved)
     entry = resolved.entry

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from torchchat.build import (DTYPE_CHOICES, BuildSpec, ModelSource, check_exported_quantize, check_tensor_parallel,
-                             default_model_directory, resolve_device, resolve_dtype)
+                             default_model_directory)
 from torchchat.errors import UserInputError
 from torchchat.generation.engine import GenerationConfig
 from torchchat.generation.sampling import SamplingParams
@@ -215,19 +215,16 @@ def build_spec(args: argparse.Namespace, notes: list[str] | None = None, default
         dtype_name, device_name, override_notes = plan.resolve(args.dtype, args.device)
         if notes is not None:
             notes.extend(override_notes)
-    device = resolve_device(device_name or "cpu")
-    if exported:
-        # The artifact fixes its dtype; a --dtype given is only checked against it.
-        dtype = resolve_dtype(dtype_name, device) if dtype_name else None
-    else:
-        dtype = resolve_dtype(dtype_name or default_dtype, device)
+    # The artifact fixes its dtype; a --dtype given is only checked against it. BuildSpec resolves
+    # the names (the device once, then the dtype for it).
+    dtype = dtype_name if exported else dtype_name or default_dtype
     if args.max_seq_length is not None and args.max_seq_length <= 0:
         raise UserInputError("--max-seq-length must be positive")
     if args.num_threads is not None and args.num_threads < 1:
         raise UserInputError("--num-threads must be at least 1")
-    return BuildSpec(source=model_source(args), device=device, dtype=dtype, quant=plan, max_seq_len=args.max_seq_length,
-                     cuda_kernels=not args.no_cuda_kernels, cpu_kernels=not args.no_cpu_kernels,
-                     num_threads=args.num_threads)
+    return BuildSpec(source=model_source(args), device=device_name or "cpu", dtype=dtype, quant=plan,
+                     max_seq_len=args.max_seq_length, cuda_kernels=not args.no_cuda_kernels,
+                     cpu_kernels=not args.no_cpu_kernels, num_threads=args.num_threads)
 
 
 def draft_spec(args: argparse.Namespace, target: BuildSpec) -> BuildSpec | None:
