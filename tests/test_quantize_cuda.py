@@ -1,13 +1,13 @@
 """On a CUDA machine, every --quantize scheme (what the removed `bench/quantize_cuda_check.py` printed, now
 asserted): the scheme applies to a random stories110M-shaped model on the GPU, its logits stay near
 the unquantized model's, and for the schemes a GPU user compiles, the compiled step (CUDA graphs)
-picks the same token as eager. Needs torchao 0.18 beside a CUDA build of torch."""
+picks the same token as eager (up to a near-tie of bf16 logits). Needs torchao 0.18 beside a CUDA build of torch."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.conftest import needs_cuda
+from tests.conftest import bf16_step, needs_cuda
 
 pytestmark = needs_cuda
 
@@ -77,4 +77,7 @@ def test_scheme_runs_on_cuda_near_the_unquantized_model(case, weights):
         if compile_it:
             step = torch.compile(model, fullgraph=True, mode="reduce-overhead")
             one, at = torch.tensor([[5]], device="cuda"), torch.tensor([100], device="cuda")
-            assert torch.equal(model(one, at).argmax(-1), step(one, at).argmax(-1))
+            eager, compiled = model(one, at)[0, -1].float(), step(one, at)[0, -1].float()
+            a, b = eager.argmax().item(), compiled.argmax().item()
+            # The same token, or two the eager logits cannot tell apart (a near-tie flipped by the order of sums).
+            assert a == b or eager[a] - eager[b] <= 2 * bf16_step(eager[a].item())

@@ -7,12 +7,10 @@ cuBLAS) may flip a near-tie: in bf16 the tokens must agree up to a step where th
 logits are within two bf16 steps of each other; in fp32 they must agree everywhere."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from tests.conftest import needs_cuda, shared_path
+from tests.conftest import bf16_step, needs_cuda, shared_path
 
 pytestmark = needs_cuda
 
@@ -63,11 +61,6 @@ def _top2(built, ids: list[int], prompt_len: int) -> list[tuple[float, float]]:
     return [(a, b) for a, b in top.tolist()]
 
 
-def _bf16_step(x: float) -> float:
-    """The spacing of bf16 numbers (8 significant bits) at magnitude |x|."""
-    return 2.0 ** (math.floor(math.log2(max(abs(x), 1e-30))) - 7)
-
-
 def test_stories260k_fused_graph_matches_llama2c(stories260k_dir):
     built = _build(_stories(stories260k_dir), "fp32", fused=True)
     assert built.model.fused_kernels, built.notes
@@ -101,7 +94,7 @@ def test_fused_greedy_matches_the_pytorch_modules(model, dtype, tokens, stories2
         assert graph == want
         return
     best, second = top2[diff]
-    assert best - second <= 2 * _bf16_step(best), (
+    assert best - second <= 2 * bf16_step(best), (
         f"differs at token {diff} where the reference's best logits are {best - second:.4f} apart")
 
 
