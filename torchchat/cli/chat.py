@@ -71,10 +71,10 @@ def run(args: argparse.Namespace) -> int:
     gen = cli_args.generation_config(args)
     opening = Opening(args, spec, notes, streams_text=True)
     built = opening.build()
+    setup = opening.chat_format()  # before the engine and the draft: a template that cannot work fails first
     engine = opening.engine(args.max_seq_length or min(built.runtime.max_seq_len, DEFAULT_CHAT_CONTEXT))
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    setup = opening.chat_format()
 
     with LineInput(history_path()) as lines:
         return _converse(args, built, engine, setup, gen, lines)
