@@ -54,9 +54,10 @@ def main() -> None:
     a = p.parse_args()
     import torch
 
+    from torchchat.build import resolve_dtype
     from torchchat.evaluation.adapter import TorchchatLM
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    dtype = resolve_dtype(a.dtype, "cpu")
     rolling, pairs = requests()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.dtype}, max length {a.max_length}, "
           f"{len(rolling)} texts + {len(pairs)} pairs, median of {a.rounds} rounds")

@@ -1,6 +1,7 @@
 """Shared fixtures: where the real test data lives, and a tiny random model."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -10,6 +11,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("TORCHCHAT_SHARED", ROOT.parent / "shared"))
 STORIES260K = SHARED / "models" / "stories260K"
+
+# For tests of the CUDA path (fused kernels, CUDA graphs, torchao's CUDA schemes): `pytestmark = needs_cuda`.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def bf16_step(x: float) -> float:
+    """The spacing of bf16 numbers (8 significant bits) at magnitude |x|: two logits this close may
+    swap places under another summation order."""
+    return 2.0 ** (math.floor(math.log2(max(abs(x), 1e-30))) - 7)
+
 
 # Tests never reach a model hub: fail fast instead of retrying for ~20 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,4 +1,8 @@
-"""BuildSpec -> a ready model: identify -> load (meta init, mmap, assign) -> dtype -> quantize -> device.
+"""BuildSpec -> a ready model, in two steps. Resolving (`resolve_spec`): the registry entry,
+the checkpoint (downloaded if named), its config and mapped weights, the tokenizer file, checked
+against the quantize plan and the memory there is -> one `ResolvedModel`. Materializing
+(`materialize`): that weight source (or random weights) -> one model, meta-device init then tensor-parallel,
+fused CUDA or plain modules. An exported artifact skips both (`build_exported`).
 
 Library callers make a BuildSpec themselves; the CLI makes one in `torchchat/cli/args.py`."""
 from __future__ import annotations
@@ -9,6 +13,7 @@ from typing import Any
 
 import torch
 
+from torchchat.checkpoint.loaded import LoadedCheckpoint
 from torchchat.errors import CheckpointError, DeviceError, QuantizationError, TokenizerError, UserInputError
 from torchchat.inventory.store import default_model_directory
 from torchchat.model.config import ModelConfig
@@ -36,9 +41,12 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class BuildSpec:
+    """What to build. The device, and a dtype given by name, are resolved once, when the spec is made
+    (`resolve_device`, `resolve_dtype`): whoever reads a spec sees a real device and a torch dtype."""
+
     source: ModelSource
-    device: str = "cpu"
-    dtype: torch.dtype | None = torch.float32  # None: an exported artifact's own (it is fixed at export)
+    device: str = "cpu"  # fast | cpu | cuda[:N] | mps; "fast" becomes the best device there is
+    dtype: torch.dtype | str | None = torch.float32  # or a --dtype name; None: an exported artifact's own
     quant: Any = None  # torchchat.quantize.QuantPlan, or None
     max_seq_len: int | None = None  # cap on the context (KV cache) length
     seed: int = 1234  # for --dummy-weights
@@ -48,6 +56,12 @@ class BuildSpec:
     # On the CPU, GGUF block-quantized weights and the linear recipes run on torchchat's native kernels
     # (torchchat.model.packed); False: as before (dequantized / torchao), e.g. for an ExecuTorch export.
     cpu_kernels: bool = True
+
+    def __post_init__(self):
+        device = resolve_device(self.device)
+        object.__setattr__(self, "device", device)
+        if isinstance(self.dtype, str):
+            object.__setattr__(self, "dtype", resolve_dtype(self.dtype, device))
 
 
 @dataclass
@@ -82,12 +96,13 @@ def resolve_device(name: str) -> str:
     return name
 
 
-_DTYPES = {
+# --dtype names -> torch dtypes; with the two names resolved per device, what --dtype accepts.
+DTYPE_BY_NAME = {
     "fp32": torch.float32, "float": torch.float32, "float32": torch.float32,
     "fp16": torch.float16, "half": torch.float16, "float16": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }
-DTYPE_NAMES = (*_DTYPES, "fast", "fast16")
+DTYPE_CHOICES = (*DTYPE_BY_NAME, "fast", "fast16")
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -97,9 +112,9 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
             return torch.float16
         return torch.bfloat16
     try:
-        return _DTYPES[name]
+        return DTYPE_BY_NAME[name]
     except KeyError:
-        raise UserInputError(f"unknown dtype '{name}'; use one of {', '.join(DTYPE_NAMES)}") from None
+        raise UserInputError(f"unknown dtype '{name}'; use one of {', '.join(DTYPE_CHOICES)}") from None
 
 
 def _find_in_dir(folder: Path, entry: ModelEntry | None) -> tuple[Path, Path | None]:
@@ -144,10 +159,10 @@ def check_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], s
 
 def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Assign a (memory-mapped) state dict onto a meta-initialised model, checking names and shapes."""
-    cfg: ModelConfig = model.config
+    config: ModelConfig = model.config
     check_weights(model, state_dict, source)
-    model.load_state_dict(state_dict, assign=True, strict=not cfg.tie_embeddings)
-    if cfg.tie_embeddings:
+    model.load_state_dict(state_dict, assign=True, strict=not config.tie_embeddings)
+    if config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
 
 
@@ -169,8 +184,7 @@ def build_exported(spec: BuildSpec, flag: str, path: Path) -> BuiltModel:
     src = spec.source
     if src.checkpoint_path or src.gguf_path or src.dummy_weights:
         raise UserInputError(f"{flag} runs an exported model: drop --checkpoint-path / --gguf-path / --dummy-weights")
-    if spec.quant is not None:
-        raise UserInputError(f"{flag}: quantization is fixed when a model is exported; drop --quantize")
+    check_exported_quantize(flag, spec.quant)
     if flag == "--pte-path":
         from torchchat.runtime.executorch import ExecuTorchRuntime
 
@@ -179,16 +193,16 @@ def build_exported(spec: BuildSpec, flag: str, path: Path) -> BuiltModel:
         from torchchat.runtime.aoti import AOTIRuntime
 
         runtime = AOTIRuntime.load_package(path) if flag == "--aoti-package-path" else AOTIRuntime.load_shared_library(path)
-    meta = runtime.meta
-    if spec.dtype is not None and spec.dtype != meta.torch_dtype:
-        raise UserInputError(f"--dtype: {path} was exported in {meta.dtype}; drop --dtype or re-export with the one you want")
+    metadata = runtime.metadata
+    if spec.dtype is not None and spec.dtype != metadata.torch_dtype:
+        raise UserInputError(f"--dtype: {path} was exported in {metadata.dtype}; drop --dtype or re-export with the one you want")
     entry = resolve_model(src.name) if src.name else None
     if src.params_path is not None:
-        meta.check_config(ModelConfig.from_json_file(src.params_path), f"--params-path {src.params_path}", str(path))
+        metadata.check_config(ModelConfig.from_json_file(src.params_path), f"--params-path {src.params_path}", str(path))
     elif src.params_table is not None:
-        meta.check_config(params_table(src.params_table), f"--params-table {src.params_table}", str(path))
+        metadata.check_config(params_table(src.params_table), f"--params-table {src.params_table}", str(path))
     elif entry is not None:
-        meta.check_config(params_table(entry.params), f"model '{entry.name}'", str(path))
+        metadata.check_config(params_table(entry.params), f"model '{entry.name}'", str(path))
     tokenizer_path = src.tokenizer_path
     if tokenizer_path is None and entry is not None:
         candidate = entry.local_dir(src.model_directory) / entry.tokenizer_file
@@ -196,12 +210,12 @@ def build_exported(spec: BuildSpec, flag: str, path: Path) -> BuiltModel:
     if tokenizer_path is None:
         raise TokenizerError(f"{flag} needs the model's tokenizer: pass --tokenizer-path")
     tokenizer = load_tokenizer(Path(tokenizer_path))
-    meta.check_tokenizer(tokenizer, str(path))
+    metadata.check_tokenizer(tokenizer, str(path))
     notes = _capped_context(spec.max_seq_len, runtime.max_seq_len, f"the positions {path.name} was exported with")
     return BuiltModel(
         runtime=runtime, tokenizer=tokenizer, config=runtime.config, entry=entry, model=None,
-        chat_template=meta.chat_template, is_chat=True if meta.chat_template else (entry.is_chat if entry else None),
-        name=meta.model_name, dtype=meta.torch_dtype, notes=notes,
+        chat_template=metadata.chat_template, is_chat=True if metadata.chat_template else (entry.is_chat if entry else None),
+        name=metadata.model_name, dtype=metadata.torch_dtype, notes=notes,
     )
 
 
@@ -210,6 +224,174 @@ def _capped_context(asked: int | None, limit: int, what: str) -> list[str]:
     if asked is None or asked <= limit:
         return []
     return [f"--max-seq-length {asked} is more than {what} ({limit}): using {limit}"]
+
+
+# -- resolving: what model, what config, what weights, what device --------------------------------------
+
+@dataclass
+class ResolvedModel:
+    """What a checkpoint (or --dummy-weights) build materializes, settled before any weight is copied."""
+
+    device: str  # resolved: cpu, cuda[:n] or mps
+    config: ModelConfig  # the context cap applied
+    entry: ModelEntry | None
+    weights: LoadedCheckpoint | None  # the checkpoint, mapped and normalized; None: random weights from the seed
+    checkpoint: Path | None  # where the weights come from (for messages)
+    tokenizer_path: Path | None  # None: the one the checkpoint carries (GGUF)
+    name: str
+    notes: list[str] = field(default_factory=list)
+
+
+def check_tensor_parallel(quant) -> None:
+    """What --tp cannot be combined with yet (the CLI asks before it starts the ranks). `quant`: a
+    QuantPlan, or the recipe text, or None."""
+    if quant:
+        raise QuantizationError("--quantize does not run with --tp yet; drop one of them")
+
+
+def check_exported_quantize(flag: str, quant) -> None:
+    """An exported model's quantization was fixed at export (the CLI asks before parsing the recipe).
+    `quant`: a QuantPlan, or the recipe text, or None."""
+    if quant:
+        raise UserInputError(f"{flag}: quantization is fixed when a model is exported; drop --quantize")
+
+
+def _locate(src: ModelSource, entry: ModelEntry | None) -> tuple[Path | None, Path | None]:
+    """(checkpoint, tokenizer file) as given, or found in the named model's download (fetched if missing)."""
+    checkpoint = src.checkpoint_path or src.gguf_path
+    tokenizer_path = src.tokenizer_path
+    if entry is not None and checkpoint is None and not src.dummy_weights:
+        from torchchat.inventory.download import DownloadOptions, download_model
+
+        folder = download_model(entry, DownloadOptions(model_directory=src.model_directory))
+        checkpoint, found_tok = _find_in_dir(folder, entry)
+        tokenizer_path = tokenizer_path or found_tok
+    return checkpoint, tokenizer_path
+
+
+def _given_config(src: ModelSource, entry: ModelEntry | None, checkpoint: Path | None) -> ModelConfig | None:
+    """The architecture a params file, table or registry entry names (which wins over a checkpoint's)."""
+    if src.params_path is not None:
+        return ModelConfig.from_json_file(src.params_path)
+    if src.params_table is not None:
+        return params_table(src.params_table)
+    if entry is not None and (src.dummy_weights or checkpoint is None):
+        return params_table(entry.params)
+    return None
+
+
+def _map_checkpoint(spec: BuildSpec, device: str, checkpoint: Path, build_tokenizer: bool) -> LoadedCheckpoint:
+    from torchchat.checkpoint import LoadOptions, load_checkpoint
+
+    # GGUF block-quantized weights stay packed for the native CPU kernels (else Q4_0 stays 4-bit where
+    # a torchao int4 kernel runs), unless --quantize asks for its own scheme.
+    options = LoadOptions(
+        device=device, dtype=spec.dtype, keep_quantized=spec.quant is None, tokenizer=build_tokenizer,
+        packed=spec.cpu_kernels and torch.device(device).type == "cpu" and spec.tp is None,
+    )
+    return load_checkpoint(checkpoint, options)
+
+
+def resolve_spec(spec: BuildSpec) -> ResolvedModel:
+    """Which model, config, weights and tokenizer a (non-exported) spec names on its device: downloads
+    a named model if needed and maps its checkpoint; checks the quantize plan against the config and
+    that the model can fit, before anything is materialized."""
+    device = spec.device
+    if spec.dtype is None:
+        raise UserInputError("a dtype is needed to build a model from a checkpoint")
+    src = spec.source
+    entry = resolve_model(src.name) if src.name else None
+    checkpoint, tokenizer_path = _locate(src, entry)
+    config = _given_config(src, entry, checkpoint)
+    notes: list[str] = []
+    weights = None
+    if checkpoint is not None and not src.dummy_weights:
+        from torchchat.checkpoint.state_dict import normalize
+
+        weights = _map_checkpoint(spec, device, Path(checkpoint), build_tokenizer=tokenizer_path is None)
+        notes.extend(weights.notes)
+        config = config or weights.config
+        if config is None:
+            raise CheckpointError(
+                f"{checkpoint}: the checkpoint does not say its architecture; pass --params-table or --params-path"
+            )
+        weights.state_dict = normalize(weights.state_dict, config)
+        if weights.tokenizer is None:  # a tokenizer carried by the checkpoint (GGUF) beats a file beside it
+            tokenizer_path = tokenizer_path or _tokenizer_beside(Path(checkpoint))
+    elif config is None:
+        raise UserInputError(
+            "no model given: name a model, or pass --checkpoint-path / --gguf-path, or --dummy-weights with "
+            "--params-table / --params-path"
+        )
+    if spec.max_seq_len is not None:
+        notes.extend(_capped_context(spec.max_seq_len, config.max_seq_len, "the model's context"))
+        config = config.with_max_seq_len(min(spec.max_seq_len, config.max_seq_len))
+    if spec.quant is not None:
+        # Shapes and device checked before any weight is read (the checkpoint is only mapped so far).
+        notes.extend(spec.quant.validate(config, device, spec.dtype, spec.cpu_kernels))
+    _check_model_fits(config, spec, device, checkpoint)
+    name = entry.name if entry is not None else Path(checkpoint or src.params_table or "model").name
+    return ResolvedModel(device=device, config=config, entry=entry, weights=weights,
+                         checkpoint=Path(checkpoint) if checkpoint is not None else None,
+                         tokenizer_path=Path(tokenizer_path) if tokenizer_path is not None else None,
+                         name=name, notes=notes)
+
+
+def _check_model_fits(config: ModelConfig, spec: BuildSpec, device: str, checkpoint) -> None:
+    """Refuse a model that can never fit before building it (a params file can ask for anything)."""
+    from torchchat.model.params_check import check_model_fits
+
+    per_param = 0.5 if spec.quant is not None else torch.empty((), dtype=spec.dtype).element_size()
+    check_model_fits(config, per_param, device, str(checkpoint or _source_name(spec)))
+
+
+def _source_name(spec: BuildSpec) -> str:
+    src = spec.source
+    return str(src.params_path or src.params_table or src.name or "model")
+
+
+# -- materializing: one weight source in, one model out ---------------------------------------------------
+
+def materialize(resolved: ResolvedModel, spec: BuildSpec) -> torch.nn.Module:
+    """The Transformer, initialised on the meta device, given the resolved weights (real or random) on
+    the resolved device by one of three paths: sharded over the tensor-parallel ranks, fused CUDA
+    kernels, or the plain PyTorch modules (then quantized per the plan). Notes go to `resolved.notes`."""
+    from torchchat.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(resolved.config)
+    if spec.tp is not None:
+        _materialize_sharded(model, resolved, spec)
+    else:
+        if resolved.weights is not None:
+            _assign(model, resolved.weights, str(resolved.checkpoint))
+        if _use_cuda_kernels(spec, resolved.device, resolved.config, resolved.weights, resolved.notes):
+            _materialize_fused(model, resolved, spec)
+        else:
+            _materialize_plain(model, resolved, spec)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _materialize_sharded(model: torch.nn.Module, resolved: ResolvedModel, spec: BuildSpec) -> None:
+    from torchchat.distributed.tensor_parallel import materialize as materialize_shards, parallelize
+
+    check_tensor_parallel(spec.quant)
+    state_dict = resolved.weights.state_dict if resolved.weights is not None else None
+    if state_dict is not None:
+        check_weights(model, state_dict, str(resolved.checkpoint))
+    parallelize(model, spec.tp.mesh)
+    materialize_shards(model, state_dict, spec.tp, spec.dtype, spec.seed)
+
+
+def _assign(model: torch.nn.Module, weights: LoadedCheckpoint, source: str) -> None:
+    """The mapped checkpoint's tensors become the meta-device model's parameters (packed blocks as they are)."""
+    if weights.packed:
+        from torchchat.model.packed import install_packed
+
+        install_packed(model, weights.packed)
+    load_weights(model, weights.state_dict, source)
 
 
 def _use_cuda_kernels(spec: BuildSpec, device: str, config: ModelConfig, loaded, notes: list[str]) -> bool:
@@ -228,157 +410,82 @@ def _use_cuda_kernels(spec: BuildSpec, device: str, config: ModelConfig, loaded,
     return reason is None
 
 
-def _build_fused(model: torch.nn.Module, spec: BuildSpec, device: str, loaded: bool, notes: list[str]) -> None:
+def _real_tensor(model: torch.nn.Module, device: str, dtype: torch.dtype):
+    """name -> the assigned checkpoint tensor, copied to `device` in `dtype`."""
+    return lambda name: model.get_parameter(name).detach().to(device=device, dtype=dtype)
+
+
+def _random_tensor(model: torch.nn.Module, device: str, dtype: torch.dtype, seed: int):
+    """name -> the random tensor --dummy-weights draws for that parameter."""
+    return lambda name: dummy_tensor(name, model.get_parameter(name).shape, device, dtype, seed)
+
+
+def _materialize_fused(model: torch.nn.Module, resolved: ResolvedModel, spec: BuildSpec) -> None:
     """Materialize the weights one matrix at a time straight into the fused (and, per the plan,
     quantized) model on the GPU; what the fused kernels do not quantize (embeddings) goes to torchao."""
     from torchchat.kernels import linear_quant
     from torchchat.kernels.transform import fuse_model
 
+    device = resolved.device
     quant, rest = linear_quant(spec.quant)
-
-    def source(name: str) -> torch.Tensor:
-        p = model.get_parameter(name)
-        if loaded:
-            return p.detach().to(device=device, dtype=spec.dtype)
-        return dummy_tensor(name, p.shape, device, spec.dtype, spec.seed)
-
+    source = (_real_tensor(model, device, spec.dtype) if resolved.weights is not None
+              else _random_tensor(model, device, spec.dtype, spec.seed))
     with torch.no_grad():
-        notes.extend(fuse_model(model, source, quant, device, spec.dtype))
+        resolved.notes.extend(fuse_model(model, source, quant, device, spec.dtype))
     if rest is not None:
         from torchchat.quantize import apply_quantization
 
         apply_quantization(model, rest, device)
 
 
-def _check_model_fits(config: ModelConfig, spec: BuildSpec, device: str, checkpoint) -> None:
-    """Refuse a model that can never fit before building it (a params file can ask for anything)."""
-    from torchchat.model.params_check import check_model_fits
+def _materialize_plain(model: torch.nn.Module, resolved: ResolvedModel, spec: BuildSpec) -> None:
+    """The PyTorch modules on the device: the assigned weights moved and cast, or random ones drawn;
+    then the quantize plan applied."""
+    if resolved.weights is not None:
+        model.to(device=resolved.device, dtype=spec.dtype)
+        if resolved.config.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+    else:
+        init_dummy_weights(model, resolved.device, spec.dtype, spec.seed)
+    if spec.quant is not None:
+        from torchchat.quantize import apply_quantization
 
-    per_param = 0.5 if spec.quant is not None else torch.empty((), dtype=spec.dtype).element_size()
-    check_model_fits(config, per_param, device, str(checkpoint or _source_name(spec)))
+        apply_quantization(model, spec.quant, resolved.device, spec.cpu_kernels)
 
 
-def _source_name(spec: BuildSpec) -> str:
-    src = spec.source
-    return str(src.params_path or src.params_table or src.name or "model")
+def _tokenizer(resolved: ResolvedModel):
+    from torchchat.tokenizer.load import check_vocab, load_tokenizer
+
+    weights = resolved.weights
+    if weights is not None and weights.tokenizer is not None and resolved.tokenizer_path is None:
+        tokenizer = weights.tokenizer
+    elif resolved.tokenizer_path is not None:
+        tokenizer = load_tokenizer(resolved.tokenizer_path)
+    else:
+        raise TokenizerError("no tokenizer found beside the checkpoint; pass --tokenizer-path")
+    check_vocab(tokenizer, resolved.config.vocab_size)
+    return tokenizer
 
 
 def build_model(spec: BuildSpec) -> BuiltModel:
-    """Build the runtime and tokenizer a BuildSpec names."""
-    if torch.device(resolve_device(spec.device)).type == "cpu":
+    """Build the runtime and tokenizer a BuildSpec names: resolve (model, config, weights, on the
+    spec's device), then materialize."""
+    if torch.device(spec.device).type == "cpu":
         from torchchat.runtime.threads import set_threads
 
         set_threads(spec.num_threads)
     artifact = _exported_artifact(spec.source)
     if artifact is not None:
         return build_exported(spec, *artifact)
-    if spec.dtype is None:
-        raise UserInputError("a dtype is needed to build a model from a checkpoint")
-    from torchchat.model.transformer import Transformer
     from torchchat.runtime.base import EagerRuntime
-    from torchchat.tokenizer.load import check_vocab, load_tokenizer
 
-    src = spec.source
-    device = resolve_device(spec.device)
-    entry = resolve_model(src.name) if src.name else None
-    checkpoint = src.checkpoint_path or src.gguf_path
-    tokenizer_path = src.tokenizer_path
-    notes: list[str] = []
-    if entry is not None and checkpoint is None and not src.dummy_weights:
-        from torchchat.inventory.download import DownloadOptions, download_model
-
-        folder = download_model(entry, DownloadOptions(model_directory=src.model_directory))
-        checkpoint, found_tok = _find_in_dir(folder, entry)
-        tokenizer_path = tokenizer_path or found_tok
-
-    config: ModelConfig | None = None
-    if src.params_path is not None:
-        config = ModelConfig.from_json_file(src.params_path)
-    elif src.params_table is not None:
-        config = params_table(src.params_table)
-    elif entry is not None and (src.dummy_weights or checkpoint is None):
-        config = params_table(entry.params)
-
-    loaded = None
-    if checkpoint is not None and not src.dummy_weights:
-        from torchchat.checkpoint import LoadOptions, load_checkpoint
-        from torchchat.checkpoint.state_dict import normalize
-
-        # GGUF block-quantized weights stay packed for the native CPU kernels (else Q4_0 stays 4-bit where
-        # a torchao int4 kernel runs), unless --quantize asks for its own scheme.
-        options = LoadOptions(
-            device=device, dtype=spec.dtype, keep_quantized=spec.quant is None, tokenizer=tokenizer_path is None,
-            packed=spec.cpu_kernels and torch.device(device).type == "cpu" and spec.tp is None,
-        )
-        loaded = load_checkpoint(Path(checkpoint), options)
-        notes.extend(loaded.notes)
-        config = config or loaded.config
-        if config is None:
-            raise CheckpointError(
-                f"{checkpoint}: the checkpoint does not say its architecture; pass --params-table or --params-path"
-            )
-        loaded.state_dict = normalize(loaded.state_dict, config)
-        if loaded.tokenizer is None:  # a tokenizer carried by the checkpoint (GGUF) beats a file beside it
-            tokenizer_path = tokenizer_path or _tokenizer_beside(Path(checkpoint))
-    elif config is None:
-        raise UserInputError(
-            "no model given: name a model, or pass --checkpoint-path / --gguf-path, or --dummy-weights with "
-            "--params-table / --params-path"
-        )
-    if spec.max_seq_len is not None:
-        notes.extend(_capped_context(spec.max_seq_len, config.max_seq_len, "the model's context"))
-        config = config.with_max_seq_len(min(spec.max_seq_len, config.max_seq_len))
-    if spec.quant is not None:
-        # Shapes and device checked before any weight is read (the checkpoint is only mapped so far).
-        notes.extend(spec.quant.validate(config, device, spec.dtype, spec.cpu_kernels))
-
-    _check_model_fits(config, spec, device, checkpoint)
-    with torch.device("meta"):
-        model = Transformer(config)
-    if spec.tp is not None:
-        from torchchat.distributed.tensor_parallel import materialize, parallelize
-
-        if spec.quant is not None:
-            raise QuantizationError("--quantize does not run with --tp yet; drop one of them")
-        if loaded is not None:
-            check_weights(model, loaded.state_dict, str(checkpoint))
-        parallelize(model, spec.tp.mesh)
-        materialize(model, loaded.state_dict if loaded is not None else None, spec.tp, spec.dtype, spec.seed)
-    else:
-        if loaded is not None and loaded.packed:
-            from torchchat.model.packed import install_packed
-
-            install_packed(model, loaded.packed)
-        if loaded is not None:
-            load_weights(model, loaded.state_dict, str(checkpoint))
-        if _use_cuda_kernels(spec, device, config, loaded, notes):
-            _build_fused(model, spec, device, loaded is not None, notes)
-        else:
-            if loaded is not None:
-                model.to(device=device, dtype=spec.dtype)
-                if config.tie_embeddings:
-                    model.output.weight = model.tok_embeddings.weight
-            else:
-                init_dummy_weights(model, device, spec.dtype, spec.seed)
-            if spec.quant is not None:
-                from torchchat.quantize import apply_quantization
-
-                apply_quantization(model, spec.quant, device, spec.cpu_kernels)
-    model.eval()
-    model.requires_grad_(False)
-
-    if loaded is not None and loaded.tokenizer is not None and tokenizer_path is None:
-        tokenizer = loaded.tokenizer
-    elif tokenizer_path is not None:
-        tokenizer = load_tokenizer(Path(tokenizer_path))
-    else:
-        raise TokenizerError("no tokenizer found beside the checkpoint; pass --tokenizer-path")
-    check_vocab(tokenizer, config.vocab_size)
-
-    chat_template = entry.chat_template if entry is not None else None
-    is_chat = entry.is_chat if entry is not None else None
-    name = entry.name if entry is not None else Path(checkpoint or src.params_table or "model").name
+    resolved = resolve_spec(spec)
+    model = materialize(resolved, spec)
+    tokenizer = _tokenizer(resolved)
+    entry = resolved.entry
     return BuiltModel(
-        runtime=EagerRuntime(model), tokenizer=tokenizer, config=config, entry=entry, model=model,
-        chat_template=chat_template, is_chat=is_chat, name=name, notes=notes, dtype=spec.dtype,
+        runtime=EagerRuntime(model), tokenizer=tokenizer, config=resolved.config, entry=entry, model=model,
+        chat_template=entry.chat_template if entry is not None else None,
+        is_chat=entry.is_chat if entry is not None else None,
+        name=resolved.name, notes=resolved.notes, dtype=spec.dtype,
     )

@@ -39,8 +39,8 @@ if TYPE_CHECKING:
 
 RECIPE_DIR = Path(__file__).resolve().parent / "quant_config"
 
-# Recipe dtype names -> canonical name. "fast"/"fast16" are resolved by build.py with the device.
-DTYPE_NAMES: Mapping[str, str] = {
+# Recipe "precision" dtype names -> canonical name. "fast"/"fast16" are resolved by build.py with the device.
+PRECISION_NAMES: Mapping[str, str] = {
     "fp32": "fp32", "float32": "fp32", "float": "fp32",
     "fp16": "fp16", "float16": "fp16", "half": "fp16",
     "bf16": "bf16", "bfloat16": "bf16",
@@ -126,7 +126,7 @@ class QuantPlan:
 
     embedding: Scheme | None = None
     linear: Scheme | None = None
-    dtype: str | None = None  # canonical name from "precision" (see DTYPE_NAMES)
+    dtype: str | None = None  # canonical name from "precision" (see PRECISION_NAMES)
     device: str | None = None  # from "executor"
     source: str = field(default="--quantize", compare=False)  # where it came from, for messages
 
@@ -189,7 +189,7 @@ class QuantPlan:
         dtype, device = cli_dtype, cli_device
         if cli_dtype is None:
             dtype = self.dtype
-        elif self.dtype is not None and DTYPE_NAMES.get(cli_dtype, cli_dtype) != self.dtype:
+        elif self.dtype is not None and PRECISION_NAMES.get(cli_dtype, cli_dtype) != self.dtype:
             notes.append(f"--dtype {cli_dtype} overrides the recipe's precision dtype {self.dtype}")
         if cli_device is None:
             device = self.device
@@ -216,11 +216,11 @@ def _setting(source: str, key: str, options: Any) -> str:
         raise QuantizationError(f'{source}: {key!r} takes exactly {{"{option}": ...}}, got {json.dumps(options)}')
     value = options[option]
     if key == "precision":
-        if not isinstance(value, str) or value not in DTYPE_NAMES:  # a list or object is unhashable
+        if not isinstance(value, str) or value not in PRECISION_NAMES:  # a list or object is unhashable
             raise QuantizationError(
-                f"{source}: precision dtype {value!r} is not valid; valid: {_join(dict.fromkeys(DTYPE_NAMES))}"
+                f"{source}: precision dtype {value!r} is not valid; valid: {_join(dict.fromkeys(PRECISION_NAMES))}"
             )
-        return DTYPE_NAMES[value]
+        return PRECISION_NAMES[value]
     base, _, index = str(value).partition(":")
     known = base in ("cpu", "cuda", "mps", "fast") and (not index or (base == "cuda" and index.isdigit()))
     if not isinstance(value, str) or not known:

@@ -12,6 +12,7 @@ from torchchat.checkpoint.gguf_int4 import int4_kernel_runs, int4_weight
 from torchchat.model.config import ModelConfig
 
 from tests.checkpoint.gguf_build import write_llama_gguf
+from tests.conftest import needs_cuda
 
 
 class _Tensor:
@@ -86,7 +87,7 @@ def test_kept_int4_model_matches_dequantized_model(q4_gguf):
     assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 def test_q4_0_on_the_cuda_kernel_equals_the_dequantized_weight():
     from gguf import GGMLQuantizationType, quants
 

@@ -41,7 +41,7 @@ def test_folder_chats_like_transformers(case, tmp_path):
 
     built = build_model(BuildSpec(source=ModelSource(checkpoint_path=tmp_path), dtype=torch.float32))
     setup = resolve_chat_format(built.tokenizer)
-    assert setup.format.name == "hf" and setup.tuned_for_chat
+    assert setup.format.name == "hf" and setup.is_chat
     text = setup.format.render(as_messages(messages))
     assert text == hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     engine = make_engine(built, max_seq_len=64)

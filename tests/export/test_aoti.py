@@ -16,12 +16,12 @@ pytestmark = pytest.mark.slow
 def test_pt2_metadata_describes_the_model(exports, stories260k_dir):
     from torchchat.model.size import bytes_read_per_token
 
-    meta = run_exported(exports.path("pt2"), "--aoti-package-path", stories260k_dir).runtime.meta
+    metadata = run_exported(exports.path("pt2"), "--aoti-package-path", stories260k_dir).runtime.metadata
     eager = eager_model(stories260k_dir)
-    assert meta.config == eager.config and meta.config.tie_embeddings  # llama2.c's shared classifier
-    assert (meta.max_seq_len, meta.dtype, meta.dynamic_shapes, meta.quantize) == (MAX_SEQ_LEN, "float32", True, None)
-    assert (meta.tokenizer.kind, meta.tokenizer.bos_id, meta.tokenizer.eos_id) == ("sentencepiece", 1, 2)
-    assert meta.weight_bytes == bytes_read_per_token(eager.model)
+    assert metadata.config == eager.config and metadata.config.tie_embeddings  # llama2.c's shared classifier
+    assert (metadata.max_seq_len, metadata.dtype, metadata.dynamic_shapes, metadata.quantize) == (MAX_SEQ_LEN, "float32", True, None)
+    assert (metadata.tokenizer.kind, metadata.tokenizer.bos_id, metadata.tokenizer.eos_id) == ("sentencepiece", 1, 2)
+    assert metadata.weight_bytes == bytes_read_per_token(eager.model)
 
 
 def test_int8_so_runs_one_token_at_a_time_and_equals_eager_int8(exports, tok_args, stories_args, capsys):
@@ -58,7 +58,7 @@ def test_quantized_logits_follow_eager_quantized(name, atol, exports, stories260
     art = ARTIFACTS[name]
     exported = run_exported(exports.path(name), art.run_flag, stories260k_dir)
     eager = eager_model(stories260k_dir, art.quantize, art.dtype, art.cpu_kernels)
-    assert exported.runtime.meta.dtype == {"fp32": "float32", "bf16": "bfloat16"}[art.dtype]
+    assert exported.runtime.metadata.dtype == {"fp32": "float32", "bf16": "bfloat16"}[art.dtype]
     stats = compare_along(exported, eager, golden_ids(eager, golden))
     assert stats["max_abs_diff"] <= atol, stats
     assert stats["argmax_agreement"] >= 0.95, stats

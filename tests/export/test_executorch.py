@@ -20,8 +20,8 @@ def test_pte_constant_methods_for_runners(exports):
     assert module.run_method("get_vocab_size", ())[0] == 512
     raw = module.run_method("torchchat_metadata", ())[0]
     assert raw.dtype == torch.uint8 and raw.dim() == 1
-    meta = ArtifactMetadata.from_json(raw.numpy().tobytes(), str(pte))
-    assert (meta.backend, meta.dtype, meta.max_seq_len, meta.dynamic_shapes) == ("executorch", "float32", MAX_SEQ_LEN, True)
+    metadata = ArtifactMetadata.from_json(raw.numpy().tobytes(), str(pte))
+    assert (metadata.backend, metadata.dtype, metadata.max_seq_len, metadata.dynamic_shapes) == ("executorch", "float32", MAX_SEQ_LEN, True)
 
 
 def test_mobile_recipe_follows_eager_quantized(exports, stories260k_dir, tok_args, golden, capsys):
@@ -30,7 +30,7 @@ def test_mobile_recipe_follows_eager_quantized(exports, stories260k_dir, tok_arg
     greedy story. The quantized embeddings need ExecuTorch's quantized kernels at run time too."""
     art = ARTIFACTS["pte_mobile"]
     exported = run_exported(exports.path("pte_mobile"), "--pte-path", stories260k_dir)
-    assert exported.runtime.meta.quantize == {"linear:a8w4dq": {"groupsize": 32},
+    assert exported.runtime.metadata.quantize == {"linear:a8w4dq": {"groupsize": 32},
                                               "embedding": {"bitwidth": 8, "groupsize": 0}}
     eager = eager_model(stories260k_dir, art.quantize, cpu_kernels=art.cpu_kernels)
     stats = compare_along(exported, eager, golden_ids(eager, golden))

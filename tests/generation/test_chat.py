@@ -261,14 +261,14 @@ def test_chat_with_a_draft_across_turns(stories260k_dir, tok512):
 
 def test_format_choice_and_notices(tok512, llama3_tok, tmp_path):
     setup = resolve_chat_format(tok512)
-    assert setup.format.name == "none" and setup.tuned_for_chat is None
+    assert setup.format.name == "none" and setup.is_chat is None
     assert any("not known to be tuned for chat" in n for n in setup.notices)
     assert any("plain text turns" in n for n in setup.notices)
 
-    base = resolve_chat_format(tok512, known_template=None, known_chat=False)
+    base = resolve_chat_format(tok512, known_template=None, is_chat=False)
     assert any("base model, not tuned for chat" in n for n in base.notices)
 
-    chat = resolve_chat_format(llama3_tok, known_template="llama3", known_chat=True)
+    chat = resolve_chat_format(llama3_tok, known_template="llama3", is_chat=True)
     assert chat.format.name == "llama3" and chat.notices == ()
 
     forced = resolve_chat_format(tok512, override="llama2")
@@ -297,7 +297,7 @@ def test_tokenizer_config_chat_template_makes_a_chat_model(tmp_path):
         {"bos_token": "<s>", "eos_token": "<|im_end|>", "chat_template": template}))
     tok = HFTokenizer(tmp_path)
     setup = resolve_chat_format(tok)
-    assert setup.format.name == "hf" and setup.tuned_for_chat is True and setup.notices == ()
+    assert setup.format.name == "hf" and setup.is_chat is True and setup.notices == ()
     ids = setup.format.encode(tok, [Message("user", "hi")])
     assert ids == tok.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", allow_special=True)
     assert tok.special_id("<|im_end|>") in setup.format.stop_ids(tok)

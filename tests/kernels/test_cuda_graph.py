@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from tests.conftest import needs_cuda
+
+pytestmark = needs_cuda
 
 
 def test_graph_decode_equals_eager_modules(stories260k_dir):

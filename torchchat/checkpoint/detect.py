@@ -9,7 +9,7 @@ from torchchat.errors import CheckpointError
 
 
 def load_checkpoint(path: Path, options: LoadOptions | None = None) -> LoadedCheckpoint:
-    from torchchat.checkpoint import hf, llama2c, meta, pt
+    from torchchat.checkpoint import consolidated, hf, llama2c, pt
 
     path = Path(path)
     options = options or LoadOptions()
@@ -19,9 +19,9 @@ def load_checkpoint(path: Path, options: LoadOptions | None = None) -> LoadedChe
         if hf.is_hf_dir(path):
             config, sd = hf.load_hf_dir(path)
             return LoadedCheckpoint(sd, config, "hf")
-        meta_dir = meta.find_meta_dir(path)
-        if meta_dir is not None:
-            config, sd = meta.load_meta_dir(meta_dir)
+        consolidated_dir = consolidated.find_consolidated_dir(path)
+        if consolidated_dir is not None:
+            config, sd = consolidated.load_consolidated_dir(consolidated_dir)
             return LoadedCheckpoint(sd, config, "meta")
         raise CheckpointError(
             f"{path}: a directory checkpoint needs a Hugging Face config.json, or Meta params.json + consolidated.*.pth"
@@ -36,8 +36,8 @@ def load_checkpoint(path: Path, options: LoadOptions | None = None) -> LoadedChe
         from torchchat.checkpoint.gguf import load_gguf
 
         return load_gguf(path, options)
-    if meta.is_meta_shard(path):
-        config, sd = meta.load_meta_dir(path.parent)
+    if consolidated.is_consolidated_shard(path):
+        config, sd = consolidated.load_consolidated_dir(path.parent)
         return LoadedCheckpoint(sd, config, "meta")
     if zipfile.is_zipfile(path) or head[:2] == b"\x80\x02":
         config, sd = pt.load_pt(path)

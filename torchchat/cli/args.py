@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from torchchat.build import DTYPE_NAMES, BuildSpec, ModelSource, default_model_directory, resolve_device, resolve_dtype
+from torchchat.build import (DTYPE_CHOICES, BuildSpec, ModelSource, check_exported_quantize, check_tensor_parallel,
+                             default_model_directory)
 from torchchat.errors import UserInputError
 from torchchat.generation.engine import GenerationConfig
 from torchchat.generation.sampling import SamplingParams
@@ -84,7 +85,7 @@ def add_build(p: argparse.ArgumentParser, default_dtype: str = "fast") -> None:
     g = p.add_argument_group("precision, device and quantization")
     default_help = ("default: fast = bfloat16; fp32 on the CPU matches references" if default_dtype == "fast"
                     else f"default: {default_dtype}, unless the --quantize recipe names one")
-    g.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help=f"Weights and activations dtype ({default_help})")
     g.add_argument("--device", choices=("fast", "cpu", "cuda", "mps"), default=None,
                    help="fast picks cuda, then mps, then cpu (default)")
@@ -154,8 +155,8 @@ def add_tensor_parallel(p: argparse.ArgumentParser) -> None:
 def tensor_parallel_size(args: argparse.Namespace) -> int:
     if args.tp < 1:
         raise UserInputError("--tp must be >= 1")
-    if args.tp > 1 and args.quantize:
-        raise UserInputError("--quantize does not run with --tp yet; drop one of them")
+    if args.tp > 1:
+        check_tensor_parallel(args.quantize)
     if args.tp > 1 and (args.draft_model or args.draft_checkpoint_path):
         raise UserInputError("speculative decoding (--draft-model / --draft-checkpoint-path) does not run with --tp yet")
     return args.tp
@@ -205,8 +206,8 @@ def build_spec(args: argparse.Namespace, notes: list[str] | None = None, default
     plan = None
     dtype_name, device_name = args.dtype, args.device
     exported = exported_flag(args)
-    if exported and args.quantize:
-        raise UserInputError(f"{exported}: quantization is fixed when a model is exported; drop --quantize")
+    if exported:
+        check_exported_quantize(exported, args.quantize)
     if args.quantize:
         from torchchat.quantize import parse_quantize
 
@@ -214,19 +215,16 @@ def build_spec(args: argparse.Namespace, notes: list[str] | None = None, default
         dtype_name, device_name, override_notes = plan.resolve(args.dtype, args.device)
         if notes is not None:
             notes.extend(override_notes)
-    device = resolve_device(device_name or "cpu")
-    if exported:
-        # The artifact fixes its dtype; a --dtype given is only checked against it.
-        dtype = resolve_dtype(dtype_name, device) if dtype_name else None
-    else:
-        dtype = resolve_dtype(dtype_name or default_dtype, device)
+    # The artifact fixes its dtype; a --dtype given is only checked against it. BuildSpec resolves
+    # the names (the device once, then the dtype for it).
+    dtype = dtype_name if exported else dtype_name or default_dtype
     if args.max_seq_length is not None and args.max_seq_length <= 0:
         raise UserInputError("--max-seq-length must be positive")
     if args.num_threads is not None and args.num_threads < 1:
         raise UserInputError("--num-threads must be at least 1")
-    return BuildSpec(source=model_source(args), device=device, dtype=dtype, quant=plan, max_seq_len=args.max_seq_length,
-                     cuda_kernels=not args.no_cuda_kernels, cpu_kernels=not args.no_cpu_kernels,
-                     num_threads=args.num_threads)
+    return BuildSpec(source=model_source(args), device=device_name or "cpu", dtype=dtype, quant=plan,
+                     max_seq_len=args.max_seq_length, cuda_kernels=not args.no_cuda_kernels,
+                     cpu_kernels=not args.no_cpu_kernels, num_threads=args.num_threads)
 
 
 def draft_spec(args: argparse.Namespace, target: BuildSpec) -> BuildSpec | None:

@@ -37,19 +37,19 @@ def _stats_line(stats) -> str:
     return line + "]"
 
 
-def _turn(session, engine, text: str, cfg, show_stats: bool) -> None:
-    """One exchange: the user's message, then the reply streamed to stdout."""
+def _turn(session, engine, text: str, gen, show_stats: bool) -> None:
+    """One exchange: the user's message, then the reply streamed to stdout. `gen`: a GenerationConfig."""
     from torchchat.errors import ContextLengthError
 
     try:
-        fresh = session.add_user(text, cfg)
+        fresh = session.add_user(text, gen)
     except ContextLengthError as e:
         print(f"[{e}]", flush=True)
         return
     if fresh:
         print("[The context is full: starting a fresh one (earlier turns are forgotten, the system prompt is kept).]")
     print("Model: ", end="", flush=True)
-    with contextlib.closing(session.reply(cfg)) as reply:
+    with contextlib.closing(session.reply(gen)) as reply:
         for r in reply:
             if r.text:
                 sys.stdout.write(r.text)
@@ -64,32 +64,23 @@ def _turn(session, engine, text: str, cfg, show_stats: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from torchchat.generation.chat_format import resolve_chat_format
-    from torchchat.generation.engine import make_engine
+    from torchchat.cli.opening import Opening
 
     notes: list[str] = []
     spec = cli_args.build_spec(args, notes)
-    cfg = cli_args.generation_config(args)
-    notices = cli_args.Notices(streams_text=True)
-    options = cli_args.compile_options(args, notices)
-    draft = cli_args.draft_spec(args, spec)
-    notices.say(*notes)
-    built = cli_args.build(spec, notices)
-    override = None if args.chat_template in (None, "auto") else args.chat_template
-    setup = resolve_chat_format(built.tokenizer, override, built.chat_template, built.is_chat)
-    context = args.max_seq_length or min(built.runtime.max_seq_len, DEFAULT_CHAT_CONTEXT)
-    engine = make_engine(built, options, max_seq_len=context, parallel_prefill=not args.sequential_prefill)
-    if draft is not None:
-        engine.attach_draft(cli_args.build(draft, notices).runtime, args.speculate_k)
+    gen = cli_args.generation_config(args)
+    opening = Opening(args, spec, notes, streams_text=True)
+    built = opening.build()
+    setup = opening.chat_format()  # before the engine and the draft: a template that cannot work fails first
+    engine = opening.engine(args.max_seq_length or min(built.runtime.max_seq_len, DEFAULT_CHAT_CONTEXT))
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    notices.say(*setup.notices)
 
     with LineInput(history_path()) as lines:
-        return _converse(args, built, engine, setup, cfg, lines)
+        return _converse(args, built, engine, setup, gen, lines)
 
 
-def _converse(args: argparse.Namespace, built, engine, setup, cfg, lines: LineInput) -> int:
+def _converse(args: argparse.Namespace, built, engine, setup, gen, lines: LineInput) -> int:
     from torchchat.generation.chat_session import ChatSession
 
     system = args.system_prompt
@@ -113,7 +104,7 @@ def _converse(args: argparse.Namespace, built, engine, setup, cfg, lines: LineIn
             if text == "/bye":
                 break
             if text:
-                _turn(session, engine, text, cfg, args.stats)
+                _turn(session, engine, text, gen, args.stats)
         except KeyboardInterrupt:
             # Ctrl-C during a turn stops that turn (what was said so far stays in the conversation).
             print(" [interrupted]", flush=True)

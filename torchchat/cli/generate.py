@@ -24,19 +24,18 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     return p
 
 
-def _chat_prompt(args: argparse.Namespace, built, cfg, notices: cli_args.Notices):
+def _chat_prompt(args: argparse.Namespace, opening, gen):
     """--prompt as one user turn (after --system-prompt) of the chat template, and a config that stops
     at the template's end-of-turn tokens. Says so when the model is not known to be tuned for chat."""
     from dataclasses import replace
 
-    from torchchat.generation.chat_format import Message, resolve_chat_format
+    from torchchat.generation.chat_format import Message
 
-    override = None if args.chat_template == "auto" else args.chat_template
-    setup = resolve_chat_format(built.tokenizer, override, built.chat_template, built.is_chat)
-    notices.say(*setup.notices)
+    setup = opening.chat_format()
+    tok = opening.built.tokenizer
     messages = ([Message("system", args.system_prompt)] if args.system_prompt else []) + [Message("user", args.prompt)]
-    stops = built.tokenizer.stop_ids | setup.format.stop_ids(built.tokenizer)
-    return setup.format.encode(built.tokenizer, messages), replace(cfg, stop_ids=stops)
+    stops = tok.stop_ids | setup.format.stop_ids(tok)
+    return setup.format.encode(tok, messages), replace(gen, stop_ids=stops)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,31 +101,25 @@ def _generate(args: argparse.Namespace, spec, notes: list[str], seed: int | None
     import torch
 
     from torchchat.errors import UserInputError
-    from torchchat.generation.engine import make_engine
+    from torchchat.cli.opening import Opening
     from torchchat.generation.metrics import Summary, peak_memory_bytes, print_sample, sample_report
     from torchchat.model.size import bytes_read_per_token
 
-    cfg = cli_args.generation_config(args)
-    notices = cli_args.Notices(streams_text=True)
-    options = cli_args.compile_options(args, notices)
-    draft = cli_args.draft_spec(args, spec)
-    notices.say(*notes)
-    built = cli_args.build(spec, notices)
+    gen = cli_args.generation_config(args)
+    opening = Opening(args, spec, notes, streams_text=True)
+    notices = opening.notices
+    built = opening.build()
     tok = built.tokenizer
     if args.chat_template is not None:
-        prompt_ids, cfg = _chat_prompt(args, built, cfg, notices)
+        prompt_ids, gen = _chat_prompt(args, opening, gen)
     else:
         if args.system_prompt is not None:
             raise UserInputError("--system-prompt needs --chat-template (e.g. auto), which formats the prompt "
                                  "as a chat turn")
         prompt_ids = tok.encode(args.prompt, bos=tok.bos_id is not None)
-    need = len(prompt_ids) + cfg.max_new_tokens
-    engine = make_engine(built, options, max_seq_len=args.max_seq_length or need,
-                         parallel_prefill=not args.sequential_prefill)
-    if draft is not None:
-        engine.attach_draft(cli_args.build(draft, notices).runtime, args.speculate_k)
+    engine = opening.engine(args.max_seq_length or len(prompt_ids) + gen.max_new_tokens)
     model_bytes = bytes_read_per_token(built.model) if built.model is not None else built.runtime.weight_bytes
-    compiled = options.decode or options.prefill
+    compiled = opening.compile.decode or opening.compile.prefill
     if seed is not None:
         torch.manual_seed(seed)
     reports = []
@@ -134,7 +127,7 @@ def _generate(args: argparse.Namespace, spec, notes: list[str], seed: int | None
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
         stats, finish = None, None
-        for r in engine.stream(prompt_ids, cfg):
+        for r in engine.stream(prompt_ids, gen):
             if r.text:
                 sys.stdout.write(r.text)
                 sys.stdout.flush()
@@ -142,8 +135,8 @@ def _generate(args: argparse.Namespace, spec, notes: list[str], seed: int | None
             finish = r.finish_reason or finish
         sys.stdout.write("\n")
         sys.stdout.flush()
-        if finish == "length" and stats.generated_tokens < cfg.max_new_tokens:
-            notices.say(_context_end_note(stats, cfg.max_new_tokens, engine.max_seq_len, args.max_seq_length))
+        if finish == "length" and stats.generated_tokens < gen.max_new_tokens:
+            notices.say(_context_end_note(stats, gen.max_new_tokens, engine.max_seq_len, args.max_seq_length))
         report = sample_report(i + 1, stats, model_bytes, compile_sample=compiled and i == 0 and args.num_samples > 1)
         reports.append(report)
         print_sample(report, sys.stderr)

@@ -30,13 +30,17 @@ DEFAULT_KV_BUDGET_CPU = 4 << 30
 DEFAULT_KV_BUDGET_CUDA = 16 << 30
 
 
+def _most_slots(device_type: str) -> int:
+    return DEFAULT_SLOTS_CUDA if device_type == "cuda" else DEFAULT_SLOTS_CPU
+
+
 def default_slots(config, context: int, dtype, device_type: str) -> tuple[int, int]:
-    """(slots, KV bytes per slot) without --max-concurrent."""
+    """(slots, KV bytes per slot) without --max-concurrent: `_most_slots`, fewer where their KV caches
+    would take more than the device's budget."""
     itemsize = dtype.itemsize if dtype is not None else 4
     per_slot = 2 * config.n_layers * config.n_kv_heads * config.head_dim * context * itemsize
-    cuda = device_type == "cuda"
-    most = (DEFAULT_KV_BUDGET_CUDA if cuda else DEFAULT_KV_BUDGET_CPU) // max(per_slot, 1)
-    return max(1, min(DEFAULT_SLOTS_CUDA if cuda else DEFAULT_SLOTS_CPU, most)), per_slot
+    budget = DEFAULT_KV_BUDGET_CUDA if device_type == "cuda" else DEFAULT_KV_BUDGET_CPU
+    return max(1, min(_most_slots(device_type), budget // max(per_slot, 1))), per_slot
 
 
 @dataclass(frozen=True)
@@ -135,37 +139,35 @@ def _url(host: str, port: int) -> str:
 
 
 def serve(args: argparse.Namespace, options: ServerOptions) -> int:
+    from torchchat.cli.opening import Opening
+
     _require_dependencies()
     notes: list[str] = []
     spec = cli_args.build_spec(args, notes)
-    notices = cli_args.Notices()
-    compile_opts = cli_args.compile_options(args, notices)
+    opening = Opening(args, spec, notes, streams_text=False, speculative=False)
     sock = _listen(options.host, options.port)
     try:
-        return _serve_on(sock, args, spec, compile_opts, notes, notices, options)
+        return _serve_on(sock, args, opening, options)
     finally:
         sock.close()
 
 
-def _serve_on(sock, args, spec, compile_opts, notes, notices, options: ServerOptions) -> int:
+def _serve_on(sock, args, opening, options: ServerOptions) -> int:
     import uvicorn
 
-    from torchchat.generation.chat_format import resolve_chat_format
     from torchchat.generation.batch import make_batch_engine
     from torchchat.server import protocol
     from torchchat.server.app import create_app
     from torchchat.server.served import ServedModel, downloaded_models
     from torchchat.server.worker import ModelWorker
 
-    notices.say(*notes)
-    built = cli_args.build(spec, notices)
+    built = opening.build()
     context = args.max_seq_length or min(built.config.max_seq_len, DEFAULT_CONTEXT)
     runtime = built.runtime
     slots = options.max_concurrent
     if slots is None:
         slots, per_slot = default_slots(built.config, context, built.dtype, runtime.device.type)
-        full = DEFAULT_SLOTS_CUDA if runtime.device.type == "cuda" else DEFAULT_SLOTS_CPU
-        if slots < full:
+        if slots < _most_slots(runtime.device.type):
             print(f"{slots} concurrent sequences (each slot's KV cache takes {per_slot / 2**30:.1f} GiB at "
                   f"{context} positions); raise it with --max-concurrent or lower --max-seq-length",
                   file=sys.stderr)
@@ -173,18 +175,17 @@ def _serve_on(sock, args, spec, compile_opts, notes, notices, options: ServerOpt
         print(f"{type(runtime).__name__} runs one sequence at a time: serving requests one by one "
               "(--max-concurrent 1)", file=sys.stderr)
         slots = 1
-    engine = make_batch_engine(built, compile_opts, max_batch=slots, max_seq_len=context,
+    engine = make_batch_engine(built, opening.compile, max_batch=slots, max_seq_len=context,
                                parallel_prefill=not args.sequential_prefill)
-    override = None if args.chat_template in (None, "auto") else args.chat_template
-    setup = resolve_chat_format(built.tokenizer, override, built.chat_template, built.is_chat)
-    notices.say(*setup.notices)
+    setup = opening.chat_format()
     served = ServedModel(
         id=built.name,
         tokenizer=built.tokenizer,
         chat_format=setup.format,
         chat_stop_ids=setup.format.stop_ids(built.tokenizer),
         context=engine.max_seq_len,
-        fingerprint=protocol.system_fingerprint(built.name, str(spec.dtype), str(engine.device), args.quantize or ""),
+        fingerprint=protocol.system_fingerprint(built.name, str(opening.spec.dtype), str(engine.device),
+                                                args.quantize or ""),
         aliases=built.entry.aliases if built.entry is not None else (),
     )
     url = _url(options.host, sock.getsockname()[1])
@@ -197,7 +198,7 @@ def _serve_on(sock, args, spec, compile_opts, notes, notices, options: ServerOpt
             threading.Thread(target=_open_browser, args=(url,), daemon=True).start()
 
     app = create_app(ModelWorker(engine, built.tokenizer), served, api_key=options.api_key,
-                     other_models=lambda: downloaded_models(spec.source.model_directory), on_ready=ready,
+                     other_models=lambda: downloaded_models(opening.spec.source.model_directory), on_ready=ready,
                      max_request_bytes=options.max_request_bytes)
     config = uvicorn.Config(app, log_level="info" if options.verbose else "warning", access_log=options.verbose,
                             timeout_graceful_shutdown=5)

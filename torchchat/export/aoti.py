@@ -26,8 +26,8 @@ def _compile_error(e: Exception) -> ExportError:
     return ExportError(f"AOT Inductor compilation failed: {first} (--verbose for details)")
 
 
-def write_package(ep: ExportedProgram, meta: ArtifactMetadata, path: Path) -> Path:
-    """Compile `ep` into the AOT Inductor package `path`, carrying `meta` under
+def write_package(ep: ExportedProgram, metadata: ArtifactMetadata, path: Path) -> Path:
+    """Compile `ep` into the AOT Inductor package `path`, carrying `metadata` under
     the package metadata key "torchchat"."""
     import torch._inductor
 
@@ -35,14 +35,14 @@ def write_package(ep: ExportedProgram, meta: ArtifactMetadata, path: Path) -> Pa
     with written_in_place(path) as tmp:
         try:
             torch._inductor.aoti_compile_and_package(
-                ep, package_path=str(tmp), inductor_configs={"aot_inductor.metadata": {METADATA_KEY: meta.to_json()}}
+                ep, package_path=str(tmp), inductor_configs={"aot_inductor.metadata": {METADATA_KEY: metadata.to_json()}}
             )
         except Exception as e:  # compilation errors come as many types (C++ compiler, lowering)
             raise _compile_error(e) from e
     return path
 
 
-def write_shared_library(ep: ExportedProgram, meta: ArtifactMetadata, path: Path) -> Path:
+def write_shared_library(ep: ExportedProgram, metadata: ArtifactMetadata, path: Path) -> Path:
     """Compile `ep` into a bare AOT Inductor shared library `path` with its weights inside, and write
     the metadata beside it (`sidecar_path(path)`), with the library's size to tie the two together.
 
@@ -57,7 +57,7 @@ def write_shared_library(ep: ExportedProgram, meta: ArtifactMetadata, path: Path
         options = {
             "aot_inductor.package": False,
             "aot_inductor.output_path": str(tmp),
-            "aot_inductor.metadata": {METADATA_KEY: meta.to_json()},
+            "aot_inductor.metadata": {METADATA_KEY: metadata.to_json()},
         }
         try:
             built = torch._inductor.aot_compile(ep.module(), ep.example_inputs[0], options=options)
@@ -65,7 +65,7 @@ def write_shared_library(ep: ExportedProgram, meta: ArtifactMetadata, path: Path
             raise _compile_error(e) from e
         if Path(built) != tmp:
             os.replace(built, tmp)
-        data = meta.to_dict()
+        data = metadata.to_dict()
         data["artifact_bytes"] = tmp.stat().st_size
         side_tmp.write_text(json.dumps(data, sort_keys=True, indent=1) + "\n")
     return path

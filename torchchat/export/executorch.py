@@ -69,16 +69,16 @@ def delegation_summary(graph_module) -> DelegationSummary:
     return DelegationSummary(info.num_delegated_subgraphs, info.num_delegated_nodes, info.num_non_delegated_nodes, ops)
 
 
-def constant_methods(meta: ArtifactMetadata) -> dict[str, object]:
-    text = meta.to_json().encode("utf-8")
+def constant_methods(metadata: ArtifactMetadata) -> dict[str, object]:
+    text = metadata.to_json().encode("utf-8")
     return {
         METADATA_METHOD: torch.tensor(list(text), dtype=torch.uint8),
-        "get_max_seq_len": meta.max_seq_len,
-        "get_vocab_size": meta.vocab_size,
+        "get_max_seq_len": metadata.max_seq_len,
+        "get_vocab_size": metadata.vocab_size,
     }
 
 
-def write_pte(ep: ExportedProgram, meta: ArtifactMetadata, path: Path, timer=None,
+def write_pte(ep: ExportedProgram, metadata: ArtifactMetadata, path: Path, timer=None,
               on_delegation: Callable[[DelegationSummary], None] | None = None) -> Path:
     """Lower `ep` to ExecuTorch with the XNNPACK delegate and write it to `path`.
     `timer` (a StepTimer) times the lowering and serialisation separately; `on_delegation` is given the
@@ -97,7 +97,7 @@ def write_pte(ep: ExportedProgram, meta: ArtifactMetadata, path: Path, timer=Non
                 # The KV cache's in-place index_copy_ is not core ATen IR; XNNPACK and the portable
                 # kernels run it all the same.
                 compile_config=EdgeCompileConfig(_check_ir_validity=False),
-                constant_methods=constant_methods(meta),
+                constant_methods=constant_methods(metadata),
             )
         if on_delegation is not None:
             on_delegation(delegation_summary(edge.exported_program().graph_module))

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 from torchchat.errors import UserInputError
-from torchchat.export.metadata import DTYPE_NAMES, ArtifactMetadata, TokenizerInfo
+from torchchat.export.metadata import METADATA_DTYPE_NAMES, ArtifactMetadata, TokenizerInfo
 from torchchat.export.progress import StepTimer
 
 
@@ -76,7 +76,7 @@ def check_supported(backend: str, dtype: torch.dtype, device: str, schemes: froz
     if backend == "executorch":
         if dtype != torch.float32:
             raise UserInputError(
-                f"ExecuTorch export supports --dtype fp32 (got {DTYPE_NAMES.get(dtype, dtype)}); XNNPACK "
+                f"ExecuTorch export supports --dtype fp32 (got {METADATA_DTYPE_NAMES.get(dtype, dtype)}); XNNPACK "
                 "delegates fp32 and int8/int4-quantized linears, not half-precision models"
             )
         if not device.startswith("cpu"):
@@ -122,7 +122,7 @@ def metadata_for(built, backend: str, max_seq_len: int, dynamic: bool, quantize:
         config=built.config,
         tokenizer=TokenizerInfo.of(built.tokenizer),
         max_seq_len=max_seq_len,
-        dtype=DTYPE_NAMES[model.norm.weight.dtype],
+        dtype=METADATA_DTYPE_NAMES[model.norm.weight.dtype],
         backend=backend,
         device=model.norm.weight.device.type,
         dynamic_shapes=dynamic,
@@ -174,8 +174,8 @@ def _export_artifacts(built, targets: ExportTargets, quantize: dict[str, Any] | 
         # XNNPACK delegates nn.Linear as it is; the pte is traced before the layout below changes it.
         with timer.step(f"Tracing with torch.export ({shapes})"):
             ep = export_forward(built.model, max_seq_len, targets.dynamic_shapes)
-        meta = metadata_for(built, "executorch", max_seq_len, targets.dynamic_shapes, quantize)
-        written.append(write_pte(ep, meta, targets.pte_path, timer, on_delegation))
+        metadata = metadata_for(built, "executorch", max_seq_len, targets.dynamic_shapes, quantize)
+        written.append(write_pte(ep, metadata, targets.pte_path, timer, on_delegation))
     if not (targets.aoti_package_path or targets.dso_path):
         return written
     from torchchat.model.layout import optimize_for_decode
@@ -188,13 +188,13 @@ def _export_artifacts(built, targets: ExportTargets, quantize: dict[str, Any] | 
     if targets.aoti_package_path:
         from torchchat.export.aoti import write_package
 
-        meta = metadata_for(built, "aoti", max_seq_len, targets.dynamic_shapes, quantize)
+        metadata = metadata_for(built, "aoti", max_seq_len, targets.dynamic_shapes, quantize)
         with timer.step(f"Compiling with AOT Inductor -> {targets.aoti_package_path}"):
-            written.append(write_package(ep, meta, targets.aoti_package_path))
+            written.append(write_package(ep, metadata, targets.aoti_package_path))
     if targets.dso_path:
         from torchchat.export.aoti import write_shared_library
 
-        meta = metadata_for(built, "aoti", max_seq_len, targets.dynamic_shapes, quantize)
+        metadata = metadata_for(built, "aoti", max_seq_len, targets.dynamic_shapes, quantize)
         with timer.step(f"Compiling with AOT Inductor -> {targets.dso_path}"):
-            written.append(write_shared_library(ep, meta, targets.dso_path))
+            written.append(write_shared_library(ep, metadata, targets.dso_path))
     return written

@@ -15,7 +15,8 @@ from torchchat.model.params_check import validate_params
 
 FORMAT_VERSION = 1
 
-DTYPE_NAMES: dict[torch.dtype, str] = {
+# torch dtypes -> the names artifact metadata stores.
+METADATA_DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float32: "float32",
     torch.bfloat16: "bfloat16",
     torch.float16: "float16",
@@ -58,7 +59,7 @@ class ArtifactMetadata:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return next(d for d, name in DTYPE_NAMES.items() if name == self.dtype)
+        return next(d for d, name in METADATA_DTYPE_NAMES.items() if name == self.dtype)
 
     @property
     def vocab_size(self) -> int:
@@ -116,7 +117,7 @@ class ArtifactMetadata:
             if not isinstance(data["config"], dict) or not isinstance(tok, dict):
                 raise TypeError("config and tokenizer must be objects")
             validate_params(data["config"], f"{source}: metadata config")
-            meta = cls(
+            metadata = cls(
                 model_name=str(data["model_name"]),
                 config=ModelConfig.from_dict(data["config"]),
                 tokenizer=TokenizerInfo(
@@ -139,11 +140,11 @@ class ArtifactMetadata:
             raise ExportError(f"{e}; {hint}") from e
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise ExportError(f"{source}: its torchchat metadata is incomplete or malformed ({e!r}); {hint}") from e
-        if meta.dtype not in DTYPE_NAMES.values():
-            raise ExportError(f"{source}: metadata dtype {meta.dtype!r} is not one of {', '.join(DTYPE_NAMES.values())}")
-        if not 0 < meta.max_seq_len:
-            raise ExportError(f"{source}: metadata max_seq_len {meta.max_seq_len} is not positive; {hint}")
-        return meta
+        if metadata.dtype not in METADATA_DTYPE_NAMES.values():
+            raise ExportError(f"{source}: metadata dtype {metadata.dtype!r} is not one of {', '.join(METADATA_DTYPE_NAMES.values())}")
+        if not 0 < metadata.max_seq_len:
+            raise ExportError(f"{source}: metadata max_seq_len {metadata.max_seq_len} is not positive; {hint}")
+        return metadata
 
     def check_tokenizer(self, tokenizer, source: str) -> None:
         """The tokenizer must be the kind and size the model was exported with."""

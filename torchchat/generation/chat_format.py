@@ -444,7 +444,7 @@ class ChatSetup:
     """The format a model chats with, whether it is known to be tuned for chat, and what to tell the user."""
 
     format: ChatFormat
-    tuned_for_chat: bool | None  # True: the registry or tokenizer config says so; False: a base model
+    is_chat: bool | None  # True: the registry or tokenizer config says so; False: a base model; None: unknown
     notices: tuple[str, ...] = ()
 
 
@@ -475,13 +475,13 @@ def make_format(name: str, tokenizer) -> ChatFormat:
 
 
 def resolve_chat_format(tokenizer, override: str | None = None, known_template: str | None = None,
-                        known_chat: bool | None = None) -> ChatSetup:
+                        is_chat: bool | None = None) -> ChatSetup:
     """Pick the chat format: `override` (--chat-template) first, then the registry's template
     (`known_template`, "llama2"/"llama3"), then the tokenizer's own `chat_template`, else plain text
-    turns. Chat-ness comes from the registry (`known_chat`) or the tokenizer's chat_template, never
+    turns. Chat-ness comes from the registry (`is_chat`) or the tokenizer's chat_template, never
     from a file name."""
     hf_template = getattr(tokenizer, "chat_template", None)
-    tuned = known_chat if known_chat is not None else (True if hf_template else None)
+    is_chat = is_chat if is_chat is not None else (True if hf_template else None)
     notices = []
     if override is not None:
         fmt = make_format(override, tokenizer)
@@ -493,8 +493,8 @@ def resolve_chat_format(tokenizer, override: str | None = None, known_template: 
         fmt = make_format("none", tokenizer)
         notices.append("No chat template is known for this model: using plain text turns "
                        "(choose one with --chat-template llama2|llama3).")
-    if tuned is False:
+    if is_chat is False:
         notices.insert(0, "This is a base model, not tuned for chat: it may produce nonsensical or false output.")
-    elif tuned is None:
+    elif is_chat is None:
         notices.insert(0, "This model is not known to be tuned for chat: it may produce nonsensical or false output.")
-    return ChatSetup(fmt, tuned, tuple(notices))
+    return ChatSetup(fmt, is_chat, tuple(notices))

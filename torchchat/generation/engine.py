@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from torchchat.errors import ChatTemplateError, ContextLengthError
+from torchchat.errors import ContextLengthError
 from torchchat.generation.decoding import PlainDecoder, common_prefix_len
 from torchchat.generation.sampling import SamplingParams
 from torchchat.generation.speculative import Draft, SpeculativeDecoder
@@ -83,7 +83,6 @@ class Engine:
         self.kv_ids: list[int] = []
         self.draft: Draft | None = None  # when decoding speculatively
         self._plain = PlainDecoder(steps, self.device, self.parallel_prefill)
-        self.chat_format = None  # torchchat.generation.chat_format.ChatFormat used by chat()
         runtime.setup(1, max_seq_len)
 
     def attach_draft(self, runtime: Runtime, k: int) -> None:
@@ -176,29 +175,26 @@ class Engine:
         tail = decoder.flush()
         yield Response(text=tail, token=None, finish_reason=finish, stats=self.last_stats)
 
-    def chat_prompt(self, messages, chat_format=None) -> list[int]:
+    def chat_prompt(self, messages, chat_format) -> list[int]:
         """Token ids of a conversation (Message objects or {"role", "content"} dicts) rendered with
-        `chat_format` (default `self.chat_format`), ending in the assistant's generation prompt."""
-        fmt = chat_format or self.chat_format
-        if fmt is None:
-            raise ChatTemplateError("Engine.chat needs a chat format: set engine.chat_format or pass chat_format")
-        return fmt.encode(self.tokenizer, messages)
+        `chat_format` (a ChatFormat), ending in the assistant's generation prompt."""
+        return chat_format.encode(self.tokenizer, messages)
 
-    def chat(self, messages, cfg: GenerationConfig, chat_format=None) -> Iterator[Response]:
+    def chat(self, messages, cfg: GenerationConfig, chat_format) -> Iterator[Response]:
         """Stream the assistant's reply to a conversation, as `stream` does. Give the whole conversation
         every turn: the prompt's common prefix with what the KV cache already holds is reused, so a turn
         that extends the previous one prefills only its new tokens (`stats.cached_tokens` says how many
         were reused). The model sees exactly the tokenization of the full rendered conversation. The
         format's stop tokens (eos, end-of-turn) end the reply and are never rendered as text. The reply
         text is decoded as a message of its own, except with a format whose reply continues the text
-        (plain turns), where it keeps the spacing that joins it to the prompt."""
-        fmt = chat_format or self.chat_format
-        ids = self.chat_prompt(messages, fmt)
+        (plain turns), where it keeps the spacing that joins it to the prompt. `chat_format`: a
+        torchchat.generation.chat_format.ChatFormat."""
+        ids = self.chat_prompt(messages, chat_format)
         reuse = common_prefix_len(self.kv_ids, ids)
         reuse = max(0, min(reuse, len(ids) - 1))  # at least one token is fed, for the next-token logits
         base_stops = self.tokenizer.stop_ids if cfg.stop_ids is None else cfg.stop_ids
-        cfg = replace(cfg, stop_ids=frozenset(base_stops) | fmt.stop_ids(self.tokenizer))
-        text_prefix = None if fmt.continues_text else ()
+        cfg = replace(cfg, stop_ids=frozenset(base_stops) | chat_format.stop_ids(self.tokenizer))
+        text_prefix = None if chat_format.continues_text else ()
         for r in self.stream(ids[reuse:], cfg, start_pos=reuse, text_prefix=text_prefix):
             if r.stats is not None:
                 r.stats.cached_tokens = reuse

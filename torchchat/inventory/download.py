@@ -31,7 +31,7 @@ def _check_complete(folder: Path, entry: ModelEntry, model_directory: Path) -> N
     """The staged folder must hold what `build` looks for. URL checkpoints are parsed (memory-mapped,
     cheap; an HTML error page saved as a model fails here); hub folders, whose files the checksums
     already vouch for, have their config read and their weight files listed, not loaded."""
-    from torchchat.checkpoint import hf, meta
+    from torchchat.checkpoint import consolidated, hf
     from torchchat.checkpoint.detect import load_checkpoint
 
     if not (folder / entry.tokenizer_file).is_file():
@@ -41,7 +41,7 @@ def _check_complete(folder: Path, entry: ModelEntry, model_directory: Path) -> N
             load_checkpoint(folder / entry.checkpoint_file)
         elif hf.is_hf_dir(folder):
             hf.check_hf_dir(folder)
-        elif meta.find_meta_dir(folder) is None:
+        elif consolidated.find_consolidated_dir(folder) is None:
             raise CheckpointError(f"{folder}: neither config.json nor original/params.json")
     except (CheckpointError, ConfigError) as e:
         store.discard_staging(entry, model_directory)

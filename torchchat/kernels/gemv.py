@@ -278,7 +278,7 @@ class GemvConfig:
     num_stages: int = 1
 
 
-# Tile shapes measured best on the H100 (bench/gpu_bench.py kernels) per format, per size class of
+# Tile shapes measured best on the H100 (`python -m torchchat.kernels.tune`) per format, per size class of
 # the layer's outputs: "fmt:small" (<= SMALL_ROWS), "fmt:large" (> LARGE_ROWS), else "fmt". Other GPUs
 # can override them: TORCHCHAT_GEMV_TILES='{"int4": [block_n, block_k, num_warps], ...}'.
 SMALL_ROWS, LARGE_ROWS = 8192, 12288

@@ -19,7 +19,6 @@ class ModelEntry:
     name: str  # canonical name, e.g. "meta-llama/Llama-3.2-1B-Instruct"; also its folder in the cache
     aliases: tuple[str, ...]
     params: str  # params-table key
-    tokenizer_kind: str  # "sentencepiece" | "tiktoken" | "hf"
     tokenizer_file: str  # path inside the model folder
     chat_template: str | None  # "llama2" | "llama3" | "hf" (the tokenizer's own chat_template) | None for base models
     hf_repo: str | None = None
@@ -43,7 +42,6 @@ def _models() -> dict[str, ModelEntry]:
             name=name,
             aliases=tuple(e.get("aliases", ())),
             params=e["params"],
-            tokenizer_kind=e["tokenizer"]["kind"],
             tokenizer_file=e["tokenizer"]["file"],
             chat_template=e.get("chat_template"),
             hf_repo=e["source"].get("hf_repo"),

@@ -18,8 +18,8 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _ELF_MAGIC = b"\x7fELF"
 
 
-def _check_device(meta: ArtifactMetadata, path: Path) -> None:
-    if meta.device.startswith("cuda") and not torch.cuda.is_available():
+def _check_device(metadata: ArtifactMetadata, path: Path) -> None:
+    if metadata.device.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError(f"{path} was compiled for CUDA and this machine has none; re-export with --device cpu")
 
 
@@ -52,8 +52,8 @@ class AOTIRuntime(ExportedRuntime):
 
     backend = "aoti"
 
-    def __init__(self, path: Path, meta: ArtifactMetadata, run):
-        super().__init__(path, meta)
+    def __init__(self, path: Path, metadata: ArtifactMetadata, run):
+        super().__init__(path, metadata)
         self._run = run  # (tokens, input_pos) -> logits
 
     @classmethod
@@ -72,9 +72,9 @@ class AOTIRuntime(ExportedRuntime):
         text = compiled.get_metadata().get(METADATA_KEY)
         if text is None:
             raise ExportError(f"{flag}: {path} carries no torchchat metadata; export it with `torchchat.py export`")
-        meta = ArtifactMetadata.from_json(text, str(path))
-        _check_device(meta, path)
-        return cls(path, meta, compiled)
+        metadata = ArtifactMetadata.from_json(text, str(path))
+        _check_device(metadata, path)
+        return cls(path, metadata, compiled)
 
     @classmethod
     def load_shared_library(cls, path: Path) -> "AOTIRuntime":
@@ -91,17 +91,17 @@ class AOTIRuntime(ExportedRuntime):
             text = side.read_bytes()
         except OSError as e:
             raise ExportError(f"{flag}: cannot read {side} ({e})") from e
-        meta = ArtifactMetadata.from_json(text, str(side))
-        size = meta.extra.get("artifact_bytes")
+        metadata = ArtifactMetadata.from_json(text, str(side))
+        size = metadata.extra.get("artifact_bytes")
         if size is not None and size != path.stat().st_size:
             raise ExportError(f"{flag}: {side} describes a different library than {path} (sizes differ); "
                               "keep each .so with its own .so.json or export again")
-        _check_device(meta, path)
-        if "torchchat_cpu" in meta.native_ops:
+        _check_device(metadata, path)
+        if "torchchat_cpu" in metadata.native_ops:
             _load_cpu_ops()
         try:
-            if meta.device.startswith("cuda"):
-                runner = torch._C._aoti.AOTIModelContainerRunnerCuda(str(path), 1, meta.device)
+            if metadata.device.startswith("cuda"):
+                runner = torch._C._aoti.AOTIModelContainerRunnerCuda(str(path), 1, metadata.device)
             else:
                 runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
         except Exception as e:  # RuntimeError from dlopen or the model container
@@ -110,7 +110,7 @@ class AOTIRuntime(ExportedRuntime):
         def run(tokens: Tensor, input_pos: Tensor) -> Tensor:
             return runner.run([tokens, input_pos])[0]
 
-        return cls(path, meta, run)
+        return cls(path, metadata, run)
 
     def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         """tokens (1, S) int64, input_pos (S,) int64 -> logits (1, S, V) float32."""

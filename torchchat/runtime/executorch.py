@@ -87,8 +87,8 @@ class ExecuTorchRuntime(ExportedRuntime):
 
     backend = "executorch"
 
-    def __init__(self, path: Path, meta: ArtifactMetadata, module):
-        super().__init__(path, meta)
+    def __init__(self, path: Path, metadata: ArtifactMetadata, module):
+        super().__init__(path, metadata)
         self._module = module
 
     @classmethod
@@ -114,8 +114,8 @@ class ExecuTorchRuntime(ExportedRuntime):
             raw = module.run_method(METADATA_METHOD, ())[0]
         except RuntimeError as e:
             raise ExportError(f"{flag}: {path}: cannot read its metadata ({e}); export it again") from e
-        meta = ArtifactMetadata.from_json(bytes(raw.numpy().tobytes()), str(path))
-        return cls(path, meta, module)
+        metadata = ArtifactMetadata.from_json(bytes(raw.numpy().tobytes()), str(path))
+        return cls(path, metadata, module)
 
     def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         """tokens (1, S) int64, input_pos (S,) int64 -> logits (1, S, V) float32."""

@@ -29,20 +29,20 @@ class ExportedRuntime:
 
     backend = ""  # "aoti" | "executorch": what the metadata must say
 
-    def __init__(self, path: Path, meta: ArtifactMetadata):
+    def __init__(self, path: Path, metadata: ArtifactMetadata):
         self.path = Path(path)
-        self.meta = meta
-        if meta.backend != self.backend:
-            raise ExportError(f"{path} is a {meta.backend} artifact, not {self.backend}; pass it with the matching flag")
-        self.config: ModelConfig = meta.config.with_max_seq_len(meta.max_seq_len)
-        self.max_seq_len = meta.max_seq_len
-        self.supports_parallel_prefill = meta.dynamic_shapes
-        self.weight_bytes = meta.weight_bytes
-        self.dtype = meta.torch_dtype
-        self.device = torch.device(meta.device)
+        self.metadata = metadata
+        if metadata.backend != self.backend:
+            raise ExportError(f"{path} is a {metadata.backend} artifact, not {self.backend}; pass it with the matching flag")
+        self.config: ModelConfig = metadata.config.with_max_seq_len(metadata.max_seq_len)
+        self.max_seq_len = metadata.max_seq_len
+        self.supports_parallel_prefill = metadata.dynamic_shapes
+        self.weight_bytes = metadata.weight_bytes
+        self.dtype = metadata.torch_dtype
+        self.device = torch.device(metadata.device)
 
     def setup(self, max_batch: int, max_seq: int) -> None:
-        """The KV cache was sized at export (batch 1, meta.max_seq_len positions): only check."""
+        """The KV cache was sized at export (batch 1, metadata.max_seq_len positions): only check."""
         if max_batch != 1:
             raise UserInputError(f"{self.path}: exported models run one sequence at a time (batch size 1)")
         if max_seq > self.max_seq_len:
@@ -53,7 +53,7 @@ class ExportedRuntime:
 
     def _check_inputs(self, tokens: Tensor, input_pos: Tensor) -> None:
         seq = tokens.size(1)
-        if seq != 1 and not self.meta.dynamic_shapes:
+        if seq != 1 and not self.metadata.dynamic_shapes:
             raise ExportError(f"{self.path} was exported without dynamic shapes: it takes one token per call, got {seq}")
         if seq > self.max_seq_len:
             raise ContextLengthError(f"{seq} tokens do not fit the {self.max_seq_len} positions {self.path} holds")

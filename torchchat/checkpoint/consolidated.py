@@ -24,11 +24,11 @@ _ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
 _IGNORED_PARAMS = ("vision_chunk_size", "vision_max_num_chunks", "vision_num_cross_attention_layers", "quantization_args")
 
 
-def is_meta_shard(path: Path) -> bool:
+def is_consolidated_shard(path: Path) -> bool:
     return _SHARD_RE.match(path.name) is not None and (path.parent / "params.json").is_file()
 
 
-def find_meta_dir(path: Path) -> Path | None:
+def find_consolidated_dir(path: Path) -> Path | None:
     """`path` itself or its `original/` subfolder, if it holds params.json and consolidated shards."""
     for folder in (path, path / "original"):
         if (folder / "params.json").is_file() and any(_SHARD_RE.match(p.name) for p in folder.glob("consolidated.*.pth")):
@@ -62,7 +62,7 @@ def _merge(key: str, parts: list[Tensor], dim: int) -> Tensor:
     return torch.cat(parts, dim=1 if key.endswith(_ROW_PARALLEL) else 0)
 
 
-def load_meta_dir(folder: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
+def load_consolidated_dir(folder: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     """Config and state dict from a folder with params.json and consolidated.NN.pth slices."""
     params_path = folder / "params.json"
     try:

@@ -1,0 +1,59 @@
+"""`python -m torchchat.kernels.tune`, the GEMV tile sweep: its command line and arithmetic on any
+machine, the sweep itself on a CUDA GPU."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, needs_cuda
+
+
+def test_help_runs_without_a_gpu():
+    r = subprocess.run([sys.executable, "-m", "torchchat.kernels.tune", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "TORCHCHAT_GEMV_TILES" in r.stdout and "--formats" in r.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_without_a_gpu_it_says_what_it_needs(capsys):
+    from torchchat.kernels.tune import main
+
+    assert main(["--formats", "int8"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_layer_shapes_are_the_decode_gemvs():
+    from torchchat.kernels.tune import layer_shapes
+    from torchchat.model.registry import params_table
+
+    assert [(n, k) for _, n, k in layer_shapes(params_table("7B"))] == [
+        (12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096)]
+    assert [(n, k) for _, n, k in layer_shapes(params_table("Meta-Llama-3-8B"))] == [
+        (6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]
+
+
+def test_best_tile_is_time_weighted_over_shapes():
+    """Total bytes over total time: a tile fast on a small layer loses to one fast on the big layer,
+    and a tile that failed on any shape is not a candidate."""
+    from torchchat.kernels.tune import best_tiles
+
+    rows = [{"bytes": 100, "configs": {"a": 100.0, "b": 50.0, "c": 200.0}},
+            {"bytes": 1000, "configs": {"a": 100.0, "b": 200.0, "c": "error OutOfResources"}}]
+    top = best_tiles(rows)
+    assert [name for name, _ in top] == ["b", "a"]
+    assert top[0][1] == pytest.approx(1100 / (100 / 50 + 1000 / 200))
+
+
+@needs_cuda
+def test_sweep_finds_a_tile_per_size_class():
+    pytest.importorskip("triton")
+    from torchchat.kernels.tune import sweep
+    from torchchat.model.registry import params_table
+
+    results, tiles = sweep([params_table("stories15M")], ["int8"])
+    assert set(tiles) == {"int8", "int8:small"} and all(len(t) == 3 for t in tiles.values())
+    assert all(row["rel_err"] < 1e-2 for row in results["int8"])
