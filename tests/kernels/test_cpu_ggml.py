@@ -303,7 +303,8 @@ def check_interleaved(qtype: int, k: int, m: int, n: int, dtype: torch.dtype = t
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
     y = cpu.linear(x, x16, qtype | cpu.X16, n, k)
     assert y.dtype == dtype and y.shape == (m, n)
-    blk = 256 if qtype in KQUANTS and cpu.isa() != "scalar" and not bf16_path else 32
+    # (the K-quants take 256 values per activation scale from 8 rows on, the prefill path)
+    blk = 256 if qtype in KQUANTS and cpu.isa() != "scalar" and not bf16_path and m >= 8 else 32
     ref = assert_within_bound(y, x, w, bf16_path, blk)
     if bf16_path:
         return

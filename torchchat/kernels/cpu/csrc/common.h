@@ -17,10 +17,10 @@ enum QType : int { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K 
 //   q[K] int8 codes, d[K/blk] float scales, s[K/16] int16 sums of the codes of each 16 values.
 // The 16-value sums serve the offset terms of types whose codes are unsigned (Q4_0's "-8",
 // Q4_1/Q4_K/Q5_K's min, Q6_K's "-32" with its two scales per 32 values).
-// blk is 32, except for the SIMD tables' interleaved K-quant kernels (KernelTable::k256), which take
-// one scale per 256-value super-block, as llama.cpp's Q8_K does: a super-block's sub-block dots and
-// integer scales then add up in int32, with one float multiply per super-block instead of one per
-// sub-block (Q6_K has 16 of them).
+// blk is 32, except where the SIMD tables' interleaved K-quant kernels (KernelTable::k256) run a prefill
+// (kBufferedRows rows or more), which takes one scale per 256-value super-block, as llama.cpp's Q8_K
+// does: a super-block's sub-block dots and integer scales then add up in int32, with one float
+// multiply per super-block instead of one per sub-block (Q6_K has 16 of them).
 struct ActQ {
   const int8_t* q;   // (M, K)
   const float* d;    // (M, K/blk)
@@ -28,6 +28,10 @@ struct ActQ {
   int64_t K;
   int blk;           // 32 or 256
 };
+
+// From this many activation rows on, the interleaved kernels of types whose codes take work to assemble
+// build them once per 16-row group (prefill); the K-quants then take activations with blk 256.
+constexpr int64_t kBufferedRows = 8;
 
 // Quantize one row of K floats (K a multiple of blk) into q, d, s as above.
 typedef void (*quantize_row_fn)(const float* x, int64_t K, int blk, int8_t* q, float* d, int16_t* s);
@@ -98,7 +102,7 @@ struct KernelTable {
   // Q5_0 / Q5_1: the file's row layout runs only in the scalar table (nullptr in the SIMD ones: rows
   // are interleaved before the first step wherever they are a multiple of 16).
   gemm_fn q5_0, q5_1, q5_0x, q5_1x;
-  bool k256;  // q4_kx / q5_kx / q6_kx take activations with blk 256 (ActQ); every other kernel blk 32
+  bool k256;  // q4_kx / q5_kx / q6_kx take activations with blk 256 from kBufferedRows rows on (ActQ)
 };
 
 extern const KernelTable scalar_table;

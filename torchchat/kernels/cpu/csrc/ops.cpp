@@ -268,7 +268,7 @@ at::Tensor ggml_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype, 
   std::vector<int16_t>& as = keep ? keep_s : own_s;
   const int base = base_type((int)qtype);
   const bool kquant = base == kQ4_K || base == kQ5_K || base == kQ6_K;
-  const int blk = t.k256 && kquant && is_x16((int)qtype) ? 256 : 32;
+  const int blk = t.k256 && kquant && is_x16((int)qtype) && M >= kBufferedRows ? 256 : 32;
   aq.resize(M * k);
   ad.resize(M * (k / blk));
   as.resize(M * (k / 16));
