@@ -1,8 +1,8 @@
 """torchchat's native CPU kernels for GGUF block-quantized weights (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K).
 
 Weights stay packed exactly as in the .gguf file (see formats.py). Each call quantizes the activation
-rows to int8 per 32 values (per 256 for the interleaved K-quant kernels, as llama.cpp's Q8_K) and
-runs integer dot products against the packed blocks (AVX2, AVX-512 or
+rows to int8 per 32 values (per 256 for an interleaved K-quant prefill of 8+ rows, as llama.cpp's Q8_K)
+and runs integer dot products against the packed blocks (AVX2, AVX-512 or
 AVX-512 VNNI, chosen at run time; a scalar path elsewhere), threads splitting the output rows.
 
     from torchchat.kernels import cpu
