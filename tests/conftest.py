@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,17 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not found (set TORCHCHAT_SHARED to the shared data folder)")
     return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compile_caches():
+    """torch.compile keeps its compiled variants per code object for the whole process, and the steps'
+    `step` closure (torchchat/generation/steps.py) is one code object for every engine a test module
+    builds: past torch._dynamo's recompile limit (8) a later module's compile would fail. A real
+    process builds one or two engines; the suite builds dozens."""
+    yield
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
 
 
 @pytest.fixture(scope="session")

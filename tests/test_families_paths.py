@@ -122,5 +122,5 @@ def test_exported_logits_follow_eager(family, folders, tmp_path):
         exported.runtime.setup(1, MAX_SEQ)
         assert exported.config == built.config
         # The C++ runners' chat format, recognised from the folder's chat template (runner/chat_format.cpp).
-        assert exported.runtime.meta.runner_chat_format == {"gemma2": "gemma", "gemma3": "gemma", "phi3": "phi3"}[family]
+        assert exported.runtime.metadata.runner_chat_format == {"gemma2": "gemma", "gemma3": "gemma", "phi3": "phi3"}[family]
         torch.testing.assert_close(_logits(exported.runtime.forward, ids), eager, atol=atol, rtol=1e-3)
