@@ -67,12 +67,15 @@ def stories_args() -> list[str]:
             "--dtype", "fp32"]
 
 
-def start_server(command: str, extra: list[str], log: Path, timeout: float = 180.0) -> Server:
-    """`torchchat.py COMMAND` on a free port (--port 0); returns once it answers /health."""
+def start_server(command: str, extra: list[str], log: Path, timeout: float = 180.0,
+                 model: list[str] | None = None) -> Server:
+    """`torchchat.py COMMAND` on a free port (--port 0), serving `model` (its flags; default
+    stories260K); returns once it answers /health."""
     for module in ("fastapi", "uvicorn"):
         pytest.importorskip(module, reason="the server needs the server extra: pip install -e '.[server]'")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(ROOT / "torchchat.py"), command, *stories_args(), "--port", "0", *extra]
+    model = stories_args() if model is None else model
+    cmd = [sys.executable, str(ROOT / "torchchat.py"), command, *model, "--port", "0", *extra]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
