@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.checkpoint.llamacpp_tools import _bytes_to_unicode as bytes_to_unicode
 from tests.conftest import shared_path
 
 VOCAB_TESTS = ("tokenizers", "llama.cpp-vocab-tests")
@@ -125,27 +126,13 @@ def llama2_hf(llama2_hf_dir):
     return HFTokenizer(llama2_hf_dir)
 
 
-def _gpt2_byte_chars() -> dict[int, str]:
-    """GPT-2's byte-level alphabet: printable Latin-1 bytes stand for themselves, the other bytes for
-    the characters from U+0100 on, in byte order (how GGUF and tokenizer.json spell BPE tokens)."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(0x100 + extra)
-            extra += 1
-    return chars
-
-
 def write_bpe_gguf(path: Path, ranks: dict[bytes, int], specials: dict[str, int], *, pre: str = "llama-bpe") -> None:
     """A vocabulary-only GGUF (tokenizer.ggml.model "gpt2") made from tiktoken ranks the way
     llama.cpp's converter and transformers' TikTokenConverter do: the token of rank r comes from every
     split of it into two lower-ranked tokens, merges ordered by r."""
     import gguf
 
-    chars = _gpt2_byte_chars()
+    chars = bytes_to_unicode()  # the tests' own copy of GPT-2's table, not the package's
 
     def spell(token: bytes) -> str:
         return "".join(chars[b] for b in token)
