@@ -153,6 +153,7 @@ def sweep(configs: list, formats: list[str]) -> tuple[dict, dict[str, list[int]]
     """(every measurement, the best tile per TORCHCHAT_GEMV_TILES key) over the models' layer shapes."""
     import torch
 
+    from torchchat.kernels.formats import pack_block
     from torchchat.kernels.gemv import SMALL_ROWS
 
     shapes = list(dict.fromkeys(shape for config in configs for shape in layer_shapes(config)))
@@ -160,6 +161,11 @@ def sweep(configs: list, formats: list[str]) -> tuple[dict, dict[str, list[int]]
     for fmt in formats:
         rows = []
         for role, n_w, k in shapes:
+            if fmt != "float" and k % pack_block(fmt, GROUPS[fmt]):
+                # The model keeps such a layer in the float format (LinearQuant.fits), so it has no tile to pick.
+                print(f"{fmt:>5} {role:<6} {n_w:>6}x{k:<6} skipped: rows of {k} do not take {fmt}'s "
+                      f"blocks of {pack_block(fmt, GROUPS[fmt])}", flush=True)
+                continue
             row = _time_shape(fmt, role, n_w, k)
             print(f"{fmt:>5} {role:<6} {n_w:>6}x{k:<6} err {row['rel_err']:.1e}  default {row['default']:.0f} GB/s  "
                   f"best {row['best'][0]:.0f} GB/s ({row['best'][1]})", flush=True)
