@@ -115,6 +115,13 @@ def test_packed_logits_match_dequantized(gguf_files, kind, tied):
                for m in model.modules() if isinstance(m, (PackedLinear, PackedEmbedding)))
     if tied:
         assert model.output.weight is model.tok_embeddings.weight  # still one table, interleaved once
+    # The layout also keeps the KV cache in float16 (as llama.cpp): that rounds K and V, so it is held to the
+    # float reference's bound; the same arithmetic with an fp32 cache is compared with `before` below.
+    assert model.kv_cache_dtype == torch.float16
+    half_cache = _logits(model)
+    assert model.layers[0].attention.kv_cache.k_cache.dtype == torch.float16
+    assert _rel(half_cache, want) < REL_TOL, _rel(half_cache, want)
+    model.kv_cache_dtype = None
     after = _logits(model)
     assert _rel(after, want) < REL_TOL
     # The same int8 arithmetic, summed in another order: each layer agrees to ~2e-7, but the next layer
@@ -132,19 +139,33 @@ def test_optimized_decode_steps_match_prefill(gguf_files):
     """After optimize_for_decode (interleaved weights, the native decode attention), one token at a
     time through the KV cache gives the un-optimized model's parallel prefill logits. (Q4_0: its
     interleaved kernels quantize activations as the file layout's do; the K-quants' take 256 values
-    per scale, see test_packed_logits_match_dequantized.)"""
+    per scale, see test_packed_logits_match_dequantized.)
+
+    With the float16 cache the layout chooses, the steps equal the optimized model's own prefill (the
+    decode kernel reads the very values the prefill attended to). Against the un-optimized model they
+    are compared with an fp32 cache: a last-bit difference in a key (the interleaved sums) can round to
+    another float16 value, and this random model's requantized activations amplify that (0.8% here)."""
     model = _packed_model(gguf_files["Q4_0", True], torch.float32)
     full = _logits(model)
     optimize_for_decode(model)
-    assert model.layers[0].attention.native_decode
-    model.setup_caches(1, 64)
-    with torch.no_grad():
-        steps = torch.cat([model(TOKENS[:, i : i + 1], torch.tensor([i])) for i in range(TOKENS.size(1))], dim=1)
+    assert model.layers[0].attention.native_decode and model.kv_cache_dtype == torch.float16
+
+    def steps():
+        model.setup_caches(1, 64)
+        with torch.no_grad():
+            return torch.cat([model(TOKENS[:, i : i + 1], torch.tensor([i])) for i in range(TOKENS.size(1))], dim=1)
+
     from torchchat.kernels import cpu
 
     # Without VNNI the interleaved kernels sum in another order than the file layout's, and a last-bit
     # difference can move a requantized activation across a rounding boundary (see the test above).
-    assert _rel(steps, full) < (1e-5 if cpu.isa() == "avx512vnni" else 1e-2)
+    exact = 1e-5 if cpu.isa() == "avx512vnni" else 1e-2
+    half = steps()
+    assert model.layers[0].attention.kv_cache.k_cache.dtype == torch.float16
+    assert _rel(half, _logits(model)) < exact
+    assert _rel(half, full) < REL_TOL
+    model.kv_cache_dtype = None
+    assert _rel(steps(), full) < exact
 
 
 @pytest.mark.parametrize("kind", ["Q4_K", "Q8_0"])

@@ -403,6 +403,21 @@ def test_decode_attention(isa, dtype, head_dim, window):
                                cpu.decode_attention(q, k, v, pos, 0.125, window), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 12])
+def test_decode_attention_reads_a_narrower_cache_exactly(isa, cache_dtype, head_dim):
+    """An fp32 query against a float16 / bf16 cache (an fp32 packed model keeps its cache in float16):
+    the kernel widens each stored value exactly, so it matches fp32 attention over those same values."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 8, 1, head_dim, generator=g)
+    k = torch.randn(2, 2, 30, head_dim, generator=g).to(cache_dtype)
+    v = torch.randn(2, 2, 30, head_dim, generator=g).to(cache_dtype)
+    pos = torch.tensor([[4], [29]])
+    out = cpu.decode_attention(q, k, v, pos, 0.125, 0)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, _reference_attention(q, k.float(), v.float(), pos, 0), rtol=1e-5, atol=1e-5)
+
+
 def test_decode_attention_refuses_bad_positions():
     q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 4, 8)
     with pytest.raises(RuntimeError, match="outside the cache"):

@@ -18,6 +18,7 @@ class KVCache(nn.Module):
         those rows, or (B, S) each row's own (sequences of a batch at different lengths). Returns the
         whole caches of those rows (views, no copy)."""
         bsz = k.size(0)
+        k, v = k.to(self.k_cache.dtype), v.to(self.v_cache.dtype)  # no-op unless the cache is narrower
         k_rows, v_rows = self.k_cache[row : row + bsz], self.v_cache[row : row + bsz]
         if input_pos.dim() == 1:
             k_rows.index_copy_(2, input_pos, k)

@@ -75,10 +75,14 @@ class Attention(nn.Module):
             # Traced steps keep static shapes, and on CUDA reading the position would synchronize.
             end = int(input_pos.max()) + 1
             k, v, mask = k[:, :, :end], v[:, :, :end], mask[..., :end]
+        if seqlen == 1 and x.device.type == "cpu" and self.native_decode:
+            # Reads the cache in its own element type (float16 where layout chose it).
+            out = torch.ops.torchchat_cpu.decode_attention(q, k, v, input_pos, self.scale, self.window)
+            return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim))
+        if k.dtype != q.dtype:  # a cache kept narrower than the model (Transformer.kv_cache_dtype)
+            k, v = k.to(q.dtype), v.to(q.dtype)
         if self.softcap is not None:
             out = _softcapped_attention(q, k, v, mask, self.scale, self.softcap)
-        elif seqlen == 1 and x.device.type == "cpu" and self.native_decode:
-            out = torch.ops.torchchat_cpu.decode_attention(q, k, v, input_pos, self.scale, self.window)
         elif seqlen == 1 and x.device.type == "cpu":
             # CPU's scaled_dot_product_attention costs ~85 us per call for one query (stories15M), a
             # sixth of a compiled decode step; these few ops compile into much less.
@@ -171,6 +175,10 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.max_batch = -1
         self.max_seq = -1
+        # The KV caches' element type; None: the weights' dtype. torchchat.model.layout sets float16 for
+        # fp32 models decoding with the native CPU attention (half the bytes each step reads, as llama.cpp).
+        self.kv_cache_dtype: torch.dtype | None = None
+        self._cache_dtype: torch.dtype | None = None
 
     def setup_caches(self, max_batch: int, max_seq: int) -> None:
         """Allocate KV caches, the RoPE table and the causal mask for up to `max_seq` positions.
@@ -178,10 +186,10 @@ class Transformer(nn.Module):
         Reallocates only when the size changes. New caches start zeroed; a position is always written
         before it is attended to, so old contents never need clearing."""
         max_seq = min(max_seq, self.config.max_seq_len)
-        if (max_batch, max_seq) == (self.max_batch, self.max_seq):
+        dtype = self.kv_cache_dtype or self.norm.weight.dtype
+        if (max_batch, max_seq, dtype) == (self.max_batch, self.max_seq, self._cache_dtype):
             return
         cfg = self.config
-        dtype = self.norm.weight.dtype
         device = self.norm.weight.device
         for layer in self.layers:
             attn = layer.attention
@@ -199,7 +207,7 @@ class Transformer(nn.Module):
             # like the causal one, so decoding stays free of position-dependent control flow.
             sliding = torch.triu(causal, diagonal=1 - cfg.sliding_window)
             self.register_buffer("sliding_mask", sliding, persistent=False)  # (S_max, S_max)
-        self.max_batch, self.max_seq = max_batch, max_seq
+        self.max_batch, self.max_seq, self._cache_dtype = max_batch, max_seq, dtype
 
     def forward(self, tokens: Tensor, input_pos: Tensor, row: int = 0, last_only: bool = False) -> Tensor:
         """tokens: (B, S) int64; input_pos: (S,) positions of those tokens, or (B, S) when the rows are

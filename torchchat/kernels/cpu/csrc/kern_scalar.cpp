@@ -174,19 +174,20 @@ void gemm_scalar_x16(const uint8_t* w, int64_t row_bytes, int64_t n_rows, const 
     gemm_scalar<QT>(rows.data(), rb, 16, a, M, y + 16 * g, ldy);
   }
 }
-inline float cache_value(const void* p, int bf16, int64_t i) {
-  if (!bf16) return ((const float*)p)[i];
+inline float cache_value(const void* p, int kind, int64_t i) {
+  if (kind == kCacheF32) return ((const float*)p)[i];
+  if (kind == kCacheF16) return half_to_float(((const uint16_t*)p)[i]);
   union { uint32_t u; float f; } v;
   v.u = (uint32_t)((const uint16_t*)p)[i] << 16;
   return v.f;
 }
 
-void attend_scalar(const float* q, const void* k, const void* v, int bf16, int64_t D, int64_t t0, int64_t t1,
+void attend_scalar(const float* q, const void* k, const void* v, int kind, int64_t D, int64_t t0, int64_t t1,
                    float scale, float* scores, float* out) {
   float mx = -3.0e38f;
   for (int64_t t = t0; t <= t1; t++) {
     float dot = 0.f;
-    for (int64_t d = 0; d < D; d++) dot += q[d] * cache_value(k, bf16, t * D + d);
+    for (int64_t d = 0; d < D; d++) dot += q[d] * cache_value(k, kind, t * D + d);
     scores[t - t0] = dot * scale;
     if (scores[t - t0] > mx) mx = scores[t - t0];
   }
@@ -195,7 +196,7 @@ void attend_scalar(const float* q, const void* k, const void* v, int bf16, int64
   for (int64_t d = 0; d < D; d++) out[d] = 0.f;
   for (int64_t t = t0; t <= t1; t++) {
     const float p = scores[t - t0] / sum;
-    for (int64_t d = 0; d < D; d++) out[d] += p * cache_value(v, bf16, t * D + d);
+    for (int64_t d = 0; d < D; d++) out[d] += p * cache_value(v, kind, t * D + d);
   }
 }
 }  // namespace

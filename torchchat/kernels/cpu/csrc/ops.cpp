@@ -336,8 +336,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "decode_attention: q must be (B, H, 1, D), got ", q.sizes());
   TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes(), "decode_attention: k and v must be (B, H_kv, S_max, D) alike");
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "decode_attention: the caches must be contiguous");
-  TORCH_CHECK(k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
-              "decode_attention: caches must both be float32 or bfloat16");
+  const at::ScalarType ct = k.scalar_type();
+  TORCH_CHECK(ct == v.scalar_type() && (ct == at::kFloat || ct == at::kBFloat16 || ct == at::kHalf),
+              "decode_attention: caches must both be float32, bfloat16 or float16");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
   TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hkv > 0 && H % Hkv == 0, "decode_attention: q ", q.sizes(),
               " does not match the cache ", k.sizes());
@@ -349,8 +350,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const at::Tensor qf = q.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({B, H, 1, D}, q.options().dtype(at::kFloat));
   const KernelTable& t = table();
-  const int bf16 = k.scalar_type() == at::kBFloat16;
-  const int64_t esize = bf16 ? 2 : 4;
+  const int kind = ct == at::kFloat ? kCacheF32 : ct == at::kBFloat16 ? kCacheBF16 : kCacheF16;
+  const int64_t esize = kind == kCacheF32 ? 4 : 2;
   const char* kp = static_cast<const char*>(k.data_ptr());
   const char* vp = static_cast<const char*>(v.data_ptr());
   const float* qp = qf.data_ptr<float>();
@@ -364,7 +365,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       const int64_t t1 = pp[p.numel() == 1 ? 0 : b];
       const int64_t t0 = window > 0 ? std::max<int64_t>(0, t1 - window + 1) : 0;
       const int64_t off = ((b * Hkv + kvh) * S) * D * esize;
-      t.attend(qp + i * D, kp + off, vp + off, bf16, D, t0, t1, (float)scale, scores.data(), op + i * D);
+      t.attend(qp + i * D, kp + off, vp + off, kind, D, t0, t1, (float)scale, scores.data(), op + i * D);
     }
   });
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
