@@ -136,7 +136,8 @@ class Terminal:
     def send(self, data: bytes) -> None:
         os.write(self.fd, data)
 
-    def wait(self, timeout=30.0) -> int:
+    def wait(self, timeout=30.0, kill=True) -> int:
+        """The command's exit code. Past `timeout`: kill it and fail, or (kill=False) raise TimeoutError."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -149,6 +150,8 @@ class Terminal:
             if pid:
                 os.close(self.fd)
                 return os.waitstatus_to_exitcode(status)
+        if not kill:
+            raise TimeoutError
         os.kill(self.pid, 9)
         raise AssertionError(f"the command did not exit; saw:\n{self.seen}")
 
@@ -173,8 +176,19 @@ def test_terminal_session_system_prompt_ctrl_c_ctrl_d(stories260k_dir):
     term = Terminal([sys.executable, str(ROOT / "torchchat.py"), "chat", *_stories(stories260k_dir),
                      "--system-prompt", ""])
     term.expect("User: ")
-    term.send(b"\x03")  # Ctrl-C at the prompt: leave cleanly too
-    assert term.wait() == 0
+    # Ctrl-C at the prompt: leave cleanly too. CPython's readline prints the prompt, then blocks in select()
+    # on stdin without a timeout: a SIGINT landing between the two is noted but not acted on until the next
+    # wake-up (measured: 3 of 6 immediate Ctrl-Cs here). A user presses again; so does the test.
+    for _ in range(10):
+        term.send(b"\x03")
+        try:
+            code = term.wait(timeout=3.0, kill=False)
+            break
+        except TimeoutError:
+            continue
+    else:
+        raise AssertionError(f"ten Ctrl-Cs at the prompt did not end the chat; saw:\n{term.seen}")
+    assert code == 0
     assert term.seen.rstrip().endswith("Exiting chat.") and "Traceback" not in term.seen
 
 
