@@ -16,8 +16,3 @@ if not torch.cuda.is_available():
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()

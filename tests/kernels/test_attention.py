@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from tests.kernels.conftest import rel_err  # noqa: E402
+from tests.kernels.numerics import rel_err  # noqa: E402
 from torchchat.kernels.attention import attention_decode, split_plan  # noqa: E402
 from torchchat.model.kv_cache import KVCache  # noqa: E402
 from torchchat.model.rope import apply_rope, rope_table  # noqa: E402

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import bf16_step, needs_cuda, shared_path
+from tests.conftest import needs_cuda, shared_path
+from tests.kernels.numerics import rel_err
 
 pytestmark = needs_cuda
 
@@ -19,6 +20,8 @@ QUANT = {"bf16": None, "int8": '{"linear:int8": {"bitwidth": 8, "groupsize": 0}}
          "int4": '{"linear:int4": {"groupsize": 128}}'}
 TOKENIZER = {"7B": "llama2", "Meta-Llama-3-8B": "llama3"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Relative distance of the fused path's teacher-forced logits from the PyTorch modules' (same weights).
+LOGIT_ERROR = {"fp32": 1e-4, "bf16": 5e-2}
 
 
 def _build(source, dtype: str, fused: bool, quant: str | None = None):
@@ -52,13 +55,12 @@ def _greedy(built, prompt_ids: list[int], n: int, compiled: bool) -> list[int]:
     return list(engine.tokens(prompt_ids, gen))
 
 
-def _top2(built, ids: list[int], prompt_len: int) -> list[tuple[float, float]]:
-    """(best, second best) logit at each generated position of `ids` (teacher-forced, one forward)."""
+def _teacher_forced(built, ids: list[int], prompt_len: int) -> torch.Tensor:
+    """(T, V) float32 logits that chose each generated token of `ids` (one forward over all of them)."""
     built.runtime.setup(1, len(ids) + 1)
     with torch.no_grad():
         logits = built.runtime.forward(torch.tensor([ids], device="cuda"), torch.arange(len(ids), device="cuda"))
-    top = logits[0, prompt_len - 1: -1].float().topk(2, dim=-1).values
-    return [(a, b) for a, b in top.tolist()]
+    return logits[0, prompt_len - 1: -1].float().cpu()
 
 
 def test_stories260k_fused_graph_matches_llama2c(stories260k_dir):
@@ -82,20 +84,27 @@ def test_fused_greedy_matches_the_pytorch_modules(model, dtype, tokens, stories2
     tok = reference.tokenizer
     prompt = [tok.bos_id] if model == "stories260K" else tok.encode(PROMPT, bos=True)
     want = _greedy(reference, prompt, tokens, compiled=False)
-    top2 = _top2(reference, prompt + want, len(prompt))
+    ref = _teacher_forced(reference, prompt + want, len(prompt))
     del reference
     torch.cuda.empty_cache()
     fused = _build(source, dtype, fused=True)
     assert fused.model.fused_kernels, fused.notes
     graph = _greedy(fused, prompt, tokens, compiled=True)
     assert graph == _greedy(fused, prompt, tokens, compiled=False)  # the CUDA graph replays the eager launches
+    # The same logits up to the rounding of another summation order, on the reference's own tokens.
+    got = _teacher_forced(fused, prompt + want, len(prompt))
+    error = rel_err(got, ref)
+    print(f"{model} {dtype}: fused logits {error:.2e} from the modules'")
+    assert error <= LOGIT_ERROR[dtype], error
     diff = next((i for i, (a, b) in enumerate(zip(want, graph)) if a != b), None)
     if dtype == "fp32" or diff is None:
         assert graph == want
         return
-    best, second = top2[diff]
-    assert best - second <= 2 * bf16_step(best), (
-        f"differs at token {diff} where the reference's best logits are {best - second:.4f} apart")
+    # bf16: the greedy texts part only where the reference's margin between its token and the fused
+    # path's is within what the two computations disagree by at that step (a near-tie, not a bug).
+    row, noise = ref[diff], (got[diff] - ref[diff]).abs().max().item()
+    margin = (row[want[diff]] - row[graph[diff]]).item()
+    assert margin <= 2 * noise, f"differs at token {diff}: the reference's margin {margin:.4f}, the logits' gap {noise:.4f}"
 
 
 @pytest.mark.slow

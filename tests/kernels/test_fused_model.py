@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from tests.kernels.conftest import rel_err  # noqa: E402
+from tests.kernels.numerics import rel_err  # noqa: E402
 from torchchat.model.dummy_weights import dummy_tensor, init_dummy_weights  # noqa: E402
 from torchchat.kernels.formats import LinearQuant  # noqa: E402
 from torchchat.kernels.modules import FusedBlock  # noqa: E402

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from tests.kernels.conftest import rel_err  # noqa: E402
+from tests.kernels.numerics import rel_err  # noqa: E402
 from torchchat.kernels.formats import dequantize, empty_storage, quantize_into  # noqa: E402
 from torchchat.kernels.gemv import GemvConfig, gemv  # noqa: E402
 from torchchat.model.transformer import RMSNorm  # noqa: E402
