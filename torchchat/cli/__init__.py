@@ -63,9 +63,32 @@ def _silence_stdout() -> None:
     os.close(devnull)
 
 
+def _relaunch_for_compiled_wrapper(args: argparse.Namespace) -> None:
+    """Start this command again with the C++ compiler's libstdc++ preloaded where an AOT Inductor artifact
+    is to be loaded and the process has another libstdc++ (torchchat/runtime/cxx_runtime.py says why).
+    Returns where nothing needs doing; otherwise this process is replaced."""
+    if not (getattr(args, "aoti_package_path", None) or getattr(args, "dso_path", None)):
+        return
+    import torch  # noqa: F401  (maps the libstdc++ torch was linked with, if any)
+
+    from torchchat.runtime.cxx_runtime import compiler_libstdcxx, loaded_libstdcxx, preload_needed, relaunch_env
+
+    library = preload_needed(loaded_libstdcxx(), compiler_libstdcxx())
+    env = relaunch_env(library, dict(os.environ)) if library is not None else None
+    if env is None:
+        return
+    if getattr(args, "verbose", False):
+        print(f"[restarting with LD_PRELOAD={library}: the compiled model needs the compiler's libstdc++]",
+              file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from torchchat.errors import TorchchatError
 
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
@@ -84,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from torchchat.cli.quiet import hide_library_noise
 
         hide_library_noise(max_autotune=bool(getattr(args, "max_autotune", False)))
+    if from_command_line:  # (a process that called main() itself is never replaced)
+        _relaunch_for_compiled_wrapper(args)
     try:
         return int(_command_module(args.command).run(args) or 0)
     except BrokenPipeError:
