@@ -130,6 +130,9 @@ def _k_scales(s: Tensor) -> tuple[Tensor, Tensor]:
 
 def decode(qtype: int, data: Tensor) -> Codes:
     """Blocks (r, row_bytes) uint8 -> their codes, scales and minimums (layouts: llama.cpp ggml-common.h)."""
+    if qtype not in NATIVE:
+        raise ValueError(f"GGUF type {NAMES.get(qtype, qtype)} has no fused transcoding; "
+                         f"transcodable: {', '.join(NAMES[q] for q in NATIVE)}")
     values, nbytes = BLOCKS[qtype]
     r = data.shape[0]
     blk = data.reshape(r, -1, nbytes)  # (r, blocks, bytes)
@@ -175,8 +178,7 @@ def decode(qtype: int, data: Tensor) -> Codes:
         sc = blk[..., 192:208].contiguous().view(torch.int8).float()
         scales = _f16(blk[..., 208:210]).unsqueeze(-1) * sc
         return Codes(q, scales.reshape(r, nb * 16), None, 16, -32)
-    raise ValueError(f"GGUF type {NAMES.get(qtype, qtype)} has no fused transcoding; "
-                     f"transcodable: {', '.join(NAMES[q] for q in NATIVE)}")
+    raise AssertionError(f"NATIVE lists {NAMES[qtype]} without a decoder")
 
 
 def _chunks(blocks: GGMLBlocks):

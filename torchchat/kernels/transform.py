@@ -125,7 +125,8 @@ def fuse_model(model: Transformer, source: WeightSource, quant: LinearQuant | No
     quantization had to leave in the model dtype, what the GGUF blocks became)."""
     cfg: ModelConfig = model.config
     b = _Builder(cfg, source, quant, dtype, device, blocks)
-    model.tok_embeddings.weight = nn.Parameter(source("tok_embeddings.weight"), requires_grad=False)
+    # A plain lookup table, whatever module held the checkpoint's (a GGUF file's packed embedding).
+    model.tok_embeddings = nn.Embedding.from_pretrained(source("tok_embeddings.weight"), freeze=True)
     # The output projection first: its full-precision original (vocabulary x dim, the largest
     # matrix) is then the only thing on the GPU besides the embedding.
     if cfg.tie_embeddings:
