@@ -43,8 +43,9 @@ NATIVE: dict[int, tuple[str, int]] = {
     Q5_1: ("int8_asym", 32), Q5_K: ("int8_asym", 32),
 }
 _WITH_MINS = frozenset((Q4_1, Q4_K, Q5_1, Q5_K))
-# Rows converted at a time: bounds the int64/float32 temporaries to about 100 MB.
-_CHUNK_ELEMENTS = 1 << 22
+# Weights converted at a time: each int64 temporary of a chunk is 8 MB, so the scratch a build needs
+# beside the finished layers stays a few tens of MB.
+_CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
