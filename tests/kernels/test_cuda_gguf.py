@@ -2,8 +2,8 @@
 `--device cuda` (build_model): the fused kernels run on the file's integers (no bf16 copy of a
 matrix), the logits at prefill and at each decode step are those of the PyTorch modules holding the
 dequantized file (float32: the same weights exactly; bfloat16: its rounding of the scales and
-activations), the CUDA graph replays the eager decode, and the GPU memory a build takes stays near the
-transcoded weights. The files are written here (tests/checkpoint/gguf_build.py), so llama.cpp is not
+activations), the embedding stays integer too, the CUDA graph replays the eager decode, and the GPU
+memory a build takes stays near the transcoded weights. The files are written here (tests/checkpoint/gguf_build.py), so llama.cpp is not
 needed; tests/kernels/test_gguf_fused.py checks the same build on a CPU through Triton's interpreter."""
 from __future__ import annotations
 
@@ -97,6 +97,7 @@ def test_gguf_blocks_run_fused_on_their_integers(files, kind, dtype):
     assert getattr(model, "fused_kernels", False), built.notes
     assert any("GGUF blocks kept integer" in n for n in built.notes), built.notes
     assert all(lin.fmt != "float" for lin in _linears(model))
+    assert model.tok_embeddings.table.fmt != "float"  # FusedEmbedding: the file's embedding stays integer
     assert all(lin.weight.device.type == "cuda" for lin in _linears(model))
     # About the file's size: the file's block bytes of the linear weights against what the fused layers
     # hold (bf16: 5 bits/weight for 4.5-5, int8 8.5-9 bits for 5.5-8.5; a mixed q|k|v stack takes int8
@@ -130,12 +131,14 @@ def test_the_cuda_graph_replays_the_eager_decode(files):
 
 
 def test_tied_embedding_gguf(tmp_path):
-    """A tied Q8_0 embedding: dequantized once, the output projection reads the same table."""
+    """A tied Q8_0 embedding: kept int8, looked up by rows, and the output projection's GEMV reads the
+    same table."""
     pytest.importorskip("triton")
     path = _write(tmp_path / "tied.gguf", "Q8_0", dict(dim=256, n_heads=4, n_kv_heads=2, vocab_size=512,
                                                        hidden_dim=512), tied=True)
     built = _build(path, torch.float32)
-    assert built.model.fused_kernels and built.model.output.weight is built.model.tok_embeddings.weight
+    assert built.model.fused_kernels and built.model.output is built.model.tok_embeddings.table
+    assert built.model.output.fmt == "int8"
     assert rel_err(_logits(built), _logits(_build(path, torch.float32, fused=False))) < 1e-4
 
 

@@ -17,6 +17,7 @@ from tests.kernels.conftest import rel_err  # noqa: E402
 from torchchat import build  # noqa: E402
 from torchchat.checkpoint import LoadOptions  # noqa: E402
 from torchchat.checkpoint.gguf import load_gguf  # noqa: E402
+from torchchat.kernels.modules import FusedEmbedding  # noqa: E402
 from torchchat.kernels.transform import fuse_model  # noqa: E402
 from torchchat.model.config import ModelConfig  # noqa: E402
 from torchchat.model.transformer import Transformer  # noqa: E402
@@ -76,6 +77,10 @@ def _dequantized(path):
     return model.eval()
 
 
+def _bytes(lin) -> int:
+    return sum(t.numel() * t.element_size() for t in (lin.weight, lin.scales, lin.mins) if t is not None)
+
+
 def _logits(model, prompt: list[int], steps: list[int]) -> torch.Tensor:
     """Prefill `prompt` (PyTorch ops), then one token at a time (the fused kernels): the logits of each
     position, (len(prompt) + len(steps), vocab)."""
@@ -97,12 +102,12 @@ def test_each_layer_takes_the_format_of_its_blocks(files):
     # Not re-quantized, so the norms are not folded into the weights: they keep their own weights.
     assert not l0.attention.wqkv.norm_folded and not bool((l0.ffn_norm.weight == 1).all())
     assert any("GGUF blocks kept integer" in n and "Q4_K+Q6_K -> int8_asym g16 (wq/wk/wv)" in n for n in notes), notes
-    assert any("embedding dequantized to bfloat16" in n for n in notes), notes
-    assert type(model.tok_embeddings) is torch.nn.Embedding and model.tok_embeddings.weight.dtype == torch.bfloat16
+    assert any("Q4_0 -> int4 g32 x1" in n for n in notes), notes  # the embedding
+    assert type(model.tok_embeddings) is FusedEmbedding and model.tok_embeddings.table.fmt == "int4"
 
 
 def test_weights_stay_integer_near_the_file_size(files):
-    """No float matrix but the embedding; each layer's bytes are what the format table in
+    """No float matrix, the embedding included; each layer's bytes are what the format table in
     gguf_transcode.py says: 5 bits/weight for Q4_K (4.5 in the file), 9 for Q6_K (6.5625), 8.5 for Q8_0."""
     from gguf import GGUFReader
 
@@ -116,14 +121,15 @@ def test_weights_stay_integer_near_the_file_size(files):
         for lin, names in ((block.attention.wqkv, ["attention.wq", "attention.wk", "attention.wv"]),
                            (block.attention.wo, ["attention.wo"]), (block.feed_forward.w13, ["feed_forward.w1", "feed_forward.w3"]),
                            (block.feed_forward.w2, ["feed_forward.w2"])):
-            ours = sum(t.numel() * t.element_size() for t in (lin.weight, lin.scales, lin.mins) if t is not None)
+            ours = _bytes(lin)
             bits = {"int4": 5.0, "int8": 8 + 16 / lin.groupsize, "int8_asym": 8 + 32 / lin.groupsize}[lin.fmt]
             assert ours == lin.out_features * lin.in_features * bits / 8
             file = sum(sizes[gguf_name(p + n + ".weight")] for n in names)
             assert ours <= 1.45 * file if lin.fmt != "int8_asym" else ours <= 2.0 * file  # mixed stack: int8 for Q4_K too
     weights = [n for n, t in model.named_parameters() if n.endswith("weight") and t.dim() == 2]
-    assert [n for n in weights if model.get_parameter(n).is_floating_point()] == ["tok_embeddings.weight"]
-    assert model.tok_embeddings.weight.shape == (cfg.vocab_size, cfg.dim)
+    assert weights and not [n for n in weights if model.get_parameter(n).is_floating_point()]
+    table = model.tok_embeddings.table
+    assert _bytes(table) == cfg.vocab_size * cfg.dim * 5 // 8 <= 1.12 * sizes["token_embd.weight"]  # Q4_0: 4.5 bits
 
 
 def test_logits_match_the_dequantized_file(files):
@@ -137,10 +143,10 @@ def test_logits_match_the_dequantized_file(files):
     assert rel_err(got, want) < 1e-5
 
 
-def test_tied_output_shares_the_dequantized_embedding(files):
-    model, notes = _fused(files[True], torch.float32)
-    assert model.output.fmt == "float" and model.output.weight is model.tok_embeddings.weight
-    assert any("embedding and the output tied to it dequantized" in n for n in notes), notes
+def test_tied_output_multiplies_by_the_embedding_table(files):
+    model, _ = _fused(files[True], torch.float32)
+    assert model.output is model.tok_embeddings.table and model.output.fmt == "int4"
+    assert model.output.weight is model.tok_embeddings.weight  # held once, as in the file
     prompt = [3, 1, 4, 1, 5]
     assert rel_err(_logits(model, prompt, [9]), _logits(_dequantized(files[True]), prompt, [9])) < 1e-5
 

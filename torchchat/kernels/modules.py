@@ -118,6 +118,31 @@ class FusedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, groupsize={self.groupsize}"
 
 
+class FusedEmbedding(nn.Module):
+    """A token embedding whose table is a FusedLinear's integer storage (a GGUF file's blocks,
+    transcoded): the looked-up rows are dequantized, nothing else. With tied embeddings the same
+    FusedLinear is the output projection, so the table is held once, as in the file."""
+
+    def __init__(self, table: FusedLinear):
+        super().__init__()
+        self.table = table
+
+    @property
+    def weight(self) -> Tensor:
+        """The stored table (for identity checks of a tied output), not a float matrix."""
+        return self.table.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """ids (B, S) -> (B, S, dim) in the model dtype."""
+        t, rows = self.table, ids.reshape(-1)
+        mins = t.mins[rows] if t.mins is not None else None
+        out = dequantize(t.fmt, t.groupsize, t.weight[rows], t.scales[rows], mins, t.dtype)
+        return out.view(*ids.shape, t.in_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.table.out_features}, {self.table.in_features}, fmt={self.table.fmt}, groupsize={self.table.groupsize}"
+
+
 class FusedRMSNorm(RMSNorm):
     """RMSNorm whose one-row case runs as one Triton kernel instead of half a dozen small ones."""
 

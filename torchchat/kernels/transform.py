@@ -11,7 +11,8 @@ Integer formats fold the RMSNorm weight that precedes a layer into its columns b
 
 GGUF block-quantized weights (a `BlockSource`) are transcoded instead (gguf_transcode.py): their codes
 kept, never quantized again, so their norms are not folded (the kernels apply the norm weight to the
-input). A stack whose parts are not all such blocks (an F16 matrix beside a Q4_0 one) is built in
+input). That includes the token embedding (FusedEmbedding; a tied output then multiplies by the same
+storage). A stack whose parts are not all such blocks (an F16 matrix beside a Q4_0 one) is built in
 float from the dequantized blocks, and said so in the notes.
 """
 from __future__ import annotations
@@ -23,7 +24,9 @@ from torch import Tensor, nn
 
 from torchchat.kernels.formats import LinearQuant
 from torchchat.kernels.gguf_transcode import GGMLBlocks, fused_format, transcodable
-from torchchat.kernels.modules import FusedAttention, FusedBlock, FusedFeedForward, FusedLinear, FusedRMSNorm
+from torchchat.kernels.modules import (
+    FusedAttention, FusedBlock, FusedEmbedding, FusedFeedForward, FusedLinear, FusedRMSNorm,
+)
 from torchchat.model.config import ModelConfig
 from torchchat.model.transformer import RMSNorm, Transformer
 
@@ -120,17 +123,25 @@ def fuse_model(model: Transformer, source: WeightSource, quant: LinearQuant | No
                device: torch.device | str, dtype: torch.dtype, blocks: BlockSource | None = None) -> list[str]:
     """Replace `model`'s blocks, final norm and output projection by fused modules built from
     `source`, in place, and put the embedding on the device. `blocks`: the weights that are GGUF
-    blocks, transcoded rather than read from `source` (which must still give them as float, for the
-    embedding and for stacks mixing them with float weights). Returns notes for the user (layers the
+    blocks, transcoded rather than read from `source` (which must still give them as float, for
+    stacks mixing them with float weights). Returns notes for the user (layers the
     quantization had to leave in the model dtype, what the GGUF blocks became)."""
     cfg: ModelConfig = model.config
     b = _Builder(cfg, source, quant, dtype, device, blocks)
-    # A plain lookup table, whatever module held the checkpoint's (a GGUF file's packed embedding).
-    model.tok_embeddings = nn.Embedding.from_pretrained(source("tok_embeddings.weight"), freeze=True)
+    # GGUF blocks stay integer in the embedding too (rows dequantized as they are looked up), and a
+    # tied output multiplies by the same storage; otherwise a plain lookup table, whatever module held
+    # the checkpoint's.
+    table = b.transcoded_linear(["tok_embeddings.weight"], [cfg.vocab_size], cfg.dim, "tok_embeddings",
+                                out_dtype=torch.float32)
+    if table is not None:
+        model.tok_embeddings = FusedEmbedding(table)
+    else:
+        model.tok_embeddings = nn.Embedding.from_pretrained(source("tok_embeddings.weight"), freeze=True)
     # The output projection first: its full-precision original (vocabulary x dim, the largest
     # matrix) is then the only thing on the GPU besides the embedding.
     if cfg.tie_embeddings:
-        model.output = FusedLinear.sharing(model.tok_embeddings.weight, out_dtype=torch.float32)
+        model.output = table if table is not None else FusedLinear.sharing(model.tok_embeddings.weight,
+                                                                           out_dtype=torch.float32)
         if quant is not None:
             b.unquantized.append("output (tied to the embedding)")
     else:
@@ -153,9 +164,6 @@ def fuse_model(model: Transformer, source: WeightSource, quant: LinearQuant | No
     if b.dequantized:
         kinds = sorted(set(b.dequantized), key=b.dequantized.index)
         notes.append(f"GGUF blocks dequantized to {dt} (stacked with float weights): {', '.join(kinds)}")
-    if blocks is not None and blocks("tok_embeddings.weight") is not None:
-        tied = " and the output tied to it" if cfg.tie_embeddings else ""
-        notes.append(f"GGUF token embedding{tied} dequantized to {dt}")
     if b.unquantized:
         kinds = sorted(set(b.unquantized), key=b.unquantized.index)
         notes.append(f"fused {quant.kind} groupsize {quant.groupsize}: left in {str(dtype).removeprefix('torch.')} "
