@@ -334,7 +334,7 @@ def resolve_spec(spec: BuildSpec) -> ResolvedModel:
     if spec.quant is not None:
         # Shapes and device checked before any weight is read (the checkpoint is only mapped so far).
         notes.extend(spec.quant.validate(config, device, spec.dtype, spec.cpu_kernels))
-    _check_model_fits(config, spec, device, checkpoint)
+    _check_model_fits(config, spec, device, checkpoint, blocks=weights is not None and bool(weights.packed))
     name = entry.name if entry is not None else Path(checkpoint or src.params_table or "model").name
     return ResolvedModel(device=device, config=config, entry=entry, weights=weights,
                          checkpoint=Path(checkpoint) if checkpoint is not None else None,
@@ -342,11 +342,16 @@ def resolve_spec(spec: BuildSpec) -> ResolvedModel:
                          name=name, notes=notes)
 
 
-def _check_model_fits(config: ModelConfig, spec: BuildSpec, device: str, checkpoint) -> None:
-    """Refuse a model that can never fit before building it (a params file can ask for anything)."""
+def _check_model_fits(config: ModelConfig, spec: BuildSpec, device: str, checkpoint, blocks: bool = False) -> None:
+    """Refuse a model that can never fit before building it (a params file can ask for anything).
+    `blocks`: the weights stay GGUF blocks (CPU kernels) or their fused transcoding (CUDA), at most 10
+    bits a weight with 16-bit scales, 12 with float32 ones (int8 with a scale and a minimum per 16
+    values: a Q4_K q|k beside a Q6_K v), not the dtype's 16 or 32."""
     from torchchat.model.params_check import check_model_fits
 
     per_param = 0.5 if spec.quant is not None else torch.empty((), dtype=spec.dtype).element_size()
+    if blocks and spec.quant is None:
+        per_param = min(per_param, 1.25 if per_param <= 2 else 1.5)
     check_model_fits(config, per_param, device, str(checkpoint or _source_name(spec)))
 
 

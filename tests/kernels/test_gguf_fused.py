@@ -161,3 +161,19 @@ def test_blocks_are_kept_only_where_asked(files):
     assert kept.packed == {}
     for name, t in no.state_dict.items():
         assert torch.equal(kept.state_dict[name], t.float()), name
+
+
+def test_size_check_counts_blocks_at_their_size(monkeypatch):
+    """A GGUF model kept as blocks is not refused for the memory its bf16 weights would take: a
+    machine holding 1.3 bytes a weight fits it (at most 10 bits a weight transcoded), not bf16's 2."""
+    import torchchat.model.params_check as params_check
+    from torchchat.build import BuildSpec, ModelSource
+    from torchchat.errors import UserInputError
+    from torchchat.model.params_check import weight_count
+
+    config = _config(False)
+    monkeypatch.setattr(params_check, "machine_bytes", lambda device: int(1.3 * weight_count(config)))
+    spec = BuildSpec(ModelSource(gguf_path="m.gguf"), dtype=torch.bfloat16)
+    build._check_model_fits(config, spec, "cpu", "m.gguf", blocks=True)
+    with pytest.raises(UserInputError, match="needs about"):
+        build._check_model_fits(config, spec, "cpu", "m.gguf", blocks=False)
