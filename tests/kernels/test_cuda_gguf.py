@@ -3,8 +3,9 @@
 matrix), the logits at prefill and at each decode step are those of the PyTorch modules holding the
 dequantized file (float32: the same weights exactly; bfloat16: its rounding of the scales and
 activations), the embedding stays integer too, the CUDA graph replays the eager decode, and the GPU
-memory a build takes stays near the transcoded weights. The files are written here (tests/checkpoint/gguf_build.py), so llama.cpp is not
-needed; tests/kernels/test_gguf_fused.py checks the same build on a CPU through Triton's interpreter."""
+memory a build takes stays near the transcoded weights. The files are written here
+(tests/checkpoint/gguf_build.py), so llama.cpp is not needed; tests/kernels/test_gguf_fused.py checks
+the same build on a CPU through Triton's interpreter."""
 from __future__ import annotations
 
 from dataclasses import replace

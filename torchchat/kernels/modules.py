@@ -140,7 +140,8 @@ class FusedEmbedding(nn.Module):
         return out.view(*ids.shape, t.in_features)
 
     def extra_repr(self) -> str:
-        return f"{self.table.out_features}, {self.table.in_features}, fmt={self.table.fmt}, groupsize={self.table.groupsize}"
+        t = self.table
+        return f"{t.out_features}, {t.in_features}, fmt={t.fmt}, groupsize={t.groupsize}"
 
 
 class FusedRMSNorm(RMSNorm):
