@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import needs_cuda, shared_path
-from tests.kernels.conftest import rel_err
+from tests.kernels.numerics import rel_err
 
 pytestmark = needs_cuda
 

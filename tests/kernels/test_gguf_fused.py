@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("triton")
 
 from tests.checkpoint.gguf_build import write_llama_gguf  # noqa: E402
-from tests.kernels.conftest import rel_err  # noqa: E402
+from tests.kernels.numerics import rel_err  # noqa: E402
 from torchchat import build  # noqa: E402
 from torchchat.checkpoint import LoadOptions  # noqa: E402
 from torchchat.checkpoint.gguf import load_gguf  # noqa: E402
