@@ -17,6 +17,7 @@ from tests.conftest import needs_cuda, shared_path
 from tests.kernels.numerics import rel_err
 
 pytestmark = needs_cuda
+pytest.importorskip("gguf")
 
 KINDS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "mixed")
 # "mixed": as a Q4_K_M file, Q4_K with a Q6_K wv and w2 in layer 0 (one q|k|v stack of two types), a

@@ -1,8 +1,8 @@
 """A GGUF model of mixed block types (as a Q4_K_M file mixes Q4_K and Q6_K) built on the fused path from
-its blocks, the way `--device cuda` builds it, here on the CPU (Triton's interpreter runs the kernels):
-which format each layer gets, that the weights stay integer at about the file's size, and that its
-logits, prefill and one-token decode steps, are those of the plain Transformer holding gguf's own
-dequantization of the file. tests/kernels/test_cuda_gguf.py runs the same through build_model on a GPU."""
+its blocks, the way `--device cuda` builds it, here on the CPU through Triton's interpreter (on the GPU
+where there is one): which format each layer gets, that the weights stay integer at about the file's
+size, and that its logits, prefill and one-token decode steps, are those of the plain Transformer
+holding gguf's own dequantization of the file. tests/kernels/test_cuda_gguf.py runs the same through build_model on a GPU."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -55,7 +55,7 @@ def files(tmp_path_factory):
     return {tied: _write(folder / f"mixed-{tied}.gguf", tied) for tied in (False, True)}
 
 
-def _fused(path, dtype):
+def _fused(path, dtype, device):
     """What build.materialize does on CUDA, on the CPU: blocks kept at load, transcoded by fuse_model."""
     weights = load_gguf(path, LoadOptions(dtype=dtype, keep_quantized=True, tokenizer=False,
                                           keep_blocks=lambda config: True))
@@ -63,18 +63,19 @@ def _fused(path, dtype):
     with torch.device("meta"):
         model = Transformer(weights.config)
     build._assign(model, weights, str(path))
-    source, blocks = build._block_sources(model, weights.packed, build._real_tensor(model, "cpu", dtype), "cpu", dtype)
+    floats = build._real_tensor(model, device, dtype)
+    source, blocks = build._block_sources(model, weights.packed, floats, device, dtype)
     with torch.no_grad():
-        notes = fuse_model(model, source, None, "cpu", dtype, blocks)
+        notes = fuse_model(model, source, None, device, dtype, blocks)
     return model.eval(), notes
 
 
-def _dequantized(path):
+def _dequantized(path, device):
     dense = load_gguf(path, LoadOptions(dtype=torch.float32, tokenizer=False))
     with torch.device("meta"):
         model = Transformer(dense.config)
     build.load_weights(model, dense.state_dict, str(path))
-    return model.eval()
+    return model.to(device).eval()
 
 
 def _bytes(lin) -> int:
@@ -85,15 +86,16 @@ def _logits(model, prompt: list[int], steps: list[int]) -> torch.Tensor:
     """Prefill `prompt` (PyTorch ops), then one token at a time (the fused kernels): the logits of each
     position, (len(prompt) + len(steps), vocab)."""
     model.setup_caches(1, 64)
+    device = model.norm.weight.device
     with torch.no_grad():
-        out = [model(torch.tensor([prompt]), torch.arange(len(prompt)))[0]]
+        out = [model(torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device))[0]]
         for i, tok in enumerate(steps):
-            out.append(model(torch.tensor([[tok]]), torch.tensor([len(prompt) + i]))[0])
+            out.append(model(torch.tensor([[tok]], device=device), torch.tensor([len(prompt) + i], device=device))[0])
     return torch.cat(out).float()
 
 
-def test_each_layer_takes_the_format_of_its_blocks(files):
-    model, notes = _fused(files[False], torch.bfloat16)
+def test_each_layer_takes_the_format_of_its_blocks(files, device):
+    model, notes = _fused(files[False], torch.bfloat16, device)
     l0, l1 = model.layers
     assert (l0.attention.wqkv.fmt, l0.attention.wqkv.groupsize) == ("int8_asym", 16)  # Q4_K q, k beside a Q6_K v
     assert (l1.attention.wqkv.fmt, l1.attention.wqkv.groupsize) == ("int4", 32)
@@ -106,14 +108,14 @@ def test_each_layer_takes_the_format_of_its_blocks(files):
     assert type(model.tok_embeddings) is FusedEmbedding and model.tok_embeddings.table.fmt == "int4"
 
 
-def test_weights_stay_integer_near_the_file_size(files):
+def test_weights_stay_integer_near_the_file_size(files, device):
     """No float matrix, the embedding included; each layer's bytes are what the format table in
     gguf_transcode.py says: 5 bits/weight for Q4_K (4.5 in the file), 9 for Q6_K (6.5625), 8.5 for Q8_0."""
     from gguf import GGUFReader
 
     from tests.checkpoint.gguf_build import gguf_name
 
-    model, _ = _fused(files[False], torch.bfloat16)
+    model, _ = _fused(files[False], torch.bfloat16, device)
     sizes = {t.name: int(t.n_bytes) for t in GGUFReader(files[False]).tensors}
     cfg = model.config
     for i, block in enumerate(model.layers):
@@ -134,23 +136,23 @@ def test_weights_stay_integer_near_the_file_size(files):
     assert _bytes(table) == cfg.vocab_size * cfg.dim * 5 // 8 <= 1.12 * sizes["token_embd.weight"]  # Q4_0: 4.5 bits
 
 
-def test_logits_match_the_dequantized_file(files):
+def test_logits_match_the_dequantized_file(files, device):
     """fp32 keeps every scale exactly, so the fused model is the dequantized file's model: logits agree
     to float32 summation order, at prefill (PyTorch on the dequantized storage) and at each decode step
     (the GEMV kernels on the integers)."""
     prompt, steps = [1, 57, 300, 12], [499, 8]
-    fused, _ = _fused(files[False], torch.float32)
-    want = _logits(_dequantized(files[False]), prompt, steps)
+    fused, _ = _fused(files[False], torch.float32, device)
+    want = _logits(_dequantized(files[False], device), prompt, steps)
     got = _logits(fused, prompt, steps)
     assert rel_err(got, want) < 1e-5
 
 
-def test_tied_output_multiplies_by_the_embedding_table(files):
-    model, _ = _fused(files[True], torch.float32)
+def test_tied_output_multiplies_by_the_embedding_table(files, device):
+    model, _ = _fused(files[True], torch.float32, device)
     assert model.output is model.tok_embeddings.table and model.output.fmt == "int4"
     assert model.output.weight is model.tok_embeddings.weight  # held once, as in the file
     prompt = [3, 1, 4, 1, 5]
-    assert rel_err(_logits(model, prompt, [9]), _logits(_dequantized(files[True]), prompt, [9])) < 1e-5
+    assert rel_err(_logits(model, prompt, [9]), _logits(_dequantized(files[True], device), prompt, [9])) < 1e-5
 
 
 def test_blocks_are_kept_only_where_asked(files):
