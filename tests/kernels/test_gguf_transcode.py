@@ -121,17 +121,18 @@ def test_refusals_name_the_problem():
         decode(0, torch.zeros(1, 4, dtype=torch.uint8))
 
 
+@pytest.mark.parametrize("k", [256, 768])  # 768: the second 512-input tile is a partial one
 @pytest.mark.parametrize("qtype", TYPES, ids=IDS)
-def test_gemv_on_transcoded_weights(qtype, device):
+def test_gemv_on_transcoded_weights(qtype, k, device):
     """The fused GEMV (norm prologue, swiglu epilogue) on the transcoded storage against F.linear on its
     dequantization. On a CPU it runs in Triton's interpreter."""
     pytest.importorskip("triton")
     from torchchat.kernels.gemv import gemv
 
-    blocks, _ = _blocks(qtype, 32, 256)
+    blocks, _ = _blocks(qtype, 32, k)
     gen = torch.Generator().manual_seed(qtype)
-    x = torch.randn(256, generator=gen).to(device)
-    g = (torch.rand(256, generator=gen) + 0.5).to(device)
+    x = torch.randn(k, generator=gen).to(device)
+    g = (torch.rand(k, generator=gen) + 0.5).to(device)
     rms = torch.rsqrt(x.pow(2).mean() + 1e-5)
     for fmt, groupsize in _formats(qtype):
         st = {k: v.to(device) for k, v in _transcode(blocks, fmt, groupsize, torch.float32).items()}
