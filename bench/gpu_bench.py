@@ -5,6 +5,7 @@ whole session on a lent GPU is one command. Results go to stdout (a short table 
     PYTHONPATH=. python3 bench/gpu_bench.py env          # versions, device-copy bandwidth, torchao import
     PYTHONPATH=. python3 bench/gpu_bench.py profile      # engine vs graph-replay time per token; kernel table
     PYTHONPATH=. python3 bench/gpu_bench.py generate     # `torchchat.py generate` tok/s, cold/warm start
+    PYTHONPATH=. python3 bench/gpu_bench.py generate --quant --gguf Q4_0 Q8_0 Q4_K Q6_K   # GGUF files
 
 The GEMV tile sweep is `python -m torchchat.kernels.tune`; the correctness and build-memory checks
 are tests (tests/kernels/test_cuda_models.py, skipped without a GPU).
@@ -13,7 +14,10 @@ are tests (tests/kernels/test_cuda_models.py, skipped without a GPU).
 (--dummy-weights), batch 1, a 6-token prompt, 200 new tokens, temperature 0.8, top-k 200, --compile,
 median over 5 samples after one compile/warm-up sample. Each configuration runs twice: first with
 empty Triton/Inductor caches (cold), then again with the caches it left (warm); time to first token is
-measured from process start to the first generated text on stdout.
+measured from process start to the first generated text on stdout. `--gguf TYPE...` adds GGUF files of
+each model's shape in those block types (random blocks, bench/gguf_random.py), run with `--gguf-path`:
+on the fused path their integers are transcoded (docs/gguf.md); `--variants reference` shows how they
+ran before (--no-cuda-kernels: dequantized to bf16, Q4_0 on torchao's int4 kernel).
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ QUANT = {
     "int4": '{"linear:int4": {"groupsize": 128}}',
 }
 TOKENIZER = {"7B": "llama2", "Meta-Llama-3-8B": "llama3"}
+GGUF_KINDS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")  # bench/gguf_random.py
 
 
 def _save(out: Path | None, name: str, data) -> None:
@@ -190,9 +195,14 @@ def _run_cli(cmd: list[str], env: dict, timeout: float) -> tuple[float | None, f
 
 
 def cmd_generate(a) -> dict:
+    from gguf_random import write_random_gguf
+
     rows = []
+    files = tempfile.TemporaryDirectory()  # one GGUF file at a time (4-7 GB at 7B), removed after its runs
     for model in a.models:
-        for q in a.quant:
+        configs = [(q, QUANT[q], None) for q in a.quant] + [(f"gguf:{kind}", None, kind) for kind in a.gguf]
+        for q, recipe, kind in configs:
+            gguf = write_random_gguf(Path(files.name) / f"{model}-{kind}.gguf", model, kind) if kind else None
             for variant in a.variants:
                 with tempfile.TemporaryDirectory() as cache:
                     env = dict(os.environ, TRITON_CACHE_DIR=f"{cache}/triton",
@@ -200,14 +210,16 @@ def cmd_generate(a) -> dict:
                     row = {"model": model, "quant": q, "variant": variant}
                     for phase in ("cold", "warm")[: 2 if a.warm else 1]:
                         metrics = Path(cache) / f"{phase}.json"
-                        cmd = [sys.executable, "torchchat.py", "generate", "--params-table", model, "--dummy-weights",
+                        weights = (["--gguf-path", str(gguf)] if gguf is not None
+                                   else ["--params-table", model, "--dummy-weights"])
+                        cmd = [sys.executable, "torchchat.py", "generate", *weights,
                                "--tokenizer-path", str(_tokenizer(a.tokenizers, model)),
                                "--device", "cuda", "--dtype", "bf16",
                                "--prompt", PROMPT, "--max-new-tokens", str(a.tokens), "--temperature", "0.8",
                                "--top-k", "200", "--num-samples", str(a.samples + 1), "--compile",
                                "--metrics-json", str(metrics)]
-                        if QUANT[q]:
-                            cmd += ["--quantize", QUANT[q]]
+                        if recipe:
+                            cmd += ["--quantize", recipe]
                         if variant == "reference":
                             cmd.append("--no-cuda-kernels")
                         first, total, err, rc = _run_cli(cmd, env, a.timeout)
@@ -226,19 +238,22 @@ def cmd_generate(a) -> dict:
                             "model_bytes": m["model_bytes_per_token"], "peak_reserved_gb": m["peak_memory_bytes"] / 1e9,
                             "prompt_tokens": kept[0]["prompt_tokens"],
                         }
-                        print(f"{model:<16} {q:<5} {variant:<9} {phase}: {row[phase]['median_tok_s']:.1f} tok/s "
+                        print(f"{model:<16} {q:<9} {variant:<9} {phase}: {row[phase]['median_tok_s']:.1f} tok/s "
                               f"({row[phase]['median_gb_s']:.0f} GB/s), first text at {first:.1f} s, "
                               f"prompt {row[phase]['prompt_tokens']} tokens", flush=True)
                     rows.append(row)
                     _save(a.out, "generate.json", rows)
-    print("\nmodel            quant variant    tok/s   GB/s  cold 1st text  warm 1st text  peak GB")
+            if gguf is not None:
+                gguf.unlink()
+    files.cleanup()
+    print("\nmodel            quant     variant    tok/s   GB/s  cold 1st text  warm 1st text  peak GB")
     for r in rows:
         c, w = r.get("cold", {}), r.get("warm", {})
         if "median_tok_s" not in c:
-            print(f"{r['model']:<16} {r['quant']:<5} {r['variant']:<9} failed")
+            print(f"{r['model']:<16} {r['quant']:<9} {r['variant']:<9} failed")
             continue
         warm = f"{w['first_text_s']:.1f} s" if w.get("first_text_s") else "-"
-        print(f"{r['model']:<16} {r['quant']:<5} {r['variant']:<9} {c['median_tok_s']:6.1f} {c['median_gb_s']:6.0f} "
+        print(f"{r['model']:<16} {r['quant']:<9} {r['variant']:<9} {c['median_tok_s']:6.1f} {c['median_gb_s']:6.0f} "
               f"{c['first_text_s']:10.1f} s {warm:>12}  {c['peak_reserved_gb']:7.2f}")
     return {"rows": rows}
 
@@ -247,7 +262,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["env", "profile", "generate"], nargs="+")
     p.add_argument("--models", nargs="+", default=["7B", "Meta-Llama-3-8B"])
-    p.add_argument("--quant", nargs="+", default=["bf16", "int8", "int4"], choices=list(QUANT))
+    p.add_argument("--quant", nargs="*", default=["bf16", "int8", "int4"], choices=list(QUANT))
+    p.add_argument("--gguf", nargs="*", default=[], choices=list(GGUF_KINDS),
+                   help="generate: also GGUF files of each model's shape in these block types (random blocks)")
     p.add_argument("--variants", nargs="+", default=["fused"], choices=["fused", "reference"],
                    help="fused: torchchat's kernels; reference: --no-cuda-kernels "
                         "(PyTorch modules, torchao, torch.compile)")

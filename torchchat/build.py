@@ -283,11 +283,16 @@ def _given_config(src: ModelSource, entry: ModelEntry | None, checkpoint: Path |
 def _map_checkpoint(spec: BuildSpec, device: str, checkpoint: Path, build_tokenizer: bool) -> LoadedCheckpoint:
     from torchchat.checkpoint import LoadOptions, load_checkpoint
 
-    # GGUF block-quantized weights stay packed for the native CPU kernels (else Q4_0 stays 4-bit where
-    # a torchao int4 kernel runs), unless --quantize asks for its own scheme.
+    # GGUF block-quantized weights stay packed for the native CPU kernels, or as blocks for the fused
+    # CUDA path to transcode where it will run (else Q4_0 stays 4-bit where a torchao int4 kernel runs),
+    # unless --quantize asks for its own scheme.
+    kind = torch.device(device).type
+    keep_blocks = None
+    if spec.cuda_kernels and kind == "cuda" and spec.tp is None:
+        keep_blocks = lambda config: _fused_unsupported(spec, config) is None  # noqa: E731
     options = LoadOptions(
         device=device, dtype=spec.dtype, keep_quantized=spec.quant is None, tokenizer=build_tokenizer,
-        packed=spec.cpu_kernels and torch.device(device).type == "cpu" and spec.tp is None,
+        packed=spec.cpu_kernels and kind == "cpu" and spec.tp is None, keep_blocks=keep_blocks,
     )
     return load_checkpoint(checkpoint, options)
 
@@ -329,7 +334,7 @@ def resolve_spec(spec: BuildSpec) -> ResolvedModel:
     if spec.quant is not None:
         # Shapes and device checked before any weight is read (the checkpoint is only mapped so far).
         notes.extend(spec.quant.validate(config, device, spec.dtype, spec.cpu_kernels))
-    _check_model_fits(config, spec, device, checkpoint)
+    _check_model_fits(config, spec, device, checkpoint, blocks=weights is not None and bool(weights.packed))
     name = entry.name if entry is not None else Path(checkpoint or src.params_table or "model").name
     return ResolvedModel(device=device, config=config, entry=entry, weights=weights,
                          checkpoint=Path(checkpoint) if checkpoint is not None else None,
@@ -337,11 +342,16 @@ def resolve_spec(spec: BuildSpec) -> ResolvedModel:
                          name=name, notes=notes)
 
 
-def _check_model_fits(config: ModelConfig, spec: BuildSpec, device: str, checkpoint) -> None:
-    """Refuse a model that can never fit before building it (a params file can ask for anything)."""
+def _check_model_fits(config: ModelConfig, spec: BuildSpec, device: str, checkpoint, blocks: bool = False) -> None:
+    """Refuse a model that can never fit before building it (a params file can ask for anything).
+    `blocks`: the weights stay GGUF blocks (CPU kernels) or their fused transcoding (CUDA), at most 10
+    bits a weight with 16-bit scales, 12 with float32 ones (int8 with a scale and a minimum per 16
+    values: a Q4_K q|k beside a Q6_K v), not the dtype's 16 or 32."""
     from torchchat.model.params_check import check_model_fits
 
     per_param = 0.5 if spec.quant is not None else torch.empty((), dtype=spec.dtype).element_size()
+    if blocks and spec.quant is None:
+        per_param = min(per_param, 1.25 if per_param <= 2 else 1.5)
     check_model_fits(config, per_param, device, str(checkpoint or _source_name(spec)))
 
 
@@ -363,9 +373,12 @@ def materialize(resolved: ResolvedModel, spec: BuildSpec) -> torch.nn.Module:
     if spec.tp is not None:
         _materialize_sharded(model, resolved, spec)
     else:
+        fused = _use_cuda_kernels(spec, resolved.device, resolved.config, resolved.weights, resolved.notes)
         if resolved.weights is not None:
+            if not fused and torch.device(resolved.device).type != "cpu":
+                _dequantize_blocks(resolved.weights, spec.dtype)
             _assign(model, resolved.weights, str(resolved.checkpoint))
-        if _use_cuda_kernels(spec, resolved.device, resolved.config, resolved.weights, resolved.notes):
+        if fused:
             _materialize_fused(model, resolved, spec)
         else:
             _materialize_plain(model, resolved, spec)
@@ -394,13 +407,30 @@ def _assign(model: torch.nn.Module, weights: LoadedCheckpoint, source: str) -> N
     load_weights(model, weights.state_dict, source)
 
 
+def _fused_unsupported(spec: BuildSpec, config: ModelConfig) -> str | None:
+    """Why the fused CUDA path cannot build this config as the spec asks, or None."""
+    from torchchat.kernels import unsupported_reason
+
+    return unsupported_reason(config, spec.dtype, spec.quant)
+
+
+def _dequantize_blocks(weights: LoadedCheckpoint, dtype: torch.dtype) -> None:
+    """GGUF blocks kept for the fused path, which is not taken after all (a --params-path changed the
+    architecture), become float weights as every other path off the CPU loads them."""
+    if not weights.packed:
+        return
+    from torchchat.kernels.gguf_transcode import GGMLBlocks, dense
+
+    for name, qtype in weights.packed.items():
+        weights.state_dict[name] = dense(GGMLBlocks(weights.state_dict[name], qtype), dtype, "cpu")
+    weights.packed = {}
+
+
 def _use_cuda_kernels(spec: BuildSpec, device: str, config: ModelConfig, loaded, notes: list[str]) -> bool:
     """Whether to build the fused CUDA model (torchchat.kernels); says why not in `notes` on CUDA."""
     if not spec.cuda_kernels or torch.device(device).type != "cuda":
         return False
-    from torchchat.kernels import unsupported_reason
-
-    reason = unsupported_reason(config, spec.dtype, spec.quant)
+    reason = _fused_unsupported(spec, config)
     if reason is None and loaded is not None and any(
         type(t) not in (torch.Tensor, torch.nn.Parameter) for t in loaded.state_dict.values()
     ):
@@ -430,12 +460,32 @@ def _materialize_fused(model: torch.nn.Module, resolved: ResolvedModel, spec: Bu
     quant, rest = linear_quant(spec.quant)
     source = (_real_tensor(model, device, spec.dtype) if resolved.weights is not None
               else _random_tensor(model, device, spec.dtype, spec.seed))
+    blocks = None
+    if resolved.weights is not None and resolved.weights.packed:
+        source, blocks = _block_sources(model, resolved.weights.packed, source, device, spec.dtype)
     with torch.no_grad():
-        resolved.notes.extend(fuse_model(model, source, quant, device, spec.dtype))
+        resolved.notes.extend(fuse_model(model, source, quant, device, spec.dtype, blocks))
     if rest is not None:
         from torchchat.quantize import apply_quantization
 
         apply_quantization(model, rest, device)
+
+
+def _block_sources(model: torch.nn.Module, packed: dict[str, int], source, device: str, dtype: torch.dtype):
+    """(float source, block source) over a model holding GGUF blocks (uint8, on the CPU) for the names in
+    `packed`: the fused builder transcodes those blocks, or asks for them as float where it keeps a float
+    weight (the embedding, a stack mixing them with float matrices)."""
+    from torchchat.kernels.gguf_transcode import GGMLBlocks, dense
+
+    def blocks(name: str):
+        qtype = packed.get(name)
+        return None if qtype is None else GGMLBlocks(model.get_parameter(name).detach(), qtype)
+
+    def weight(name: str):
+        found = blocks(name)
+        return source(name) if found is None else dense(found, dtype, device)
+
+    return weight, blocks
 
 
 def _materialize_plain(model: torch.nn.Module, resolved: ResolvedModel, spec: BuildSpec) -> None:

@@ -186,10 +186,11 @@ def load_gguf(path: Path, options: LoadOptions | None = None) -> LoadedCheckpoin
     """A llama-architecture GGUF file -> state dict (our names), config and tokenizer.
 
     F32/F16/BF16 tensors are memory-mapped views; quantized ones are dequantized to `options.dtype`, except
-    that with `options.keep_quantized`: with `options.packed` (CPU) Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K linear
-    and embedding weights stay in their blocks for the native kernels (checkpoint/gguf_packed.py, named
-    in the result's `packed`), else Q4_0 linear weights stay 4-bit where a torchao int4 kernel runs
-    (checkpoint/gguf_int4.py)."""
+    that with `options.keep_quantized`: with `options.packed` (CPU) Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K
+    linear and embedding weights stay in their blocks for the native kernels (checkpoint/gguf_packed.py,
+    named in the result's `packed`), and so they do where `options.keep_blocks` accepts the file's
+    config (for the fused CUDA path to transcode), else Q4_0 linear weights stay 4-bit where a torchao
+    int4 kernel runs (checkpoint/gguf_int4.py)."""
     try:
         from gguf import GGMLQuantizationType, GGUFReader
     except ImportError as e:
@@ -226,7 +227,7 @@ def load_gguf(path: Path, options: LoadOptions | None = None) -> LoadedCheckpoin
     validate_gguf(reader, _Metadata(reader, source).get, source, path.stat().st_size)  # checkpoint/gguf_validate.py
     config = config_from_gguf(_Metadata(reader, source), tensors)
 
-    packed, notes = _packed_plan(tensors, options, name_of, arch)
+    packed, notes = _packed_plan(tensors, options, name_of, config)
     keep_int4 = not packed and options.keep_quantized and int4_kernel_runs(options.device, options.dtype)
     state: dict[str, Tensor] = {}
     for name, tensor in tensors.items():
@@ -250,24 +251,26 @@ def load_gguf(path: Path, options: LoadOptions | None = None) -> LoadedCheckpoin
 
 
 def _packed_plan(tensors: dict[str, Any], options: LoadOptions, name_of: Callable[[str], str | None],
-                 arch: str | None) -> tuple[dict[str, int], list[str]]:
+                 config: ModelConfig) -> tuple[dict[str, int], list[str]]:
     """(our weight name -> GGML type id of each tensor kept packed, notes). Nothing stays packed unless
-    the caller asked (CPU, no --quantize of its own) and the native kernels run here; where they do not,
-    one note says so and the weights load as before. Tensors the architecture permutes or splits at
-    load by rows (checkpoint/gguf_arch.py: half-split q/k, Phi-3's fused qkv and gate|up) stay packed:
-    a block never spans two rows."""
+    the caller asked (no --quantize of its own) for the CPU, where the native kernels must run here (where
+    they do not, one note says so and the weights load as before), or through `keep_blocks` for the
+    fused CUDA path. Tensors the architecture permutes or splits at load by rows (checkpoint/gguf_arch.py:
+    half-split q/k, Phi-3's fused qkv and gate|up) stay packed: a block never spans two rows, so the
+    same row permutation serves blocks and floats."""
     from torchchat.checkpoint.gguf_packed import packable
     from torchchat.model.packed import GGML_IDS, kernels_unavailable
 
-    if not (options.packed and options.keep_quantized):
+    fused = options.keep_blocks is not None and options.keep_quantized and options.keep_blocks(config)
+    if not (fused or (options.packed and options.keep_quantized)):
         return {}, []
     packed = {}
     for name, tensor in tensors.items():
         ours = name_of(name)
         if ours is not None and packable(tensor.tensor_type.name, ours):
             packed[ours] = GGML_IDS[tensor.tensor_type.name]
-    if not packed:
-        return {}, []
+    if not packed or fused:
+        return packed, []
     reason = kernels_unavailable()
     if reason is not None:
         return {}, [f"native CPU kernels unavailable ({reason}): GGUF quantized weights are dequantized"]

@@ -5,6 +5,7 @@ without importing the module that imports it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -32,3 +33,6 @@ class LoadOptions:
     keep_quantized: bool = False  # False whenever another quantization will be applied afterwards
     tokenizer: bool = True  # build the tokenizer a checkpoint carries (False: the caller has its own)
     packed: bool = False  # GGUF: keep block-quantized weights packed for the native CPU kernels, where they run
+    # GGUF: keep block-quantized weights as their blocks where this says so for the file's config (the
+    # fused CUDA path transcodes them, torchchat.kernels.gguf_transcode); no CPU kernel is needed.
+    keep_blocks: Callable[[ModelConfig], bool] | None = None

@@ -11,6 +11,10 @@ A fused linear stores its weight (out_features N, in_features K) in one of three
   of G inputs, word w (0 <= w < G/8) holds inputs w, w + G/8, ..., w + 7 G/8 in its nibbles 0..7
   (nibble i = bits 4i..4i+3). The GEMV kernel then unpacks field i of a whole tile of words at once
   and meets a contiguous slice of the input vector, so no register shuffles are needed.
+- "int8_asym": int8 with a minimum per group as well, w = q * s + m, stored as "int8" plus mins
+  (N, K // G). No quantizer makes it: it holds GGUF types whose blocks have minimums (Q5_1, Q5_K, and
+  Q4_1/Q4_K stacked beside an int8 type), transcoded by gguf_transcode.py. Groups of 16 (Q6_K's
+  sub-blocks) are allowed for the transcoded int8 formats, besides the groupsizes of LinearQuant.
 
 Scales and minimums are rounded to the model dtype before the values are chosen, so the stored
 (q, s, m) reproduce the dequantized weight exactly as `dequantize` computes it.
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-FORMATS = ("float", "int8", "int4")
+FORMATS = ("float", "int8", "int8_asym", "int4")
 INT4_GROUPSIZES = (32, 64, 128, 256)
 INT8_GROUPSIZES = (0, 32, 64, 128, 256)
 INT8_ROW_BLOCK = 128  # packing block of per-channel int8 (rows must be a multiple of it)
@@ -65,11 +69,14 @@ def empty_storage(fmt: str, n: int, k: int, groupsize: int, dtype: torch.dtype, 
     if fmt == "float":
         return {"weight": torch.empty(n, k, dtype=dtype, device=device)}
     groups = k // group_of(fmt, groupsize, k)
-    if fmt == "int8":
-        return {
+    if fmt in ("int8", "int8_asym"):
+        storage = {
             "weight": torch.empty(n, k // 4, dtype=torch.int32, device=device),
             "scales": torch.empty(n, groups, dtype=dtype, device=device),
         }
+        if fmt == "int8_asym":
+            storage["mins"] = torch.empty(n, groups, dtype=dtype, device=device)
+        return storage
     return {
         "weight": torch.empty(n, k // 8, dtype=torch.int32, device=device),
         "scales": torch.empty(n, groups, dtype=dtype, device=device),
@@ -150,6 +157,8 @@ def quantize_into(storage: dict[str, Tensor], fmt: str, groupsize: int, row0: in
         part = w[a:b] if col_scale is None else w[a:b].float() * col_scale.float()
         if fmt == "float":
             storage["weight"][rows].copy_(part)
+        elif fmt == "int8_asym":
+            raise ValueError("int8_asym is only made by transcoding GGUF blocks (gguf_transcode.py)")
         elif fmt == "int8":
             q, s = _quantize_int8(part, group, pack_block(fmt, groupsize), storage["scales"].dtype)
             storage["weight"][rows].copy_(q)
@@ -167,11 +176,13 @@ def dequantize(fmt: str, groupsize: int, weight: Tensor, scales: Tensor | None, 
     if fmt == "float":
         return weight.to(dtype)
     n = weight.shape[0]
-    if fmt == "int8":
+    if fmt in ("int8", "int8_asym"):
         k = weight.shape[1] * 4
         group = group_of(fmt, groupsize, k)
         q = unpack_int8(weight, pack_block(fmt, groupsize)).float()
         wf = q.view(n, k // group, group) * scales.float().unsqueeze(-1)
+        if fmt == "int8_asym":
+            wf = wf + mins.float().unsqueeze(-1)
         return wf.view(n, k).to(dtype)
     k = weight.shape[1] * 8
     q = unpack_int4(weight, groupsize).float().view(n, k // groupsize, groupsize)

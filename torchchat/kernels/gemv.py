@@ -30,7 +30,7 @@ from torch import Tensor
 
 from torchchat.kernels.formats import pack_block
 
-_FMT_CODE = {"float": 0, "int8": 1, "int4": 2}
+_FMT_CODE = {"float": 0, "int8": 1, "int4": 2, "int8_asym": 3}
 
 
 def pdl_enabled(x: Tensor) -> bool:
@@ -138,13 +138,15 @@ def _unpack(src, P: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _rows_int8(x_ptr, g_ptr, eps, w_ptr, s_ptr, rows64, rmask, K, KW, KB,
+def _rows_int8(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KB,
                NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr,
+               MINS: tl.constexpr):
     # KW words and KB blocks of GROUP inputs per row. In each block, byte j of word w is input
     # j*GROUP/4 + w (formats.py). Bytes are read biased (q + 128, by flipping their top bits) so that
     # they unpack as unsigned fields; the bias comes off as 128 * sum(x). The input slices are only
     # ever used broadcast over rows ([1, NB, WB]), which keeps every tile in one register layout.
+    # MINS (int8_asym, grouped only): each block also adds m * sum(x).
     NB: tl.constexpr = BLOCK_K // GROUP
     WB: tl.constexpr = GROUP // 4  # words per block
     bi = tl.arange(0, NB)
@@ -175,8 +177,13 @@ def _rows_int8(x_ptr, g_ptr, eps, w_ptr, s_ptr, rows64, rmask, K, KW, KB,
             acc += dq
             xb += xs
         else:
-            s = tl.load(s_ptr + rows64[:, None] * KB + b[None, :], mask=rmask[:, None] & bmask[None, :], other=0.0)
+            soff = rows64[:, None] * KB + b[None, :]
+            smask = rmask[:, None] & bmask[None, :]
+            s = tl.load(s_ptr + soff, mask=smask, other=0.0)
             acc += (dq - 128.0 * xs) * s.to(tl.float32)[:, :, None]
+            if MINS:
+                m = tl.load(m_ptr + soff, mask=smask, other=0.0)
+                acc += m.to(tl.float32)[:, :, None] * xs
     if PER_ROW:
         s = tl.load(s_ptr + rows64, mask=rmask, other=0.0).to(tl.float32)
         y = tl.sum(tl.sum(acc - 128.0 * xb, 2), 1) * s
@@ -231,9 +238,9 @@ def _rows(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KB,
           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     if FMT == 0:
         y = _rows_float(x_ptr, g_ptr, eps, w_ptr, rows64, rmask, K, NORM, NORM_BLOCK, EVEN_K, PDL, BLOCK_N, BLOCK_K)
-    elif FMT == 1:
-        y = _rows_int8(x_ptr, g_ptr, eps, w_ptr, s_ptr, rows64, rmask, K, KW, KB, NORM, NORM_BLOCK, PDL, ASM,
-                       BLOCK_N, BLOCK_K, GROUP, PER_ROW)
+    elif FMT == 1 or FMT == 3:
+        y = _rows_int8(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KB, NORM, NORM_BLOCK, PDL, ASM,
+                       BLOCK_N, BLOCK_K, GROUP, PER_ROW, FMT == 3)
     else:
         y = _rows_int4(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KB, NORM, NORM_BLOCK, PDL, ASM,
                        BLOCK_N, BLOCK_K, GROUP)
@@ -308,7 +315,8 @@ def pick_config(fmt: str, n: int, k: int, block: int) -> GemvConfig:
     multiple of."""
     tiles = _tiles(os.environ.get("TORCHCHAT_GEMV_TILES", ""))
     size = "small" if n <= SMALL_ROWS else "large" if n > LARGE_ROWS else ""
-    base = tiles.get(f"{fmt}:{size}", tiles[fmt])
+    kind = "int8" if fmt == "int8_asym" else fmt  # one more load per group: int8's tiles
+    base = tiles.get(f"{kind}:{size}", tiles[kind])
     block_k = min(base.block_k, triton.next_power_of_2(k))
     if fmt != "float":
         block_k = max(block_k, block)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torchchat.kernels.attention import attention_decode
 from torchchat.kernels.formats import dequantize, empty_storage, quantize_into
 from torchchat.kernels.gemv import gemv
+from torchchat.kernels.gguf_transcode import GGMLBlocks, transcode_into
 from torchchat.kernels.norm import rmsnorm
 from torchchat.model.config import ModelConfig
 from torchchat.model.kv_cache import KVCache
@@ -48,7 +49,7 @@ class FusedLinear(nn.Module):
         self.norm_folded = False  # the preceding RMSNorm's weight is folded into this weight (transform.py)
         for name, t in empty_storage(fmt, out_features, in_features, groupsize, dtype, device).items():
             setattr(self, name, nn.Parameter(t, requires_grad=False))
-        if fmt != "int4":
+        if fmt not in ("int4", "int8_asym"):
             self.mins = None
         if fmt == "float":
             self.scales = None
@@ -61,16 +62,24 @@ class FusedLinear(nn.Module):
         lin.weight = weight
         return lin
 
-    def fill(self, row0: int, w: Tensor, col_scale: Tensor | None = None) -> None:
-        """Store original weight rows w (r, in_features) at rows [row0, row0 + r), scaled per input
-        column by `col_scale` when given."""
+    def _storage(self) -> dict[str, Tensor]:
         storage = {"weight": self.weight.data}
         if self.scales is not None:
             storage["scales"] = self.scales.data
         if self.mins is not None:
             storage["mins"] = self.mins.data
+        return storage
+
+    def fill(self, row0: int, w: Tensor, col_scale: Tensor | None = None) -> None:
+        """Store original weight rows w (r, in_features) at rows [row0, row0 + r), scaled per input
+        column by `col_scale` when given."""
         with torch.no_grad():
-            quantize_into(storage, self.fmt, self.groupsize, row0, w, col_scale)
+            quantize_into(self._storage(), self.fmt, self.groupsize, row0, w, col_scale)
+
+    def fill_blocks(self, row0: int, blocks: GGMLBlocks) -> None:
+        """Store a GGUF tensor's rows at rows [row0, row0 + rows), their codes kept (gguf_transcode.py)."""
+        with torch.no_grad():
+            transcode_into(self._storage(), self.fmt, self.groupsize, row0, blocks)
 
     def dequantized(self, rows: slice = slice(None)) -> Tensor:
         """The weight rows this layer stands for, in the model dtype (prefill and reference math)."""
@@ -107,6 +116,32 @@ class FusedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, groupsize={self.groupsize}"
+
+
+class FusedEmbedding(nn.Module):
+    """A token embedding whose table is a FusedLinear's integer storage (a GGUF file's blocks,
+    transcoded): the looked-up rows are dequantized, nothing else. With tied embeddings the same
+    FusedLinear is the output projection, so the table is held once, as in the file."""
+
+    def __init__(self, table: FusedLinear):
+        super().__init__()
+        self.table = table
+
+    @property
+    def weight(self) -> Tensor:
+        """The stored table (for identity checks of a tied output), not a float matrix."""
+        return self.table.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """ids (B, S) -> (B, S, dim) in the model dtype."""
+        t, rows = self.table, ids.reshape(-1)
+        mins = t.mins[rows] if t.mins is not None else None
+        out = dequantize(t.fmt, t.groupsize, t.weight[rows], t.scales[rows], mins, t.dtype)
+        return out.view(*ids.shape, t.in_features)
+
+    def extra_repr(self) -> str:
+        t = self.table
+        return f"{t.out_features}, {t.in_features}, fmt={t.fmt}, groupsize={t.groupsize}"
 
 
 class FusedRMSNorm(RMSNorm):
