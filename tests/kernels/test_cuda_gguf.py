@@ -1,8 +1,8 @@
 """On a CUDA machine, GGUF files of every block type the fused path transcodes, built with
 `--device cuda` (build_model): the fused kernels run on the file's integers (no bf16 copy of a
 matrix), the logits at prefill and at each decode step are those of the PyTorch modules holding the
-dequantized file (float32: the same weights exactly; bfloat16: its rounding of the scales and
-activations), the embedding stays integer too, the CUDA graph replays the eager decode, and the GPU
+dequantized file (float32: the same weights exactly; bfloat16: its rounding of the activations,
+the K-quants' scales rounded to fp16), the embedding stays integer too, the CUDA graph replays the eager decode, and the GPU
 memory a build takes stays near the transcoded weights. The files are written here
 (tests/checkpoint/gguf_build.py), so llama.cpp is not needed; tests/kernels/test_gguf_fused.py checks
 the same build on a CPU through Triton's interpreter."""
@@ -102,8 +102,8 @@ def test_gguf_blocks_run_fused_on_their_integers(files, kind, dtype):
     assert model.tok_embeddings.table.fmt != "float"  # FusedEmbedding: the file's embedding stays integer
     assert all(lin.weight.device.type == "cuda" for lin in _linears(model))
     # About the file's size: the file's block bytes of the linear weights against what the fused layers
-    # hold (bf16: 5 bits/weight for 4.5-5, int8 8.5-9 bits for 5.5-8.5; a mixed q|k|v stack takes int8
-    # for its Q4_K parts too; fp32 scales add 1-2 bits/weight).
+    # hold (fp16 scales: 5 bits/weight for 4.5-5, int8 8.5-9 bits for 5.5-8.5; a mixed q|k|v stack takes
+    # int8 for its Q4_K parts too; fp32 scales add 1-2 bits/weight).
     linear_file = sum(int(t.n_bytes) for t in GGUFReader(path).tensors if t.name.startswith(("blk.", "output.weight"))
                       and len(t.shape) == 2)
     ours = sum(_stored_bytes(lin) for lin in _linears(model))
@@ -117,7 +117,7 @@ def test_gguf_blocks_run_fused_on_their_integers(files, kind, dtype):
     assert not getattr(reference.model, "fused_kernels", False)
     want = _logits(reference)
     got = _logits(built)
-    # fp32 keeps every scale exactly; bf16 rounds scales, activations and each module's output (the
+    # fp32 keeps every scale exactly; bf16 rounds activations and each module's output (the
     # same build on the CPU, interpreted, measured 1.5-2.2% against the fp32 reference; a wrong block
     # layout gives 30-100%).
     assert rel_err(got, want) < (1e-4 if dtype == "fp32" else 5e-2)

@@ -101,9 +101,13 @@ def test_each_layer_takes_the_format_of_its_blocks(files, device):
     assert (l1.attention.wqkv.fmt, l1.attention.wqkv.groupsize) == ("int4", 32)
     assert (l0.feed_forward.w13.fmt, l0.feed_forward.w2.fmt, l0.feed_forward.w2.groupsize) == ("int4", "int8", 16)
     assert (model.output.fmt, model.output.groupsize) == ("int8", 32)
+    # The file's fp16 scales stay fp16 in a bf16 model (exact for Q4_0/Q8_0; the kernels read any float).
+    assert l0.attention.wqkv.scales.dtype == l0.attention.wqkv.mins.dtype == torch.float16
+    assert l1.attention.wqkv.weight.dtype == torch.int32 and l0.attention_norm.weight.dtype == torch.bfloat16
     # Not re-quantized, so the norms are not folded into the weights: they keep their own weights.
     assert not l0.attention.wqkv.norm_folded and not bool((l0.ffn_norm.weight == 1).all())
-    assert any("GGUF blocks kept integer" in n and "Q4_K+Q6_K -> int8_asym g16 (wq/wk/wv)" in n for n in notes), notes
+    assert any("GGUF blocks kept integer on the fused path (codes unchanged, float16 scales)" in n
+               and "Q4_K+Q6_K -> int8_asym g16 (wq/wk/wv)" in n for n in notes), notes
     assert any("Q4_0 -> int4 g32 x1" in n for n in notes), notes  # the embedding
     assert type(model.tok_embeddings) is FusedEmbedding and model.tok_embeddings.table.fmt == "int4"
 

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from tests.checkpoint.gguf_build import encode
 from torchchat.kernels.cpu.formats import NAMES, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 from torchchat.kernels.formats import dequantize, empty_storage
-from torchchat.kernels.gguf_transcode import NATIVE, GGMLBlocks, decode, dense, fused_format, transcode_into
+from torchchat.kernels.gguf_transcode import (
+    NATIVE, GGMLBlocks, decode, dense, fused_format, scale_dtype, transcode_into,
+)
 
 TYPES = [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K]
 IDS = [NAMES[q] for q in TYPES]
@@ -58,10 +60,16 @@ def test_float32_transcoding_is_gguf_dequantization(qtype):
         torch.testing.assert_close(_dequant(st, fmt, groupsize), ref, rtol=1e-6, atol=1e-9)
 
 
+def test_scales_keep_the_files_float16_in_16_bit_models():
+    assert scale_dtype(torch.bfloat16) == scale_dtype(torch.float16) == torch.float16
+    assert scale_dtype(torch.float32) == torch.float32
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_a_16_bit_model_dtype_only_rounds_the_scales(qtype, dtype):
-    """The codes are the same words; scales and minimums are the float32 ones rounded once to dtype."""
+def test_16_bit_scales_only_round_the_scales(qtype, dtype):
+    """The codes are the same words; scales and minimums are the float32 ones rounded once to dtype
+    (float16 is what a 16-bit model stores; bfloat16 scales work the same, one more rounding)."""
     blocks, ref = _blocks(qtype)
     for fmt, groupsize in _formats(qtype):
         exact = _transcode(blocks, fmt, groupsize, torch.float32)

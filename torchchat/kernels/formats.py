@@ -17,7 +17,8 @@ A fused linear stores its weight (out_features N, in_features K) in one of three
   sub-blocks) are allowed for the transcoded int8 formats, besides the groupsizes of LinearQuant.
 
 Scales and minimums are rounded to the model dtype before the values are chosen, so the stored
-(q, s, m) reproduce the dequantized weight exactly as `dequantize` computes it.
+(q, s, m) reproduce the dequantized weight exactly as `dequantize` computes it. (Transcoded GGUF
+blocks keep the file's float16 scales in a 16-bit model: the kernels read scales of any float dtype.)
 
 Everything here runs on any device and works chunk by chunk, so quantizing a matrix needs little
 memory beyond its packed result.
@@ -64,23 +65,26 @@ def pack_block(fmt: str, groupsize: int) -> int:
     return groupsize or INT8_ROW_BLOCK
 
 
-def empty_storage(fmt: str, n: int, k: int, groupsize: int, dtype: torch.dtype, device) -> dict[str, Tensor]:
-    """Uninitialised storage for an (n, k) weight: {"weight", "scales"?, "mins"?}."""
+def empty_storage(fmt: str, n: int, k: int, groupsize: int, dtype: torch.dtype, device,
+                  scale_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Uninitialised storage for an (n, k) weight: {"weight", "scales"?, "mins"?}. Scales and minimums
+    are in `scale_dtype` (default: the model dtype `dtype`; transcoded GGUF blocks keep float16's)."""
     if fmt == "float":
         return {"weight": torch.empty(n, k, dtype=dtype, device=device)}
     groups = k // group_of(fmt, groupsize, k)
+    sdt = scale_dtype or dtype
     if fmt in ("int8", "int8_asym"):
         storage = {
             "weight": torch.empty(n, k // 4, dtype=torch.int32, device=device),
-            "scales": torch.empty(n, groups, dtype=dtype, device=device),
+            "scales": torch.empty(n, groups, dtype=sdt, device=device),
         }
         if fmt == "int8_asym":
-            storage["mins"] = torch.empty(n, groups, dtype=dtype, device=device)
+            storage["mins"] = torch.empty(n, groups, dtype=sdt, device=device)
         return storage
     return {
         "weight": torch.empty(n, k // 8, dtype=torch.int32, device=device),
-        "scales": torch.empty(n, groups, dtype=dtype, device=device),
-        "mins": torch.empty(n, groups, dtype=dtype, device=device),
+        "scales": torch.empty(n, groups, dtype=sdt, device=device),
+        "mins": torch.empty(n, groups, dtype=sdt, device=device),
     }
 
 

@@ -1,12 +1,13 @@
 """GGUF block-quantized weights rewritten into the fused path's integer formats (formats.py), block by
 block: each block's integer codes are kept and its scale (and minimum) becomes a group's scale (and
-minimum). Nothing is re-quantized from floats and no float copy of a matrix is made; the one loss is
-rounding the scales and minimums to the model dtype. They are fp16 in the file (for the K-quants,
-an fp16 super-block scale times a 6- or 8-bit sub-block multiplier, a product float32 holds exactly):
-float32 keeps them exactly, float16 exactly for the 32-value types, bfloat16 to 8 significant bits
-(a relative error of at most 2^-9 per scale and per minimum).
+minimum). Nothing is re-quantized from floats and no float copy of a matrix is made. The scales and
+minimums are fp16 in the file (for the K-quants, an fp16 super-block scale times a 6- or 8-bit
+sub-block multiplier, a product float32 holds exactly); they are stored in float32 in a float32 model
+(exact) and in float16 in a bf16 or fp16 one (`scale_dtype`): exact for the 32-value types, and the one
+loss there is the K-quants' products rounded to float16's 11 significant bits (a relative error of at
+most 2^-12 per scale and per minimum). In bf16 that is finer than the model's own rounding.
 
-| GGUF | weight, per block                          | fused format    | bits/weight (bf16/fp16 scales) |
+| GGUF | weight, per block                          | fused format    | bits/weight (fp16 scales)      |
 |------|--------------------------------------------|-----------------|--------------------------------|
 | Q4_0 | d (q - 8), 32 values                       | int4 g32        | 4.5 -> 5.0 (s = d, m = -8 d)   |
 | Q4_1 | d q + m, 32                                | int4 g32        | 5.0 -> 5.0                     |
@@ -17,8 +18,8 @@ float32 keeps them exactly, float16 exactly for the 32-value types, bfloat16 to 
 | Q6_K | d sc_j (q - 32), 16 sub-blocks of 16       | int8 g16        | 6.5625 -> 9.0                  |
 | Q8_0 | d q, 32                                    | int8 g32        | 8.5 -> 8.5                     |
 
-(float32 scales add 1 bit/weight per 32-value group with a scale, 2 with a minimum too.) The 5- and
-6-bit codes take a whole byte: the fused kernels have no 5- or 6-bit unpacking.
+(float32 scales in a float32 model add 1 bit/weight per 32-value group with a scale, 2 with a
+minimum.) The 5- and 6-bit codes take a whole byte: the fused kernels have no 5- or 6-bit unpacking.
 
 Matrices the fused path stacks (q|k|v, w1|w3) may hold different types (a Q4_K_M file's Q6_K wv beside
 Q4_K wq and wk): `fused_format` then picks the one format all of them convert to exactly, int8 (with
@@ -79,6 +80,13 @@ class Codes:
     mins: Tensor | None
     group: int
     lo: int  # the smallest code the type can hold (Q4_0: -8), so q - lo fits unsigned fields
+
+
+def scale_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """What transcoded scales and minimums are stored in: float16 in a 16-bit model, the file's own
+    type (so nothing is rounded in a bf16 model but the K-quants' products, to 11 bits rather than
+    bf16's 8; the kernels read any float type), float32 in a float32 model (exact)."""
+    return torch.float32 if model_dtype == torch.float32 else torch.float16
 
 
 def transcodable(qtype: int) -> bool:

@@ -40,14 +40,14 @@ class FusedLinear(nn.Module):
     formats, `scales` (and `mins` for int4); none of them trains."""
 
     def __init__(self, out_features: int, in_features: int, fmt: str, groupsize: int, dtype: torch.dtype,
-                 device, out_dtype: torch.dtype | None = None):
+                 device, out_dtype: torch.dtype | None = None, scale_dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.fmt, self.groupsize = fmt, groupsize
-        self.dtype = dtype  # the model dtype (activations, scales)
+        self.dtype = dtype  # the model dtype (activations; scales unless `scale_dtype` says otherwise)
         self.out_dtype = out_dtype  # dtype of a one-row result (None: the model dtype)
         self.norm_folded = False  # the preceding RMSNorm's weight is folded into this weight (transform.py)
-        for name, t in empty_storage(fmt, out_features, in_features, groupsize, dtype, device).items():
+        for name, t in empty_storage(fmt, out_features, in_features, groupsize, dtype, device, scale_dtype).items():
             setattr(self, name, nn.Parameter(t, requires_grad=False))
         if fmt not in ("int4", "int8_asym"):
             self.mins = None

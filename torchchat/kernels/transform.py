@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from torchchat.kernels.formats import LinearQuant
-from torchchat.kernels.gguf_transcode import GGMLBlocks, fused_format, transcodable
+from torchchat.kernels.gguf_transcode import GGMLBlocks, fused_format, scale_dtype, transcodable
 from torchchat.kernels.modules import (
     FusedAttention, FusedBlock, FusedEmbedding, FusedFeedForward, FusedLinear, FusedRMSNorm,
 )
@@ -56,7 +56,8 @@ class _Builder:
                 self.dequantized.append(label)
             return None
         fmt, groupsize = fused_format([b.qtype for b in found])
-        lin = FusedLinear(sum(rows), in_features, fmt, groupsize, self.dtype, self.device, out_dtype)
+        lin = FusedLinear(sum(rows), in_features, fmt, groupsize, self.dtype, self.device, out_dtype,
+                          scale_dtype=scale_dtype(self.dtype))
         row0 = 0
         for name, n, b in zip(names, rows, found):
             if (b.rows, b.in_features) != (n, in_features):
@@ -159,8 +160,9 @@ def fuse_model(model: Transformer, source: WeightSource, quant: LinearQuant | No
     dt = str(dtype).removeprefix("torch.")
     if b.transcoded:
         counts = {kind: b.transcoded.count(kind) for kind in b.transcoded}
-        notes.append("GGUF blocks kept integer on the fused path (codes unchanged, scales rounded to "
-                     f"{dt}): " + ", ".join(f"{kind} x{n}" for kind, n in counts.items()))
+        sdt = str(scale_dtype(dtype)).removeprefix("torch.")
+        notes.append(f"GGUF blocks kept integer on the fused path (codes unchanged, {sdt} scales): "
+                     + ", ".join(f"{kind} x{n}" for kind, n in counts.items()))
     if b.dequantized:
         kinds = sorted(set(b.dequantized), key=b.dequantized.index)
         notes.append(f"GGUF blocks dequantized to {dt} (stacked with float weights): {', '.join(kinds)}")
