@@ -114,17 +114,13 @@ class Sequence:
     bias: Tensor | None = None  # (V,) logit bias
     draft_proposed: int = 0  # speculative decoding: draft tokens proposed ...
     draft_accepted: int = 0  # ... and accepted by the target
+    plain: bool = False  # wants nothing from the logits but a token sampled with its SamplingParams
     _last_logprobs: Tensor | None = None  # (V,) log-probs after the last prefilled chunk (prompt_logprobs)
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    @property
-    def plain(self) -> bool:
-        """Wants nothing from the logits but a token sampled with its SamplingParams."""
-        r = self.request
-        return self.counts is None and self.bias is None and r.logits_processor is None and r.top_logprobs is None
 
 
 class BatchEngine:
@@ -219,6 +215,8 @@ class BatchEngine:
         seq = Sequence(request, slot, position=reuse, pending=pending, cached_tokens=reuse,
                        budget=min(request.max_new_tokens, self.max_seq_len - start - len(ids)), generator=generator)
         self._init_logit_state(seq, ids)
+        seq.plain = (seq.counts is None and seq.bias is None and request.logits_processor is None
+                     and request.top_logprobs is None)
         self.slots[slot] = seq
         return seq
 
@@ -253,9 +251,12 @@ class BatchEngine:
         return out
 
     def _prefill(self) -> list[TokenOut]:
+        joining = [s for s in self.slots if s is not None and s.pending]
+        if not joining:  # most steps: a one-slot engine decoding pays only this line here
+            return []
         budget = self.prefill_chunk
         firsts: list[tuple[Sequence, Tensor]] = []
-        for seq in sorted((s for s in self.slots if s is not None and s.pending), key=lambda s: s.t_added):
+        for seq in sorted(joining, key=lambda s: s.t_added):
             if budget <= 0:
                 break
             chunk, seq.pending = seq.pending[:budget], seq.pending[budget:]
@@ -336,7 +337,10 @@ class BatchEngine:
         last are now in the cache. A speculative step may produce tokens past a stop id or the budget;
         they are dropped, but the cache keeps them (they are the true ids at those positions, which is
         what prefix reuse compares against)."""
-        self.slot_ids[s.slot] += [s.next_token] + step.tokens[:-1]
+        held = self.slot_ids[s.slot]
+        held.append(s.next_token)
+        if len(step.tokens) > 1:
+            held += step.tokens[:-1]
         s.draft_proposed += step.proposed
         s.draft_accepted += step.accepted
         out = []

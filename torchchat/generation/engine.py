@@ -151,11 +151,10 @@ class Engine:
     def _run(self, seqs: list[BatchSequence], t0: float, stats: dict[int, GenerationStats]):
         """Step the core until `seqs` are done, yielding their TokenOuts and keeping `stats` (by
         id(seq)) current. Closing the iterator early releases the slots that are still busy."""
+        running = len(seqs)
         try:
-            while any(not s.done for s in seqs):
-                with torch.no_grad():
-                    outs = self.core.step()
-                for o in outs:
+            while running:
+                for o in self.core.step():  # (BatchEngine.step runs under no_grad)
                     st = stats[id(o.seq)]
                     now = time.perf_counter()
                     if st.generated_tokens == 0:
@@ -163,6 +162,7 @@ class Engine:
                     st.generated_tokens += 1
                     st.total_time = now - t0
                     st.draft_proposed, st.draft_accepted = o.seq.draft_proposed, o.seq.draft_accepted
+                    running -= o.finish_reason is not None
                     yield o
         finally:
             for s in seqs:
