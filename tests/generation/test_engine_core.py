@@ -151,3 +151,18 @@ def test_speculative_sampling_follows_the_engine_generator(engine_of, stories260
         runs.append(list(engine.tokens(PROMPT, _cfg(30))))
     assert runs[0] == runs[1] and len(runs[0]) == 30
     assert engine.last_stats.draft_proposed > 0
+
+
+def test_sequential_prefill_runs_through_the_one_compiled_decode_step(engine_of, runtime, monkeypatch):
+    """--sequential-prefill --compile: the prompt goes through the same fused decode step as the
+    decode loop, so one step is compiled, not a second one for the prompt."""
+    from torchchat.generation.steps import CompileOptions
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)
+    tok = engine_of().tokenizer
+    steps = Steps(runtime.forward, runtime.device, CompileOptions(decode=True))
+    engine = Engine(runtime, tok, steps, 128, parallel_prefill=False)
+    got = list(engine.tokens(PROMPT, _cfg(20, GREEDY)))
+    assert len(compiled) == 1 and not engine.last_stats.prefill_parallel
+    assert got == list(engine_of().tokens(PROMPT, _cfg(20, GREEDY)))

@@ -114,6 +114,8 @@ def _batched(args: argparse.Namespace, opening, gen, may_batch: bool) -> bool:
 def _generate(args: argparse.Namespace, spec, notes: list[str], seed: int | None, writes: bool,
               may_batch: bool) -> int:
     """Build, generate, print; `writes`: this process also writes --metrics-json (rank 0 only under --tp)."""
+    from dataclasses import replace
+
     import torch
 
     from torchchat.errors import UserInputError
@@ -141,6 +143,12 @@ def _generate(args: argparse.Namespace, spec, notes: list[str], seed: int | None
     if seed is not None:
         torch.manual_seed(seed)
     if batched:
+        if compiled:
+            # Compile the batch's steps first, so that the samples' metrics time generation only (the
+            # serial runs report their first sample apart instead). Fresh seeds: the samples' own
+            # generators are made and seeded afterwards, so their texts do not change.
+            for _ in engine.samples(prompt_ids, replace(gen, max_new_tokens=2), [None] * args.num_samples):
+                pass
         results = _batch_samples(engine, prompt_ids, gen, args.num_samples, seed, args.prompt)
     else:
         results = _serial_samples(engine, prompt_ids, gen, args, seed)

@@ -256,11 +256,17 @@ class BatchEngine:
             return []
         budget = self.prefill_chunk
         firsts: list[tuple[Sequence, Tensor]] = []
+        out: list[TokenOut] = []
         for seq in sorted(joining, key=lambda s: s.t_added):
             if budget <= 0:
                 break
             chunk, seq.pending = seq.pending[:budget], seq.pending[budget:]
             budget -= len(chunk)
+            if not self.parallel_prefill and self._plain is not None and seq.plain:
+                first = self._prefill_one_by_one(seq, chunk)
+                if not seq.pending:
+                    out.append(self._emit(seq, first))
+                continue
             tokens = torch.tensor([chunk], dtype=torch.int64, device=self.device)
             pos = torch.arange(seq.position, seq.position + len(chunk), device=self.device)
             logits = self._prefill_forward(tokens, pos, seq.slot, last_only=not seq.request.prompt_logprobs)
@@ -271,16 +277,27 @@ class BatchEngine:
                 self._prompt_logprobs(seq, chunk, logits[0])
             if not seq.pending:
                 firsts.append((seq, logits[0, -1]))
-        if not firsts:
-            return []
-        return self._sample([s for s, _ in firsts], torch.stack([l for _, l in firsts]))
+        if firsts:
+            out += self._sample([s for s, _ in firsts], torch.stack([l for _, l in firsts]))
+        return out
+
+    def _prefill_one_by_one(self, seq: Sequence, chunk: list[int]) -> int:
+        """A one-slot engine's sequential prefill: each prompt token through the plain decoder's fused
+        step, the one the decode loop then runs (under --compile one graph for both, not two); the
+        last step's token is the first generated one."""
+        held = self.slot_ids[seq.slot]
+        for t in chunk:
+            nxt = self._plain.step(t, held, seq.request.sampling, 1, seq.generator).tokens[0]
+            held.append(t)
+            seq.position += 1
+        self.prefilled_tokens += len(chunk)
+        return nxt
 
     def _prefill_forward(self, tokens: Tensor, pos: Tensor, row: int, last_only: bool = False) -> Tensor:
         """tokens (1, S) at positions pos (S,) in cache row `row` -> logits (1, S, V), or (1, 1, V) for
         the last position where `last_only` and the runtime can skip the others."""
         if not self.parallel_prefill:  # one token per call (--sequential-prefill, some .pte programs)
-            # Row 0 feeds them through the decode forward: the same (1, 1) shape, compiled once.
-            forward = self.steps.decode_forward() if row == 0 else self.steps.forward
+            forward = self.steps.prefill_forward(last_only=False)
             return torch.cat([forward(tokens[:, i : i + 1], pos[i : i + 1], row=row) if row else
                               forward(tokens[:, i : i + 1], pos[i : i + 1]) for i in range(tokens.size(1))], dim=1)
         forward = self.steps.prefill_forward(last_only)

@@ -14,7 +14,6 @@ from typing import Iterator, Sequence
 
 import torch
 
-from torchchat.errors import ContextLengthError
 from torchchat.generation.batch import BatchEngine, Sequence as BatchSequence, SequenceRequest, make_steps
 from torchchat.generation.sampling import SamplingParams, default_generator
 from torchchat.generation.speculative import Draft
@@ -128,8 +127,8 @@ class Engine:
         request = self._request(prompt_ids, cfg, reuse_prefix)
         keep = None if reuse_prefix else start_pos
         if cfg.max_new_tokens <= 0:
-            self.core.add(request, keep=keep)  # checks that the prompt fits, as a real call would
-            self.core.release(self.core.slots[0])
+            # Nothing to generate: only check that the prompt fits, as a real call would.
+            self.core.release(self.core.add(request, generator=self.generator, keep=keep))
             self.position = (start_pos if keep is not None else 0) + len(request.prompt_ids)
             self.last_stats = GenerationStats(prompt_tokens=len(request.prompt_ids),
                                               prefill_parallel=self.parallel_prefill)
