@@ -41,7 +41,6 @@ from torchchat.generation.sampling import SamplingParams
 from torchchat.generation.speculative import Draft, SpeculativeDecoder
 from torchchat.generation.steps import Steps
 
-Forward = Callable[..., Tensor]  # (tokens (B, S), input_pos (S,) or (B, S), row=int) -> logits (B, S, V)
 # (ids this sequence generated so far, its next-token logits (V,) float) -> logits (V,). Called once
 # per generated token, in order, after penalties and bias; e.g. a grammar mask (generation/constraints.py).
 LogitsProcessor = Callable[[Seq[int], Tensor], Tensor]
@@ -120,7 +119,6 @@ class Sequence:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
-
 
 
 class BatchEngine:
