@@ -177,8 +177,7 @@ def _generate(args: argparse.Namespace, spec, notes: list[str], seed: int | None
 
 def _serial_samples(engine, prompt_ids, gen, args: argparse.Namespace, seed: int | None):
     """Each sample streamed to stdout as it comes; sample i seeded `seed` + i (as a batch would be).
-    Returns (stats, finish_reason) per sample."""
-    results = []
+    Yields (stats, finish_reason) as each sample ends, so that its metrics follow its text."""
     for i in range(args.num_samples):
         if seed is not None:
             engine.generator.manual_seed(seed + i)
@@ -193,8 +192,7 @@ def _serial_samples(engine, prompt_ids, gen, args: argparse.Namespace, seed: int
             finish = r.finish_reason or finish
         sys.stdout.write("\n")
         sys.stdout.flush()
-        results.append((stats, finish))
-    return results
+        yield stats, finish
 
 
 def _batch_samples(engine, prompt_ids, gen, n: int, seed: int | None, prompt: str):
