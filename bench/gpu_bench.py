@@ -216,7 +216,7 @@ def cmd_generate(a) -> dict:
                                "--tokenizer-path", str(_tokenizer(a.tokenizers, model)),
                                "--device", "cuda", "--dtype", "bf16",
                                "--prompt", PROMPT, "--max-new-tokens", str(a.tokens), "--temperature", "0.8",
-                               "--top-k", "200", "--num-samples", str(a.samples + 1), "--compile",
+                               "--top-k", "200", "--num-samples", str(a.samples + 1), "--serial-samples", "--compile",
                                "--metrics-json", str(metrics)]
                         if recipe:
                             cmd += ["--quantize", recipe]

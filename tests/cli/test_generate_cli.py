@@ -45,6 +45,23 @@ def test_num_samples_reports_each(stories):
     assert "Average tokens/sec" in r.stderr
 
 
+def test_sampled_num_samples_run_as_a_batch_equal_serial_runs_with_their_seeds(stories):
+    """Sampled --num-samples run as one batch; sample i is what `--seed S+i` alone gives (fp32), and
+    --serial-samples gives the same texts one after another."""
+    args = ["generate", *stories, "--prompt", "Once upon a time", "--temperature", "1.0", "--top-k", "50",
+            "--max-new-tokens", "30"]
+    batch = run_cli(*args, "--num-samples", "3", "--seed", "20")
+    assert batch.returncode == 0, batch.stderr
+    assert "Batch of 3 samples" in batch.stderr and "Time for inference 3" in batch.stderr
+    singles = [run_cli(*args, "--seed", str(20 + i)) for i in range(3)]
+    assert all(r.returncode == 0 for r in singles)
+    assert batch.stdout == "".join(r.stdout for r in singles)
+    assert len(set(batch.stdout.splitlines())) > 1
+    serial = run_cli(*args, "--num-samples", "3", "--seed", "20", "--serial-samples")
+    assert serial.returncode == 0 and "Batch of" not in serial.stderr
+    assert serial.stdout == batch.stdout
+
+
 def _bad_inputs(d, tmp):
     bad_json = tmp / "bad.json"
     bad_json.write_text("{\"dim\": 64,")

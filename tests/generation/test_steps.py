@@ -26,3 +26,24 @@ def test_without_notify_the_compiled_function_is_returned_as_is(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: ("compiled", fn))
     steps = Steps(lambda t, p: t, torch.device("cpu"), CompileOptions(decode=True))
     assert steps.decode(SamplingParams(temperature=0))[0] == "compiled"
+
+
+def test_decode_step_samples_with_the_noise_it_is_given():
+    """A request's own generator hands the fused step its Exp(1) noise; the step then picks what
+    sampling.sample picks with that noise, and what the process's generator seeded alike picks."""
+    from torchchat.generation.sampling import exp_noise, sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 1, 64)
+    forward = lambda tokens, pos: logits  # noqa: E731
+    params = SamplingParams(temperature=1.0, top_k=20)
+    step = Steps(forward, torch.device("cpu")).decode(params)
+    drawn = []
+    for seed in range(20):
+        noise = exp_noise(1, 64, torch.Generator().manual_seed(seed), torch.device("cpu"))
+        got = step(torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]), noise)
+        assert int(got) == int(sample(logits[:, -1], params, noise))
+        torch.manual_seed(seed)
+        assert int(step(torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]))) == int(got)
+        drawn.append(int(got))
+    assert len(set(drawn)) > 1

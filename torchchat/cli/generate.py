@@ -13,7 +13,13 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     cli_args.add_model_source(p)
     cli_args.add_build(p)
     p.add_argument("--prompt", default="Hello, my name is", help="Text to continue")
-    p.add_argument("--num-samples", type=int, default=1, help="How many times to generate (metrics are averaged)")
+    p.add_argument("--num-samples", type=int, default=1,
+                   help="How many times to generate (metrics are averaged). Sampled (temperature > 0) samples "
+                        "run as one batch, sample i seeded --seed + i; greedy ones, and those with a draft model, "
+                        "run one after another")
+    p.add_argument("--serial-samples", action="store_true",
+                   help="Run --num-samples one after another even where they could be one batch (timing runs: "
+                        "with --compile the first is the warm-up and is not averaged)")
     cli_args.add_chat_template(p, generate=True)
     cli_args.add_sampling(p)
     cli_args.add_compile(p)
@@ -48,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     spec = cli_args.build_spec(args, notes)
     tp = cli_args.tensor_parallel_size(args)
     if tp == 1:
-        return _generate(args, spec, notes, args.seed, writes=True)
+        return _generate(args, spec, notes, args.seed, writes=True, may_batch=True)
     from torchchat.distributed.launch import inside_torchrun, relaunch
 
     if not inside_torchrun():
@@ -91,13 +97,25 @@ def _generate_tp(args: argparse.Namespace, spec, notes: list[str], tp: int) -> i
             if not args.verbose:
                 sys.stderr = open(os.devnull, "w")
         seed = agree_on_seed(args.seed)
-        return _generate(args, replace(spec, device=ctx.device, tp=ctx), notes, seed, writes=ctx.rank == 0)
+        return _generate(args, replace(spec, device=ctx.device, tp=ctx), notes, seed, writes=ctx.rank == 0,
+                         may_batch=False)
     finally:
         shutdown()
 
 
-def _generate(args: argparse.Namespace, spec, notes: list[str], seed: int | None, writes: bool) -> int:
+def _batched(args: argparse.Namespace, opening, gen, may_batch: bool) -> bool:
+    """Whether --num-samples runs as one batch: the samples must be independent draws (greedy ones
+    would all be the same text, and then they are timing runs), the draft's cache holds one sequence,
+    and the runtime must take a cache row per sequence (eager; not exported programs or --tp)."""
+    return (args.num_samples > 1 and may_batch and not args.serial_samples and not gen.sampling.greedy
+            and opening.draft is None and getattr(opening.built.runtime, "supports_batching", False))
+
+
+def _generate(args: argparse.Namespace, spec, notes: list[str], seed: int | None, writes: bool,
+              may_batch: bool) -> int:
     """Build, generate, print; `writes`: this process also writes --metrics-json (rank 0 only under --tp)."""
+    from dataclasses import replace
+
     import torch
 
     from torchchat.errors import UserInputError
@@ -117,13 +135,52 @@ def _generate(args: argparse.Namespace, spec, notes: list[str], seed: int | None
             raise UserInputError("--system-prompt needs --chat-template (e.g. auto), which formats the prompt "
                                  "as a chat turn")
         prompt_ids = tok.encode(args.prompt, bos=tok.bos_id is not None)
-    engine = opening.engine(args.max_seq_length or len(prompt_ids) + gen.max_new_tokens)
+    batched = _batched(args, opening, gen, may_batch)
+    engine = opening.engine(args.max_seq_length or len(prompt_ids) + gen.max_new_tokens,
+                            slots=args.num_samples if batched else 1)
     model_bytes = bytes_read_per_token(built.model) if built.model is not None else built.runtime.weight_bytes
     compiled = opening.compile.decode or opening.compile.prefill
     if seed is not None:
         torch.manual_seed(seed)
+    if batched:
+        if compiled:
+            # Compile the batch's steps first, so that the samples' metrics time generation only (the
+            # serial runs report their first sample apart instead). Fresh seeds: the samples' own
+            # generators are made and seeded afterwards, so their texts do not change.
+            for _ in engine.samples(prompt_ids, replace(gen, max_new_tokens=2), [None] * args.num_samples):
+                pass
+        results = _batch_samples(engine, prompt_ids, gen, args.num_samples, seed, args.prompt)
+    else:
+        results = _serial_samples(engine, prompt_ids, gen, args, seed)
     reports = []
+    for i, (stats, finish) in enumerate(results):
+        if finish == "length" and stats.generated_tokens < gen.max_new_tokens:
+            notices.say(_context_end_note(stats, gen.max_new_tokens, engine.max_seq_len, args.max_seq_length))
+        warmup = compiled and i == 0 and args.num_samples > 1 and not batched
+        report = sample_report(i + 1, stats, model_bytes, compile_sample=warmup)
+        reports.append(report)
+        print_sample(report, sys.stderr)
+        if stats.draft_proposed:
+            print(f"Acceptance rate: {stats.acceptance_rate:.1%} ({stats.draft_accepted} of {stats.draft_proposed} "
+                  f"draft tokens, k={stats.speculate_k})", file=sys.stderr)
+    if batched:
+        total = sum(s.generated_tokens for s, _ in results)
+        wall = max(s.total_time for s, _ in results)
+        print(f"Batch of {args.num_samples} samples: {total} tokens in {wall:.2f} sec, "
+              f"{total / max(wall, 1e-9):.2f} tokens/sec in all", file=sys.stderr)
+    summary = Summary(reports, model_bytes, peak_memory_bytes(engine.device), str(engine.device), str(built.dtype))
+    summary.print(sys.stderr)
+    if writes and args.metrics_json is not None:
+        summary.write_json(args.metrics_json)
+    return 0
+
+
+def _serial_samples(engine, prompt_ids, gen, args: argparse.Namespace, seed: int | None):
+    """Each sample streamed to stdout as it comes; sample i seeded `seed` + i (as a batch would be).
+    Yields (stats, finish_reason) as each sample ends, so that its metrics follow its text."""
     for i in range(args.num_samples):
+        if seed is not None:
+            engine.generator.manual_seed(seed + i)
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
         stats, finish = None, None
@@ -135,16 +192,20 @@ def _generate(args: argparse.Namespace, spec, notes: list[str], seed: int | None
             finish = r.finish_reason or finish
         sys.stdout.write("\n")
         sys.stdout.flush()
-        if finish == "length" and stats.generated_tokens < gen.max_new_tokens:
-            notices.say(_context_end_note(stats, gen.max_new_tokens, engine.max_seq_len, args.max_seq_length))
-        report = sample_report(i + 1, stats, model_bytes, compile_sample=compiled and i == 0 and args.num_samples > 1)
-        reports.append(report)
-        print_sample(report, sys.stderr)
-        if stats.draft_proposed:
-            print(f"Acceptance rate: {stats.acceptance_rate:.1%} ({stats.draft_accepted} of {stats.draft_proposed} "
-                  f"draft tokens, k={stats.speculate_k})", file=sys.stderr)
-    summary = Summary(reports, model_bytes, peak_memory_bytes(engine.device), str(engine.device), str(built.dtype))
-    summary.print(sys.stderr)
-    if writes and args.metrics_json is not None:
-        summary.write_json(args.metrics_json)
-    return 0
+        yield stats, finish
+
+
+def _batch_samples(engine, prompt_ids, gen, n: int, seed: int | None, prompt: str):
+    """The n samples as one batch, each printed whole (prompt and text) when the batch is done, in order.
+    Returns (stats, finish_reason) per sample."""
+    seeds = [None if seed is None else seed + i for i in range(n)]
+    texts = [[] for _ in range(n)]
+    results: list = [None] * n
+    for i, r in engine.samples(prompt_ids, gen, seeds):
+        texts[i].append(r.text)
+        if r.finish_reason is not None:
+            results[i] = (r.stats, r.finish_reason)
+    for parts in texts:
+        sys.stdout.write(prompt + "".join(parts) + "\n")
+    sys.stdout.flush()
+    return results

@@ -38,12 +38,13 @@ class Opening:
         self.notices.say(*setup.notices)
         return setup
 
-    def engine(self, max_seq_len: int):
-        """A one-sequence Engine of `max_seq_len` positions, the draft model (if any) built and attached."""
+    def engine(self, max_seq_len: int, slots: int = 1):
+        """An Engine of `max_seq_len` positions and `slots` sequences at once (more than one: batched
+        samples), the draft model (if any) built and attached."""
         from torchchat.generation.engine import make_engine
 
         engine = make_engine(self.built, self.compile, max_seq_len=max_seq_len,
-                             parallel_prefill=not self.args.sequential_prefill)
+                             parallel_prefill=not self.args.sequential_prefill, slots=slots)
         if self.draft is not None:
             engine.attach_draft(cli_args.build(self.draft, self.notices).runtime, self.args.speculate_k)
         return engine

@@ -16,9 +16,15 @@ compiled decode step sees at most log2(N) + 1 shapes. Idle rows inside the bucke
 token at the last cache position, which no sequence ever writes (a sequence's last sampled token is
 never fed back), so they disturb nothing a slot remembers.
 
-With one busy row the decode forward gets a shared (1,) position, exactly as the batch-1 Engine does:
-the same code path, the same speed, and runtimes that take only shared positions (AOTI, ExecuTorch)
-serve one slot.
+This is the one engine: `generate`, `chat` and `eval` run through it with one slot (Engine in
+torchchat.generation.engine is their single-sequence face), and `generate --num-samples` runs its
+samples as one batch. An engine of one slot decodes through a decoder that only produces tokens: the
+plain one (forward and sampling fused in one compiled step or CUDA graph, as the single-sequence path
+always did), or the speculative one when a draft model is attached. Several busy rows, or a request
+that wants more from the logits than a token (logprobs, penalties, bias, a grammar), take the batched
+forward and one batched sampling step. Either way the bookkeeping (budget, stop ids, the ids each row
+holds, positions) is this module's, once. With one busy row the decode forward gets a shared (1,)
+position, so runtimes that take only shared positions (AOTI, ExecuTorch) serve one slot.
 """
 from __future__ import annotations
 
@@ -29,11 +35,12 @@ from typing import Callable, Mapping, Sequence as Seq
 import torch
 from torch import Tensor
 
-from torchchat.errors import ContextLengthError
-from torchchat.generation.decoding import common_prefix_len
+from torchchat.errors import ContextLengthError, UserInputError
+from torchchat.generation.decoding import DecodeStep, PlainDecoder, common_prefix_len
 from torchchat.generation.sampling import SamplingParams
+from torchchat.generation.speculative import Draft, SpeculativeDecoder
+from torchchat.generation.steps import Steps
 
-Forward = Callable[..., Tensor]  # (tokens (B, S), input_pos (S,) or (B, S), row=int) -> logits (B, S, V)
 # (ids this sequence generated so far, its next-token logits (V,) float) -> logits (V,). Called once
 # per generated token, in order, after penalties and bias; e.g. a grammar mask (generation/constraints.py).
 LogitsProcessor = Callable[[Seq[int], Tensor], Tensor]
@@ -93,7 +100,7 @@ class Sequence:
     pending: list[int]  # prompt ids not yet prefilled
     budget: int  # most tokens to generate
     generator: torch.Generator
-    cached_tokens: int = 0  # prompt ids whose K/V were reused from the slot
+    cached_tokens: int = 0  # prompt ids whose K/V were reused from the slot (or kept, see BatchEngine.add)
     next_token: int | None = None  # sampled, not yet fed
     generated: int = 0
     output: list[int] = field(default_factory=list)  # the generated ids, in order
@@ -104,6 +111,9 @@ class Sequence:
     counts: Tensor | None = None  # (V,) generated-token counts, for penalties
     seen: Tensor | None = None  # (V,) bool: in the prompt or generated, for the repetition penalty
     bias: Tensor | None = None  # (V,) logit bias
+    draft_proposed: int = 0  # speculative decoding: draft tokens proposed ...
+    draft_accepted: int = 0  # ... and accepted by the target
+    plain: bool = False  # wants nothing from the logits but a token sampled with its SamplingParams
     _last_logprobs: Tensor | None = None  # (V,) log-probs after the last prefilled chunk (prompt_logprobs)
 
     @property
@@ -113,29 +123,39 @@ class Sequence:
 
 class BatchEngine:
     def __init__(self, runtime, max_batch: int, max_seq_len: int, *, prefill_chunk: int = 512,
-                 decode_forward: Forward | None = None, prefill_forward: Forward | None = None,
-                 parallel_prefill: bool = True):
+                 steps: Steps | None = None, parallel_prefill: bool = True):
         """`runtime`: a torchchat Runtime; with max_batch > 1 it must take (B, S) positions and a cache
-        `row` (EagerRuntime.supports_batching). `decode_forward` / `prefill_forward`: the forwards to
-        decode and prefill with (e.g. compiled); default the runtime's. `parallel_prefill` False (or a
-        runtime without it) feeds prompts one token per forward."""
+        `row` (EagerRuntime.supports_batching). `steps`: the prefill and decode functions (compiled
+        or not; torchchat.generation.steps, the only compile boundary); default the runtime's forwards
+        as they are. `parallel_prefill` False (or a runtime without it) feeds prompts one token per
+        forward."""
         if max_batch > 1 and not getattr(runtime, "supports_batching", False):
             raise ValueError(f"{type(runtime).__name__} serves one sequence at a time; use max_batch=1")
         self.runtime = runtime
         self.device = runtime.device
         self.max_batch, self.max_seq_len, self.prefill_chunk = max_batch, max_seq_len, prefill_chunk
         self.vocab_size = runtime.config.vocab_size
-        self._decode_forward = decode_forward or runtime.forward
-        self._forward = prefill_forward or runtime.forward
         # A prompt chunk whose request wants no prompt logprobs samples from its last position only:
         # the runtime's last-position forward (EagerRuntime.forward_last) skips the output matrix for
-        # the others. A compiled prefill keeps the full forward it was compiled for.
-        self._forward_last = None if prefill_forward else getattr(runtime, "forward_last", None)
+        # the others.
+        self.steps = steps or Steps(runtime.forward, runtime.device,
+                                    forward_last=getattr(runtime, "forward_last", None))
         self.parallel_prefill = parallel_prefill and runtime.supports_parallel_prefill
+        # One slot decodes through a decoder that only produces tokens (see the module docstring).
+        self._plain = PlainDecoder(self.steps, self.device, self.vocab_size) if max_batch == 1 else None
+        self.draft: Draft | None = None
         self.slots: list[Sequence | None] = [None] * max_batch
         self.slot_ids: list[list[int]] = [[] for _ in range(max_batch)]  # ids whose K/V each row holds
         self.prefilled_tokens = 0  # prompt tokens run through the model, over the engine's life
         runtime.setup(max_batch, max_seq_len)
+
+    def attach_draft(self, runtime, k: int) -> None:
+        """Decode speculatively from now on: `runtime` (a smaller model with the same vocabulary)
+        proposes `k` tokens per step and the target verifies them in one forward. One slot only: the
+        draft's own cache holds one sequence. Set `draft` to None to decode plainly again."""
+        if self.max_batch != 1:
+            raise UserInputError("speculative decoding runs one sequence at a time; it needs an engine of one slot")
+        self.draft = Draft.create(runtime, k, self.max_seq_len, self.runtime)
 
     # -- joining and leaving -------------------------------------------------------------------------
 
@@ -146,33 +166,55 @@ class BatchEngine:
     def free_slots(self) -> int:
         return sum(s is None for s in self.slots)
 
-    def add(self, request: SequenceRequest) -> Sequence:
+    def add(self, request: SequenceRequest, *, generator: torch.Generator | None = None,
+            keep: int | None = None) -> Sequence:
         """Give `request` a free slot (raises RuntimeError when none is); it is prefilled by the next
-        `step`s. Prefers the free slot whose remembered ids share the longest prefix with the prompt."""
+        `step`s. Prefers the free slot whose remembered ids share the longest prefix with the prompt.
+
+        `generator`: what the sequence samples with (default: one seeded with request.seed, or freshly).
+        `keep`: one-slot engines only: the prompt continues after the first `keep` cache positions as
+        the last sequence left them, whatever they hold (a caller that tracks its own conversation, as
+        the exported runners' chat does); the request's ids are then only the new ones."""
         ids = [int(i) for i in request.prompt_ids]
+        start = keep or 0
         if not ids:
             raise ContextLengthError("the prompt is empty: give at least one token (BOS counts)")
-        if len(ids) >= self.max_seq_len:
-            raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context holds {self.max_seq_len}")
+        if start + len(ids) >= self.max_seq_len:
+            raise ContextLengthError(
+                f"the prompt needs {start + len(ids)} positions but the context holds {self.max_seq_len}; "
+                "shorten it or raise --max-seq-length (up to the model's own limit)"
+            )
         free = [i for i, s in enumerate(self.slots) if s is None]
         if not free:
             raise RuntimeError("no free slot: wait for a sequence to finish")
         reuse, slot = 0, free[0]
-        if request.reuse_prefix and not request.prompt_logprobs:
-            best = max(free, key=lambda i: (common_prefix_len(self.slot_ids[i], ids), -i))
-            # At least one prompt id is fed, for the logits of the first generated token.
-            reuse = min(common_prefix_len(self.slot_ids[best], ids), len(ids) - 1)
-            if reuse > 0:
-                slot = best
-        del self.slot_ids[slot][reuse:]
-        generator = torch.Generator(device=self.device)
-        if request.seed is None:
-            generator.seed()
+        if keep is not None:
+            if self.max_batch != 1:
+                raise ValueError("`keep` continues the one slot's cache; this engine has several")
+            held = self.slot_ids[slot]
+            del held[keep:]
+            held.extend([-1] * (keep - len(held)))  # -1: a position of unknown content
+            reuse, pending = keep, ids
         else:
-            generator.manual_seed(request.seed)
-        seq = Sequence(request, slot, position=reuse, pending=ids[reuse:], cached_tokens=reuse,
-                       budget=min(request.max_new_tokens, self.max_seq_len - len(ids)), generator=generator)
+            if request.reuse_prefix and not request.prompt_logprobs:
+                best = max(free, key=lambda i: (common_prefix_len(self.slot_ids[i], ids), -i))
+                # At least one prompt id is fed, for the logits of the first generated token.
+                reuse = min(common_prefix_len(self.slot_ids[best], ids), len(ids) - 1)
+                if reuse > 0:
+                    slot = best
+            del self.slot_ids[slot][reuse:]
+            pending = ids[reuse:]
+        if generator is None:
+            generator = torch.Generator(device=self.device)
+            if request.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(request.seed)
+        seq = Sequence(request, slot, position=reuse, pending=pending, cached_tokens=reuse,
+                       budget=min(request.max_new_tokens, self.max_seq_len - start - len(ids)), generator=generator)
         self._init_logit_state(seq, ids)
+        seq.plain = (seq.counts is None and seq.bias is None and request.logits_processor is None
+                     and request.top_logprobs is None)
         self.slots[slot] = seq
         return seq
 
@@ -207,13 +249,22 @@ class BatchEngine:
         return out
 
     def _prefill(self) -> list[TokenOut]:
+        joining = [s for s in self.slots if s is not None and s.pending]
+        if not joining:  # most steps: a one-slot engine decoding pays only this line here
+            return []
         budget = self.prefill_chunk
         firsts: list[tuple[Sequence, Tensor]] = []
-        for seq in sorted((s for s in self.slots if s is not None and s.pending), key=lambda s: s.t_added):
+        out: list[TokenOut] = []
+        for seq in sorted(joining, key=lambda s: s.t_added):
             if budget <= 0:
                 break
             chunk, seq.pending = seq.pending[:budget], seq.pending[budget:]
             budget -= len(chunk)
+            if not self.parallel_prefill and self._plain is not None and seq.plain:
+                first = self._prefill_one_by_one(seq, chunk)
+                if not seq.pending:
+                    out.append(self._emit(seq, first))
+                continue
             tokens = torch.tensor([chunk], dtype=torch.int64, device=self.device)
             pos = torch.arange(seq.position, seq.position + len(chunk), device=self.device)
             logits = self._prefill_forward(tokens, pos, seq.slot, last_only=not seq.request.prompt_logprobs)
@@ -224,19 +275,30 @@ class BatchEngine:
                 self._prompt_logprobs(seq, chunk, logits[0])
             if not seq.pending:
                 firsts.append((seq, logits[0, -1]))
-        if not firsts:
-            return []
-        return self._sample([s for s, _ in firsts], torch.stack([l for _, l in firsts]))
+        if firsts:
+            out += self._sample([s for s, _ in firsts], torch.stack([l for _, l in firsts]))
+        return out
+
+    def _prefill_one_by_one(self, seq: Sequence, chunk: list[int]) -> int:
+        """A one-slot engine's sequential prefill: each prompt token through the plain decoder's fused
+        step, the one the decode loop then runs (under --compile one graph for both, not two); the
+        last step's token is the first generated one."""
+        held = self.slot_ids[seq.slot]
+        for t in chunk:
+            nxt = self._plain.step(t, held, seq.request.sampling, 1, seq.generator).tokens[0]
+            held.append(t)
+            seq.position += 1
+        self.prefilled_tokens += len(chunk)
+        return nxt
 
     def _prefill_forward(self, tokens: Tensor, pos: Tensor, row: int, last_only: bool = False) -> Tensor:
         """tokens (1, S) at positions pos (S,) in cache row `row` -> logits (1, S, V), or (1, 1, V) for
         the last position where `last_only` and the runtime can skip the others."""
-        if last_only and self.parallel_prefill and self._forward_last is not None:
-            return self._forward_last(tokens, pos, row=row)
-        forward = self._forward
         if not self.parallel_prefill:  # one token per call (--sequential-prefill, some .pte programs)
+            forward = self.steps.prefill_forward(last_only=False)
             return torch.cat([forward(tokens[:, i : i + 1], pos[i : i + 1], row=row) if row else
                               forward(tokens[:, i : i + 1], pos[i : i + 1]) for i in range(tokens.size(1))], dim=1)
+        forward = self.steps.prefill_forward(last_only)
         return forward(tokens, pos, row=row) if row else forward(tokens, pos)
 
     def _prompt_logprobs(self, seq: Sequence, chunk: list[int], logits: Tensor) -> None:
@@ -252,27 +314,57 @@ class BatchEngine:
         seq._last_logprobs = lp[-1]
 
     def _decode(self, seqs: list[Sequence]) -> list[TokenOut]:
+        if self.max_batch == 1 and seqs[0].plain:
+            s = seqs[0]
+            room = s.budget - s.generated
+            history = self.slot_ids[s.slot]
+            if self.draft is not None:
+                step = SpeculativeDecoder(self.runtime, self.draft).step(s.next_token, history, s.request.sampling,
+                                                                         room, s.generator)
+            else:
+                step = self._plain.step(s.next_token, history, s.request.sampling, room, s.generator)
+            return self._advance(s, step)
         top = max(s.slot for s in seqs) + 1
         bucket = 1
         while bucket < top:
             bucket *= 2
         bucket = min(bucket, self.max_batch)
+        forward = self.steps.decode_forward()
         if bucket == 1:
             s = seqs[0]
             tokens = torch.tensor([[s.next_token]], dtype=torch.int64, device=self.device)
-            logits = self._decode_forward(tokens, torch.tensor([s.position], device=self.device))
+            logits = forward(tokens, torch.tensor([s.position], device=self.device))
         else:
             tok = [0] * bucket
             pos = [self.max_seq_len - 1] * bucket  # idle rows: a position no sequence writes
             for s in seqs:
                 tok[s.slot], pos[s.slot] = s.next_token, s.position
-            logits = self._decode_forward(torch.tensor(tok, device=self.device).view(bucket, 1),
-                                          torch.tensor(pos, device=self.device).view(bucket, 1))
+            logits = forward(torch.tensor(tok, device=self.device).view(bucket, 1),
+                             torch.tensor(pos, device=self.device).view(bucket, 1))
         for s in seqs:
             self.slot_ids[s.slot].append(s.next_token)
             s.position += 1
         rows = torch.tensor([s.slot for s in seqs], device=self.device)
         return self._sample(seqs, logits[:, -1].index_select(0, rows) if bucket > 1 else logits[:, -1])
+
+    def _advance(self, s: Sequence, step: DecodeStep) -> list[TokenOut]:
+        """Account for what a decoder produced for `s`: the fed token and every produced token but the
+        last are now in the cache. A speculative step may produce tokens past a stop id or the budget;
+        they are dropped, but the cache keeps them (they are the true ids at those positions, which is
+        what prefix reuse compares against)."""
+        held = self.slot_ids[s.slot]
+        held.append(s.next_token)
+        if len(step.tokens) > 1:
+            held += step.tokens[:-1]
+        s.draft_proposed += step.proposed
+        s.draft_accepted += step.accepted
+        out = []
+        for t in step.tokens:
+            s.position += 1
+            out.append(self._emit(s, t))
+            if s.done:
+                break
+        return out
 
     def _sample(self, seqs: list[Sequence], logits: Tensor) -> list[TokenOut]:
         """logits: (N, V) for `seqs` in order. One batched sampling step with per-row parameters."""
@@ -287,28 +379,30 @@ class BatchEngine:
         tokens = sample_rows(logits, [s.request.sampling for s in seqs], [s.generator for s in seqs])
         want_lp = any(s.request.top_logprobs is not None for s in seqs)
         lps = torch.log_softmax(logits, dim=-1) if want_lp else None
-        ids = tokens.tolist()
-        now = time.perf_counter()
         out = []
-        for i, (s, t) in enumerate(zip(seqs, ids)):
-            s.generated += 1
-            s.output.append(t)
-            if s.t_first is None:
-                s.t_first = now
-            if s.counts is not None:
-                s.counts[t] += 1
-                s.seen[t] = True
+        for i, (s, t) in enumerate(zip(seqs, tokens.tolist())):
             lp = _token_logprob(lps[i], t, s.request.top_logprobs or 0) \
                 if s.request.top_logprobs is not None else None
-            if t in s.request.stop_ids:
-                s.finish_reason = "stop"
-            elif s.generated >= s.budget:
-                s.finish_reason = "length"
-            s.next_token = t
-            out.append(TokenOut(s, t, s.finish_reason, lp))
-            if s.done:
-                self.release(s)
+            out.append(self._emit(s, t, lp))
         return out
+
+    def _emit(self, s: Sequence, t: int, lp: TokenLogprob | None = None) -> TokenOut:
+        """`t` is `s`'s next token: count it, finish `s` at a stop id or its budget (leaving its slot)."""
+        s.generated += 1
+        s.output.append(t)
+        if s.t_first is None:
+            s.t_first = time.perf_counter()
+        if s.counts is not None:
+            s.counts[t] += 1
+            s.seen[t] = True
+        if t in s.request.stop_ids:
+            s.finish_reason = "stop"
+        elif s.generated >= s.budget:
+            s.finish_reason = "length"
+        s.next_token = t
+        if s.done:
+            self.release(s)
+        return TokenOut(s, t, s.finish_reason, lp)
 
 
 def _adjust(logits: Tensor, s: Sequence) -> Tensor:
@@ -368,22 +462,25 @@ def sample_rows(logits: Tensor, params: Seq[SamplingParams], generators: Seq[tor
     return greedy.index_copy(0, idx, torch.argmax(probs / noise, dim=-1))
 
 
+def make_steps(runtime, options=None) -> Steps:
+    """The prefill and decode functions over `runtime`, compiled per `options` (a CompileOptions): a
+    CUDA graph for the fused CUDA model's decode step, the last-position forward for prompts."""
+    from torchchat.generation.steps import CompileOptions
+    from torchchat.model.layout import optimize_for_decode
+    from torchchat.runtime.base import EagerRuntime
+
+    if isinstance(runtime, EagerRuntime):
+        optimize_for_decode(runtime.model)
+    return Steps(runtime.forward, runtime.device, options or CompileOptions(), getattr(runtime, "graph_key", None),
+                 getattr(runtime, "forward_last", None))
+
+
 def make_batch_engine(built, options=None, *, max_batch: int, max_seq_len: int | None = None,
                       parallel_prefill: bool = True) -> BatchEngine:
     """A BatchEngine over a BuiltModel with `max_batch` slots of `max_seq_len` positions (default: the
     model's own limit); forwards compiled per `options` (a CompileOptions). A compiled decode step
     sees one shape per batch bucket (1, 2, 4, ...): on CUDA each bucket gets its own CUDA graph."""
-    from torchchat.generation.steps import CompileOptions, Steps
-    from torchchat.model.layout import optimize_for_decode
-    from torchchat.runtime.base import EagerRuntime
-
     runtime = built.runtime
-    if isinstance(runtime, EagerRuntime):
-        optimize_for_decode(runtime.model)
-    options = options or CompileOptions()
-    steps = Steps(runtime.forward, runtime.device, options)
-    decode = steps.compile_forward(runtime.forward, dynamic=False) if options.decode else None
-    prefill = steps.compile_forward(runtime.forward, dynamic=True) if options.prefill else None
+    steps = make_steps(runtime, options)
     ctx = min(max_seq_len or runtime.max_seq_len, runtime.max_seq_len)
-    return BatchEngine(runtime, max_batch, ctx, decode_forward=decode, prefill_forward=prefill,
-                       parallel_prefill=parallel_prefill)
+    return BatchEngine(runtime, max_batch, ctx, steps=steps, parallel_prefill=parallel_prefill)

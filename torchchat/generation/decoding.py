@@ -1,9 +1,10 @@
-"""What a decoder hands the engine, the plain decoder, and the prefix match both the engine and the
-speculative decoder use to tell how much of a KV cache is still valid.
+"""What a decoder hands the engine, the plain one-sequence decoder, and the prefix match both the
+engine and the speculative decoder use to tell how much of a KV cache is still valid.
 
-Decoders only produce tokens; the Engine (torchchat.generation.engine) keeps the budget, stop ids, KV
-ids, positions and statistics for every decoder. These pieces live here, below both the engine and
-torchchat.generation.speculative, so that the engine imports the decoders and no decoder imports it."""
+Decoders only produce tokens; the batched engine's core (torchchat.generation.batch.BatchEngine)
+keeps the budget, stop ids, the ids each cache row holds, positions and statistics for every decoder.
+These pieces live here, below both the core and torchchat.generation.speculative, so that the core
+imports the decoders and no decoder imports it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from torchchat.generation.sampling import SamplingParams
+from torchchat.generation.sampling import SamplingParams, default_generator, exp_noise
 from torchchat.generation.steps import Steps
 
 
@@ -26,35 +27,33 @@ class DecodeStep:
 
 
 class PlainDecoder:
-    """One token per forward: the prefill and decode steps (torchchat.generation.steps) as they are.
-    Produces tokens only; the Engine does the bookkeeping."""
+    """One token per forward for the one sequence of a one-slot engine, through Steps.decode: forward
+    and sampling fused in one step (one compiled graph under --compile, one CUDA graph on the fused
+    CUDA model). Produces tokens only."""
 
     k = 0
 
-    def __init__(self, steps: Steps, device: torch.device, parallel_prefill: bool):
-        self.steps, self.device, self.parallel_prefill = steps, device, parallel_prefill
+    def __init__(self, steps: Steps, device: torch.device, vocab_size: int):
+        self.steps, self.device, self.vocab_size = steps, device, vocab_size
+        self._default = default_generator(device)
         # The last step's output tensor: fed back as it is when it is the next input, so the decode loop
-        # makes no host-to-device copy per token (as before the decoders were split out).
+        # makes no host-to-device copy per token.
         self._last: torch.Tensor | None = None
         self._last_id = -1
 
-    def prefill(self, prompt_ids: Sequence[int], start_pos: int, params: SamplingParams) -> int:
-        prompt = torch.tensor([list(prompt_ids)], dtype=torch.int64, device=self.device)
-        if self.parallel_prefill:
-            pos = torch.arange(start_pos, start_pos + len(prompt_ids), device=self.device)
-            nxt = self.steps.prefill(params)(prompt, pos)
-        else:
-            decode = self.steps.decode(params)
-            for i in range(len(prompt_ids)):
-                nxt = decode(prompt[:, i : i + 1], torch.tensor([start_pos + i], device=self.device))
-        self._last, self._last_id = nxt, int(nxt)
-        return self._last_id
-
-    def step(self, x: int, history: Sequence[int], params: SamplingParams, room: int) -> DecodeStep:
-        """Feed `x` at position len(history); the next token."""
+    def step(self, x: int, history: Sequence[int], params: SamplingParams, room: int,
+             generator: torch.Generator) -> DecodeStep:
+        """Feed `x` at position len(history); the next token, drawn with `generator`."""
         fed = self._last.clone() if self._last is not None and self._last_id == x else \
             torch.tensor([[x]], dtype=torch.int64, device=self.device)
-        nxt = self.steps.decode(params)(fed, torch.tensor([len(history)], device=self.device))
+        pos = torch.tensor([len(history)], device=self.device)
+        decode = self.steps.decode(params)
+        if params.greedy or generator is self._default:
+            # The process's generator: the step draws its noise itself (inside the compiled graph, where
+            # drawing costs nothing next to the ~0.6 ms an eager draw over a 32K vocabulary takes here).
+            nxt = decode(fed, pos)
+        else:
+            nxt = decode(fed, pos, exp_noise(1, self.vocab_size, generator, self.device))
         self._last, self._last_id = nxt, int(nxt)
         return DecodeStep([self._last_id])
 

@@ -1,7 +1,11 @@
-"""The engine: prompt ids -> generated ids -> response records with text deltas and statistics.
+"""The single-sequence face of the engine: prompt ids -> generated ids -> response records with text
+deltas and statistics, for `generate`, `chat` and `eval`.
 
-Layered iterators (tokens -> stream): `generate`, `chat`, the server and eval all consume these and
-none re-implements decoding."""
+Layered iterators (tokens -> stream). The work is the batched engine's (torchchat.generation.batch):
+an Engine is its core with one slot (or a few, for `generate --num-samples`), so setup, prefill,
+positions, the ids the cache holds, stop ids and budgets are kept in one place for every command and
+the server alike; this module adds what a single caller wants around it: timing statistics, text,
+chat turns."""
 from __future__ import annotations
 
 import time
@@ -10,10 +14,9 @@ from typing import Iterator, Sequence
 
 import torch
 
-from torchchat.errors import ContextLengthError
-from torchchat.generation.decoding import PlainDecoder, common_prefix_len
-from torchchat.generation.sampling import SamplingParams
-from torchchat.generation.speculative import Draft, SpeculativeDecoder
+from torchchat.generation.batch import BatchEngine, Sequence as BatchSequence, SequenceRequest, make_steps
+from torchchat.generation.sampling import SamplingParams, default_generator
+from torchchat.generation.speculative import Draft
 from torchchat.generation.steps import Steps
 from torchchat.runtime.base import Runtime
 
@@ -69,94 +72,138 @@ class Response:
 
 
 class Engine:
-    def __init__(self, runtime: Runtime, tokenizer, steps: Steps, max_seq_len: int, parallel_prefill: bool = True):
-        self.runtime = runtime
-        self.parallel_prefill = parallel_prefill and runtime.supports_parallel_prefill
+    """One sequence at a time (or a batch of independent samples of one prompt, `samples`) over a
+    BatchEngine core. Sampling draws from `generator`, by default the process's own (so
+    torch.manual_seed seeds it, and a compiled step draws inside its graph)."""
+
+    def __init__(self, runtime: Runtime, tokenizer, steps: Steps, max_seq_len: int, parallel_prefill: bool = True,
+                 *, slots: int = 1):
+        self.core = BatchEngine(runtime, slots, max_seq_len, steps=steps, parallel_prefill=parallel_prefill)
         self.tokenizer = tokenizer
-        self.steps = steps
-        self.max_seq_len = max_seq_len
-        self.device = runtime.device
+        self.generator = default_generator(runtime.device)
         self.position = 0  # next free KV position after the last call (chat continues from here)
         self.last_stats: GenerationStats | None = None
-        # Ids whose K/V the cache holds at positions [0, len): chat reuses their common prefix with the
-        # next prompt. -1 marks a position of unknown content.
-        self.kv_ids: list[int] = []
-        self.draft: Draft | None = None  # when decoding speculatively
-        self._plain = PlainDecoder(steps, self.device, self.parallel_prefill)
-        runtime.setup(1, max_seq_len)
+
+    runtime = property(lambda self: self.core.runtime)
+    steps = property(lambda self: self.core.steps)
+    device = property(lambda self: self.core.device)
+    max_seq_len = property(lambda self: self.core.max_seq_len)
+    parallel_prefill = property(lambda self: self.core.parallel_prefill)
+
+    @property
+    def kv_ids(self) -> list[int]:
+        """Ids whose K/V the (first) cache row holds at positions [0, len); -1: unknown content."""
+        return self.core.slot_ids[0]
+
+    @kv_ids.setter
+    def kv_ids(self, ids: list[int]) -> None:
+        self.core.slot_ids[0] = list(ids)
+
+    @property
+    def draft(self) -> Draft | None:
+        return self.core.draft
+
+    @draft.setter
+    def draft(self, draft: Draft | None) -> None:
+        self.core.draft = draft
 
     def attach_draft(self, runtime: Runtime, k: int) -> None:
         """Decode speculatively from now on: `runtime` (a smaller model with the same vocabulary)
         proposes `k` tokens per step and this engine's model verifies them in one forward."""
-        self.draft = Draft.create(runtime, k, self.max_seq_len, self.runtime)
+        self.core.attach_draft(runtime, k)
 
-    def _claim_prefix(self, start_pos: int) -> None:
-        """Forget what the cache holds from `start_pos` on (it is about to be overwritten)."""
-        del self.kv_ids[start_pos:]
-        self.kv_ids.extend([-1] * (start_pos - len(self.kv_ids)))
+    def _request(self, prompt_ids: Sequence[int], cfg: GenerationConfig, reuse_prefix: bool) -> SequenceRequest:
+        stop_ids = self.tokenizer.stop_ids if cfg.stop_ids is None else cfg.stop_ids
+        return SequenceRequest(tuple(int(i) for i in prompt_ids), cfg.max_new_tokens, cfg.sampling,
+                               frozenset(stop_ids), reuse_prefix=reuse_prefix)
 
-    def _check_fits(self, start_pos: int, n_prompt: int) -> None:
-        if n_prompt == 0:
-            raise ContextLengthError("the prompt is empty: give at least one token (BOS counts)")
-        if start_pos + n_prompt >= self.max_seq_len:
-            raise ContextLengthError(
-                f"the prompt needs {start_pos + n_prompt} positions but the context holds {self.max_seq_len}; "
-                "shorten it or raise --max-seq-length (up to the model's own limit)"
-            )
-
-    def decoder(self):
-        """The decoder for the next call: speculative while a draft is attached, else plain."""
-        if self.draft is None:
-            return self._plain
-        return SpeculativeDecoder(self.runtime, self.steps, self.draft)
-
-    def tokens(self, prompt_ids: Sequence[int], cfg: GenerationConfig, start_pos: int = 0) -> Iterator[int]:
+    def tokens(self, prompt_ids: Sequence[int], cfg: GenerationConfig, start_pos: int = 0, *,
+               reuse_prefix: bool = False) -> Iterator[int]:
         """Prefill `prompt_ids` at positions [start_pos, ...) and yield generated ids, stop token
         included. Stops at a stop id, at max_new_tokens, or when the context is full. Afterwards
         `self.position` is the position the last yielded token would take, and `self.last_stats` is set.
-
-        The decoder (plain or speculative) only produces tokens; the budget, stop ids, the ids the KV
-        cache holds, positions and statistics are kept here, once for both."""
-        decoder = self.decoder()
-        self._check_fits(start_pos, len(prompt_ids))
-        self._claim_prefix(start_pos)
-        stop_ids = self.tokenizer.stop_ids if cfg.stop_ids is None else cfg.stop_ids
-        budget = min(cfg.max_new_tokens, self.max_seq_len - start_pos - len(prompt_ids))
-        stats = GenerationStats(prompt_tokens=len(prompt_ids), speculate_k=decoder.k,
-                                prefill_parallel=decoder.parallel_prefill)
-        self.last_stats = stats
-        if budget <= 0:
-            self.position = start_pos + len(prompt_ids)
+        `reuse_prefix`: `prompt_ids` is the whole sequence (start_pos ignored) and the part of it the
+        cache already holds is not prefilled again (`stats.cached_tokens` says how much)."""
+        request = self._request(prompt_ids, cfg, reuse_prefix)
+        keep = None if reuse_prefix else start_pos
+        if cfg.max_new_tokens <= 0:
+            # Nothing to generate: only check that the prompt fits, as a real call would.
+            self.core.release(self.core.add(request, generator=self.generator, keep=keep))
+            self.position = (start_pos if keep is not None else 0) + len(request.prompt_ids)
+            self.last_stats = GenerationStats(prompt_tokens=len(request.prompt_ids),
+                                              prefill_parallel=self.parallel_prefill)
             return
         t0 = time.perf_counter()
-        with torch.no_grad():
-            x = decoder.prefill(prompt_ids, start_pos, cfg.sampling)
-        self.kv_ids.extend(int(i) for i in prompt_ids)
-        stats.time_to_first_token = time.perf_counter() - t0
-        stats.generated_tokens = 1
-        self.position = len(self.kv_ids)
-        yield x
-        while x not in stop_ids and stats.generated_tokens < budget:
-            pos = len(self.kv_ids)  # where x goes; the cache holds [0, pos)
-            with torch.no_grad():
-                out = decoder.step(x, self.kv_ids, cfg.sampling, budget - stats.generated_tokens)
-            # kv_ids may run past the last yielded token (accepted drafts after a stop token); they are
-            # still the true ids at those positions, which is what cache reuse compares against.
-            self.kv_ids += [x] + out.tokens[:-1]
-            stats.draft_proposed += out.proposed
-            stats.draft_accepted += out.accepted
-            for i, token in enumerate(out.tokens):
-                x = token
-                stats.generated_tokens += 1
-                stats.total_time = time.perf_counter() - t0
-                self.position = pos + 1 + i
-                yield token
-                if token in stop_ids or stats.generated_tokens >= budget:
-                    break
-        stats.total_time = time.perf_counter() - t0
+        seq = self.core.add(request, generator=self.generator, keep=keep)
+        stats = self._stats(seq)
+        self.last_stats = stats
+        for token in self._run([seq], t0, {id(seq): stats}):
+            self.position = seq.position
+            yield token.token
+
+    def _stats(self, seq: BatchSequence) -> GenerationStats:
+        speculative = self.core.draft is not None and seq.plain
+        return GenerationStats(prompt_tokens=len(seq.pending), cached_tokens=seq.cached_tokens,
+                               speculate_k=self.core.draft.k if speculative else 0,
+                               prefill_parallel=self.parallel_prefill)
+
+    def _run(self, seqs: list[BatchSequence], t0: float, stats: dict[int, GenerationStats]):
+        """Step the core until `seqs` are done, yielding their TokenOuts and keeping `stats` (by
+        id(seq)) current. Closing the iterator early releases the slots that are still busy."""
+        running = len(seqs)
+        try:
+            while running:
+                for o in self.core.step():  # (BatchEngine.step runs under no_grad)
+                    st = stats[id(o.seq)]
+                    now = time.perf_counter()
+                    if st.generated_tokens == 0:
+                        st.time_to_first_token = now - t0
+                    st.generated_tokens += 1
+                    st.total_time = now - t0
+                    st.draft_proposed, st.draft_accepted = o.seq.draft_proposed, o.seq.draft_accepted
+                    running -= o.finish_reason is not None
+                    yield o
+        finally:
+            for s in seqs:
+                self.core.release(s)
+
+    def samples(self, prompt_ids: Sequence[int], cfg: GenerationConfig,
+                seeds: Sequence[int | None]) -> Iterator[tuple[int, Response]]:
+        """len(seeds) independent samples of one prompt as one batch (one slot each; the engine needs
+        that many): (sample index, Response) pairs as tokens come, each sample's last with its
+        finish_reason and stats. Sample i draws from a generator seeded with seeds[i] (None: fresh), so
+        it is what a one-sample run seeded the same gives, whatever else shares the batch."""
+        from torchchat.tokenizer.stream import StreamDecoder
+
+        if len(seeds) > self.core.max_batch:
+            raise ValueError(f"{len(seeds)} samples need {len(seeds)} slots; this engine has {self.core.max_batch}")
+        request = self._request(prompt_ids, cfg, reuse_prefix=False)
+        t0 = time.perf_counter()
+        seqs, stats, text = [], {}, {}
+        for seed in seeds:
+            generator = torch.Generator(device=self.device)
+            if seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(seed)
+            seq = self.core.add(request, generator=generator)
+            seqs.append(seq)
+            stats[id(seq)] = self._stats(seq)
+            text[id(seq)] = StreamDecoder(self.tokenizer, prefix=prompt_ids)
+        index = {id(s): i for i, s in enumerate(seqs)}
+        for o in self._run(seqs, t0, stats):
+            i, decoder = index[id(o.seq)], text[id(o.seq)]
+            if o.finish_reason == "stop":
+                if cfg.echo_stop:
+                    yield i, Response(text="", token=o.token)
+            else:
+                yield i, Response(text=decoder.add(o.token), token=o.token)
+            if o.finish_reason is not None:
+                yield i, Response(text=decoder.flush(), token=None, finish_reason=o.finish_reason,
+                                  stats=stats[id(o.seq)])
 
     def stream(self, prompt_ids: Sequence[int], cfg: GenerationConfig, start_pos: int = 0, *,
-               text_prefix: Sequence[int] | None = None) -> Iterator[Response]:
+               text_prefix: Sequence[int] | None = None, reuse_prefix: bool = False) -> Iterator[Response]:
         """Like `tokens`, as Response records carrying text deltas; the last record has finish_reason
         and stats. Stop tokens are never rendered as text. The text continues `text_prefix` (default:
         the prompt; () decodes the generated ids on their own, as a new message)."""
@@ -165,7 +212,7 @@ class Engine:
         stop_ids = self.tokenizer.stop_ids if cfg.stop_ids is None else cfg.stop_ids
         decoder = StreamDecoder(self.tokenizer, prefix=prompt_ids if text_prefix is None else text_prefix)
         finish = "length"
-        for token in self.tokens(prompt_ids, cfg, start_pos):
+        for token in self.tokens(prompt_ids, cfg, start_pos, reuse_prefix=reuse_prefix):
             if token in stop_ids:
                 finish = "stop"
                 if cfg.echo_stop:
@@ -190,28 +237,17 @@ class Engine:
         (plain turns), where it keeps the spacing that joins it to the prompt. `chat_format`: a
         torchchat.generation.chat_format.ChatFormat."""
         ids = self.chat_prompt(messages, chat_format)
-        reuse = common_prefix_len(self.kv_ids, ids)
-        reuse = max(0, min(reuse, len(ids) - 1))  # at least one token is fed, for the next-token logits
         base_stops = self.tokenizer.stop_ids if cfg.stop_ids is None else cfg.stop_ids
         cfg = replace(cfg, stop_ids=frozenset(base_stops) | chat_format.stop_ids(self.tokenizer))
         text_prefix = None if chat_format.continues_text else ()
-        for r in self.stream(ids[reuse:], cfg, start_pos=reuse, text_prefix=text_prefix):
-            if r.stats is not None:
-                r.stats.cached_tokens = reuse
-            yield r
+        yield from self.stream(ids, cfg, text_prefix=text_prefix, reuse_prefix=True)
 
 
-def make_engine(built, options=None, max_seq_len: int | None = None, parallel_prefill: bool = True) -> Engine:
+def make_engine(built, options=None, max_seq_len: int | None = None, parallel_prefill: bool = True,
+                slots: int = 1) -> Engine:
     """An Engine over a BuiltModel: steps compiled per `options` (a CompileOptions), context
-    `max_seq_len` (default: the model's own limit)."""
-    from torchchat.generation.steps import CompileOptions
-    from torchchat.model.layout import optimize_for_decode
-    from torchchat.runtime.base import EagerRuntime
-
+    `max_seq_len` (default: the model's own limit), `slots` sequences at once (for batched samples)."""
     runtime = built.runtime
-    if isinstance(runtime, EagerRuntime):
-        optimize_for_decode(runtime.model)
-    steps = Steps(runtime.forward, runtime.device, options or CompileOptions(), getattr(runtime, "graph_key", None),
-                  getattr(runtime, "forward_last", None))
+    steps = make_steps(runtime, options)
     ctx = min(max_seq_len or runtime.max_seq_len, runtime.max_seq_len)
-    return Engine(runtime, built.tokenizer, steps, ctx, parallel_prefill)
+    return Engine(runtime, built.tokenizer, steps, ctx, parallel_prefill, slots=slots)

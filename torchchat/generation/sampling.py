@@ -35,15 +35,37 @@ def logits_to_probs(logits: Tensor, params: SamplingParams) -> Tensor:
     return probs
 
 
-def sample_from_probs(probs: Tensor) -> Tensor:
+def sample_from_probs(probs: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
     """Draw one index per row without torch.multinomial's sync: argmax(p / E), E ~ Exp(1) (the
-    exponential-race form of the Gumbel trick). probs: (..., V) -> (...,) int64."""
-    noise = torch.empty_like(probs).exponential_(1)
+    exponential-race form of the Gumbel trick). probs: (..., V) -> (...,) int64. `noise`: E given by
+    the caller (same shape as probs), else drawn here from `generator` (default: the process's)."""
+    if noise is None:
+        noise = torch.empty_like(probs).exponential_(1, generator=generator)
     return torch.argmax(probs / noise, dim=-1)
 
 
-def sample(logits: Tensor, params: SamplingParams) -> Tensor:
-    """logits: (..., V) -> token ids (...,) int64."""
+def sample(logits: Tensor, params: SamplingParams, noise: Tensor | None = None) -> Tensor:
+    """logits: (..., V) -> token ids (...,) int64. `noise`: see sample_from_probs."""
     if params.greedy:
         return torch.argmax(logits, dim=-1)
-    return sample_from_probs(logits_to_probs(logits, params))
+    return sample_from_probs(logits_to_probs(logits, params), noise)
+
+
+def exp_noise(rows: int, vocab: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    """(rows, V) Exp(1) draws from `generator`, in the order sample_from_probs draws them: a row of a
+    batch gets the numbers that sequence would get alone."""
+    return torch.empty(rows, vocab, device=device).exponential_(1, generator=generator)
+
+
+def default_generator(device: torch.device) -> torch.Generator:
+    """The process's random generator for `device` (what torch.manual_seed seeds): sampling from it
+    continues the same stream as code that passes no generator at all."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    if device.type == "cpu":
+        return torch.default_generator
+    # Other backends keep their default generators in their own modules; a fresh one seeded from the
+    # CPU stream keeps `torch.manual_seed` meaningful there.
+    g = torch.Generator(device=device)
+    g.manual_seed(int(torch.randint(0, 2**62, (1,))))
+    return g

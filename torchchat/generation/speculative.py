@@ -67,9 +67,10 @@ def _leading_true(mask: Tensor) -> int:
 
 
 def propose(draft: Draft, feed: Sequence[int], start: int, k: int, params: SamplingParams,
-            device) -> tuple[list[int], Tensor | None]:
-    """Feed `feed` to the draft at positions [start, ...), then draw k tokens, feeding each but the
-    last. Returns the tokens and their draft probabilities (k, V) (None when greedy)."""
+            device, generator: torch.Generator | None = None) -> tuple[list[int], Tensor | None]:
+    """Feed `feed` to the draft at positions [start, ...), then draw k tokens (from `generator`,
+    default the process's), feeding each but the last. Returns the tokens and their draft
+    probabilities (k, V) (None when greedy)."""
     logits = _forward(draft.runtime, feed, start, device)[-1]
     pos = start + len(feed)
     tokens, probs = [], []
@@ -78,7 +79,7 @@ def propose(draft: Draft, feed: Sequence[int], start: int, k: int, params: Sampl
             tok = int(torch.argmax(logits))
         else:
             q = logits_to_probs(logits, params)
-            tok = int(sample_from_probs(q))
+            tok = int(sample_from_probs(q, generator=generator))
             probs.append(q)
         tokens.append(tok)
         if i < k - 1:
@@ -88,8 +89,9 @@ def propose(draft: Draft, feed: Sequence[int], start: int, k: int, params: Sampl
 
 
 def verify(target_logits: Tensor, proposed: list[int], draft_probs: Tensor | None,
-           params: SamplingParams) -> tuple[int, int]:
-    """target_logits: (k+1, V) for the positions of [x, d_1..d_k]. Returns (n accepted, next token)."""
+           params: SamplingParams, generator: torch.Generator | None = None) -> tuple[int, int]:
+    """target_logits: (k+1, V) for the positions of [x, d_1..d_k]. Returns (n accepted, next token);
+    random draws come from `generator` (default: the process's)."""
     k = len(proposed)
     d = torch.tensor(proposed, dtype=torch.int64, device=target_logits.device)
     if params.greedy:
@@ -98,55 +100,48 @@ def verify(target_logits: Tensor, proposed: list[int], draft_probs: Tensor | Non
         return n, int(best[n])
     p = logits_to_probs(target_logits, params)  # (k+1, V)
     if k == 0:
-        return 0, int(sample_from_probs(p[0]))
+        return 0, int(sample_from_probs(p[0], generator=generator))
     rows = torch.arange(k, device=p.device)
     pd, qd = p[rows, d], draft_probs[rows, d]
-    accept = (pd >= qd) | (torch.rand(k, device=p.device) * qd < pd)
+    accept = (pd >= qd) | (torch.rand(k, device=p.device, generator=generator) * qd < pd)
     n = _leading_true(accept)
     if n == k:
-        return n, int(sample_from_probs(p[k]))
+        return n, int(sample_from_probs(p[k], generator=generator))
     residual = torch.clamp(p[n] - draft_probs[n], min=0.0)
     total = residual.sum()
     # p == q exactly leaves nothing to draw from, but then a rejection has probability zero.
     residual = residual / total if total > 0 else p[n]
-    return n, int(sample_from_probs(residual))
+    return n, int(sample_from_probs(residual, generator=generator))
 
 
 class SpeculativeDecoder:
-    """Produces tokens only: the Engine does the bookkeeping (budget, stop ids, KV ids, positions,
-    stats) for this decoder as for the plain one (torchchat.generation.decoding.PlainDecoder)."""
+    """Produces tokens only: the batched engine's core (torchchat.generation.batch) does the
+    bookkeeping (budget, stop ids, the ids the cache holds, positions, stats) for this decoder as for
+    the plain one (torchchat.generation.decoding.PlainDecoder). The core prefills the prompt with the
+    target alone; the draft catches up in the first `step`."""
 
-    parallel_prefill = True
-
-    def __init__(self, runtime: "Runtime", steps, draft: Draft):
-        self.runtime, self.steps, self.draft = runtime, steps, draft
+    def __init__(self, runtime: "Runtime", draft: Draft):
+        self.runtime, self.draft = runtime, draft
         self.k = draft.k
 
-    def prefill(self, prompt_ids: Sequence[int], start_pos: int, params: SamplingParams) -> int:
-        """The target alone reads the prompt; the draft catches up in the first `step`."""
-        device = self.runtime.device
-        prompt = torch.tensor([[int(i) for i in prompt_ids]], dtype=torch.int64, device=device)
-        positions = torch.arange(start_pos, start_pos + len(prompt_ids), device=device)
-        with torch.no_grad():
-            return int(self.steps.prefill(params)(prompt, positions))
-
-    def step(self, x: int, history: Sequence[int], params: SamplingParams, room: int) -> DecodeStep:
+    def step(self, x: int, history: Sequence[int], params: SamplingParams, room: int,
+             generator: torch.Generator | None = None) -> DecodeStep:
         """Feed `x` at position len(history) (the target's cache holds `history`); return 1..room tokens."""
         draft, device = self.draft, self.runtime.device
         pos = len(history)
         k = min(draft.k, room - 1)
         if k == 0:
             logits = _forward(self.runtime, [x], pos, device)
-            return DecodeStep([verify(logits, [], None, params)[1]])
+            return DecodeStep([verify(logits, [], None, params, generator)[1]])
         # Bring the draft up to date: what it lacks of the sequence so far, then x. Positions of
         # unknown content (-1) are fed as token 0: only the acceptance rate can suffer.
         valid = common_prefix_len(draft.kv_ids, history)
         feed = [max(i, 0) for i in history[valid:]] + [x]
         del draft.kv_ids[valid:]
-        proposed, q = propose(draft, feed, valid, k, params, device)
+        proposed, q = propose(draft, feed, valid, k, params, device, generator)
         draft.kv_ids += list(history[valid:]) + [x] + proposed[: k - 1]
         logits = _forward(self.runtime, [x] + proposed, pos, device)  # (k+1, V)
-        n, nxt = verify(logits, proposed, q, params)
+        n, nxt = verify(logits, proposed, q, params, generator)
         # The draft holds d_1..d_{k-1}; only accepted ones are part of the sequence.
         del draft.kv_ids[pos + 1 + n :]
         # The target's cache now holds x and the accepted drafts: exactly the tokens before the last.

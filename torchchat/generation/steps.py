@@ -31,22 +31,24 @@ class _AnnouncedCompile:
         self.fn, self.what, self.notify = fn, what, notify
         self.compiled = False
 
-    def __call__(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+    def __call__(self, *inputs: Tensor) -> Tensor:
         if self.compiled:
-            return self.fn(tokens, input_pos)
+            return self.fn(*inputs)
         self.notify(f"Compiling the {self.what} step with torch.compile (first run ~10-50 s)...")
         t0 = time.perf_counter()
-        out = self.fn(tokens, input_pos)
+        out = self.fn(*inputs)
         self.compiled = True
         self.notify(f"Compiled the {self.what} step in {time.perf_counter() - t0:.1f} s")
         return out
 
 
-def _step(forward: Forward, params: SamplingParams) -> Callable[[Tensor, Tensor], Tensor]:
-    def step(tokens: Tensor, input_pos: Tensor) -> Tensor:
-        """tokens (B, S), input_pos (S,) -> next token (B, 1) sampled from the last position."""
+def _step(forward: Forward, params: SamplingParams) -> Callable[..., Tensor]:
+    def step(tokens: Tensor, input_pos: Tensor, noise: Tensor | None = None) -> Tensor:
+        """tokens (B, S), input_pos (S,) -> next token (B, 1) sampled from the last position. `noise`
+        (B, V): the Exp(1) draws to sample with (a request's own generator); None draws them inside
+        the step from the process's generator, which a compiled step does without leaving the graph."""
         logits = forward(tokens, input_pos)
-        return sample(logits[:, -1], params).view(-1, 1)
+        return sample(logits[:, -1], params, noise).view(-1, 1)
 
     return step
 
@@ -60,32 +62,33 @@ class CudaGraphStep:
     change of input shapes or of `key()` (the runtime's cache size) captures again. The returned
     tensor is the graph's output buffer, overwritten by the next call: copy what you keep."""
 
-    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], key: Callable[[], Hashable]):
+    def __init__(self, fn: Callable[..., Tensor], key: Callable[[], Hashable]):
         self.fn, self.key = fn, key
         self._signature: Hashable = None
         self._graph: torch.cuda.CUDAGraph | None = None
 
-    def __call__(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
-        signature = (tuple(tokens.shape), tuple(input_pos.shape), self.key())
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        """inputs: tokens, input_pos and optionally the sampling noise, as the step takes them."""
+        signature = (tuple(tuple(t.shape) for t in inputs), self.key())
         if signature != self._signature:
-            self._capture(tokens, input_pos)
+            self._capture(inputs)
             self._signature = signature
-        self._tokens.copy_(tokens)
-        self._pos.copy_(input_pos)
+        for static, given in zip(self._inputs, inputs):
+            static.copy_(given)
         self._graph.replay()
         return self._out
 
-    def _capture(self, tokens: Tensor, input_pos: Tensor) -> None:
+    def _capture(self, inputs: tuple[Tensor, ...]) -> None:
         self._graph = None
-        self._tokens, self._pos = tokens.clone(), input_pos.clone()
+        self._inputs = tuple(t.clone() for t in inputs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.fn(self._tokens, self._pos)
+            self.fn(*self._inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._out = self.fn(self._tokens, self._pos)
+            self._out = self.fn(*self._inputs)
         self._graph = graph
 
 
@@ -132,9 +135,23 @@ class Steps:
             return torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
         return torch.compile(fn, fullgraph=True, dynamic=dynamic, mode=mode)
 
-    def compile_forward(self, fn, dynamic: bool):
-        """`fn` compiled as the steps are (for callers that sample themselves: the batched engine)."""
-        return self._compile(fn, dynamic)
+    def decode_forward(self) -> Forward:
+        """The forward alone, for decode steps whose caller samples itself (several rows with their
+        own parameters, logprobs, penalties): compiled with static shapes under --compile, so each
+        batch bucket gets its own graph."""
+        key = ("decode_forward", None)
+        if key not in self._cache:
+            self._cache[key] = self._compile(self.forward, dynamic=False) if self.options.decode else self.forward
+        return self._cache[key]
+
+    def prefill_forward(self, last_only: bool) -> Forward:
+        """The forward alone for prompt chunks, compiled for all lengths under --compile-prefill;
+        `last_only`: the last position's logits are all the caller needs (forward_last)."""
+        key = ("prefill_forward", last_only)
+        if key not in self._cache:
+            fn = self.forward_last if last_only else self.forward
+            self._cache[key] = self._compile(fn, dynamic=True) if self.options.prefill else fn
+        return self._cache[key]
 
     def decode(self, params: SamplingParams) -> Callable[[Tensor, Tensor], Tensor]:
         key = ("decode", params)
