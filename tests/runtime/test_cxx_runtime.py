@@ -33,6 +33,8 @@ def test_preload_only_where_the_process_has_another_libstdcxx(tmp_path):
     assert preload_needed([link], compiler) is None  # the same file under its soname link
     assert preload_needed([], compiler) is None  # nothing of C++ loaded: nothing to replace
     assert preload_needed([other], None) is None  # no compiler here: nothing built here either
+    # A CUDA build of torch: preloaded even where the mapped library is the compiler's own (the GPU image).
+    assert preload_needed([link], compiler, cuda_build=True) == compiler
 
 
 def test_the_process_starts_again_at_most_once(tmp_path):
@@ -40,13 +42,18 @@ def test_the_process_starts_again_at_most_once(tmp_path):
     env = relaunch_env(lib, {"LD_PRELOAD": "/x/libfoo.so", "PATH": "/bin"})
     assert env["LD_PRELOAD"] == f"{lib}:/x/libfoo.so" and env[PRELOAD_ENV] == "1" and env["PATH"] == "/bin"
     assert relaunch_env(lib, env) is None
+    assert relaunch_env(lib, {"LD_PRELOAD": f"{lib}:/x/libfoo.so"}) is None  # the user preloads it already
     assert relaunch_env(lib, {PRELOAD_ENV: "1"}) is None  # the user's switch
 
 
 def test_this_machine_needs_no_preload_and_a_cpu_package_loads(tmp_path):
-    """Here torch and the compiler share the system's libstdc++, so nothing is preloaded."""
-    import torch  # noqa: F401
+    """Here (a CPU build of torch) torch and the compiler share the system's libstdc++: nothing is preloaded."""
+    import torch
 
+    if torch.version.cuda is not None:
+        import pytest
+
+        pytest.skip("a CUDA build of torch: the preload applies")
     compiler = compiler_libstdcxx()
     assert compiler is None or compiler.exists()
     assert preload_needed(loaded_libstdcxx(), compiler) is None
@@ -64,7 +71,7 @@ def test_a_command_that_needs_the_preload_starts_again_once_with_it(tmp_path):
 
         pytest.skip("no C++ compiler on this machine")
     code = ("import sys, os; import torchchat.runtime.cxx_runtime as c; "
-            f"c.preload_needed = lambda loaded, comp: c.Path({str(compiler)!r}); "
+            f"c.preload_needed = lambda loaded, comp, cuda_build: c.Path({str(compiler)!r}); "
             "print('run', os.environ.get('LD_PRELOAD', ''), file=sys.stderr, flush=True); "
             "from torchchat.cli import main; sys.exit(main())")
     r = subprocess.run([sys.executable, "-c", code, "generate", "--aoti-package-path", str(tmp_path / "missing.pt2"),

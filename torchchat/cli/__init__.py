@@ -69,11 +69,11 @@ def _relaunch_for_compiled_wrapper(args: argparse.Namespace) -> None:
     Returns where nothing needs doing; otherwise this process is replaced."""
     if not (getattr(args, "aoti_package_path", None) or getattr(args, "dso_path", None)):
         return
-    import torch  # noqa: F401  (maps the libstdc++ torch was linked with, if any)
+    import torch  # (maps the libstdc++ torch was linked with, if any)
 
     from torchchat.runtime.cxx_runtime import compiler_libstdcxx, loaded_libstdcxx, preload_needed, relaunch_env
 
-    library = preload_needed(loaded_libstdcxx(), compiler_libstdcxx())
+    library = preload_needed(loaded_libstdcxx(), compiler_libstdcxx(), cuda_build=torch.version.cuda is not None)
     env = relaunch_env(library, dict(os.environ)) if library is not None else None
     if env is None:
         return

@@ -61,6 +61,9 @@ def default_generator(device: torch.device) -> torch.Generator:
     """The process's random generator for `device` (what torch.manual_seed seeds): sampling from it
     continues the same stream as code that passes no generator at all."""
     if device.type == "cuda":
+        # The generators exist once torch's CUDA state is initialized: an AOT Inductor model runs on the GPU
+        # without that having happened (seen: an empty tuple, IndexError, on `generate --aoti-package-path`).
+        torch.cuda.init()
         return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
     if device.type == "cpu":
         return torch.default_generator

@@ -1,12 +1,15 @@
 """Which C++ runtime library an AOT Inductor artifact's compiled wrapper meets in this process.
 
 The wrapper (`*.wrapper.so` inside a .pt2, or the .so itself) is compiled by the machine's own C++
-compiler against that compiler's libstdc++ headers, and parses its device string with `std::regex`
-when it is loaded. On a machine whose Python process has another libstdc++ loaded first, that inline
-regex code runs against the other library's locale facets, recurses without end and the process dies
-with SIGSEGV, printing nothing (seen on the lent GPU machines' image: docs/export.md). Starting the
-process with the compiler's libstdc++ preloaded avoids it; `torchchat.cli` does that for the commands
-that load such an artifact, once, before anything else runs.
+compiler and parses its device string with `std::regex` when it is loaded. On the lent GPU machines'
+image (CUDA build of torch 2.11, Ubuntu 24.04, GCC 13) that regex code recursed without end and the
+process died with SIGSEGV, printing nothing, for CPU and CUDA packages alike (docs/export.md). The
+process there has the system's libstdc++ mapped, the very file the compiler links against, yet with
+that same file preloaded (LD_PRELOAD) the package loads and runs: the wrapper's C++ symbols then
+resolve to libstdc++ before any other loaded library that carries its own copies of them. So
+`torchchat.cli` starts the commands that load such an artifact again, once, with the compiler's
+libstdc++ preloaded: where torch is a CUDA build (where the crash was seen; a CPU-only install
+never needed it), or where the process has a different libstdc++ than the compiler's.
 """
 from __future__ import annotations
 
@@ -46,10 +49,13 @@ def compiler_libstdcxx() -> Path | None:
     return path.resolve() if out.returncode == 0 and path.is_absolute() and path.exists() else None
 
 
-def preload_needed(loaded: list[Path], compiler: Path | None) -> Path | None:
-    """The library to preload, or None: the compiler's libstdc++ where the process has another one."""
+def preload_needed(loaded: list[Path], compiler: Path | None, cuda_build: bool = False) -> Path | None:
+    """The library to preload, or None: the compiler's libstdc++ under a CUDA build of torch, or where
+    the process has another libstdc++ than the compiler's."""
     if compiler is None or not loaded:
         return None
+    if cuda_build:
+        return compiler
     if any(p.resolve() == compiler for p in loaded if p.exists()):
         return None
     return compiler
@@ -58,7 +64,7 @@ def preload_needed(loaded: list[Path], compiler: Path | None) -> Path | None:
 def relaunch_env(library: Path, env: dict[str, str]) -> dict[str, str] | None:
     """The environment to start this command again with `library` preloaded, or None where it already is
     (or the user turned the preload off): the process starts again at most once."""
-    if env.get(PRELOAD_ENV) == "1" or str(library) in env.get("LD_PRELOAD", "").split(":"):
+    if env.get(PRELOAD_ENV) == "1" or env.get("LD_PRELOAD", "").split(":")[0] == str(library):
         return None
     new = dict(env)
     new["LD_PRELOAD"] = ":".join(p for p in (str(library), env.get("LD_PRELOAD", "")) if p)
