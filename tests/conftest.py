@@ -47,6 +47,13 @@ def _fresh_compile_caches():
         torch._dynamo.reset()
 
 
+@pytest.fixture
+def device() -> str:
+    """Where the kernel tests run their kernels: the GPU, else the CPU (Triton's interpreter). Kept here
+    rather than in tests/kernels/conftest.py, whose fixtures the GPU machine's pytest did not see (twice)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @pytest.fixture(scope="session")
 def stories260k_dir() -> Path:
     return shared_path("models", "stories260K")

@@ -21,7 +21,9 @@ QUANT = {"bf16": None, "int8": '{"linear:int8": {"bitwidth": 8, "groupsize": 0}}
 TOKENIZER = {"7B": "llama2", "Meta-Llama-3-8B": "llama3"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Relative distance of the fused path's teacher-forced logits from the PyTorch modules' (same weights).
-LOGIT_ERROR = {"fp32": 1e-4, "bf16": 5e-2}
+# Estimates, not yet measured on a GPU in this form (decoded one token at a time): fp32 sums in another
+# order only; bf16 rounds each layer's output, and 32 random layers compound that.
+LOGIT_ERROR = {"fp32": 1e-4, "bf16": 1e-1}
 
 
 def _build(source, dtype: str, fused: bool, quant: str | None = None):
@@ -56,11 +58,18 @@ def _greedy(built, prompt_ids: list[int], n: int, compiled: bool) -> list[int]:
 
 
 def _teacher_forced(built, ids: list[int], prompt_len: int) -> torch.Tensor:
-    """(T, V) float32 logits that chose each generated token of `ids` (one forward over all of them)."""
+    """(T, V) float32 logits that chose each generated token of `ids`: the prompt in one forward, then one
+    token at a time, as decoding runs them (so the fused path's GEMV kernels are what is compared)."""
     built.runtime.setup(1, len(ids) + 1)
+    rows = []
     with torch.no_grad():
-        logits = built.runtime.forward(torch.tensor([ids], device="cuda"), torch.arange(len(ids), device="cuda"))
-    return logits[0, prompt_len - 1: -1].float().cpu()
+        logits = built.runtime.forward(torch.tensor([ids[:prompt_len]], device="cuda"),
+                                       torch.arange(prompt_len, device="cuda"))
+        rows.append(logits[0, -1].float().cpu())
+        for pos in range(prompt_len, len(ids) - 1):
+            logits = built.runtime.forward(torch.tensor([[ids[pos]]], device="cuda"), torch.tensor([pos], device="cuda"))
+            rows.append(logits[0, -1].float().cpu())
+    return torch.stack(rows)
 
 
 def test_stories260k_fused_graph_matches_llama2c(stories260k_dir):
