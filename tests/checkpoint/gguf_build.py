@@ -124,6 +124,21 @@ def encode(w: np.ndarray, kind: str) -> np.ndarray:
     return quants.quantize(w.astype(np.float32), GGMLQuantizationType[kind])
 
 
+def random_weights(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A Transformer state dict of `config`'s shapes: norms near 1, matrices N(0, 0.05); no output
+    matrix where the config ties it to the embedding (the GGUF then has none either)."""
+    from torchchat.model.transformer import Transformer
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(config).state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    sd = {k: (1 + 0.1 * torch.randn(s, generator=gen)) if len(s) == 1 else 0.05 * torch.randn(s, generator=gen)
+          for k, s in shapes.items()}
+    if config.tie_embeddings:
+        sd.pop("output.weight")
+    return sd
+
+
 def write_llama_gguf(
     path: Path,
     config: ModelConfig,

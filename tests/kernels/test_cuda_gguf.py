@@ -28,18 +28,11 @@ PROMPT, STEPS = [1, 57, 300, 12, 499], [8, 77, 3, 250, 41]
 
 
 def _write(path, kind: str, dims: dict, tied: bool = False):
-    from tests.checkpoint.gguf_build import write_llama_gguf
+    from tests.checkpoint.gguf_build import random_weights, write_llama_gguf
     from torchchat.model.config import ModelConfig
-    from torchchat.model.transformer import Transformer
 
     config = replace(ModelConfig.from_params(dict(n_layers=2, max_seq_len=64, **dims)), tie_embeddings=tied)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Transformer(config).state_dict().items()}
-    gen = torch.Generator().manual_seed(0)
-    sd = {k: (1 + 0.1 * torch.randn(s, generator=gen)) if len(s) == 1 else 0.05 * torch.randn(s, generator=gen)
-          for k, s in shapes.items()}
-    if tied:
-        sd.pop("output.weight")
+    sd = random_weights(config)
 
     def kind_of(name, w):
         if w.ndim == 1:

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from tests.checkpoint.gguf_build import write_llama_gguf  # noqa: E402
+from tests.checkpoint.gguf_build import random_weights, write_llama_gguf  # noqa: E402
 from tests.kernels.numerics import rel_err  # noqa: E402
 from torchchat import build  # noqa: E402
 from torchchat.checkpoint import LoadOptions  # noqa: E402
@@ -38,13 +38,7 @@ def _config(tied: bool) -> ModelConfig:
 
 def _write(path, tied: bool):
     config = _config(tied)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Transformer(config).state_dict().items()}
-    gen = torch.Generator().manual_seed(0)
-    sd = {k: (1 + 0.1 * torch.randn(s, generator=gen)) if len(s) == 1 else 0.05 * torch.randn(s, generator=gen)
-          for k, s in shapes.items()}
-    if tied:
-        sd.pop("output.weight")
+    sd = random_weights(config)
     write_llama_gguf(path, config, sd, kind_of=lambda name, w: TYPES.get(name, "Q4_K") if w.ndim == 2 else "F32")
     return path
 
