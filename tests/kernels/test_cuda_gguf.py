@@ -140,7 +140,7 @@ def test_tied_embedding_gguf(tmp_path):
 def test_build_peak_memory_is_the_transcoded_weights(tmp_path):
     """A 1B-like layer shape (dim 2048, hidden 8192, GQA): the GPU memory allocated at the build's peak
     is the finished model plus a few chunks of transcoding scratch, never a float copy of a matrix (the
-    bf16 weights would be 3x the Q4_K ones)."""
+    bf16 weights would be 3.6x the Q4_K ones)."""
     pytest.importorskip("triton")
     from torchchat.model.size import tensor_bytes
 
@@ -155,5 +155,11 @@ def test_build_peak_memory_is_the_transcoded_weights(tmp_path):
     weights = sum(tensor_bytes(p) for p in {id(p): p for p in built.model.parameters()}.values())
     assert built.model.fused_kernels, built.notes
     assert peak <= weights + 96 * 2**20, (peak, weights)
-    bf16 = sum(lin.out_features * lin.in_features * 2 for lin in _linears(built.model))
-    assert sum(_stored_bytes(lin) for lin in _linears(built.model)) < 0.4 * bf16
+    # The stored layers against the file's blocks, with the "mixed" bound of the test above: the Q6_K output
+    # matrix (a third of these weights) takes 9 bits a weight, so the whole is 0.43x bf16 (H100, 2026-12-06),
+    # where a float copy of any matrix would add at least its bf16 size.
+    from gguf import GGUFReader
+
+    linear_file = sum(int(t.n_bytes) for t in GGUFReader(path).tensors if t.name.startswith(("blk.", "output.weight"))
+                      and len(t.shape) == 2)
+    assert sum(_stored_bytes(lin) for lin in _linears(built.model)) <= 1.3 * linear_file
