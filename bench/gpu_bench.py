@@ -17,7 +17,8 @@ empty Triton/Inductor caches (cold), then again with the caches it left (warm); 
 measured from process start to the first generated text on stdout. `--gguf TYPE...` adds GGUF files of
 each model's shape in those block types (random blocks, bench/gguf_random.py), run with `--gguf-path`:
 on the fused path their integers are transcoded (docs/gguf.md); `--variants reference` shows how they
-ran before (--no-cuda-kernels: dequantized to bf16, Q4_0 on torchao's int4 kernel).
+ran before (--no-cuda-kernels: dequantized to bf16, Q4_0 on torchao's int4 kernel). `--variants aoti`
+exports the same build with `--device cuda` to a .pt2 (timed) and runs `generate --aoti-package-path` on it.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ QUANT = {
     "int4": '{"linear:int4": {"groupsize": 128}}',
 }
 TOKENIZER = {"7B": "llama2", "Meta-Llama-3-8B": "llama3"}
+# Positions an exported package holds (its KV cache is fixed at export): the prompt and 200 new tokens fit.
+EXPORT_CONTEXT = 1024
 GGUF_KINDS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")  # bench/gguf_random.py
 
 
@@ -194,6 +197,15 @@ def _run_cli(cmd: list[str], env: dict, timeout: float) -> tuple[float | None, f
     return (first[0] if first else None), time.perf_counter() - t0, err, proc.returncode
 
 
+def _export(build: list[str], pt2: Path, env: dict, timeout: float) -> tuple[float, str, int]:
+    """`torchchat.py export` of the same build to a CUDA .pt2: (seconds, stderr, returncode)."""
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "torchchat.py", "export", *build, "--max-seq-length", str(EXPORT_CONTEXT),
+                           "--output-aoti-package-path", str(pt2)], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=timeout)
+    return time.perf_counter() - t0, done.stderr, done.returncode
+
+
 def cmd_generate(a) -> dict:
     from gguf_random import write_random_gguf
 
@@ -212,14 +224,23 @@ def cmd_generate(a) -> dict:
                         metrics = Path(cache) / f"{phase}.json"
                         weights = (["--gguf-path", str(gguf)] if gguf is not None
                                    else ["--params-table", model, "--dummy-weights"])
-                        cmd = [sys.executable, "torchchat.py", "generate", *weights,
-                               "--tokenizer-path", str(_tokenizer(a.tokenizers, model)),
-                               "--device", "cuda", "--dtype", "bf16",
-                               "--prompt", PROMPT, "--max-new-tokens", str(a.tokens), "--temperature", "0.8",
-                               "--top-k", "200", "--num-samples", str(a.samples + 1), "--serial-samples", "--compile",
-                               "--metrics-json", str(metrics)]
-                        if recipe:
-                            cmd += ["--quantize", recipe]
+                        build = [*weights, "--device", "cuda", "--dtype", "bf16", *(["--quantize", recipe] if recipe else [])]
+                        tokenizer = ["--tokenizer-path", str(_tokenizer(a.tokenizers, model))]
+                        if variant == "aoti" and phase == "cold":
+                            export_s, err, rc = _export([*build, *tokenizer], Path(cache) / "model.pt2", env, a.timeout)
+                            row["export_s"] = export_s
+                            if rc != 0:
+                                row[phase] = {"error": err[-1500:], "rc": rc}
+                                print(f"{model} {q} aoti export: FAILED rc={rc}\n{err[-1500:]}", flush=True)
+                                break
+                        sampling = ["--prompt", PROMPT, "--max-new-tokens", str(a.tokens), "--temperature", "0.8",
+                                    "--top-k", "200", "--num-samples", str(a.samples + 1), "--serial-samples",
+                                    "--metrics-json", str(metrics)]
+                        if variant == "aoti":  # the package holds the weights, dtype and recipe; no --compile
+                            cmd = [sys.executable, "torchchat.py", "generate", "--aoti-package-path",
+                                   str(Path(cache) / "model.pt2"), "--device", "cuda", *tokenizer, *sampling]
+                        else:
+                            cmd = [sys.executable, "torchchat.py", "generate", *build, *tokenizer, *sampling, "--compile"]
                         if variant == "reference":
                             cmd.append("--no-cuda-kernels")
                         first, total, err, rc = _run_cli(cmd, env, a.timeout)
@@ -254,7 +275,8 @@ def cmd_generate(a) -> dict:
             continue
         warm = f"{w['first_text_s']:.1f} s" if w.get("first_text_s") else "-"
         print(f"{r['model']:<16} {r['quant']:<9} {r['variant']:<9} {c['median_tok_s']:6.1f} {c['median_gb_s']:6.0f} "
-              f"{c['first_text_s']:10.1f} s {warm:>12}  {c['peak_reserved_gb']:7.2f}")
+              f"{c['first_text_s']:10.1f} s {warm:>12}  {c['peak_reserved_gb']:7.2f}"
+              + (f"  (export {r['export_s']:.0f} s)" if "export_s" in r else ""))
     return {"rows": rows}
 
 
@@ -265,7 +287,7 @@ def main() -> None:
     p.add_argument("--quant", nargs="*", default=["bf16", "int8", "int4"], choices=list(QUANT))
     p.add_argument("--gguf", nargs="*", default=[], choices=list(GGUF_KINDS),
                    help="generate: also GGUF files of each model's shape in these block types (random blocks)")
-    p.add_argument("--variants", nargs="+", default=["fused"], choices=["fused", "reference"],
+    p.add_argument("--variants", nargs="+", default=["fused"], choices=["fused", "reference", "aoti"],
                    help="fused: torchchat's kernels; reference: --no-cuda-kernels "
                         "(PyTorch modules, torchao, torch.compile)")
     p.add_argument("--samples", type=int, default=5)
