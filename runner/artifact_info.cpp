@@ -41,6 +41,7 @@ ArtifactInfo parse_artifact_info(const std::string& json_text, const std::string
     info.model_name = get_or<std::string>(doc, "model_name", "");
     info.max_seq_len = get_or<int64_t>(doc, "max_seq_len", 0);
     info.dynamic_shapes = get_or<bool>(doc, "dynamic_shapes", false);
+    info.device = get_or<std::string>(doc, "device", "cpu");
     info.chat_template = get_or<std::string>(doc, "chat_template", "");
     // A model whose chat template the runners cannot render ("hf") names the turn format they write instead.
     const std::string runner_format = get_or<std::string>(doc, "runner_chat_format", "");

@@ -22,6 +22,7 @@ struct ArtifactInfo {
   bool dynamic_shapes = false;  // true: forward takes S in [1, max_seq_len] tokens (parallel prefill)
   TokenizerInfo tokenizer;
   std::string chat_template;  // chat format: "llama2" | "llama3" | "chatml" | "gemma" | "phi3" | "hf" | "" (base model)
+  std::string device = "cpu";  // where the exported model runs: "cpu" or "cuda" (export's --device)
 };
 
 // What the user passes on the command line: the metadata of an artifact that carries none (an AOT

@@ -26,14 +26,15 @@ class AotiModel : public Model {
  public:
   using RunFn = std::function<std::vector<at::Tensor>(std::vector<at::Tensor>&)>;
 
-  AotiModel(ArtifactInfo info, RunFn run) : run_(std::move(run)) { info_ = std::move(info); }
+  AotiModel(ArtifactInfo info, RunFn run) : run_(std::move(run)), device_(info.device) { info_ = std::move(info); }
 
   std::span<const float> forward(const int64_t* tokens, int64_t n, int64_t start_pos) override {
     auto opts = at::TensorOptions().dtype(at::kLong);
-    // from_blob does not copy; the inputs only need to live through run().
+    // from_blob does not copy; the inputs only need to live through run(). A CUDA model takes its
+    // inputs on the GPU (`to` is a no-op on the CPU).
     std::vector<at::Tensor> inputs{
-        at::from_blob(const_cast<int64_t*>(tokens), {1, n}, opts),
-        at::arange(start_pos, start_pos + n, opts),
+        at::from_blob(const_cast<int64_t*>(tokens), {1, n}, opts).to(device_),
+        at::arange(start_pos, start_pos + n, opts).to(device_),
     };
     std::vector<at::Tensor> outputs;
     try {
@@ -45,12 +46,14 @@ class AotiModel : public Model {
     if (outputs.size() != 1 || outputs[0].dim() != 3 || outputs[0].scalar_type() != at::kFloat) {
       throw RunnerError(info_.model_name + ": forward did not return float32 logits (1, S, vocab); re-export it");
     }
-    last_ = outputs[0].select(1, n - 1).contiguous();  // (1, vocab)
+    // The sampler reads host memory: a CUDA model's last row comes back to the CPU (one vocab row).
+    last_ = outputs[0].select(1, n - 1).to(at::kCPU).contiguous();  // (1, vocab)
     return {last_.data_ptr<float>(), static_cast<size_t>(last_.numel())};
   }
 
  private:
   RunFn run_;
+  at::Device device_;
   at::Tensor last_;
 };
 
@@ -72,6 +75,10 @@ std::unique_ptr<Model> load_package(const std::string& path, const MetadataOverr
 
 std::unique_ptr<Model> load_shared_library(const std::string& path, const MetadataOverrides& overrides) {
   ArtifactInfo info = artifact_info_from_outside(path, path + ".json", overrides);
+  if (info.device != "cpu") {
+    throw UsageError(path + " was exported for " + info.device + ": aoti_run runs GPU models from .pt2 packages; "
+                     "export it with --output-aoti-package-path");
+  }
   auto runner = std::make_shared<torch::inductor::AOTIModelContainerRunnerCpu>(path);
   return std::make_unique<AotiModel>(std::move(info),
                                      [runner](std::vector<at::Tensor>& in) { return runner->run(in); });

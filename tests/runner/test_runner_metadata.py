@@ -71,3 +71,15 @@ def test_context_flag_may_lower_but_not_raise_the_exported_length(runner_bins, s
     res = run_binary(runner_bins / "aoti_run", stories_artifacts.so, *args, "-c", str(MAX_SEQ_LEN + 1))
     assert res.returncode == 2 and f"exported with {MAX_SEQ_LEN} positions" in res.stderr
 
+
+
+def test_a_so_exported_for_cuda_is_refused_with_what_to_export(runner_bins, stories_artifacts, tmp_path):
+    """A bare .so loads only on the CPU (AOTIModelContainerRunnerCpu): one whose sidecar says CUDA gets one
+    line naming the .pt2 export instead of a crash inside the loader."""
+    so = tmp_path / "model.so"
+    shutil.copy(stories_artifacts.so, so)
+    meta = json.loads((stories_artifacts.so.parent / "model.so.json").read_text())
+    meta["device"] = "cuda"
+    (tmp_path / "model.so.json").write_text(json.dumps(meta))
+    res = run_binary(runner_bins / "aoti_run", so, "-z", stories_artifacts.tokenizer, "-n", "5", "-t", "0")
+    assert res.returncode == 2 and "exported for cuda" in res.stderr and "--output-aoti-package-path" in res.stderr
