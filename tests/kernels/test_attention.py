@@ -96,3 +96,24 @@ def test_batched_attention_decode_matches_module_math(device, rows, row0, positi
     assert torch.allclose(k_cache, ref_cache.k_cache, atol=1e-6) and torch.equal(v_cache, ref_cache.v_cache)
     # Rows outside [row0, row0 + B) are untouched.
     assert torch.equal(k_cache[:row0], history_k[:row0]) and torch.equal(k_cache[row0 + rows:], history_k[row0 + rows:])
+
+
+@pytest.mark.parametrize("s_max,min_chunk", [(40, 256), (300, 64)])  # one split, several
+def test_idle_rows_write_and_read_nothing(device, s_max, min_chunk):
+    """A negative position (an idle row of the engine's decode bucket): its cache row is untouched and
+    its output is zeros, while the live row beside it decodes as alone."""
+    gen = torch.Generator().manual_seed(s_max)
+    heads, kv_heads, hd = 4, 2, 16
+    table = rope_table(s_max, hd, 10000.0).to(device)
+    k_cache = torch.randn(2, kv_heads, s_max, hd, generator=gen).to(device)
+    v_cache = torch.randn(2, kv_heads, s_max, hd, generator=gen).to(device)
+    k0, v0 = k_cache.clone(), v_cache.clone()
+    qkv = torch.randn(2, (heads + 2 * kv_heads) * hd, generator=gen).to(device)
+    pos = torch.tensor([[s_max - 3], [-1]], device=device)
+    out = attention_decode(qkv, table[pos], pos, k_cache, v_cache, heads, kv_heads, hd ** -0.5, min_chunk=min_chunk)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.equal(k_cache[1], k0[1]) and torch.equal(v_cache[1], v0[1])
+    alone_k, alone_v = k0[:1].clone(), v0[:1].clone()
+    alone = attention_decode(qkv[0], table[pos[0]], pos[0], alone_k, alone_v, heads, kv_heads, hd ** -0.5,
+                             min_chunk=min_chunk)
+    assert torch.equal(out[0], alone) and torch.equal(k_cache[:1], alone_k)

@@ -53,14 +53,15 @@ def _attn_decode_kernel(qkv_ptr, rope_ptr, pos_ptr, kc_ptr, vc_ptr, out_ptr, par
     k_new = _rotate(qkv_row + (H + kvh) * D, d, pair, c, s, sign).to(dt)
     v_new = tl.load(qkv_row + (H + HKV + kvh) * D + d)
     base = ((ROW0 + b).to(tl.int64) * HKV + kvh) * S_MAX * D  # this row's head kvh in the cache
-    cache_row = base + pos.to(tl.int64) * D
-    if (h % (H // HKV) == 0) & (split == 0):
+    live = pos >= 0  # a negative position: an idle row of the batch, which writes and reads nothing
+    cache_row = base + tl.maximum(pos, 0).to(tl.int64) * D
+    if (h % (H // HKV) == 0) & (split == 0) & live:
         tl.store(kc_ptr + cache_row + d, k_new)
         tl.store(vc_ptr + cache_row + d, v_new.to(dt))
 
     # The new token belongs to the split whose chunk holds `pos`; earlier positions come from the cache.
     lo = split * CHUNK
-    hi = tl.minimum(lo + CHUNK, pos)
+    hi = tl.minimum(lo + CHUNK, pos)  # <= lo for an idle row: no iterations
     here = (pos >= lo) & (pos < lo + CHUNK)
     score_new = tl.sum(q * k_new.to(tl.float32), 0) * scale
     m_i = tl.where(here, score_new, float("-inf"))
@@ -82,7 +83,8 @@ def _attn_decode_kernel(qkv_ptr, rope_ptr, pos_ptr, kc_ptr, vc_ptr, out_ptr, par
         acc = acc * alpha + tl.sum(p[:, None] * vt, 0)
         m_i = m_new
     if SPLITS == 1:
-        tl.store(out_ptr + (b * H + h) * D + d, (acc / l_i).to(out_ptr.dtype.element_ty))
+        # l_i > 0 on a live row (its own token); an idle row's output is zeros.
+        tl.store(out_ptr + (b * H + h) * D + d, (acc / tl.where(l_i > 0, l_i, 1.0)).to(out_ptr.dtype.element_ty))
     else:
         at = (b * H + h) * SPLITS + split
         tl.store(part_ptr + at * D + d, acc)
@@ -102,9 +104,11 @@ def _combine_kernel(part_ptr, stat_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.con
     m = tl.load(stat_ptr + (h * SPLITS + sp) * 2)
     l = tl.load(stat_ptr + (h * SPLITS + sp) * 2 + 1)
     m_all = tl.max(m, 0)
+    m_all = tl.where(m_all > float("-inf"), m_all, 0.0)  # an idle row's splits are all empty
     w = tl.where(l > 0, tl.exp(m - m_all), 0.0)
     acc = tl.load(part_ptr + (h * SPLITS + sp)[:, None] * D + d[None, :])
-    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    total = tl.sum(l * w, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)  # idle rows (all l == 0): zeros
     tl.store(out_ptr + h * D + d, out.to(out_ptr.dtype.element_ty))
 
 
@@ -126,8 +130,9 @@ def attention_decode(qkv: Tensor, rope: Tensor, input_pos: Tensor, k_cache: Tens
 
     qkv: (B, (H + 2 H_kv) * D) (or ((H + 2 H_kv) * D,) for B = 1), the fused q/k/v projection
     output (before RoPE), contiguous; rope: (B, D/2, 2) float32 cos/sin for each row's position (any
-    shape of B * D contiguous floats); input_pos: (B,) positions (any shape of B); k_cache, v_cache:
-    (B_max, H_kv, S_max, D), updated in place at those positions. Contexts longer than 2 * min_chunk
+    shape of B * D contiguous floats); input_pos: (B,) positions (any shape of B), a negative one
+    marking an idle row (nothing written or read; zeros out: what the batched engine gives the rows of
+    a decode bucket that hold no sequence); k_cache, v_cache: (B_max, H_kv, S_max, D), updated in place at those positions. Contexts longer than 2 * min_chunk
     are split. Returns (B, H * D) in the cache dtype ((H * D,) for a one-dimensional qkv)."""
     s_max, head_dim = k_cache.shape[2], k_cache.shape[3]
     rows = input_pos.numel()
