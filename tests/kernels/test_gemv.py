@@ -95,7 +95,7 @@ def _stored_any(fmt, group, w, dtype, gen):
     return q, s, mins
 
 
-ROW_CASES = CASES + [("int8_asym", 32), ("int4", 128)]
+ROW_CASES = CASES + [("int8_asym", 32), ("int8_asym", 16), ("int4", 128)]  # 16: GGUF Q6_K sub-blocks
 
 
 @pytest.mark.parametrize("fmt,group", ROW_CASES)
