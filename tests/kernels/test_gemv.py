@@ -144,3 +144,14 @@ def test_gemv_rows_more_than_one_block_of_rows(device):
     x = torch.randn(20, k, generator=gen).to(device)
     y = gemv_rows(x, "float", 0, w, config=GemvConfig(block_n=16, block_k=32))
     assert rel_err(y, x.double() @ w.double().T) < 1e-6
+
+
+def test_gemv_rows_tiles_follow_the_environment(monkeypatch):
+    from torchchat.kernels.gemv_rows import pick_rows_config
+
+    assert pick_rows_config("int4", 4096, 4096, 128).block_n == 16
+    monkeypatch.setenv("TORCHCHAT_GEMV_ROWS_TILES", '{"int4": [32, 512, 8, 2]}')
+    cfg = pick_rows_config("int4", 4096, 4096, 128)
+    assert (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages) == (32, 512, 8, 2)
+    assert pick_rows_config("int4", 4096, 4096, 256).block_k == 512  # still a multiple of the group
+    assert pick_rows_config("int8", 40, 64, 32).block_k == 64  # 16 columns per byte field at least

@@ -28,7 +28,7 @@ def _rotate(base_ptr, d, pair, c, s, sign):
     return v * c + sign * (vp * s)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROW0"])  # a prefill's one-token step may land in any cache row
 def _attn_decode_kernel(qkv_ptr, rope_ptr, pos_ptr, kc_ptr, vc_ptr, out_ptr, part_ptr, stat_ptr,
                         S_MAX, CHUNK, scale, ROW0,
                         H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,

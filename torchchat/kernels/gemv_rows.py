@@ -194,7 +194,7 @@ def _mrows(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, rstd, K
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compiled kernel for every batch size, not one per M % 16 class
 def _gemv_rows_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
                       M, N, K, KW, KB, ROWS2, eps, res_scale,
                       FMT: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, NORM: tl.constexpr,
@@ -232,9 +232,11 @@ def _gemv_rows_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
 
 # Tiles per format, chosen (not yet measured) so that a 4096-row layer still spreads over ~256
 # programs and one tile's words are 8 KB: tl.dot needs BLOCK_N >= 16 and L = BLOCK_K / fields >= 16.
-# Override per format with TORCHCHAT_GEMV_ROWS_TILES='{"int4": [block_n, block_k, num_warps], ...}'.
+# The float loop is a plain load -> dot matmul loop, which Triton's pipeliner overlaps over num_stages
+# tiles; the integer loops prefetch the next tile by hand (as gemv.py's) and take one stage.
+# Override per format with TORCHCHAT_GEMV_ROWS_TILES='{"int4": [block_n, block_k, num_warps(, num_stages)], ...}'.
 _CONFIGS = {
-    "float": GemvConfig(block_n=16, block_k=256, num_warps=4),
+    "float": GemvConfig(block_n=16, block_k=256, num_warps=4, num_stages=3),
     "int8": GemvConfig(block_n=16, block_k=512, num_warps=4),
     "int4": GemvConfig(block_n=16, block_k=1024, num_warps=4),
 }
@@ -245,8 +247,8 @@ def pick_rows_config(fmt: str, n: int, k: int, block: int) -> GemvConfig:
     tiles = dict(_CONFIGS)
     text = os.environ.get("TORCHCHAT_GEMV_ROWS_TILES", "")
     if text:
-        for key, (block_n, block_k, num_warps) in json.loads(text).items():
-            tiles[key] = GemvConfig(block_n, block_k, num_warps)
+        for key, tile in json.loads(text).items():
+            tiles[key] = GemvConfig(*tile)
     base = tiles["int8" if fmt == "int8_asym" else fmt]
     fields = {"float": 1, "int4": 8}.get(fmt, 4)
     block_k = min(base.block_k, max(triton.next_power_of_2(k), 16 * fields))
