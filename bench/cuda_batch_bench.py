@@ -8,7 +8,8 @@ size B the engine's decode forward is timed as the engine runs it under --compil
 batch bucket (torchchat.generation.steps.CudaGraphStep), B = 1 on the one-row kernels with a shared
 (1,) position, B > 1 on the multi-row kernels with a (B, 1) position per row (rows at positions
 `--position` + 16 i). Printed per B: the step's median time, aggregate tok/s (B / step), per-sequence
-tok/s (1 / step), the aggregate's ratio to batch 1, and the weight bytes read per second.
+tok/s (1 / step), the aggregate's ratio to batch 1, the weight bytes read per second, and how long
+the bucket's first call took (compiling its kernels and capturing its graph).
 
     PYTHONPATH=. python3 bench/cuda_batch_bench.py                       # 7B: bf16, int8, int4 at 1..16
     PYTHONPATH=. python3 bench/cuda_batch_bench.py --quant int4 --batches 1 4
@@ -115,7 +116,8 @@ def main() -> None:
         label = q if cuda else q.replace("bf16", "fp32")  # the interpreter runs the float format in fp32
         print(f"\n{a.shape} {label}: built in {time.perf_counter() - t0:.1f} s, {weight_bytes / 1e9:.2f} GB of weights, "
               f"context {context}", flush=True)
-        print(f"{'batch':>5} {'step ms':>8} {'agg tok/s':>10} {'seq tok/s':>10} {'x batch 1':>9} {'weights GB/s':>12}")
+        print(f"{'batch':>5} {'step ms':>8} {'agg tok/s':>10} {'seq tok/s':>10} {'x batch 1':>9} {'weights GB/s':>12} "
+              f"{'1st call s':>10}")
         base = None
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
@@ -136,7 +138,7 @@ def main() -> None:
                        "first_call_s": first, "device": torch.cuda.get_device_name() if cuda else "cpu (interpreter)"}
                 rows.append(row)
                 print(f"{b:>5} {step * 1e3:>8.3f} {agg:>10.1f} {1 / step:>10.1f} {agg / base:>9.2f} "
-                      f"{row['weights_gb_s']:>12.0f}", flush=True)
+                      f"{row['weights_gb_s']:>12.0f} {first:>10.1f}", flush=True)
         if cuda:
             print(f"  graphs held: {forward.graphs} (one per batch size)")
         del model, runtime, steps, forward
