@@ -67,8 +67,8 @@ def _load_xm(x_ptr, g_ptr, xoff, goff, mask, rstd, NORM: tl.constexpr):
 def _mdot(acc, xv, w, IEEE: tl.constexpr):
     """acc (BLOCK_M, BLOCK_N) += xv (BLOCK_M, L) @ w (BLOCK_N, L)^T, both in the model dtype. With
     IEEE (float32 models, and Triton's CPU interpreter, whose dot of bf16 operands is wrong: a 16x16
-    product came out near 1e10 in Triton 3.7)
-    the operands are widened (exactly) and multiplied in full float32, not TF32, as the modules do."""
+    product came out near 1e10 in Triton 3.7) the operands are widened (exactly) and multiplied in
+    full float32, not TF32, as the modules do."""
     if IEEE:
         return tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
     return tl.dot(xv, tl.trans(w), acc)
