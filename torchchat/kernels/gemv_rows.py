@@ -97,31 +97,33 @@ def _mrows_int8(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, rs
                 PER_ROW: tl.constexpr, MINS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Layout as in gemv._rows_int8: in each block of GROUP inputs byte j of word w is input
-    # j*GROUP/4 + w, read biased by 128. Each byte field j of a tile is one (BLOCK_N, BLOCK_K/4)
-    # matrix whose columns meet the inputs b*GROUP + j*GROUP/4 + w, gathered from X the same way.
+    # j*GROUP/4 + w, read biased by 128. A tile is (BLOCK_N, L) words, contiguous in each row; column
+    # c is word c % WB of block c // WB, so byte field j is a (BLOCK_N, L) matrix whose column c meets
+    # input (b0 + c // WB)*GROUP + j*WB + c % WB, gathered from X the same way. Scales are read per
+    # column (each repeated WB times: cache hits), which keeps every tile two-dimensional.
     dt = x_ptr.dtype.element_ty
     NB: tl.constexpr = BLOCK_K // GROUP
     WB: tl.constexpr = GROUP // 4
     L: tl.constexpr = NB * WB
-    bi = tl.arange(0, NB)
-    wi = tl.arange(0, WB)
-    base = w_ptr + rows64[:, None, None] * KW + (bi[:, None] * WB + wi[None, :])[None, :, :]
-    words_next = tl.load(base, mask=rmask[:, None, None] & (bi < KB)[None, :, None], other=0)
+    c = tl.arange(0, L)
+    cb = c // WB
+    cw = c % WB
+    base = w_ptr + rows64[:, None] * KW + c[None, :]
+    words_next = tl.load(base, mask=rmask[:, None] & (cb < KB)[None, :], other=0)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for b0 in range(0, KB, NB):
         words = words_next
-        words_next = tl.load(base + (b0 + NB) * WB, mask=rmask[:, None, None] & (b0 + NB + bi < KB)[None, :, None],
-                             other=0)
-        b = b0 + bi
+        words_next = tl.load(base + (b0 + NB) * WB, mask=rmask[:, None] & (b0 + NB + cb < KB)[None, :], other=0)
+        b = b0 + cb
         bmask = b < KB
         words = words ^ -2139062144  # 0x80808080: q + 128 in every byte
         high = words >> 16
         if not PER_ROW:
             soff = rows64[:, None] * KB + b[None, :]
             smask = rmask[:, None] & bmask[None, :]
-            s = tl.load(s_ptr + soff, mask=smask, other=0.0).to(tl.float32)[:, :, None]
+            s = tl.load(s_ptr + soff, mask=smask, other=0.0).to(tl.float32)
             if MINS:
-                mn = tl.load(m_ptr + soff, mask=smask, other=0.0).to(tl.float32)[:, :, None]
+                mn = tl.load(m_ptr + soff, mask=smask, other=0.0).to(tl.float32)
         for j in tl.static_range(4):
             q = _unpack(words if j < 2 else high, 8 * (j % 2), 8, ASM) - 128.0
             if PER_ROW:
@@ -130,10 +132,10 @@ def _mrows_int8(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, rs
                 w = q * s + mn
             else:
                 w = q * s
-            idx = b[:, None] * GROUP + j * WB + wi[None, :]  # (NB, WB)
-            xv = _load_xm(x_ptr, g_ptr, m64[:, None, None] * K + idx[None, :, :], idx[None, :, :],
-                          mmask[:, None, None] & bmask[None, :, None], rstd[:, None, None], NORM)
-            acc = _mdot(acc, tl.reshape(xv, [BLOCK_M, L]), tl.reshape(w.to(dt), [BLOCK_N, L]), IEEE)
+            idx = b * GROUP + j * WB + cw
+            xv = _load_xm(x_ptr, g_ptr, m64[:, None] * K + idx[None, :], idx[None, :],
+                          mmask[:, None] & bmask[None, :], rstd[:, None], NORM)
+            acc = _mdot(acc, xv, w.to(dt), IEEE)
     if PER_ROW:
         s_row = tl.load(s_ptr + rows64, mask=rmask, other=0.0).to(tl.float32)
         acc = acc * s_row[None, :]
@@ -145,33 +147,34 @@ def _mrows_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, rs
                 NORM: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr, GROUP: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Layout as in gemv._rows_int4: nibble i of word w in group g is input g*GROUP + i*GROUP/8 + w.
+    # Tiles as in _mrows_int8: column c is word c % WS of group c // WS.
     dt = x_ptr.dtype.element_ty
     NG: tl.constexpr = BLOCK_K // GROUP
     WS: tl.constexpr = GROUP // 8
     L: tl.constexpr = NG * WS
-    gi = tl.arange(0, NG)
-    wi = tl.arange(0, WS)
-    base = w_ptr + rows64[:, None, None] * KW + (gi[:, None] * WS + wi[None, :])[None, :, :]
-    words_next = tl.load(base, mask=rmask[:, None, None] & (gi < KG)[None, :, None], other=0)
+    c = tl.arange(0, L)
+    cg = c // WS
+    cw = c % WS
+    base = w_ptr + rows64[:, None] * KW + c[None, :]
+    words_next = tl.load(base, mask=rmask[:, None] & (cg < KG)[None, :], other=0)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for g0 in range(0, KG, NG):
         words = words_next
-        words_next = tl.load(base + (g0 + NG) * WS, mask=rmask[:, None, None] & (g0 + NG + gi < KG)[None, :, None],
-                             other=0)
-        g = g0 + gi
+        words_next = tl.load(base + (g0 + NG) * WS, mask=rmask[:, None] & (g0 + NG + cg < KG)[None, :], other=0)
+        g = g0 + cg
         gmask = g < KG
         high = words >> 12  # nibbles 5..7 down to bits 8..19
         soff = rows64[:, None] * KG + g[None, :]
         smask = rmask[:, None] & gmask[None, :]
-        s = tl.load(s_ptr + soff, mask=smask, other=0.0).to(tl.float32)[:, :, None]
-        mn = tl.load(m_ptr + soff, mask=smask, other=0.0).to(tl.float32)[:, :, None]
+        s = tl.load(s_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+        mn = tl.load(m_ptr + soff, mask=smask, other=0.0).to(tl.float32)
         for i in tl.static_range(8):
             q = _unpack(words if i < 5 else high, 4 * i - 12 * (i >= 5), 4, ASM)
             w = q * s + mn
-            idx = g[:, None] * GROUP + i * WS + wi[None, :]  # (NG, WS)
-            xv = _load_xm(x_ptr, g_ptr, m64[:, None, None] * K + idx[None, :, :], idx[None, :, :],
-                          mmask[:, None, None] & gmask[None, :, None], rstd[:, None, None], NORM)
-            acc = _mdot(acc, tl.reshape(xv, [BLOCK_M, L]), tl.reshape(w.to(dt), [BLOCK_N, L]), IEEE)
+            idx = g * GROUP + i * WS + cw
+            xv = _load_xm(x_ptr, g_ptr, m64[:, None] * K + idx[None, :], idx[None, :],
+                          mmask[:, None] & gmask[None, :], rstd[:, None], NORM)
+            acc = _mdot(acc, xv, w.to(dt), IEEE)
     return acc
 
 
