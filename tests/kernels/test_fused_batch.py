@@ -56,6 +56,10 @@ def test_decode_batch_matches_the_transformer(cfg, device, quant):
     assert torch.isfinite(got).all()
     # The idle row wrote nothing into its cache row.
     assert all(bool((layer.attention.kv_cache.k_cache[3] == 0).all()) for layer in fused.layers)
+    # Rows sharing one (1,) position, as the plain Transformer also takes them.
+    tokens, pos = torch.tensor([[4], [8]], device=device), torch.tensor([7], device=device)
+    with torch.no_grad():
+        assert rel_err(fused(tokens, pos), ref(tokens, pos)) < 1e-5
 
 
 def _run(engine, requests, join_at):

@@ -246,6 +246,9 @@ class FusedBlock(nn.Module):
             h = x + self.residual_multiplier * self.attention(self.attention_norm(x), rope, mask, input_pos, row)
             return h + self.residual_multiplier * self.feed_forward(self.ffn_norm(h))
         attn, ffn, mult = self.attention, self.feed_forward, self.residual_multiplier
+        if rows > 1 and input_pos.numel() == 1:  # one position shared by every row: a (1,) input_pos
+            input_pos = input_pos.reshape(1).expand(rows).contiguous()
+            rope = rope.reshape(1, -1).expand(rows, -1).contiguous()
         # One row keeps the one-row kernels (gemv.py); B rows are (B, dim) for the multi-row ones.
         xv = x.view(-1) if rows == 1 else x.view(rows, -1)
         qkv = attn.wqkv.gemv(xv, norm=self.attention_norm)
