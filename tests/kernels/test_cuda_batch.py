@@ -95,7 +95,7 @@ def test_engine_with_cuda_graphs_batch_equals_each_sequence_alone():
     from torchchat.runtime.base import EagerRuntime
 
     runtime = EagerRuntime(_tiny_fused())
-    requests = [SequenceRequest(tuple(p), n) for p, n in zip(PROMPTS, (40, 25, 30))]
+    requests = [SequenceRequest(tuple(p), n) for p, n in zip(PROMPTS, (20, 12, 16))]
     alone = []
     for r in requests:
         engine = BatchEngine(runtime, 1, 128, steps=make_steps(runtime, CompileOptions(decode=True)))
