@@ -23,6 +23,7 @@ layers stay float, as the printed note says.)
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -142,6 +143,7 @@ def main() -> None:
         if cuda:
             print(f"  graphs held: {forward.graphs} (one per batch size)")
         del model, runtime, steps, forward
+        gc.collect()  # the graphs' memory pools go with the last references to them
         if cuda:
             torch.cuda.empty_cache()
     if a.out is not None:
