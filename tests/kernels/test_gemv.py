@@ -84,3 +84,74 @@ def test_gemv_any_tile_covers_every_row(device, block_n, block_k):
     wd = dequantize("int4", 32, st["weight"], st["scales"], st["mins"], torch.float32)
     y4 = gemv(x, "int4", 32, st["weight"], st["scales"], st["mins"], config=GemvConfig(block_n, max(block_k, 32)))
     assert rel_err(y4, wd.double() @ x.double()) < 1e-6
+
+
+def _stored_any(fmt, group, w, dtype, gen):
+    """Storage of w in `fmt`; int8_asym (no quantizer makes it) is int8 plus random minimums."""
+    if fmt != "int8_asym":
+        return _stored(fmt, group, w, dtype)
+    q, s, _ = _stored("int8", group, w, dtype)
+    mins = (torch.randn(s.shape, generator=gen) * 0.01).to(dtype).to(w.device)
+    return q, s, mins
+
+
+ROW_CASES = CASES + [("int8_asym", 32), ("int8_asym", 16), ("int4", 128)]  # 16: GGUF Q6_K sub-blocks
+
+
+@pytest.mark.parametrize("fmt,group", ROW_CASES)
+@pytest.mark.parametrize("m", [2, 3, 8, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_rows_matches_the_reference_per_row(device, fmt, group, m, dtype):
+    """The small-batch kernel: every row as the modules compute it, every prologue and epilogue."""
+    from torchchat.kernels.gemv_rows import gemv_rows
+
+    if dtype == torch.bfloat16 and m in (3, 8):
+        pytest.skip("bf16 rounding is covered by m 2 and 16; the masking by float32")
+    n, k = 48, 256
+    gen = torch.Generator().manual_seed(n * m + group)
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(dtype).to(device)
+    stored = _stored_any(fmt, group, w, dtype, gen)
+    wd = dequantize(fmt, group, *stored, dtype)
+    x = torch.randn(m, k, generator=gen).to(dtype).to(device)
+    g = (torch.rand(k, generator=gen) + 0.5).to(dtype).to(device)
+    res = torch.randn(m, n // 2, generator=gen).to(dtype).to(device)
+    tol = 1e-5 if dtype == torch.float32 else 1.5e-2
+    args = (fmt, group, *stored)
+
+    plain = gemv_rows(x, *args)
+    assert plain.shape == (m, n) and plain.dtype == dtype
+    assert rel_err(plain, torch.stack([_reference(r, wd) for r in x])) < tol
+    fused = gemv_rows(x, *args, norm_weight=g, eps=1e-5, swiglu=True, residual=res, res_scale=0.5)
+    expect = torch.stack([_reference(x[i], wd, norm=g, swiglu=True, residual=res[i], res_scale=0.5) for i in range(m)])
+    assert fused.shape == (m, n // 2) and rel_err(fused, expect) < tol
+    rms = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)
+    folded = gemv_rows(x, *args, rms_only=True, eps=1e-5)
+    assert rel_err(folded, F.linear(x.float() * rms, wd.float())) < tol
+    logits = gemv_rows(x, *args, out_dtype=torch.float32)
+    assert logits.dtype == torch.float32 and rel_err(logits, plain) < tol
+    # Row i alone gives row i of the batch: rows do not leak into each other.
+    assert rel_err(gemv_rows(x[1:2].contiguous(), *args), plain[1:2]) < 1e-6
+
+
+def test_gemv_rows_more_than_one_block_of_rows(device):
+    """20 rows: a second program row (rows 16..19, masked past 20) and odd output/input sizes."""
+    from torchchat.kernels.gemv import GemvConfig
+    from torchchat.kernels.gemv_rows import gemv_rows
+
+    gen = torch.Generator().manual_seed(3)
+    n, k = 45, 96
+    w = torch.randn(n, k, generator=gen).to(device)
+    x = torch.randn(20, k, generator=gen).to(device)
+    y = gemv_rows(x, "float", 0, w, config=GemvConfig(block_n=16, block_k=32))
+    assert rel_err(y, x.double() @ w.double().T) < 1e-6
+
+
+def test_gemv_rows_tiles_follow_the_environment(monkeypatch):
+    from torchchat.kernels.gemv_rows import pick_rows_config
+
+    assert pick_rows_config("int4", 4096, 4096, 128).block_n == 16
+    monkeypatch.setenv("TORCHCHAT_GEMV_ROWS_TILES", '{"int4": [32, 512, 8, 2]}')
+    cfg = pick_rows_config("int4", 4096, 4096, 128)
+    assert (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages) == (32, 512, 8, 2)
+    assert pick_rows_config("int4", 4096, 4096, 256).block_k == 512  # still a multiple of the group
+    assert pick_rows_config("int8", 40, 64, 32).block_k == 64  # 16 columns per byte field at least

@@ -179,3 +179,21 @@ def test_size_check_counts_blocks_at_their_size(monkeypatch):
     build._check_model_fits(config, spec, "cpu", "m.gguf", blocks=True)
     with pytest.raises(UserInputError, match="needs about"):
         build._check_model_fits(config, spec, "cpu", "m.gguf", blocks=False)
+
+
+def test_decode_batch_matches_the_dequantized_file(files, device):
+    """A decode batch (the server's batched engine: a position and a cache row per sequence, one row
+    idle) on the multi-row kernels, over the transcoded formats with their norms applied in the kernel."""
+    prompts = [[1, 57, 300, 12], [7, 9]]
+
+    def batch_step(model, idle):
+        model.setup_caches(3, 64)
+        dev = model.norm.weight.device
+        with torch.no_grad():
+            for r, p in enumerate(prompts):
+                model(torch.tensor([p], device=dev), torch.arange(len(p), device=dev), r)
+            pos = torch.tensor([[len(prompts[0])], [len(prompts[1])], [idle]], device=dev)
+            return model(torch.tensor([[499], [8], [0]], device=dev), pos)[:2, 0]
+
+    fused, _ = _fused(files[False], torch.float32, device)
+    assert rel_err(batch_step(fused, -1), batch_step(_dequantized(files[False], device), 63)) < 1e-5

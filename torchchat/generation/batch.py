@@ -14,7 +14,8 @@ scattered rows would copy every layer's whole cache each step; new sequences tak
 slot for that reason. The bucket is the next power of two at or above the highest busy slot, so a
 compiled decode step sees at most log2(N) + 1 shapes. Idle rows inside the bucket compute a throwaway
 token at the last cache position, which no sequence ever writes (a sequence's last sampled token is
-never fed back), so they disturb nothing a slot remembers.
+never fed back), so they disturb nothing a slot remembers; a runtime may name its own idle position
+instead (`idle_position`: -1 for the fused CUDA model, whose attention then skips those rows).
 
 This is the one engine: `generate`, `chat` and `eval` run through it with one slot (Engine in
 torchchat.generation.engine is their single-sequence face), and `generate --num-samples` runs its
@@ -135,6 +136,9 @@ class BatchEngine:
         self.device = runtime.device
         self.max_batch, self.max_seq_len, self.prefill_chunk = max_batch, max_seq_len, prefill_chunk
         self.vocab_size = runtime.config.vocab_size
+        # Idle rows of a decode bucket: the runtime's own marker, or a position no sequence writes.
+        idle = getattr(runtime, "idle_position", None)
+        self.idle_position = max_seq_len - 1 if idle is None else idle
         # A prompt chunk whose request wants no prompt logprobs samples from its last position only:
         # the runtime's last-position forward (EagerRuntime.forward_last) skips the output matrix for
         # the others.
@@ -336,7 +340,7 @@ class BatchEngine:
             logits = forward(tokens, torch.tensor([s.position], device=self.device))
         else:
             tok = [0] * bucket
-            pos = [self.max_seq_len - 1] * bucket  # idle rows: a position no sequence writes
+            pos = [self.idle_position] * bucket
             for s in seqs:
                 tok[s.slot], pos[s.slot] = s.next_token, s.position
             logits = forward(torch.tensor(tok, device=self.device).view(bucket, 1),

@@ -54,42 +54,56 @@ def _step(forward: Forward, params: SamplingParams) -> Callable[..., Tensor]:
 
 
 class CudaGraphStep:
-    """A step function replayed from one CUDA graph: the whole forward and sampling in one launch.
+    """A step function replayed from CUDA graphs: the whole forward (and sampling) in one launch.
 
     For forwards made of kernels that need no compiler (torchchat.kernels' fused model). The first call
-    runs the function once eagerly (compiling the kernels; it writes the same KV-cache entries and
-    draws from the same random generator as the replay that follows), captures it, and replays. Any
-    change of input shapes or of `key()` (the runtime's cache size) captures again. The returned
-    tensor is the graph's output buffer, overwritten by the next call: copy what you keep."""
+    at each input shape runs the function once eagerly (compiling the kernels; it writes the same
+    KV-cache entries and draws from the same random generator as the replay that follows), captures
+    it, and replays. One graph per input shape is kept (the batched engine's buckets: 1, 2, 4, ...
+    rows, each with its own static inputs and output), so moving between buckets replays without
+    capturing again. A change of `key()` (the runtime's cache size: the captured addresses) drops
+    them all. The returned tensor is the graph's output buffer, overwritten by the next replay of
+    that graph: copy what you keep."""
 
     def __init__(self, fn: Callable[..., Tensor], key: Callable[[], Hashable]):
         self.fn, self.key = fn, key
-        self._signature: Hashable = None
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self._key: Hashable = None
+        # input shapes -> (graph, static inputs, output buffer)
+        self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, tuple[Tensor, ...], Tensor]] = {}
+        self._graph: torch.cuda.CUDAGraph | None = None  # the last replayed (bench/gpu_bench.py replays it)
 
     def __call__(self, *inputs: Tensor) -> Tensor:
         """inputs: tokens, input_pos and optionally the sampling noise, as the step takes them."""
-        signature = (tuple(tuple(t.shape) for t in inputs), self.key())
-        if signature != self._signature:
-            self._capture(inputs)
-            self._signature = signature
-        for static, given in zip(self._inputs, inputs):
-            static.copy_(given)
-        self._graph.replay()
-        return self._out
+        key = self.key()
+        if key != self._key:
+            self._graphs.clear()
+            self._key = key
+        shapes = tuple(tuple(t.shape) for t in inputs)
+        if shapes not in self._graphs:
+            self._graphs[shapes] = self._capture(inputs)
+        graph, static, out = self._graphs[shapes]
+        for s, given in zip(static, inputs):
+            s.copy_(given)
+        graph.replay()
+        self._graph = graph
+        return out
 
-    def _capture(self, inputs: tuple[Tensor, ...]) -> None:
-        self._graph = None
-        self._inputs = tuple(t.clone() for t in inputs)
+    @property
+    def graphs(self) -> int:
+        """How many graphs are held (one per input shape seen since the last cache change)."""
+        return len(self._graphs)
+
+    def _capture(self, inputs: tuple[Tensor, ...]) -> tuple[torch.cuda.CUDAGraph, tuple[Tensor, ...], Tensor]:
+        static = tuple(t.clone() for t in inputs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.fn(*self._inputs)
+            self.fn(*static)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._out = self.fn(*self._inputs)
-        self._graph = graph
+            out = self.fn(*static)
+        return graph, static, out
 
 
 def compile_forward(forward: Forward) -> Forward:
@@ -138,10 +152,13 @@ class Steps:
     def decode_forward(self) -> Forward:
         """The forward alone, for decode steps whose caller samples itself (several rows with their
         own parameters, logprobs, penalties): compiled with static shapes under --compile, so each
-        batch bucket gets its own graph."""
+        batch bucket gets its own graph (a CudaGraphStep's graph for runtimes with a graph_key)."""
         key = ("decode_forward", None)
         if key not in self._cache:
-            self._cache[key] = self._compile(self.forward, dynamic=False) if self.options.decode else self.forward
+            fn = self.forward
+            if self.options.decode:
+                fn = CudaGraphStep(fn, self.graph_key) if self.graph_key else self._compile(fn, dynamic=False)
+            self._cache[key] = fn
         return self._cache[key]
 
     def prefill_forward(self, last_only: bool) -> Forward:

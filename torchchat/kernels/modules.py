@@ -3,8 +3,11 @@
 Decoding one token (batch 1) runs five kernels per layer:
   GEMV [RMSNorm -> q|k|v]  ->  attention [RoPE, KV-cache write, softmax(qK)V]  ->
   GEMV [wo, + residual]  ->  GEMV [RMSNorm -> silu(w1 x) * (w3 x)]  ->  GEMV [w2, + residual]
+A decode batch (B sequences, one token each: x (B, 1, dim), positions (B, 1), what the batched engine
+feeds) runs the same five kernels, their multi-row forms: each GEMV reads a weight tile once for all
+rows (gemv_rows.py), attention has a program per row at that row's position and cache row.
 Longer inputs (prefill) run the same math as torchchat.model.transformer with PyTorch ops on the
-(dequantized) weights, so prompts of any length work and fill the same KV cache.
+(dequantized) weights, so prompts of any length work and fill the same KV cache, in any cache row.
 
 The modules keep the attribute names the Transformer relies on (`attention.kv_cache`, `norm.weight`,
 `output.weight`), so `Transformer.setup_caches` and `forward` work unchanged.
@@ -18,6 +21,7 @@ from torch import Tensor, nn
 from torchchat.kernels.attention import attention_decode
 from torchchat.kernels.formats import dequantize, empty_storage, quantize_into
 from torchchat.kernels.gemv import gemv
+from torchchat.kernels.gemv_rows import gemv_rows
 from torchchat.kernels.gguf_transcode import GGMLBlocks, transcode_into
 from torchchat.kernels.norm import rmsnorm
 from torchchat.model.config import ModelConfig
@@ -30,8 +34,20 @@ from torchchat.model.transformer import RMSNorm
 _DEQUANT_ELEMENTS = 1 << 23
 
 
+# Most rows a decode batch runs through the multi-row kernels; more (never from the engine, whose
+# buckets stop at its slots) take the prefill path. Past 16 rows each further 16 read the weights again.
+MAX_DECODE_ROWS = 64
+
+
 def _is_one_row(x: Tensor) -> bool:
     return x.numel() == x.shape[-1] and x.is_contiguous()
+
+
+def _decode_rows(x: Tensor) -> int:
+    """The rows of a decode batch x (B, 1, dim) (contiguous, B <= MAX_DECODE_ROWS), else 0."""
+    if x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= MAX_DECODE_ROWS and x.is_contiguous():
+        return x.shape[0]
+    return 0
 
 
 class FusedLinear(nn.Module):
@@ -102,16 +118,23 @@ class FusedLinear(nn.Module):
         return out
 
     def gemv(self, x: Tensor, norm: RMSNorm | None = None, **fused) -> Tensor:
-        """One-row product with optional fused prologue/epilogue (see torchchat.kernels.gemv.gemv);
+        """Product with optional fused prologue/epilogue (see torchchat.kernels.gemv.gemv): one row for
+        x (K,) (-> (N,)), or each row of x (M, K) (-> (M, N), torchchat.kernels.gemv_rows);
         `norm`: the RMSNorm module applied to x first (only 1/rms when its weight is folded in)."""
         if norm is not None:
             fused.update(eps=norm.eps, norm_weight=None if self.norm_folded else norm.weight, rms_only=self.norm_folded)
+        if x.dim() == 2:
+            return gemv_rows(x, self.fmt, self.groupsize, self.weight, self.scales, self.mins, **fused)
         return gemv(x.view(-1), self.fmt, self.groupsize, self.weight, self.scales, self.mins, **fused)
 
     def forward(self, x: Tensor) -> Tensor:
         if _is_one_row(x):
             y = self.gemv(x, out_dtype=self.out_dtype)
             return y.view(*x.shape[:-1], self.out_features)
+        rows = _decode_rows(x)
+        if rows:
+            y = self.gemv(x.view(rows, self.in_features), out_dtype=self.out_dtype)
+            return y.view(rows, 1, self.out_features)
         return self.linear(x)
 
     def extra_repr(self) -> str:
@@ -145,10 +168,11 @@ class FusedEmbedding(nn.Module):
 
 
 class FusedRMSNorm(RMSNorm):
-    """RMSNorm whose one-row case runs as one Triton kernel instead of half a dozen small ones."""
+    """RMSNorm whose decode cases (one row, or a decode batch) run as one Triton kernel instead of half
+    a dozen small ones."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if _is_one_row(x):
+        if _is_one_row(x) or _decode_rows(x):
             return rmsnorm(x, self.weight, self.eps)
         return super().forward(x)
 
@@ -163,14 +187,16 @@ class FusedAttention(nn.Module):
         self.wqkv, self.wo = wqkv, wo
         self.kv_cache: KVCache | None = None
 
-    def decode(self, qkv: Tensor, rope: Tensor, input_pos: Tensor) -> Tensor:
-        """qkv: ((H + 2 H_kv) D,) for one token -> attention output (H D,), writing the KV cache."""
+    def decode(self, qkv: Tensor, rope: Tensor, input_pos: Tensor, row: int = 0) -> Tensor:
+        """qkv: ((H + 2 H_kv) D,) for one token -> attention output (H D,), or (B, (H + 2 H_kv) D) for
+        one token of each of B sequences at positions input_pos (B positions) -> (B, H D); cache rows
+        [row, row + B) written."""
         cache = self.kv_cache
         return attention_decode(qkv, rope, input_pos, cache.k_cache, cache.v_cache,
-                                self.n_heads, self.n_kv_heads, self.scale)
+                                self.n_heads, self.n_kv_heads, self.scale, row=row)
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
-        """The Attention module's math for any (B, S); x is already normed."""
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, row: int = 0) -> Tensor:
+        """The Attention module's math for any (B, S) in cache rows [row, row + B); x is already normed."""
         bsz, seqlen, _ = x.shape
         nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q = self.wqkv.linear(x, slice(0, nq)).view(bsz, seqlen, self.n_heads, self.head_dim)
@@ -178,7 +204,7 @@ class FusedAttention(nn.Module):
         v = self.wqkv.linear(x, slice(nq + nkv, nq + 2 * nkv)).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        k, v = self.kv_cache.update(input_pos, k, v)
+        k, v = self.kv_cache.update(input_pos, k, v, row)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads
         )
@@ -210,15 +236,23 @@ class FusedBlock(nn.Module):
         self.attention_norm, self.ffn_norm = attention_norm, ffn_norm
         self.residual_multiplier = cfg.residual_multiplier
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
-        """x: (B, S, dim); rope: (S, D/2, 2); mask: (1, 1, S, S_max); input_pos: (S,)."""
-        if not _is_one_row(x):
-            h = x + self.residual_multiplier * self.attention(self.attention_norm(x), rope, mask, input_pos)
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, row: int = 0) -> Tensor:
+        """x: (B, S, dim) in cache rows [row, row + B); rope: (S, D/2, 2); mask: (1, 1, S, S_max);
+        input_pos: (S,); or, each row at its own positions, rope (B, S, D/2, 2), mask (B, 1, S, S_max)
+        and input_pos (B, S). A decode batch (S = 1) runs the kernels; a negative position marks an
+        idle row there (nothing written to its cache row; its output is junk, never NaN)."""
+        rows = 1 if _is_one_row(x) else _decode_rows(x)
+        if not rows:
+            h = x + self.residual_multiplier * self.attention(self.attention_norm(x), rope, mask, input_pos, row)
             return h + self.residual_multiplier * self.feed_forward(self.ffn_norm(h))
         attn, ffn, mult = self.attention, self.feed_forward, self.residual_multiplier
-        xv = x.view(-1)
+        if rows > 1 and input_pos.numel() == 1:  # one position shared by every row: a (1,) input_pos
+            input_pos = input_pos.reshape(1).expand(rows).contiguous()
+            rope = rope.reshape(1, -1).expand(rows, -1).contiguous()
+        # One row keeps the one-row kernels (gemv.py); B rows are (B, dim) for the multi-row ones.
+        xv = x.view(-1) if rows == 1 else x.view(rows, -1)
         qkv = attn.wqkv.gemv(xv, norm=self.attention_norm)
-        a = attn.decode(qkv, rope, input_pos)
+        a = attn.decode(qkv, rope, input_pos, row)
         h = attn.wo.gemv(a, residual=xv, res_scale=mult)
         f = ffn.w13.gemv(h, norm=self.ffn_norm, swiglu=True)
         out = ffn.w2.gemv(f, residual=h, res_scale=mult)

@@ -233,7 +233,7 @@ class Transformer(nn.Module):
             x = x * cfg.embedding_multiplier
         for i, layer in enumerate(self.layers):
             # Fixed per layer, so the traced step has no branch on data. Only batched serving passes a
-            # row: the CUDA fused blocks (torchchat.kernels) take no `row`.
+            # row (a prefill into that sequence's cache row); a traced forward never does.
             layer_rope, layer_mask = (local_rope, local_mask) if i in cfg.sliding_layers else (rope, mask)
             x = layer(x, layer_rope, layer_mask, input_pos, row) if row else layer(x, layer_rope, layer_mask, input_pos)
         if last_only:

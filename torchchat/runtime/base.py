@@ -28,9 +28,12 @@ class EagerRuntime:
     """A Transformer in this process; `forward` may be wrapped by torch.compile in the steps."""
 
     supports_parallel_prefill = True
-    # Takes (B, S) positions and a cache `row` (torchchat.generation.batch); the CUDA fused model does not.
+    # Takes (B, S) positions and a cache `row` (torchchat.generation.batch).
     supports_batching = True
     graph_key = None  # see torchchat.generation.steps.Steps
+    # The position the batched engine gives the rows of a decode bucket that hold no sequence; None:
+    # the last cache position, which no sequence writes.
+    idle_position: int | None = None
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -39,9 +42,12 @@ class EagerRuntime:
         self.max_seq_len = model.config.max_seq_len
         if getattr(model, "fused_kernels", False):
             # The fused model (torchchat.kernels) is captured into CUDA graphs as it is; a capture
-            # holds the caches' addresses, which change only when their size does.
+            # holds the caches' addresses, which change only when their size does (the input
+            # shapes, one per batch bucket, are the other half of a graph's identity: CudaGraphStep).
             self.graph_key = lambda: (model.max_batch, model.max_seq)
-            self.supports_batching = False
+            # Its attention kernel skips rows at a negative position: an idle row then costs no
+            # attention over a whole cache row (at the last position it would read all of it).
+            self.idle_position = -1
 
     def setup(self, max_batch: int, max_seq: int) -> None:
         from torchchat.model.params_check import check_caches_fit

@@ -1,0 +1,293 @@
+"""Products of a few input rows with one stored weight (small-batch decode) in Triton, with the same
+fused prologue and epilogues as the one-row GEMV (gemv.py): Y = epilogue(prologue(X) W^T), X (M, K).
+
+Decoding B sequences at once (the server's batched engine) multiplies B rows by every weight matrix.
+Run row by row, each of the B GEMVs would read the whole weight again; here each program loads a tile
+of weight rows once, dequantizes it in registers and multiplies it by up to BLOCK_M = 16 input rows
+with `tl.dot` (tensor cores on the GPU; the rows past M are masked, as tl.dot needs M >= 16). A step
+of B <= 16 rows therefore reads the weights once, like a batch-1 step, and adds only the arithmetic.
+More than 16 rows take a second grid axis (each block of 16 rows reads the weights again).
+
+Roundings: the tile is dequantized to the model dtype exactly as formats.dequantize computes it (one
+rounding of q * s [+ m]) before the product, which accumulates in float32, so the result is the
+prefill path's F.linear on the dequantized weight up to summation order; per-channel int8 multiplies
+the integers and scales the float32 sums by the row's scale instead (exact integers in bf16). The
+prologue and epilogues round as gemv.py's do. The one-row path keeps its own kernel (gemv.py), whose
+tiles are tuned for streaming one vector and compile to the same code as before.
+
+Import only on CUDA machines (or with TRITON_INTERPRET=1 for the CPU tests): this module imports triton.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from torchchat.kernels.formats import pack_block
+from torchchat.kernels.gemv import _FMT_CODE, GemvConfig, _unpack, pdl_enabled
+
+BLOCK_M = 16  # rows per program: tl.dot's smallest M
+
+
+@triton.jit
+def _rstd_rows(x_ptr, m64, mmask, K, eps, NORM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(BLOCK_M,) 1 / sqrt(mean(x^2) + eps) of each row (ones without NORM); masked rows give
+    1 / sqrt(eps), never read."""
+    if NORM:
+        acc = tl.zeros([BLOCK_M, BLOCK], tl.float32)
+        for k0 in range(0, K, BLOCK):
+            kk = k0 + tl.arange(0, BLOCK)
+            xv = tl.load(x_ptr + m64[:, None] * K + kk[None, :], mask=mmask[:, None] & (kk < K)[None, :], other=0.0)
+            xv = xv.to(tl.float32)
+            acc += xv * xv
+        r = 1.0 / tl.sqrt(tl.sum(acc, 1) / K + eps)
+    else:
+        r = tl.full([BLOCK_M], 1.0, tl.float32)
+    return r
+
+
+@triton.jit
+def _load_xm(x_ptr, g_ptr, xoff, goff, mask, rstd, NORM: tl.constexpr):
+    """X at offsets `xoff` in the model dtype; with NORM == 1 RMSNorm'd with weight g (at `goff`) and
+    rounded as the RMSNorm module rounds; `rstd` broadcasts against xoff."""
+    xv = tl.load(x_ptr + xoff, mask=mask, other=0.0)
+    if NORM == 1:
+        dt = x_ptr.dtype.element_ty
+        xv = (xv.to(tl.float32) * rstd).to(dt)
+        gv = tl.load(g_ptr + goff, mask=mask, other=0.0)
+        xv = (xv.to(tl.float32) * gv.to(tl.float32)).to(dt)
+    return xv
+
+
+@triton.jit
+def _mdot(acc, xv, w, IEEE: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) += xv (BLOCK_M, L) @ w (BLOCK_N, L)^T, both in the model dtype. With
+    IEEE (float32 models, and Triton's CPU interpreter, whose dot of bf16 operands is wrong: a 16x16
+    product came out near 1e10 in Triton 3.7) the operands are widened (exactly) and multiplied in
+    full float32, not TF32, as the modules do."""
+    if IEEE:
+        return tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    return tl.dot(xv, tl.trans(w), acc)
+
+
+@triton.jit
+def _mrows_float(x_ptr, g_ptr, w_ptr, rows64, rmask, m64, mmask, rstd, K,
+                 NORM: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    dt = x_ptr.dtype.element_ty
+    ki = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + ki
+        kmask = kk < K
+        w = tl.load(w_ptr + rows64[:, None] * K + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        xv = _load_xm(x_ptr, g_ptr, m64[:, None] * K + kk[None, :], kk[None, :], mmask[:, None] & kmask[None, :],
+                      rstd[:, None], NORM)
+        acc = _mdot(acc, xv, w.to(dt), IEEE)
+    return acc
+
+
+@triton.jit
+def _mrows_int8(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, rstd, K, KW, KB,
+                NORM: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr, GROUP: tl.constexpr,
+                PER_ROW: tl.constexpr, MINS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Layout as in gemv._rows_int8: in each block of GROUP inputs byte j of word w is input
+    # j*GROUP/4 + w, read biased by 128. A tile is (BLOCK_N, L) words, contiguous in each row; column
+    # c is word c % WB of block c // WB, so byte field j is a (BLOCK_N, L) matrix whose column c meets
+    # input (b0 + c // WB)*GROUP + j*WB + c % WB, gathered from X the same way. Scales are read per
+    # column (each repeated WB times: cache hits), which keeps every tile two-dimensional.
+    dt = x_ptr.dtype.element_ty
+    NB: tl.constexpr = BLOCK_K // GROUP
+    WB: tl.constexpr = GROUP // 4
+    L: tl.constexpr = NB * WB
+    c = tl.arange(0, L)
+    cb = c // WB
+    cw = c % WB
+    base = w_ptr + rows64[:, None] * KW + c[None, :]
+    words_next = tl.load(base, mask=rmask[:, None] & (cb < KB)[None, :], other=0)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for b0 in range(0, KB, NB):
+        words = words_next
+        words_next = tl.load(base + (b0 + NB) * WB, mask=rmask[:, None] & (b0 + NB + cb < KB)[None, :], other=0)
+        b = b0 + cb
+        bmask = b < KB
+        words = words ^ -2139062144  # 0x80808080: q + 128 in every byte
+        high = words >> 16
+        if not PER_ROW:
+            soff = rows64[:, None] * KB + b[None, :]
+            smask = rmask[:, None] & bmask[None, :]
+            s = tl.load(s_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+            if MINS:
+                mn = tl.load(m_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+        for j in tl.static_range(4):
+            q = _unpack(words if j < 2 else high, 8 * (j % 2), 8, ASM) - 128.0
+            if PER_ROW:
+                w = q
+            elif MINS:
+                w = q * s + mn
+            else:
+                w = q * s
+            idx = b * GROUP + j * WB + cw
+            xv = _load_xm(x_ptr, g_ptr, m64[:, None] * K + idx[None, :], idx[None, :],
+                          mmask[:, None] & bmask[None, :], rstd[:, None], NORM)
+            acc = _mdot(acc, xv, w.to(dt), IEEE)
+    if PER_ROW:
+        s_row = tl.load(s_ptr + rows64, mask=rmask, other=0.0).to(tl.float32)
+        acc = acc * s_row[None, :]
+    return acc
+
+
+@triton.jit
+def _mrows_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, rstd, K, KW, KG,
+                NORM: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr, GROUP: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Layout as in gemv._rows_int4: nibble i of word w in group g is input g*GROUP + i*GROUP/8 + w.
+    # Tiles as in _mrows_int8: column c is word c % WS of group c // WS.
+    dt = x_ptr.dtype.element_ty
+    NG: tl.constexpr = BLOCK_K // GROUP
+    WS: tl.constexpr = GROUP // 8
+    L: tl.constexpr = NG * WS
+    c = tl.arange(0, L)
+    cg = c // WS
+    cw = c % WS
+    base = w_ptr + rows64[:, None] * KW + c[None, :]
+    words_next = tl.load(base, mask=rmask[:, None] & (cg < KG)[None, :], other=0)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for g0 in range(0, KG, NG):
+        words = words_next
+        words_next = tl.load(base + (g0 + NG) * WS, mask=rmask[:, None] & (g0 + NG + cg < KG)[None, :], other=0)
+        g = g0 + cg
+        gmask = g < KG
+        high = words >> 12  # nibbles 5..7 down to bits 8..19
+        soff = rows64[:, None] * KG + g[None, :]
+        smask = rmask[:, None] & gmask[None, :]
+        s = tl.load(s_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+        mn = tl.load(m_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+        for i in tl.static_range(8):
+            q = _unpack(words if i < 5 else high, 4 * i - 12 * (i >= 5), 4, ASM)
+            w = q * s + mn
+            idx = g * GROUP + i * WS + cw
+            xv = _load_xm(x_ptr, g_ptr, m64[:, None] * K + idx[None, :], idx[None, :],
+                          mmask[:, None] & gmask[None, :], rstd[:, None], NORM)
+            acc = _mdot(acc, xv, w.to(dt), IEEE)
+    return acc
+
+
+@triton.jit
+def _mrows(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, rstd, K, KW, KB,
+           FMT: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, NORM: tl.constexpr,
+           IEEE: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) float32 products of the prologue'd input rows with weight rows `rows64`."""
+    if FMT == 0:
+        acc = _mrows_float(x_ptr, g_ptr, w_ptr, rows64, rmask, m64, mmask, rstd, K, NORM, IEEE,
+                           BLOCK_M, BLOCK_N, BLOCK_K)
+    elif FMT == 1 or FMT == 3:
+        acc = _mrows_int8(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, rstd, K, KW, KB,
+                          NORM, IEEE, ASM, GROUP, PER_ROW, FMT == 3, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        acc = _mrows_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, rstd, K, KW, KB,
+                          NORM, IEEE, ASM, GROUP, BLOCK_M, BLOCK_N, BLOCK_K)
+    if NORM == 2:  # the norm weight is folded into W: norm(x) W^T = rstd * (x W^T)
+        acc = acc * rstd[:, None]
+    return acc
+
+
+@triton.jit(do_not_specialize=["M"])  # one compiled kernel for every batch size, not one per M % 16 class
+def _gemv_rows_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
+                      M, N, K, KW, KB, ROWS2, eps, res_scale,
+                      FMT: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, NORM: tl.constexpr,
+                      SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+                      ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      NORM_BLOCK: tl.constexpr):
+    """Outputs [pid0*BLOCK_N, ...) of input rows [pid1*BLOCK_M, ...): X (M, K), Y (M, N)."""
+    if PDL:  # see gemv.py; everything below may read the previous kernel's output
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = m < M
+    m64 = m.to(tl.int64)
+    dt = x_ptr.dtype.element_ty
+    rstd = _rstd_rows(x_ptr, m64, mmask, K, eps, NORM, NORM_BLOCK, BLOCK_M)
+    y = _mrows(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, rstd, K, KW, KB,
+               FMT, GROUP, PER_ROW, NORM, IEEE, ASM, BLOCK_M, BLOCK_N, BLOCK_K).to(dt)
+    if SWIGLU:
+        up = _mrows(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64 + ROWS2, rmask, m64, mmask, rstd, K, KW, KB,
+                    FMT, GROUP, PER_ROW, NORM, IEEE, ASM, BLOCK_M, BLOCK_N, BLOCK_K).to(dt)
+        a = y.to(tl.float32)
+        y = (a / (1.0 + tl.exp(-a))).to(dt)  # silu, as PyTorch computes it
+        y = (y.to(tl.float32) * up.to(tl.float32)).to(dt)
+    out = m64[:, None] * N + rows64[None, :]
+    omask = mmask[:, None] & rmask[None, :]
+    if RESIDUAL:
+        r = tl.load(r_ptr + out, mask=omask, other=0.0)
+        y = (y.to(tl.float32) * res_scale).to(dt)
+        y = (r.to(tl.float32) + y.to(tl.float32)).to(dt)
+    tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+# Tiles per format, chosen (not yet measured) so that a 4096-row layer still spreads over ~256
+# programs and one tile's words are 8 KB: tl.dot needs BLOCK_N >= 16 and L = BLOCK_K / fields >= 16.
+# The float loop is a plain load -> dot matmul loop, which Triton's pipeliner overlaps over num_stages
+# tiles; the integer loops prefetch the next tile by hand (as gemv.py's) and take one stage.
+# Override per format with TORCHCHAT_GEMV_ROWS_TILES='{"int4": [block_n, block_k, num_warps(, num_stages)], ...}'.
+_CONFIGS = {
+    "float": GemvConfig(block_n=16, block_k=256, num_warps=4, num_stages=3),
+    "int8": GemvConfig(block_n=16, block_k=512, num_warps=4),
+    "int4": GemvConfig(block_n=16, block_k=1024, num_warps=4),
+}
+
+
+def pick_rows_config(fmt: str, n: int, k: int, block: int) -> GemvConfig:
+    """The tile for n outputs of k inputs; `block`: the packing block of integer formats."""
+    tiles = dict(_CONFIGS)
+    text = os.environ.get("TORCHCHAT_GEMV_ROWS_TILES", "")
+    if text:
+        for key, tile in json.loads(text).items():
+            tiles[key] = GemvConfig(*tile)
+    base = tiles["int8" if fmt == "int8_asym" else fmt]
+    fields = {"float": 1, "int4": 8}.get(fmt, 4)
+    block_k = min(base.block_k, max(triton.next_power_of_2(k), 16 * fields))
+    if fmt != "float":
+        block_k = max(block_k, block, 16 * fields)
+    block_n = max(16, min(base.block_n, triton.next_power_of_2(n)))
+    return GemvConfig(block_n, block_k, base.num_warps, base.num_stages)
+
+
+def gemv_rows(x: Tensor, fmt: str, groupsize: int, weight: Tensor, scales: Tensor | None = None,
+              mins: Tensor | None = None, *, norm_weight: Tensor | None = None, eps: float = 0.0,
+              rms_only: bool = False, swiglu: bool = False, residual: Tensor | None = None,
+              res_scale: float = 1.0, out_dtype: torch.dtype | None = None,
+              config: GemvConfig | None = None) -> Tensor:
+    """Y = epilogue(prologue(X) W^T) for the rows of X, each weight tile read once per 16 rows.
+
+    x: (M, K) contiguous, the model dtype; the other arguments as torchchat.kernels.gemv.gemv's,
+    per row (residual: (M, N)). Returns (M, N) in `out_dtype` (default x's dtype)."""
+    m, k = x.shape
+    n_w = weight.shape[0]
+    n = n_w // 2 if swiglu else n_w
+    block = pack_block(fmt, groupsize) if fmt != "float" else 0
+    cfg = config or pick_rows_config(fmt, n, k, block)
+    out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, BLOCK_M))
+    use_pdl = pdl_enabled(x)
+    _gemv_rows_kernel[grid](
+        x, norm_weight if norm_weight is not None else x, weight,
+        scales if scales is not None else x, mins if mins is not None else x,
+        residual if residual is not None else x, out,
+        m, n, k, weight.shape[1], k // block if block else 1, n, eps, res_scale,
+        FMT=_FMT_CODE[fmt], GROUP=block, PER_ROW=fmt == "int8" and groupsize == 0,
+        NORM=2 if rms_only else int(norm_weight is not None), SWIGLU=swiglu, RESIDUAL=residual is not None,
+        IEEE=x.dtype == torch.float32 or not x.is_cuda, PDL=use_pdl, ASM=x.is_cuda, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, NORM_BLOCK=min(512, triton.next_power_of_2(k)),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl,
+    )
+    return out
