@@ -149,9 +149,10 @@ def test_gemv_rows_more_than_one_block_of_rows(device):
 def test_gemv_rows_tiles_follow_the_environment(monkeypatch):
     from torchchat.kernels.gemv_rows import pick_rows_config
 
-    assert pick_rows_config("int4", 4096, 4096, 128).block_n == 16
-    monkeypatch.setenv("TORCHCHAT_GEMV_ROWS_TILES", '{"int4": [32, 512, 8, 2]}')
+    monkeypatch.delenv("TORCHCHAT_GEMV_ROWS_TILES", raising=False)
+    assert pick_rows_config("int4", 4096, 4096, 128).block_n == 64  # the H100 sweep's choice
+    monkeypatch.setenv("TORCHCHAT_GEMV_ROWS_TILES", '{"int4": [32, 1024, 4, 2]}')
     cfg = pick_rows_config("int4", 4096, 4096, 128)
-    assert (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages) == (32, 512, 8, 2)
-    assert pick_rows_config("int4", 4096, 4096, 256).block_k == 512  # still a multiple of the group
+    assert (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages) == (32, 1024, 4, 2)
+    assert pick_rows_config("int4", 4096, 4096, 2048).block_k == 2048  # still a multiple of the group
     assert pick_rows_config("int8", 40, 64, 32).block_k == 64  # 16 columns per byte field at least

@@ -234,15 +234,18 @@ def _gemv_rows_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
     tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=omask)
 
 
-# Tiles per format, chosen (not yet measured) so that a 4096-row layer still spreads over ~256
-# programs and one tile's words are 8 KB: tl.dot needs BLOCK_N >= 16 and L = BLOCK_K / fields >= 16.
-# The float loop is a plain load -> dot matmul loop, which Triton's pipeliner overlaps over num_stages
-# tiles; the integer loops prefetch the next tile by hand (as gemv.py's) and take one stage.
+# Tiles per format, the best of a sweep on an H100 (2026-12-06, 7B shape, bench/cuda_batch_bench.py with
+# TORCHCHAT_GEMV_ROWS_TILES, batch 8 against batch 1): float [32, 256, 4 warps, 3 stages] 5.68x (the first
+# guess [16, 256] gave 4.69x, [64, 128] 5.11x, [32, 128] 3.81x); int8 [32, 256, 4] 4.20x ([16, 512] 3.53x,
+# [64, 256] 3.55x); int4 [64, 512, 8] 1.89x ([16, 1024, 4] 1.84x, [32, 512, 4] 1.84x, 256 inputs 1.4x):
+# the int4 tile is not what limits it (below 250 GB/s of weights at any tile). tl.dot needs BLOCK_N >= 16
+# and L = BLOCK_K / fields >= 16. The float loop is a plain load -> dot matmul loop, which Triton's
+# pipeliner overlaps over num_stages tiles; the integer loops prefetch the next tile by hand (as gemv.py's).
 # Override per format with TORCHCHAT_GEMV_ROWS_TILES='{"int4": [block_n, block_k, num_warps(, num_stages)], ...}'.
 _CONFIGS = {
-    "float": GemvConfig(block_n=16, block_k=256, num_warps=4, num_stages=3),
-    "int8": GemvConfig(block_n=16, block_k=512, num_warps=4),
-    "int4": GemvConfig(block_n=16, block_k=1024, num_warps=4),
+    "float": GemvConfig(block_n=32, block_k=256, num_warps=4, num_stages=3),
+    "int8": GemvConfig(block_n=32, block_k=256, num_warps=4),
+    "int4": GemvConfig(block_n=64, block_k=512, num_warps=8),
 }
 
 
