@@ -3,7 +3,8 @@ and 16 concurrent clients (continuous batching: the server generates up to --max
 
 Starts `torchchat.py server` on a free port (stories260K from ../shared by default; `--shape stories15M`:
 random weights of that shape, fp32, the llama2 tokenizer), warms it up, then for each concurrency level
-runs `--runs` rounds; in each round every client sends streaming greedy chat requests back to back
+runs one untimed round (one request per client: first-use compiles of the batch sizes it reaches)
+and then `--runs` rounds; in each round every client sends streaming greedy chat requests back to back
 until the round's requests are done. Prints the median over rounds of: requests/s (requests / wall
 time), median and p90 time to first token (send -> first text chunk, queueing included), generated
 tokens/s summed over clients, per client, and as a multiple of one client's.
@@ -148,6 +149,9 @@ def main() -> int:
         single = None
         for c in args.concurrency:
             n = max(args.requests, c)
+            # One untimed round first: the batch buckets this level reaches are compiled (--compile) or
+            # captured (CUDA graphs) the first time they run, seconds that would land in the first round.
+            run_round(host, int(port), c, c, args.max_tokens)
             rounds = [run_round(host, int(port), c, n, args.max_tokens) for _ in range(args.runs)]
             med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
             if c == 1:
