@@ -1,4 +1,5 @@
-"""Eager runtimes for engine tests: the real stories260K, and a random draft of the same vocabulary."""
+"""Eager runtimes for engine tests: the real stories260K, and a random draft of the same vocabulary; and
+`drive`, which runs a BatchEngine over requests that join at given steps."""
 from __future__ import annotations
 
 import torch
@@ -28,3 +29,18 @@ def random_runtime(vocab_size=512, seed=0) -> EagerRuntime:
         for p in model.parameters():
             p.normal_(0.0, 0.1)
     return EagerRuntime(model.eval().requires_grad_(False))
+
+
+def drive(engine, requests, join_at):
+    """Add request i before step join_at[i] (once a slot is free) and step until all are done: (each
+    request's tokens, {request index: its Sequence})."""
+    seqs, outs, step = {}, {i: [] for i in range(len(requests))}, 0
+    while len(seqs) < len(requests) or engine.active:
+        for i, r in enumerate(requests):
+            if i not in seqs and join_at[i] <= step and engine.free_slots():
+                seqs[i] = engine.add(r)
+        owner = {id(s): i for i, s in seqs.items()}
+        for o in engine.step():
+            outs[owner[id(o.seq)]].append(o.token)
+        step += 1
+    return [outs[i] for i in range(len(requests))], seqs

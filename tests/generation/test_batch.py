@@ -3,6 +3,7 @@ they do alone (greedy, fp32); prefix reuse prefills only the new tokens; per-req
 import pytest
 import torch
 
+from tests.generation.runtimes import drive
 from torchchat.build import BuildSpec, ModelSource, build_model
 from torchchat.generation.batch import BatchEngine, Penalties, SequenceRequest, sample_rows
 from torchchat.generation.engine import GenerationConfig, make_engine
@@ -35,27 +36,13 @@ def serial(built, ids, n):
     return list(engine.tokens(ids, GenerationConfig(max_new_tokens=n, sampling=GREEDY, stop_ids=frozenset())))
 
 
-def run(engine, requests, join_at):
-    """Add request i before step join_at[i]; returns each request's tokens."""
-    seqs, outs, step = {}, {i: [] for i in range(len(requests))}, 0
-    while len(seqs) < len(requests) or engine.active:
-        for i, r in enumerate(requests):
-            if i not in seqs and join_at[i] <= step and engine.free_slots():
-                seqs[i] = engine.add(r)
-        owner = {id(s): i for i, s in seqs.items()}
-        for o in engine.step():
-            outs[owner[id(o.seq)]].append(o.token)
-        step += 1
-    return [outs[i] for i in range(len(requests))], seqs
-
-
 def test_joining_and_leaving_sequences_equal_serial_runs(built):
     tok = built.tokenizer
     prompts = [tok.encode(t, bos=True) for t in TEXTS]
     expected = [serial(built, p, n) for p, n in zip(prompts, BUDGETS)]
     engine = BatchEngine(built.runtime, max_batch=4, max_seq_len=128, prefill_chunk=16)
     reqs = [SequenceRequest(tuple(p), n) for p, n in zip(prompts, BUDGETS)]
-    got, _ = run(engine, reqs, join_at=[0, 0, 3, 5, 6])  # 5 requests, 4 slots: one waits for a free slot
+    got, _ = drive(engine, reqs, join_at=[0, 0, 3, 5, 6])  # 5 requests, 4 slots: one waits for a free slot
     assert got == expected
 
 
@@ -63,11 +50,11 @@ def test_prefix_reuse_prefills_only_the_new_tokens(built):
     tok = built.tokenizer
     engine = BatchEngine(built.runtime, max_batch=2, max_seq_len=128)
     first = tok.encode("Once upon a time", bos=True)
-    (reply,), _ = run(engine, [SequenceRequest(tuple(first), 10)], [0])
+    (reply,), _ = drive(engine, [SequenceRequest(tuple(first), 10)], [0])
     before = engine.prefilled_tokens
     # The next turn: the whole conversation so far plus new text.
     turn = first + reply + tok.encode(" Then they", bos=False)
-    (out,), seqs = run(engine, [SequenceRequest(tuple(turn), 10)], [0])
+    (out,), seqs = drive(engine, [SequenceRequest(tuple(turn), 10)], [0])
     # The first prompt and all but the last reply token were in the cache already.
     assert seqs[0].cached_tokens == len(first) + len(reply) - 1
     assert engine.prefilled_tokens - before == len(turn) - seqs[0].cached_tokens
@@ -78,9 +65,9 @@ def test_seeded_sampling_ignores_batch_neighbours(built):
     tok = built.tokenizer
     p = tuple(tok.encode("The cat", bos=True))
     hot = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)
-    alone, _ = run(BatchEngine(built.runtime, max_batch=3, max_seq_len=128),
+    alone, _ = drive(BatchEngine(built.runtime, max_batch=3, max_seq_len=128),
                    [SequenceRequest(p, 20, hot, seed=7)], [0])
-    crowd, _ = run(BatchEngine(built.runtime, max_batch=3, max_seq_len=128),
+    crowd, _ = drive(BatchEngine(built.runtime, max_batch=3, max_seq_len=128),
                    [SequenceRequest(p, 20, hot, seed=1), SequenceRequest(p, 20, hot, seed=7),
                     SequenceRequest(p, 20, GREEDY)], [0, 1, 0])
     assert crowd[1] == alone[0] and crowd[0] != alone[0]
@@ -100,11 +87,11 @@ def test_sample_rows_matches_sample_row_by_row():
 def test_penalties_and_bias_change_the_greedy_choice(built):
     tok = built.tokenizer
     p = tuple(tok.encode("Once upon a time", bos=True))
-    (plain,), _ = run(BatchEngine(built.runtime, 1, 128), [SequenceRequest(p, 30)], [0])
-    (banned,), _ = run(BatchEngine(built.runtime, 1, 128),
+    (plain,), _ = drive(BatchEngine(built.runtime, 1, 128), [SequenceRequest(p, 30)], [0])
+    (banned,), _ = drive(BatchEngine(built.runtime, 1, 128),
                        [SequenceRequest(p, 30, logit_bias={plain[0]: -100.0})], [0])
     assert banned[0] != plain[0]
-    (penal,), _ = run(BatchEngine(built.runtime, 1, 128),
+    (penal,), _ = drive(BatchEngine(built.runtime, 1, 128),
                       [SequenceRequest(p, 30, penalties=Penalties(frequency=2.0))], [0])
     assert len(set(penal)) > len(set(plain))
 
@@ -113,7 +100,7 @@ def test_prompt_logprobs_across_prefill_chunks(built):
     tok = built.tokenizer
     ids = tok.encode("Once upon a time, there was a little girl named Lily.", bos=True)
     engine = BatchEngine(built.runtime, max_batch=2, max_seq_len=128, prefill_chunk=3)
-    (_,), seqs = run(engine, [SequenceRequest(tuple(ids), 1, top_logprobs=2, prompt_logprobs=True)], [0])
+    (_,), seqs = drive(engine, [SequenceRequest(tuple(ids), 1, top_logprobs=2, prompt_logprobs=True)], [0])
     got = seqs[0].prompt_logprobs
     built.runtime.setup(1, 128)
     with torch.no_grad():

@@ -89,7 +89,8 @@ def test_one_graph_per_batch_bucket():
 
 def test_engine_with_cuda_graphs_batch_equals_each_sequence_alone():
     pytest.importorskip("triton")
-    from tests.kernels.test_fused_batch import PROMPTS, _run
+    from tests.generation.runtimes import drive
+    from tests.kernels.test_fused_batch import PROMPTS
     from torchchat.generation.batch import BatchEngine, SequenceRequest, make_steps
     from torchchat.generation.steps import CompileOptions
     from torchchat.runtime.base import EagerRuntime
@@ -99,10 +100,10 @@ def test_engine_with_cuda_graphs_batch_equals_each_sequence_alone():
     alone = []
     for r in requests:
         engine = BatchEngine(runtime, 1, 128, steps=make_steps(runtime, CompileOptions(decode=True)))
-        alone.append(_run(engine, [r], [0])[0])
+        alone.append(drive(engine, [r], [0])[0][0])
     engine = BatchEngine(runtime, 4, 128, steps=make_steps(runtime, CompileOptions(decode=True)))
     captured = _counting(engine.steps.decode_forward())
-    together = _run(engine, requests, [0, 0, 2])
+    together = drive(engine, requests, [0, 0, 2])[0]
     assert together == alone
     assert len(captured) == len(set(captured)) >= 2  # buckets 2 and 4 (and 1 at the end), once each
 

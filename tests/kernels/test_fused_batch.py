@@ -9,6 +9,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from tests.generation.runtimes import drive  # noqa: E402
 from tests.kernels.numerics import rel_err  # noqa: E402
 from tests.kernels.test_fused_model import _dequantized_reference, _fused, _reference  # noqa: E402
 from torchchat.kernels.formats import LinearQuant  # noqa: E402
@@ -62,20 +63,6 @@ def test_decode_batch_matches_the_transformer(cfg, device, quant):
         assert rel_err(fused(tokens, pos), ref(tokens, pos)) < 1e-5
 
 
-def _run(engine, requests, join_at):
-    """Add request i before step join_at[i]; returns each request's tokens."""
-    seqs, outs, step = {}, {i: [] for i in range(len(requests))}, 0
-    while len(seqs) < len(requests) or engine.active:
-        for i, r in enumerate(requests):
-            if i not in seqs and join_at[i] <= step and engine.free_slots():
-                seqs[i] = engine.add(r)
-        owner = {id(s): i for i, s in seqs.items()}
-        for o in engine.step():
-            outs[owner[id(o.seq)]].append(o.token)
-        step += 1
-    return [outs[i] for i in range(len(requests))]
-
-
 # In Triton's interpreter on a 2-core CPU: float 12 s, int8 27 s, int4 42 s.
 @pytest.mark.parametrize("quant", ["float", pytest.param("int8", marks=pytest.mark.slow),
                                    pytest.param("int4", marks=pytest.mark.slow)])
@@ -87,7 +74,7 @@ def test_engine_batch_equals_each_sequence_alone(cfg, device, quant, big_tiles):
     runtime = EagerRuntime(fused)
     assert runtime.supports_batching and runtime.idle_position == -1
     requests = [SequenceRequest(tuple(p), n) for p, n in zip(PROMPTS, (6, 4, 5))]
-    alone = [_run(BatchEngine(runtime, max_batch=1, max_seq_len=64), [r], [0])[0] for r in requests]
+    alone = [drive(BatchEngine(runtime, max_batch=1, max_seq_len=64), [r], [0])[0][0] for r in requests]
     # Three sequences in four slots, joining at steps 0, 0 and 2: buckets of 2 and 4 rows, one idle.
-    together = _run(BatchEngine(runtime, max_batch=4, max_seq_len=64, prefill_chunk=8), requests, [0, 0, 2])
+    together = drive(BatchEngine(runtime, max_batch=4, max_seq_len=64, prefill_chunk=8), requests, [0, 0, 2])[0]
     assert together == alone
