@@ -27,7 +27,6 @@ struct ActQ {
   const int16_t* s;  // (M, K/16)
   int64_t K;
   int blk;           // 32 or 256
-  bool stream = false;  // every weight byte is read once (M = 1): prefetch it non-temporally
 };
 
 // From this many activation rows on, the interleaved kernels of types whose codes take work to assemble

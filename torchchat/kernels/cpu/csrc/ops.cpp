@@ -279,7 +279,7 @@ at::Tensor ggml_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype, 
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; m++) t.quantize_row(xp + m * k, k, blk, qp + m * k, dp + m * (k / blk), sp + m * (k / 16));
   });
-  const ActQ act{qp, dp, sp, k, blk, M == 1};
+  const ActQ act{qp, dp, sp, k, blk};
 
   at::Tensor y = at::empty({M, n}, x.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
