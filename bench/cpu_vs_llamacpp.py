@@ -15,6 +15,7 @@ any shape are quantized from its F16 file the same way.
 
     python3 bench/cpu_vs_llamacpp.py /work/llamacpp/bin /work/llamacpp/models
     python3 bench/cpu_vs_llamacpp.py BIN MODELS --shapes s15m s110m l1b --types Q8_0 Q4_0 Q4_K_M --threads 1 2 --rounds 3
+    python3 bench/cpu_vs_llamacpp.py BIN MODELS --types Q4_0 --baseline ../main   # before/after, interleaved
 """
 from __future__ import annotations
 
@@ -117,13 +118,13 @@ def llama_bench(bin_dir: Path, path: Path, threads: int) -> tuple[float, float]:
     return pp, tg
 
 
-def torchchat_run(path: Path, threads: int, mode: str, dtype: str) -> dict:
-    """One worker process: {"prefill": tok/s, "decode": tok/s, "rss_mb": ..., "notes": [...]}."""
-    cmd = [sys.executable, __file__, "--worker", str(path), "--threads", str(threads), "--mode", mode, "--dtype", dtype,
-           "--prompt", str(PROMPT), "--gen", str(GEN)]
-    # This checkout's torchchat, whatever is installed.
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+def torchchat_run(path: Path, threads: int, mode: str, dtype: str, root: Path = ROOT) -> dict:
+    """One worker process of the checkout at `root` (this one by default, whatever is installed):
+    {"prefill": tok/s, "decode": tok/s, "rss_mb": ..., "notes": [...]}."""
+    cmd = [sys.executable, str(root / "bench" / Path(__file__).name), "--worker", str(path), "--threads", str(threads),
+           "--mode", mode, "--dtype", dtype, "--prompt", str(PROMPT), "--gen", str(GEN)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
     if out.returncode != 0:
         raise SystemExit(f"torchchat worker failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -223,6 +224,8 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="torchchat's activations")
     p.add_argument("--prompt", type=int, default=PROMPT, help="prefill length (llama-bench -p)")
     p.add_argument("--gen", type=int, default=GEN, help="decode steps (llama-bench -n)")
+    p.add_argument("--baseline", type=Path, help="another torchchat checkout (e.g. main's) whose worker runs right "
+                   "after this one's in every round: before/after columns measured interleaved")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--mode", default="eager", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -238,7 +241,7 @@ def main() -> None:
         for qtype in a.types:
             path = ensure_file(a.models, shape, qtype, a.bin_dir)
             for threads in a.threads:
-                lc_pp, lc_tg, tc_pp, tc_tg, rss = [], [], [], [], []
+                lc_pp, lc_tg, tc_pp, tc_tg, rss, base_tg, base_pp = [], [], [], [], [], [], []
                 for _ in range(a.rounds):
                     pp, tg = llama_bench(a.bin_dir, path, threads)
                     lc_pp.append(pp)
@@ -248,23 +251,32 @@ def main() -> None:
                     tc_pp.append(best["prefill"])
                     tc_tg.append(best["decode"])
                     rss.append(best["weights_mb"])
+                    if a.baseline is not None:
+                        base = max((torchchat_run(path, threads, m, a.dtype, a.baseline.resolve()) for m in a.modes),
+                                   key=lambda r: r["decode"])
+                        base_tg.append(base["decode"])
+                        base_pp.append(base["prefill"])
                 med = statistics.median
                 row = (shape, qtype, threads, med(lc_tg), med(tc_tg), med(lc_pp), med(tc_pp), max(rss),
-                       path.stat().st_size / 2**20)
+                       path.stat().st_size / 2**20, med(base_tg) if base_tg else None, med(base_pp) if base_pp else None)
                 rows.append(row)
                 print(f"  {shape} {qtype} t{threads}: llama.cpp tg {lc_tg} pp {lc_pp}; torchchat tg "
-                      f"{[round(x, 1) for x in tc_tg]} pp {[round(x, 1) for x in tc_pp]}", file=sys.stderr, flush=True)
+                      f"{[round(x, 1) for x in tc_tg]} pp {[round(x, 1) for x in tc_pp]}"
+                      + (f"; baseline tg {[round(x, 1) for x in base_tg]} pp {[round(x, 1) for x in base_pp]}"
+                         if base_tg else ""), file=sys.stderr, flush=True)
     load_after = os.getloadavg()
     print(f"\ntorchchat {a.dtype}, best of {'/'.join(a.modes)}; prefill {PROMPT} / decode {GEN} tokens; medians of "
           f"{a.rounds} rounds; load average "
           f"(1/5/15 min) before {'/'.join(f'{x:.2f}' for x in load_before)}, after "
           f"{'/'.join(f'{x:.2f}' for x in load_after)}\n")
+    base_head = " baseline decode | ratio | baseline prefill | ratio |" if a.baseline is not None else ""
     print("| shape | type | threads | llama.cpp decode | torchchat decode | ratio | llama.cpp prefill | "
-          "torchchat prefill | ratio | torchchat weights resident MB | file MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for shape, qtype, t, lt, tt, lp, tp, rss, size in rows:
+          "torchchat prefill | ratio | torchchat weights resident MB | file MB |" + base_head)
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" * 4 if a.baseline is not None else ""))
+    for shape, qtype, t, lt, tt, lp, tp, rss, size, bt, bp in rows:
+        base = f" {bt:.1f} | {bt / lt:.2f} | {bp:.1f} | {bp / lp:.2f} |" if bt is not None else ""
         print(f"| {shape} | {qtype} | {t} | {lt:.1f} | {tt:.1f} | {tt / lt:.2f} | {lp:.1f} | {tp:.1f} | {tp / lp:.2f} "
-              f"| {rss:.0f} | {size:.0f} |")
+              f"| {rss:.0f} | {size:.0f} |" + base)
 
 
 if __name__ == "__main__":

@@ -88,9 +88,10 @@ void unpack_x16_row(int base, const uint8_t* group, int64_t nb, int r, uint8_t* 
 
 // One query head of decode attention: out[D] = softmax(scale * q . k_t for t in [t0, t1]) . v_t, with
 // the cached keys/values k, v (rows of D values of the element kind below) and a scratch of t1 - t0 + 1 floats.
+// k_next: the keys the next call will read (same rows, another head), prefetched meanwhile; or nullptr.
 enum CacheKind { kCacheF32 = 0, kCacheBF16 = 1, kCacheF16 = 2 };
 typedef void (*attend_fn)(const float* q, const void* k, const void* v, int kind, int64_t D, int64_t t0, int64_t t1,
-                          float scale, float* scores, float* out);
+                          float scale, float* scores, float* out, const void* k_next);
 
 struct KernelTable {
   const char* name;

@@ -183,7 +183,7 @@ inline float cache_value(const void* p, int kind, int64_t i) {
 }
 
 void attend_scalar(const float* q, const void* k, const void* v, int kind, int64_t D, int64_t t0, int64_t t1,
-                   float scale, float* scores, float* out) {
+                   float scale, float* scores, float* out, const void* /*k_next*/) {
   float mx = -3.0e38f;
   for (int64_t t = t0; t <= t1; t++) {
     float dot = 0.f;

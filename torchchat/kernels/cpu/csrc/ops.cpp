@@ -358,14 +358,20 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   float* op = out.data_ptr<float>();
   const int64_t longest = *std::max_element(pp, pp + p.numel()) + 1;
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, longest * D * 2));
+  const auto kv_offset = [&](int64_t i) { return ((i / H * Hkv + i % H / (H / Hkv)) * S) * D * esize; };
   at::parallel_for(0, B * H, grain, [&](int64_t b0, int64_t e0) {
-    std::vector<float> scores(S);
+    // The scores' scratch is kept per thread between calls (a decode step makes one call per layer).
+    thread_local std::vector<float> scores;
+    if ((int64_t)scores.size() < S) scores.resize(S);
     for (int64_t i = b0; i < e0; i++) {
-      const int64_t b = i / H, h = i % H, kvh = h / (H / Hkv);
+      const int64_t b = i / H;
       const int64_t t1 = pp[p.numel() == 1 ? 0 : b];
       const int64_t t0 = window > 0 ? std::max<int64_t>(0, t1 - window + 1) : 0;
-      const int64_t off = ((b * Hkv + kvh) * S) * D * esize;
-      t.attend(qp + i * D, kp + off, vp + off, kind, D, t0, t1, (float)scale, scores.data(), op + i * D);
+      const int64_t off = kv_offset(i);
+      // The next head's keys, when it reads other ones over the same positions (same row of the batch).
+      const bool next = i + 1 < e0 && (i + 1) / H == b && kv_offset(i + 1) != off;
+      t.attend(qp + i * D, kp + off, vp + off, kind, D, t0, t1, (float)scale, scores.data(), op + i * D,
+               next ? kp + kv_offset(i + 1) : nullptr);
     }
   });
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
