@@ -86,6 +86,23 @@ def test_gemv_any_tile_covers_every_row(device, block_n, block_k):
     assert rel_err(y4, wd.double() @ x.double()) < 1e-6
 
 
+@pytest.mark.parametrize("fmt,group", [("int4", 32), ("int8", 0), ("int8", 32), ("int8_asym", 32)])
+def test_gemv_pipelined_loop_matches_the_prefetching_one(device, fmt, group):
+    """Tiles with num_stages > 1 take the loop without the hand prefetch (Triton pipelines its loads):
+    same products, with the fused RMSNorm scaling and residual, over a ragged last tile."""
+    gen = torch.Generator().manual_seed(7)
+    n, k = 40, 384  # 384 = 3 tiles of 128 (or 1.5 of 256): the last tile partly masked
+    w = torch.randn(n, k, generator=gen).to(device)
+    x = torch.randn(k, generator=gen).to(device)
+    res = torch.randn(n, generator=gen).to(device)
+    q, s, m = _stored_any(fmt, group, w, torch.float32, gen)
+    for cfg in (GemvConfig(8, 128, 4, 1), GemvConfig(8, 128, 4, 3), GemvConfig(16, 256, 4, 4)):
+        one = gemv(x, fmt, group, q, s, m, config=GemvConfig(cfg.block_n, cfg.block_k), rms_only=True, eps=1e-5,
+                   residual=res, res_scale=0.5)
+        piped = gemv(x, fmt, group, q, s, m, config=cfg, rms_only=True, eps=1e-5, residual=res, res_scale=0.5)
+        assert rel_err(piped, one) < 1e-6
+
+
 def _stored_any(fmt, group, w, dtype, gen):
     """Storage of w in `fmt`; int8_asym (no quantizer makes it) is int8 plus random minimums."""
     if fmt != "int8_asym":

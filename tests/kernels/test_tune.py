@@ -36,6 +36,17 @@ def test_layer_shapes_are_the_decode_gemvs():
         (6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]
 
 
+def test_tile_names_round_trip():
+    """The sweep names tiles for its table and reads the winner back into TORCHCHAT_GEMV_TILES fields."""
+    from torchchat.kernels.gemv import GemvConfig
+    from torchchat.kernels.tune import _tile_fields, _tile_name
+
+    assert _tile_name(GemvConfig(16, 512, 4)) == "16x512w4"
+    assert _tile_name(GemvConfig(16, 512, 4, 3)) == "16x512w4s3"
+    assert _tile_fields("16x512w4") == [16, 512, 4]
+    assert _tile_fields("8x1024w8s4") == [8, 1024, 8, 4]
+
+
 def test_best_tile_is_time_weighted_over_shapes():
     """Total bytes over total time: a tile fast on a small layer loses to one fast on the big layer,
     and a tile that failed on any shape is not a candidate."""
@@ -57,6 +68,6 @@ def test_sweep_finds_a_tile_per_size_class():
     # stories15M's rows of 288 do not take per-channel int8's blocks of 128: those shapes are skipped
     # (the model keeps them in bf16); stories110M's all fit.
     results, tiles = sweep([params_table("stories15M"), params_table("stories110M")], ["int8"])
-    assert set(tiles) == {"int8", "int8:small"} and all(len(t) == 3 for t in tiles.values())
+    assert set(tiles) == {"int8", "int8:small"} and all(len(t) in (3, 4) for t in tiles.values())
     assert {row["k"] for row in results["int8"]} == {768, 2048}
     assert all(row["rel_err"] < 1e-2 for row in results["int8"])

@@ -138,52 +138,76 @@ def _unpack(src, P: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _int8_step(x_ptr, g_ptr, s_ptr, m_ptr, words, b0, bi, wi, rows64, rmask, K, KB, rstd,
+               NORM: tl.constexpr, ASM: tl.constexpr, NB: tl.constexpr, WB: tl.constexpr, GROUP: tl.constexpr,
+               PER_ROW: tl.constexpr, MINS: tl.constexpr):
+    """One tile of NB blocks from block b0: (this tile's share of acc, of the input sums xb)."""
+    b = b0 + bi
+    bmask = b < KB
+    words = words ^ -2139062144  # 0x80808080: q + 128 in every byte
+    high = words >> 16
+    dq = tl.zeros(words.shape, tl.float32)
+    xs = tl.zeros([1, NB, WB], tl.float32)
+    for j in tl.static_range(4):
+        idx = b[:, None] * GROUP + j * WB + wi[None, :]
+        xv = _load_x(x_ptr, g_ptr, idx, bmask[:, None], rstd, NORM)[None, :, :]
+        # Byte j sits at bit 8*(j % 2) of `words` (j < 2) or of `high`.
+        dq += _unpack(words if j < 2 else high, 8 * (j % 2), 8, ASM) * xv
+        xs += xv
+    if PER_ROW:
+        part = dq
+    else:
+        soff = rows64[:, None] * KB + b[None, :]
+        smask = rmask[:, None] & bmask[None, :]
+        s = tl.load(s_ptr + soff, mask=smask, other=0.0)
+        part = (dq - 128.0 * xs) * s.to(tl.float32)[:, :, None]
+        if MINS:
+            m = tl.load(m_ptr + soff, mask=smask, other=0.0)
+            part += m.to(tl.float32)[:, :, None] * xs
+    return part, xs
+
+
+@triton.jit
 def _rows_int8(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KB,
                NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr,
-               MINS: tl.constexpr):
+               MINS: tl.constexpr, STAGES: tl.constexpr):
     # KW words and KB blocks of GROUP inputs per row. In each block, byte j of word w is input
     # j*GROUP/4 + w (formats.py). Bytes are read biased (q + 128, by flipping their top bits) so that
     # they unpack as unsigned fields; the bias comes off as 128 * sum(x). The input slices are only
     # ever used broadcast over rows ([1, NB, WB]), which keeps every tile in one register layout.
     # MINS (int8_asym, grouped only): each block also adds m * sum(x).
+    # STAGES == 1: the next tile is loaded by hand before the current one is used (in registers);
+    # STAGES > 1: plain loads that Triton's pipeliner keeps STAGES tiles ahead (asynchronous copies
+    # into shared memory, so more bytes are in flight per program than registers allow).
     NB: tl.constexpr = BLOCK_K // GROUP
     WB: tl.constexpr = GROUP // 4  # words per block
     bi = tl.arange(0, NB)
     wi = tl.arange(0, WB)
     base = w_ptr + rows64[:, None, None] * KW + (bi[:, None] * WB + wi[None, :])[None, :, :]
-    words_next = tl.load(base, mask=rmask[:, None, None] & (bi < KB)[None, :, None], other=0)
-    _wait(PDL)
-    rstd = _rstd(x_ptr, K, eps, NORM, NORM_BLOCK)
     acc = tl.zeros([BLOCK_N, NB, WB], tl.float32)
     xb = tl.zeros([1, NB, WB], tl.float32)
-    for b0 in range(0, KB, NB):
-        words = words_next
-        words_next = tl.load(base + (b0 + NB) * WB, mask=rmask[:, None, None] & (b0 + NB + bi < KB)[None, :, None],
-                             other=0)
-        b = b0 + bi
-        bmask = b < KB
-        words = words ^ -2139062144  # 0x80808080: q + 128 in every byte
-        high = words >> 16
-        dq = tl.zeros([BLOCK_N, NB, WB], tl.float32)
-        xs = tl.zeros([1, NB, WB], tl.float32)
-        for j in tl.static_range(4):
-            idx = b[:, None] * GROUP + j * WB + wi[None, :]
-            xv = _load_x(x_ptr, g_ptr, idx, bmask[:, None], rstd, NORM)[None, :, :]
-            # Byte j sits at bit 8*(j % 2) of `words` (j < 2) or of `high`.
-            dq += _unpack(words if j < 2 else high, 8 * (j % 2), 8, ASM) * xv
-            xs += xv
-        if PER_ROW:
-            acc += dq
+    if STAGES == 1:
+        words_next = tl.load(base, mask=rmask[:, None, None] & (bi < KB)[None, :, None], other=0)
+        _wait(PDL)
+        rstd = _rstd(x_ptr, K, eps, NORM, NORM_BLOCK)
+        for b0 in range(0, KB, NB):
+            words = words_next
+            words_next = tl.load(base + (b0 + NB) * WB,
+                                 mask=rmask[:, None, None] & (b0 + NB + bi < KB)[None, :, None], other=0)
+            part, xs = _int8_step(x_ptr, g_ptr, s_ptr, m_ptr, words, b0, bi, wi, rows64, rmask, K, KB, rstd,
+                                  NORM, ASM, NB, WB, GROUP, PER_ROW, MINS)
+            acc += part
             xb += xs
-        else:
-            soff = rows64[:, None] * KB + b[None, :]
-            smask = rmask[:, None] & bmask[None, :]
-            s = tl.load(s_ptr + soff, mask=smask, other=0.0)
-            acc += (dq - 128.0 * xs) * s.to(tl.float32)[:, :, None]
-            if MINS:
-                m = tl.load(m_ptr + soff, mask=smask, other=0.0)
-                acc += m.to(tl.float32)[:, :, None] * xs
+    else:
+        _wait(PDL)
+        rstd = _rstd(x_ptr, K, eps, NORM, NORM_BLOCK)
+        for b0 in tl.range(0, KB, NB, num_stages=STAGES):
+            words = tl.load(base + b0 * WB, mask=rmask[:, None, None] & (b0 + bi < KB)[None, :, None], other=0)
+            part, xs = _int8_step(x_ptr, g_ptr, s_ptr, m_ptr, words, b0, bi, wi, rows64, rmask, K, KB, rstd,
+                                  NORM, ASM, NB, WB, GROUP, PER_ROW, MINS)
+            acc += part
+            xb += xs
     if PER_ROW:
         s = tl.load(s_ptr + rows64, mask=rmask, other=0.0).to(tl.float32)
         y = tl.sum(tl.sum(acc - 128.0 * xb, 2), 1) * s
@@ -193,41 +217,58 @@ def _rows_int8(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KB,
 
 
 @triton.jit
+def _int4_step(x_ptr, g_ptr, s_ptr, m_ptr, words, g0, gi, wi, rows64, rmask, K, KG, rstd,
+               NORM: tl.constexpr, ASM: tl.constexpr, NG: tl.constexpr, WS: tl.constexpr, GROUP: tl.constexpr):
+    """One tile of NG groups from group g0: its share of the accumulator."""
+    g = g0 + gi
+    gmask = g < KG
+    high = words >> 12  # nibbles 5..7 down to bits 8..19
+    dq = tl.zeros(words.shape, tl.float32)
+    xs = tl.zeros([1, NG, WS], tl.float32)
+    for i in tl.static_range(8):
+        # Nibble i of word w in group g is input g*GROUP + i*WS + w (formats.py).
+        idx = g[:, None] * GROUP + i * WS + wi[None, :]
+        xv = _load_x(x_ptr, g_ptr, idx, gmask[:, None], rstd, NORM)[None, :, :]
+        # Nibble i sits at bit 4i of `words` (i < 5) or 4i - 12 of `high`.
+        dq += _unpack(words if i < 5 else high, 4 * i - 12 * (i >= 5), 4, ASM) * xv
+        xs += xv
+    soff = rows64[:, None] * KG + g[None, :]
+    smask = rmask[:, None] & gmask[None, :]
+    s = tl.load(s_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+    # sum_k (q s + m) x = s * sum(q x) + m * sum(x), per group.
+    return dq * s[:, :, None] + m[:, :, None] * xs
+
+
+@triton.jit
 def _rows_int4(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KG,
                NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
-    # KW words and KG groups per row; the input slices are only used broadcast over rows (see int8).
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, STAGES: tl.constexpr):
+    # KW words and KG groups per row; the input slices are only used broadcast over rows (see int8,
+    # also for STAGES).
     NG: tl.constexpr = BLOCK_K // GROUP
     WS: tl.constexpr = GROUP // 8  # words per group
     gi = tl.arange(0, NG)
     wi = tl.arange(0, WS)
     base = w_ptr + rows64[:, None, None] * KW + (gi[:, None] * WS + wi[None, :])[None, :, :]
-    words_next = tl.load(base, mask=rmask[:, None, None] & (gi < KG)[None, :, None], other=0)
-    _wait(PDL)
-    rstd = _rstd(x_ptr, K, eps, NORM, NORM_BLOCK)
     acc = tl.zeros([BLOCK_N, NG, WS], tl.float32)
-    for g0 in range(0, KG, NG):
-        words = words_next
-        words_next = tl.load(base + (g0 + NG) * WS, mask=rmask[:, None, None] & (g0 + NG + gi < KG)[None, :, None],
-                             other=0)
-        g = g0 + gi
-        gmask = g < KG
-        high = words >> 12  # nibbles 5..7 down to bits 8..19
-        dq = tl.zeros([BLOCK_N, NG, WS], tl.float32)
-        xs = tl.zeros([1, NG, WS], tl.float32)
-        for i in tl.static_range(8):
-            # Nibble i of word w in group g is input g*GROUP + i*WS + w (formats.py).
-            idx = g[:, None] * GROUP + i * WS + wi[None, :]
-            xv = _load_x(x_ptr, g_ptr, idx, gmask[:, None], rstd, NORM)[None, :, :]
-            # Nibble i sits at bit 4i of `words` (i < 5) or 4i - 12 of `high`.
-            dq += _unpack(words if i < 5 else high, 4 * i - 12 * (i >= 5), 4, ASM) * xv
-            xs += xv
-        soff = rows64[:, None] * KG + g[None, :]
-        smask = rmask[:, None] & gmask[None, :]
-        s = tl.load(s_ptr + soff, mask=smask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + soff, mask=smask, other=0.0).to(tl.float32)
-        # sum_k (q s + m) x = s * sum(q x) + m * sum(x), per group.
-        acc += dq * s[:, :, None] + m[:, :, None] * xs
+    if STAGES == 1:
+        words_next = tl.load(base, mask=rmask[:, None, None] & (gi < KG)[None, :, None], other=0)
+        _wait(PDL)
+        rstd = _rstd(x_ptr, K, eps, NORM, NORM_BLOCK)
+        for g0 in range(0, KG, NG):
+            words = words_next
+            words_next = tl.load(base + (g0 + NG) * WS,
+                                 mask=rmask[:, None, None] & (g0 + NG + gi < KG)[None, :, None], other=0)
+            acc += _int4_step(x_ptr, g_ptr, s_ptr, m_ptr, words, g0, gi, wi, rows64, rmask, K, KG, rstd,
+                              NORM, ASM, NG, WS, GROUP)
+    else:
+        _wait(PDL)
+        rstd = _rstd(x_ptr, K, eps, NORM, NORM_BLOCK)
+        for g0 in tl.range(0, KG, NG, num_stages=STAGES):
+            words = tl.load(base + g0 * WS, mask=rmask[:, None, None] & (g0 + gi < KG)[None, :, None], other=0)
+            acc += _int4_step(x_ptr, g_ptr, s_ptr, m_ptr, words, g0, gi, wi, rows64, rmask, K, KG, rstd,
+                              NORM, ASM, NG, WS, GROUP)
     return _scale_rms(tl.sum(tl.sum(acc, 2), 1), rstd, NORM)
 
 
@@ -235,15 +276,15 @@ def _rows_int4(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KG,
 def _rows(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KB,
           FMT: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, NORM: tl.constexpr,
           NORM_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
-          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     if FMT == 0:
         y = _rows_float(x_ptr, g_ptr, eps, w_ptr, rows64, rmask, K, NORM, NORM_BLOCK, EVEN_K, PDL, BLOCK_N, BLOCK_K)
     elif FMT == 1 or FMT == 3:
         y = _rows_int8(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KB, NORM, NORM_BLOCK, PDL, ASM,
-                       BLOCK_N, BLOCK_K, GROUP, PER_ROW, FMT == 3)
+                       BLOCK_N, BLOCK_K, GROUP, PER_ROW, FMT == 3, STAGES)
     else:
         y = _rows_int4(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KB, NORM, NORM_BLOCK, PDL, ASM,
-                       BLOCK_N, BLOCK_K, GROUP)
+                       BLOCK_N, BLOCK_K, GROUP, STAGES)
     return y
 
 
@@ -252,7 +293,8 @@ def _gemv_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
                  N, K, KW, KB, ROWS2, eps, res_scale,
                  FMT: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, NORM: tl.constexpr,
                  SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
-                 ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK: tl.constexpr):
+                 ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK: tl.constexpr,
+                 STAGES: tl.constexpr):
     """Rows [pid*BLOCK_N, ...) of y = epilogue(W prologue(x)); x (K,), y (N,)."""
     if PDL:  # let the next kernel's programs get ready as soon as all of ours have started
         tl.extra.cuda.gdc_launch_dependents()
@@ -261,10 +303,10 @@ def _gemv_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
     rows64 = rows.to(tl.int64)
     dt = x_ptr.dtype.element_ty
     y = _rows(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KB,
-              FMT, GROUP, PER_ROW, NORM, NORM_BLOCK, EVEN_K, PDL, ASM, BLOCK_N, BLOCK_K).to(dt)
+              FMT, GROUP, PER_ROW, NORM, NORM_BLOCK, EVEN_K, PDL, ASM, BLOCK_N, BLOCK_K, STAGES).to(dt)
     if SWIGLU:
         up = _rows(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64 + ROWS2, rmask, K, KW, KB,
-                   FMT, GROUP, PER_ROW, NORM, NORM_BLOCK, EVEN_K, PDL, ASM, BLOCK_N, BLOCK_K).to(dt)
+                   FMT, GROUP, PER_ROW, NORM, NORM_BLOCK, EVEN_K, PDL, ASM, BLOCK_N, BLOCK_K, STAGES).to(dt)
         a = y.to(tl.float32)
         y = (a / (1.0 + tl.exp(-a))).to(dt)  # silu, as PyTorch computes it
         y = (y.to(tl.float32) * up.to(tl.float32)).to(dt)
@@ -304,8 +346,8 @@ _CONFIGS = {
 def _tiles(text: str) -> dict[str, GemvConfig]:
     tiles = dict(_CONFIGS)
     if text:
-        for key, (block_n, block_k, num_warps) in json.loads(text).items():
-            tiles[key] = GemvConfig(block_n, block_k, num_warps)
+        for key, fields in json.loads(text).items():  # [block_n, block_k, num_warps(, num_stages)]
+            tiles[key] = GemvConfig(*fields)
     return tiles
 
 
@@ -351,7 +393,7 @@ def gemv(x: Tensor, fmt: str, groupsize: int, weight: Tensor, scales: Tensor | N
         FMT=_FMT_CODE[fmt], GROUP=block, PER_ROW=fmt == "int8" and groupsize == 0,
         NORM=2 if rms_only else int(norm_weight is not None), SWIGLU=swiglu, RESIDUAL=residual is not None,
         EVEN_K=k % cfg.block_k == 0, PDL=use_pdl, ASM=x.is_cuda, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        NORM_BLOCK=min(8192, triton.next_power_of_2(k)),
+        NORM_BLOCK=min(8192, triton.next_power_of_2(k)), STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl,
     )
     return out

@@ -16,13 +16,16 @@ import sys
 from pathlib import Path
 
 ROLES = ("qkv", "wo", "w13", "w2", "output")  # the batch-1 GEMVs of one decode step, in layer order
-# Candidate tiles per format, (rows per program, inputs per step, warps).
+# Candidate tiles per format, (rows per program, inputs per step, warps[, pipeline stages]). One stage:
+# the integer loops prefetch the next tile into registers by hand; more: Triton's pipeliner keeps that
+# many tiles in flight through shared memory (gemv.py).
 GRIDS = {
     "float": [(2, 2048, 8), (2, 2048, 4), (2, 1024, 4), (4, 1024, 8)],
     "int8": [(8, 512, 8), (16, 512, 8), (16, 512, 4), (32, 512, 8), (8, 1024, 8), (16, 1024, 8), (16, 1024, 4),
-             (32, 1024, 4)],
+             (32, 1024, 4), (8, 512, 4, 3), (16, 512, 4, 3), (16, 512, 4, 4), (8, 1024, 4, 3), (32, 512, 4, 3)],
     "int4": [(16, 512, 8), (16, 512, 4), (32, 512, 4), (32, 512, 8), (16, 1024, 8), (16, 1024, 4), (32, 1024, 4),
-             (64, 512, 4)],
+             (64, 512, 4), (8, 512, 4, 3), (16, 512, 4, 3), (16, 512, 4, 4), (8, 1024, 4, 3), (16, 1024, 4, 3),
+             (32, 512, 4, 3), (4, 1024, 4, 4)],
 }
 GROUPS = {"float": 0, "int8": 0, "int4": 128}
 ROTATE_BYTES = 400_000_000  # weights cycled through per timing: > 8x the L2, so every read comes from memory
@@ -99,7 +102,16 @@ def _role_args(role: str, fmt: str, k: int, n: int):
 
 
 def _tile_name(tile) -> str:
-    return f"{tile.block_n}x{tile.block_k}w{tile.num_warps}"
+    stages = f"s{tile.num_stages}" if tile.num_stages > 1 else ""
+    return f"{tile.block_n}x{tile.block_k}w{tile.num_warps}{stages}"
+
+
+def _tile_fields(name: str) -> list[int]:
+    """Inverse of _tile_name: [block_n, block_k, num_warps(, num_stages)]."""
+    bn, rest = name.split("x")
+    bk, rest = rest.split("w")
+    w, _, stages = rest.partition("s")
+    return [int(bn), int(bk), int(w)] + ([int(stages)] if stages else [])
 
 
 def _time_shape(fmt: str, role: str, n_w: int, k: int) -> dict:
@@ -178,9 +190,7 @@ def sweep(configs: list, formats: list[str]) -> tuple[dict, dict[str, list[int]]
             print(f"{label:>11} best: " + ", ".join(f"{c} {v:.0f}" for c, v in top), flush=True)
             results[label + "_best"] = top
             if top:
-                bn, rest = top[0][0].split("x")
-                bk, w = rest.split("w")
-                tiles[label] = [int(bn), int(bk), int(w)]
+                tiles[label] = _tile_fields(top[0][0])
     return results, tiles
 
 
