@@ -2,6 +2,7 @@
 loaded back by `generate` as a user runs it (a fresh process, so the libstdc++ restart of
 torchchat/runtime/cxx_runtime.py happens as it would for them), and its greedy text compared with the
 eager CUDA model's. Skipped without a GPU."""
+import os
 import subprocess
 import sys
 
@@ -13,9 +14,9 @@ from tests.export.conftest import PROMPT, ROOT
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def _torchchat(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def _torchchat(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "torchchat.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+                          timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
 def test_cuda_pt2_generates_the_eager_greedy_text(stories260k_dir, tmp_path):
@@ -35,3 +36,8 @@ def test_cuda_pt2_generates_the_eager_greedy_text(stories260k_dir, tmp_path):
     assert a.startswith(PROMPT) and b.startswith(PROMPT)
     common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     assert common >= len(PROMPT) + 60, f"exported and eager part at character {common}:\n{a}\n---\n{b}"
+    # The decode steps above replayed a CUDA graph of the package call; launched call by call
+    # (TORCHCHAT_AOTI_GRAPH=0) the same kernels give the same text.
+    launched = _torchchat("generate", "--aoti-package-path", str(pt2), *tok, *run, env={"TORCHCHAT_AOTI_GRAPH": "0"})
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    assert launched.stdout.strip() == a

@@ -47,3 +47,27 @@ def test_decode_step_samples_with_the_noise_it_is_given():
         assert int(step(torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]))) == int(got)
         drawn.append(int(got))
     assert len(set(drawn)) > 1
+
+
+def test_precompiled_cuda_runtimes_graph_their_decode_step_without_compile():
+    """An AOT Inductor package on CUDA (precompiled, with a graph_key) gets a CUDA-graph decode step
+    although --compile is refused for it; its capture is relaxed (the package's model container
+    queries its last run's event). Only the step objects are built here: nothing runs on a GPU."""
+    from torchchat.generation.sampling import SamplingParams
+    from torchchat.generation.steps import CompileOptions, CudaGraphStep, Steps
+
+    def forward(tokens, input_pos):
+        raise AssertionError("not called")
+
+    cuda = torch.device("cuda")
+    steps = Steps(forward, cuda, CompileOptions(), graph_key=lambda: "k", precompiled=True)
+    step = steps.decode(SamplingParams())
+    assert isinstance(step, CudaGraphStep) and step.capture_error_mode == "relaxed"
+    assert isinstance(steps.decode_forward(), CudaGraphStep)
+    # Not precompiled and no --compile: launched as it is. On the CPU a graph_key is ignored.
+    assert not isinstance(Steps(forward, cuda, CompileOptions(), graph_key=lambda: "k").decode(SamplingParams()),
+                          CudaGraphStep)
+    cpu_steps = Steps(forward, torch.device("cpu"), CompileOptions(), graph_key=lambda: "k", precompiled=True)
+    assert not isinstance(cpu_steps.decode(SamplingParams()), CudaGraphStep)
+    fused = Steps(forward, cuda, CompileOptions(decode=True), graph_key=lambda: "k").decode(SamplingParams())
+    assert isinstance(fused, CudaGraphStep) and fused.capture_error_mode == "global"

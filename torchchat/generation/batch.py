@@ -476,7 +476,7 @@ def make_steps(runtime, options=None) -> Steps:
     if isinstance(runtime, EagerRuntime):
         optimize_for_decode(runtime.model)
     return Steps(runtime.forward, runtime.device, options or CompileOptions(), getattr(runtime, "graph_key", None),
-                 getattr(runtime, "forward_last", None))
+                 getattr(runtime, "forward_last", None), precompiled=getattr(runtime, "precompiled", False))
 
 
 def make_batch_engine(built, options=None, *, max_batch: int, max_seq_len: int | None = None,

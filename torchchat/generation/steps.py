@@ -65,8 +65,11 @@ class CudaGraphStep:
     them all. The returned tensor is the graph's output buffer, overwritten by the next replay of
     that graph: copy what you keep."""
 
-    def __init__(self, fn: Callable[..., Tensor], key: Callable[[], Hashable]):
+    def __init__(self, fn: Callable[..., Tensor], key: Callable[[], Hashable], capture_error_mode: str = "global"):
         self.fn, self.key = fn, key
+        # "relaxed" for an AOT Inductor package: its model container queries the CUDA event of its
+        # previous run before each call, which a "global" capture refuses.
+        self.capture_error_mode = capture_error_mode
         self._key: Hashable = None
         # input shapes -> (graph, static inputs, output buffer)
         self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, tuple[Tensor, ...], Tensor]] = {}
@@ -101,7 +104,7 @@ class CudaGraphStep:
             self.fn(*static)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode=self.capture_error_mode):
             out = self.fn(*static)
         return graph, static, out
 
@@ -116,10 +119,14 @@ class Steps:
     """Builds (and caches, per sampling setting) the prefill and decode functions for one runtime.
 
     `graph_key`, given by runtimes whose forward can be captured into a CUDA graph as it is, makes
-    the compiled decode step a CudaGraphStep on CUDA instead of a torch.compile'd function."""
+    the compiled decode step a CudaGraphStep on CUDA instead of a torch.compile'd function.
+    `precompiled`: the forward is compiled already (an AOT Inductor package), so --compile is not asked
+    for; with a graph_key its decode step is captured all the same, since launching its few hundred
+    kernels one by one from the host costs more than the 7B step's GPU time leaves room for."""
 
     def __init__(self, forward: Forward, device: torch.device, options: CompileOptions = CompileOptions(),
-                 graph_key: Callable[[], Hashable] | None = None, forward_last: Forward | None = None):
+                 graph_key: Callable[[], Hashable] | None = None, forward_last: Forward | None = None,
+                 precompiled: bool = False):
         self.forward = forward
         # Prefill samples from the last position only; a runtime that can skip the other positions'
         # logits (EagerRuntime.forward_last) saves the output matrix times S-1 rows.
@@ -127,6 +134,8 @@ class Steps:
         self.device = device
         self.options = options
         self.graph_key = graph_key if device.type == "cuda" else None
+        self._graph_decode = self.graph_key is not None and (options.decode or precompiled)
+        self._capture_mode = "relaxed" if precompiled else "global"
         self._cache: dict[tuple[str, SamplingParams], Callable[[Tensor, Tensor], Tensor]] = {}
 
     def _compile(self, fn, dynamic: bool):
@@ -156,8 +165,10 @@ class Steps:
         key = ("decode_forward", None)
         if key not in self._cache:
             fn = self.forward
-            if self.options.decode:
-                fn = CudaGraphStep(fn, self.graph_key) if self.graph_key else self._compile(fn, dynamic=False)
+            if self._graph_decode:
+                fn = CudaGraphStep(fn, self.graph_key, self._capture_mode)
+            elif self.options.decode:
+                fn = self._compile(fn, dynamic=False)
             self._cache[key] = fn
         return self._cache[key]
 
@@ -174,8 +185,10 @@ class Steps:
         key = ("decode", params)
         if key not in self._cache:
             fn = _step(self.forward, params)
-            if self.options.decode:
-                fn = CudaGraphStep(fn, self.graph_key) if self.graph_key else self._compile(fn, dynamic=False)
+            if self._graph_decode:
+                fn = CudaGraphStep(fn, self.graph_key, self._capture_mode)
+            elif self.options.decode:
+                fn = self._compile(fn, dynamic=False)
             self._cache[key] = fn
         return self._cache[key]
 

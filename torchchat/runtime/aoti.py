@@ -2,6 +2,7 @@
 sidecar `X.so.json`, see torchchat/export/aoti.py)."""
 from __future__ import annotations
 
+import os
 import zipfile
 import zlib
 from pathlib import Path
@@ -51,10 +52,17 @@ class AOTIRuntime(ExportedRuntime):
     compiled model's constant buffers and is updated in place by each call."""
 
     backend = "aoti"
+    precompiled = True  # see torchchat.generation.steps.Steps
 
     def __init__(self, path: Path, metadata: ArtifactMetadata, run):
         super().__init__(path, metadata)
         self._run = run  # (tokens, input_pos) -> logits
+        if self.device.type == "cuda" and os.environ.get("TORCHCHAT_AOTI_GRAPH", "1") != "0":
+            # The compiled model launches its kernels on the current stream, allocates through the
+            # caching allocator and keeps the KV cache in buffers of fixed address, so a decode step
+            # can be captured into a CUDA graph and replayed (one graph: one input shape, one cache).
+            # TORCHCHAT_AOTI_GRAPH=0 launches the kernels one by one instead.
+            self.graph_key = lambda: ("aoti", str(self.path))
 
     @classmethod
     def load_package(cls, path: Path) -> "AOTIRuntime":
