@@ -1,0 +1,255 @@
+"""Products of a few input rows with one integer-format weight on the CUDA cores (no tensor cores):
+Y = epilogue(prologue(X) W^T), X (M, K), for the small-batch decode of int4 and int8 weights.
+
+Why a second kernel beside gemv_rows.py's: there tl.dot needs each dequantized tile in its operand
+layout, which for int4 (eight nibble fields per word, each a separate dot) goes through shared
+memory every field of every step; on the H100 that held the 8-row int4 step to ~220 GB/s of weights.
+Here a program loads a weight tile once, unpacks it as gemv.py does (`_unpack`), dequantizes it in
+float32 registers and multiplies it into every input row with plain FMAs: the accumulator is one
+(BLOCK_M, BLOCK_N, L) float32 block (L: words per tile row), the input rows broadcast over the weight
+rows and the weight over the input rows, summed over L once at the end. Each dequantized weight is
+thus reused BLOCK_M times from registers, and nothing changes layout inside the loop.
+
+BLOCK_M is M rounded up to a power of two (at most 16; more rows take a second grid axis, each block
+of rows reading the weights again), so one compiled kernel serves each class of M.
+
+Roundings are the multi-row kernel's (gemv_rows.py): each weight is dequantized to the model dtype
+exactly as formats.dequantize rounds it (q * s [+ m], one rounding), per-channel int8 multiplies the
+integers and scales the float32 sums by the row's scale; products accumulate in float32; the
+prologue (NORM 1: RMSNorm rounded as the module; NORM 2: the norm weight folded into W, the sums
+scaled by 1/rms) and the epilogues (swiglu, residual, res_scale, out_dtype) are gemv_rows.py's own.
+
+Which kernel serves which (format, M) is chosen in gemv_rows.py (`rows_kernel`). Import only on CUDA
+machines (or with TRITON_INTERPRET=1 for the CPU tests): this module imports triton.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from torchchat.kernels.formats import pack_block
+from torchchat.kernels.gemv import _FMT_CODE, GemvConfig, _unpack, _wait, pdl_enabled
+from torchchat.kernels.gemv_rows import _load_xm, _rstd_rows, _store_rows
+
+FORMATS = ("int8", "int8_asym", "int4")  # the float format has nothing to unpack: gemv_rows' dot serves it
+MAX_BLOCK_M = 16
+
+
+class FewRowsError(ValueError):
+    """A format or tile the CUDA-core few-rows kernel does not take."""
+
+
+@triton.jit
+def _few_int8(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, K, KW, KB, eps,
+              NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
+              GROUP: tl.constexpr, PER_ROW: tl.constexpr, MINS: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Layout as in gemv._rows_int8: in each block of GROUP inputs byte j of word w is input
+    # j*GROUP/4 + w, read biased by 128. Tile column c is word c % WB of block c // WB (the words of
+    # a row are contiguous), so byte field j meets inputs (b0 + c // WB)*GROUP + j*WB + c % WB.
+    # Scales are read per column (each repeated WB times: cache hits), keeping every tile 2-D.
+    dt = x_ptr.dtype.element_ty
+    NB: tl.constexpr = BLOCK_K // GROUP
+    WB: tl.constexpr = GROUP // 4
+    L: tl.constexpr = NB * WB
+    c = tl.arange(0, L)
+    cb = c // WB
+    cw = c % WB
+    base = w_ptr + rows64[:, None] * KW + c[None, :]
+    # The first tile before waiting on the previous kernel: weights never depend on it (gemv.py).
+    words_next = tl.load(base, mask=rmask[:, None] & (cb < KB)[None, :], other=0)
+    _wait(PDL)
+    rstd = _rstd_rows(x_ptr, m64, mmask, K, eps, NORM, NORM_BLOCK, BLOCK_M)
+    xrow = m64[:, None] * K
+    acc = tl.zeros([BLOCK_M, BLOCK_N, L], tl.float32)
+    for b0 in range(0, KB, NB):
+        words = words_next
+        words_next = tl.load(base + (b0 + NB) * WB, mask=rmask[:, None] & (b0 + NB + cb < KB)[None, :], other=0)
+        b = b0 + cb
+        bmask = b < KB
+        words = words ^ -2139062144  # 0x80808080: q + 128 in every byte
+        high = words >> 16
+        if not PER_ROW:
+            soff = rows64[:, None] * KB + b[None, :]
+            smask = rmask[:, None] & bmask[None, :]
+            s = tl.load(s_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+            if MINS:
+                mn = tl.load(m_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+        for j in tl.static_range(4):
+            q = _unpack(words if j < 2 else high, 8 * (j % 2), 8, ASM) - 128.0
+            if PER_ROW:
+                w = q  # exact integers; the row's scale multiplies the sums below
+            elif MINS:
+                w = (q * s + mn).to(dt).to(tl.float32)
+            else:
+                w = (q * s).to(dt).to(tl.float32)
+            idx = b * GROUP + j * WB + cw
+            xv = _load_xm(x_ptr, g_ptr, xrow + idx[None, :], idx[None, :], mmask[:, None] & bmask[None, :],
+                          rstd[:, None], NORM).to(tl.float32)
+            acc += xv[:, None, :] * w[None, :, :]
+    y = tl.sum(acc, 2)
+    if PER_ROW:
+        s_row = tl.load(s_ptr + rows64, mask=rmask, other=0.0).to(tl.float32)
+        y = y * s_row[None, :]
+    if NORM == 2:  # the norm weight is folded into W: norm(x) W^T = rstd * (x W^T)
+        y = y * rstd[:, None]
+    return y
+
+
+@triton.jit
+def _few_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, K, KW, KG, eps,
+              NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
+              GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Layout as in gemv._rows_int4: nibble i of word w in group g is input g*GROUP + i*GROUP/8 + w.
+    # Tile columns as in _few_int8: column c is word c % WS of group c // WS.
+    dt = x_ptr.dtype.element_ty
+    NG: tl.constexpr = BLOCK_K // GROUP
+    WS: tl.constexpr = GROUP // 8
+    L: tl.constexpr = NG * WS
+    c = tl.arange(0, L)
+    cg = c // WS
+    cw = c % WS
+    base = w_ptr + rows64[:, None] * KW + c[None, :]
+    words_next = tl.load(base, mask=rmask[:, None] & (cg < KG)[None, :], other=0)
+    _wait(PDL)
+    rstd = _rstd_rows(x_ptr, m64, mmask, K, eps, NORM, NORM_BLOCK, BLOCK_M)
+    xrow = m64[:, None] * K
+    acc = tl.zeros([BLOCK_M, BLOCK_N, L], tl.float32)
+    for g0 in range(0, KG, NG):
+        words = words_next
+        words_next = tl.load(base + (g0 + NG) * WS, mask=rmask[:, None] & (g0 + NG + cg < KG)[None, :], other=0)
+        g = g0 + cg
+        gmask = g < KG
+        high = words >> 12  # nibbles 5..7 down to bits 8..19
+        soff = rows64[:, None] * KG + g[None, :]
+        smask = rmask[:, None] & gmask[None, :]
+        s = tl.load(s_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+        mn = tl.load(m_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+        for i in tl.static_range(8):
+            q = _unpack(words if i < 5 else high, 4 * i - 12 * (i >= 5), 4, ASM)
+            w = (q * s + mn).to(dt).to(tl.float32)
+            idx = g * GROUP + i * WS + cw
+            xv = _load_xm(x_ptr, g_ptr, xrow + idx[None, :], idx[None, :], mmask[:, None] & gmask[None, :],
+                          rstd[:, None], NORM).to(tl.float32)
+            acc += xv[:, None, :] * w[None, :, :]
+    y = tl.sum(acc, 2)
+    if NORM == 2:
+        y = y * rstd[:, None]
+    return y
+
+
+@triton.jit
+def _few(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, K, KW, KB, eps,
+         FMT: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, NORM: tl.constexpr,
+         NORM_BLOCK: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) float32 products of the prologue'd input rows m64 with weight rows rows64."""
+    if FMT == 2:
+        y = _few_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, K, KW, KB, eps,
+                      NORM, NORM_BLOCK, PDL, ASM, GROUP, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        y = _few_int8(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, K, KW, KB, eps,
+                      NORM, NORM_BLOCK, PDL, ASM, GROUP, PER_ROW, FMT == 3, BLOCK_M, BLOCK_N, BLOCK_K)
+    return y
+
+
+@triton.jit(do_not_specialize=["M"])  # one compiled kernel per BLOCK_M class, not per M % 16
+def _gemv_few_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
+                     M, N, K, KW, KB, ROWS2, eps, res_scale,
+                     FMT: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, NORM: tl.constexpr,
+                     SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     NORM_BLOCK: tl.constexpr):
+    """Outputs [pid0*BLOCK_N, ...) of input rows [pid1*BLOCK_M, ...): X (M, K), Y (M, N)."""
+    if PDL:  # let the next kernel's programs get ready as soon as all of ours have started
+        tl.extra.cuda.gdc_launch_dependents()
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = m < M
+    m64 = m.to(tl.int64)
+    y = _few(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, K, KW, KB, eps,
+             FMT, GROUP, PER_ROW, NORM, NORM_BLOCK, PDL, ASM, BLOCK_M, BLOCK_N, BLOCK_K)
+    up = y
+    if SWIGLU:
+        up = _few(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64 + ROWS2, rmask, m64, mmask, K, KW, KB, eps,
+                  FMT, GROUP, PER_ROW, NORM, NORM_BLOCK, PDL, ASM, BLOCK_M, BLOCK_N, BLOCK_K)
+    _store_rows(y, up, x_ptr, r_ptr, y_ptr, m64, mmask, rows64, rmask, N, res_scale, SWIGLU, RESIDUAL)
+
+
+# Tiles: (weight rows per program, inputs per step, warps), per format and per BLOCK_M class ("fmt:8":
+# 5..8 rows), else per format. NOT MEASURED: first guesses that keep the accumulator at about 64
+# float32 registers a thread (BLOCK_M * BLOCK_N * L / (32 * warps), L = BLOCK_K / 8 words for int4,
+# / 4 for int8); bench/cuda_rows_bench.py sweeps candidates on a GPU and prints the best.
+# Override with TORCHCHAT_GEMV_FEW_TILES='{"int4:8": [block_n, block_k, num_warps], "int4": [...], ...}'.
+_CONFIGS = {
+    "int4": GemvConfig(block_n=32, block_k=512, num_warps=4),
+    "int4:8": GemvConfig(block_n=16, block_k=512, num_warps=4),
+    "int4:16": GemvConfig(block_n=16, block_k=256, num_warps=4),
+    "int8": GemvConfig(block_n=32, block_k=256, num_warps=4),
+    "int8:8": GemvConfig(block_n=16, block_k=256, num_warps=4),
+    "int8:16": GemvConfig(block_n=16, block_k=128, num_warps=4),
+}
+
+
+def block_m(m: int) -> int:
+    """Input rows per program for M rows: M rounded up to a power of two, at most MAX_BLOCK_M."""
+    return min(MAX_BLOCK_M, triton.next_power_of_2(max(m, 1)))
+
+
+def pick_few_config(fmt: str, m: int, n: int, k: int, block: int) -> GemvConfig:
+    """The tile for m input rows, n outputs of k inputs; `block`: the format's packing block, which
+    a step must be a multiple of."""
+    if fmt not in FORMATS:
+        raise FewRowsError(f"the few-rows CUDA-core kernel takes {', '.join(FORMATS)}, not {fmt!r}")
+    tiles = dict(_CONFIGS)
+    text = os.environ.get("TORCHCHAT_GEMV_FEW_TILES", "")
+    if text:
+        for key, tile in json.loads(text).items():
+            tiles[key] = GemvConfig(*tile)
+    kind = "int8" if fmt == "int8_asym" else fmt  # one more load per group: int8's tiles
+    base = tiles.get(f"{kind}:{block_m(m)}", tiles[kind])
+    block_k = max(min(base.block_k, triton.next_power_of_2(k)), block)
+    block_n = min(base.block_n, triton.next_power_of_2(n))
+    return GemvConfig(block_n, block_k, base.num_warps, base.num_stages)
+
+
+def gemv_few(x: Tensor, fmt: str, groupsize: int, weight: Tensor, scales: Tensor | None = None,
+             mins: Tensor | None = None, *, norm_weight: Tensor | None = None, eps: float = 0.0,
+             rms_only: bool = False, swiglu: bool = False, residual: Tensor | None = None,
+             res_scale: float = 1.0, out_dtype: torch.dtype | None = None,
+             config: GemvConfig | None = None) -> Tensor:
+    """Y = epilogue(prologue(X) W^T) for the rows of X on the CUDA cores, each weight tile read once
+    per block_m(M) rows. Arguments and result as torchchat.kernels.gemv_rows.gemv_rows's: x (M, K)
+    contiguous in the model dtype -> (M, N) in `out_dtype` (default x's dtype). Integer formats only
+    (FewRowsError otherwise)."""
+    if fmt not in FORMATS:
+        raise FewRowsError(f"the few-rows CUDA-core kernel takes {', '.join(FORMATS)}, not {fmt!r}")
+    m, k = x.shape
+    n_w = weight.shape[0]
+    n = n_w // 2 if swiglu else n_w
+    block = pack_block(fmt, groupsize)
+    cfg = config or pick_few_config(fmt, m, n, k, block)
+    if cfg.block_k % block:
+        raise FewRowsError(f"a step of {cfg.block_k} inputs is not a multiple of {fmt}'s block of {block}")
+    bm = block_m(m)
+    out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, bm))
+    use_pdl = pdl_enabled(x)
+    _gemv_few_kernel[grid](
+        x, norm_weight if norm_weight is not None else x, weight, scales, mins if mins is not None else x,
+        residual if residual is not None else x, out,
+        m, n, k, weight.shape[1], k // block, n, eps, res_scale,
+        FMT=_FMT_CODE[fmt], GROUP=block, PER_ROW=fmt == "int8" and groupsize == 0,
+        NORM=2 if rms_only else int(norm_weight is not None), SWIGLU=swiglu, RESIDUAL=residual is not None,
+        PDL=use_pdl, ASM=x.is_cuda, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        NORM_BLOCK=min(512, triton.next_power_of_2(k)),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl,
+    )
+    return out
