@@ -158,7 +158,9 @@ def _few(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, K, KW, KB
     return y
 
 
-@triton.jit(do_not_specialize=["M"])  # one compiled kernel per BLOCK_M class, not per M % 16
+# One compiled kernel per BLOCK_M class, not per M % 16; KB (blocks per row) only offsets the scales,
+# read per column anyway, so w2's 86 blocks need no kernel of their own.
+@triton.jit(do_not_specialize=["M", "KB"])
 def _gemv_few_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
                      M, N, K, KW, KB, ROWS2, eps, res_scale,
                      FMT: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, NORM: tl.constexpr,
