@@ -52,34 +52,39 @@ def _few_int8(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, K, K
     # Layout as in gemv._rows_int8: in each block of GROUP inputs byte j of word w is input
     # j*GROUP/4 + w, read biased by 128. Tile column c is word c % WB of block c // WB (the words of
     # a row are contiguous), so byte field j meets inputs (b0 + c // WB)*GROUP + j*WB + c % WB.
-    # Scales are read per column (each repeated WB times: cache hits), keeping every tile 2-D.
+    # Scales are read per column (each repeated WB times: cache hits).
+    # Every tile is 3-D from its load on: weights (1, BLOCK_N, L), inputs (BLOCK_M, 1, L), so that
+    # their product is a plain broadcast. The compiler keeps the accumulator in the layout of the
+    # load issued last in the loop body, and converts the other operand through shared memory every
+    # field; the next weight tile is therefore loaded at the end of the body (not the start, as in
+    # gemv.py), which makes the small input slice the one converted (seen in the sm_90 TTGIR).
     dt = x_ptr.dtype.element_ty
     NB: tl.constexpr = BLOCK_K // GROUP
     WB: tl.constexpr = GROUP // 4
     L: tl.constexpr = NB * WB
-    c = tl.arange(0, L)
+    c = tl.arange(0, L)[None, None, :]
     cb = c // WB
     cw = c % WB
-    base = w_ptr + rows64[:, None] * KW + c[None, :]
+    r3 = rows64[None, :, None]
+    rm3 = rmask[None, :, None]
+    base = w_ptr + r3 * KW + c
     # The first tile before waiting on the previous kernel: weights never depend on it (gemv.py).
-    words_next = tl.load(base, mask=rmask[:, None] & (cb < KB)[None, :], other=0)
+    words_next = tl.load(base, mask=rm3 & (cb < KB), other=0)
     _wait(PDL)
-    rstd = _rstd_rows(x_ptr, m64, mmask, K, eps, NORM, NORM_BLOCK, BLOCK_M)
-    xrow = m64[:, None] * K
+    rstd = _rstd_rows(x_ptr, m64, mmask, K, eps, NORM, NORM_BLOCK, BLOCK_M)[:, None, None]
+    xrow = m64[:, None, None] * K
+    xmask = mmask[:, None, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N, L], tl.float32)
     for b0 in range(0, KB, NB):
-        words = words_next
-        words_next = tl.load(base + (b0 + NB) * WB, mask=rmask[:, None] & (b0 + NB + cb < KB)[None, :], other=0)
+        words = words_next ^ -2139062144  # 0x80808080: q + 128 in every byte
         b = b0 + cb
         bmask = b < KB
-        words = words ^ -2139062144  # 0x80808080: q + 128 in every byte
         high = words >> 16
         if not PER_ROW:
-            soff = rows64[:, None] * KB + b[None, :]
-            smask = rmask[:, None] & bmask[None, :]
-            s = tl.load(s_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+            soff = r3 * KB + b
+            s = tl.load(s_ptr + soff, mask=rm3 & bmask, other=0.0).to(tl.float32)
             if MINS:
-                mn = tl.load(m_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+                mn = tl.load(m_ptr + soff, mask=rm3 & bmask, other=0.0).to(tl.float32)
         for j in tl.static_range(4):
             q = _unpack(words if j < 2 else high, 8 * (j % 2), 8, ASM) - 128.0
             if PER_ROW:
@@ -89,15 +94,15 @@ def _few_int8(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, K, K
             else:
                 w = (q * s).to(dt).to(tl.float32)
             idx = b * GROUP + j * WB + cw
-            xv = _load_xm(x_ptr, g_ptr, xrow + idx[None, :], idx[None, :], mmask[:, None] & bmask[None, :],
-                          rstd[:, None], NORM).to(tl.float32)
-            acc += xv[:, None, :] * w[None, :, :]
+            xv = _load_xm(x_ptr, g_ptr, xrow + idx, idx, xmask & bmask, rstd, NORM)
+            acc += w * xv.to(tl.float32)  # (1, BLOCK_N, L) x (BLOCK_M, 1, L)
+        words_next = tl.load(base + (b0 + NB) * WB, mask=rm3 & (b0 + NB + cb < KB), other=0)
     y = tl.sum(acc, 2)
     if PER_ROW:
         s_row = tl.load(s_ptr + rows64, mask=rmask, other=0.0).to(tl.float32)
         y = y * s_row[None, :]
     if NORM == 2:  # the norm weight is folded into W: norm(x) W^T = rstd * (x W^T)
-        y = y * rstd[:, None]
+        y = y * tl.reshape(rstd, [BLOCK_M, 1])
     return y
 
 
@@ -106,40 +111,42 @@ def _few_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, K, K
               NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
               GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Layout as in gemv._rows_int4: nibble i of word w in group g is input g*GROUP + i*GROUP/8 + w.
-    # Tile columns as in _few_int8: column c is word c % WS of group c // WS.
+    # Tile columns as in _few_int8: column c is word c % WS of group c // WS; 3-D tiles, the next
+    # weight tile loaded last in the body (see _few_int8 why).
     dt = x_ptr.dtype.element_ty
     NG: tl.constexpr = BLOCK_K // GROUP
     WS: tl.constexpr = GROUP // 8
     L: tl.constexpr = NG * WS
-    c = tl.arange(0, L)
+    c = tl.arange(0, L)[None, None, :]
     cg = c // WS
     cw = c % WS
-    base = w_ptr + rows64[:, None] * KW + c[None, :]
-    words_next = tl.load(base, mask=rmask[:, None] & (cg < KG)[None, :], other=0)
+    r3 = rows64[None, :, None]
+    rm3 = rmask[None, :, None]
+    base = w_ptr + r3 * KW + c
+    words_next = tl.load(base, mask=rm3 & (cg < KG), other=0)
     _wait(PDL)
-    rstd = _rstd_rows(x_ptr, m64, mmask, K, eps, NORM, NORM_BLOCK, BLOCK_M)
-    xrow = m64[:, None] * K
+    rstd = _rstd_rows(x_ptr, m64, mmask, K, eps, NORM, NORM_BLOCK, BLOCK_M)[:, None, None]
+    xrow = m64[:, None, None] * K
+    xmask = mmask[:, None, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N, L], tl.float32)
     for g0 in range(0, KG, NG):
         words = words_next
-        words_next = tl.load(base + (g0 + NG) * WS, mask=rmask[:, None] & (g0 + NG + cg < KG)[None, :], other=0)
         g = g0 + cg
         gmask = g < KG
         high = words >> 12  # nibbles 5..7 down to bits 8..19
-        soff = rows64[:, None] * KG + g[None, :]
-        smask = rmask[:, None] & gmask[None, :]
-        s = tl.load(s_ptr + soff, mask=smask, other=0.0).to(tl.float32)
-        mn = tl.load(m_ptr + soff, mask=smask, other=0.0).to(tl.float32)
+        soff = r3 * KG + g
+        s = tl.load(s_ptr + soff, mask=rm3 & gmask, other=0.0).to(tl.float32)
+        mn = tl.load(m_ptr + soff, mask=rm3 & gmask, other=0.0).to(tl.float32)
         for i in tl.static_range(8):
             q = _unpack(words if i < 5 else high, 4 * i - 12 * (i >= 5), 4, ASM)
-            w = (q * s + mn).to(dt).to(tl.float32)
+            w = (q * s + mn).to(dt).to(tl.float32)  # (1, BLOCK_N, L)
             idx = g * GROUP + i * WS + cw
-            xv = _load_xm(x_ptr, g_ptr, xrow + idx[None, :], idx[None, :], mmask[:, None] & gmask[None, :],
-                          rstd[:, None], NORM).to(tl.float32)
-            acc += xv[:, None, :] * w[None, :, :]
+            xv = _load_xm(x_ptr, g_ptr, xrow + idx, idx, xmask & gmask, rstd, NORM)
+            acc += w * xv.to(tl.float32)  # (1, BLOCK_N, L) x (BLOCK_M, 1, L)
+        words_next = tl.load(base + (g0 + NG) * WS, mask=rm3 & (g0 + NG + cg < KG), other=0)
     y = tl.sum(acc, 2)
     if NORM == 2:
-        y = y * rstd[:, None]
+        y = y * tl.reshape(rstd, [BLOCK_M, 1])
     return y
 
 
