@@ -51,8 +51,9 @@ def test_few_rows_match_the_reference_per_row(device, fmt, group, m):
 
 @pytest.mark.parametrize("fmt,group", [("int4", 32), ("int8", 0), ("int8_asym", 32)])
 @pytest.mark.parametrize("m", [2, 8])
-def test_few_rows_bf16_round_as_the_dot_kernel(device, fmt, group, m):
-    """bf16: one rounding of the product and of each epilogue, as the tensor-core kernel rounds."""
+def test_few_rows_bf16_within_a_rounding_of_the_dot_kernel(device, fmt, group, m):
+    """bf16: within a rounding of the product and of each epilogue of the reference and of the
+    tensor-core kernel (which also rounds each weight to bf16 first); logits rounded to bf16."""
     from torchchat.kernels.gemv_few import gemv_few
     from torchchat.kernels.gemv_rows import gemv_rows
 

@@ -6,18 +6,22 @@ layout, which for int4 (eight nibble fields per word, each a separate dot) goes 
 memory every field of every step; on the H100 that held the 8-row int4 step to ~220 GB/s of weights.
 Here a program loads a weight tile once, unpacks it as gemv.py does (`_unpack`), dequantizes it in
 float32 registers and multiplies it into every input row with plain FMAs: the accumulator is one
-(BLOCK_M, BLOCK_N, L) float32 block (L: words per tile row), the input rows broadcast over the weight
-rows and the weight over the input rows, summed over L once at the end. Each dequantized weight is
-thus reused BLOCK_M times from registers, and nothing changes layout inside the loop.
+(BLOCK_M, BLOCK_N, blocks, words) float32 block, the input rows broadcast over the weight rows and
+the weight over the input rows, summed once at the end. Each dequantized weight is reused BLOCK_M
+times from registers, and per field only the input slice changes layout (see _few_int8).
 
 BLOCK_M is M rounded up to a power of two (at most 16; more rows take a second grid axis, each block
 of rows reading the weights again), so one compiled kernel serves each class of M.
 
-Roundings are the multi-row kernel's (gemv_rows.py): each weight is dequantized to the model dtype
-exactly as formats.dequantize rounds it (q * s [+ m], one rounding), per-channel int8 multiplies the
-integers and scales the float32 sums by the row's scale; products accumulate in float32; the
-prologue (NORM 1: RMSNorm rounded as the module; NORM 2: the norm weight folded into W, the sums
-scaled by 1/rms) and the epilogues (swiglu, residual, res_scale, out_dtype) are gemv_rows.py's own.
+Roundings: the weights are dequantized in float32 and not rounded to the model dtype, unrounded as
+in gemv.py's one-row kernel (which factors each group's scale out of its sum) and cheaper by two
+conversions per weight; the tensor-core kernel must round each weight to the model dtype first,
+as formats.dequantize does, so the results differ from gemv_rows' dot kernel by that one
+rounding of each weight, well inside a bf16 rounding of the sums; per-channel int8 multiplies the
+integers and scales the float32 sums by the row's scale, as both other kernels do. Products
+accumulate in float32. The prologue (NORM 1: RMSNorm rounded as the module; NORM 2: the norm
+weight folded into W, the sums scaled by 1/rms) and the epilogues (swiglu, residual, res_scale,
+out_dtype) are gemv_rows.py's own helpers.
 
 Which kernel serves which (format, M) is chosen in gemv_rows.py (`rows_kernel`). Import only on CUDA
 machines (or with TRITON_INTERPRET=1 for the CPU tests): this module imports triton.
@@ -50,54 +54,51 @@ def _few_int8(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, K, K
               GROUP: tl.constexpr, PER_ROW: tl.constexpr, MINS: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Layout as in gemv._rows_int8: in each block of GROUP inputs byte j of word w is input
-    # j*GROUP/4 + w, read biased by 128. Tile column c is word c % WB of block c // WB (the words of
-    # a row are contiguous), so byte field j meets inputs (b0 + c // WB)*GROUP + j*WB + c % WB.
-    # Scales are read per column (each repeated WB times: cache hits).
-    # Every tile is 3-D from its load on: weights (1, BLOCK_N, L), inputs (BLOCK_M, 1, L), so that
-    # their product is a plain broadcast. The compiler keeps the accumulator in the layout of the
-    # load issued last in the loop body, and converts the other operand through shared memory every
-    # field; the next weight tile is therefore loaded at the end of the body (not the start, as in
-    # gemv.py), which makes the small input slice the one converted (seen in the sm_90 TTGIR).
-    dt = x_ptr.dtype.element_ty
+    # j*GROUP/4 + w, read biased by 128 (the bias comes off before the product here).
+    # Every tile is 4-D from its load on, (input rows, weight rows, blocks, words): weights
+    # (1, BLOCK_N, NB, WB), their scales (1, BLOCK_N, NB, 1), inputs (BLOCK_M, 1, NB, WB), so that the
+    # products are plain broadcasts and a scale is read once per block. The compiler keeps the
+    # accumulator in the layout of the load issued last in the loop body and converts the other
+    # operand (through shared memory) every field: the next weight tile is therefore loaded at the
+    # end of the body, not at its start as in gemv.py, which makes the input slice the one converted
+    # (smaller than the weight tile while BLOCK_M <= BLOCK_N; seen in the sm_90 TTGIR).
     NB: tl.constexpr = BLOCK_K // GROUP
     WB: tl.constexpr = GROUP // 4
-    L: tl.constexpr = NB * WB
-    c = tl.arange(0, L)[None, None, :]
-    cb = c // WB
-    cw = c % WB
-    r3 = rows64[None, :, None]
-    rm3 = rmask[None, :, None]
-    base = w_ptr + r3 * KW + c
+    bi = tl.arange(0, NB)[None, None, :, None]
+    wi = tl.arange(0, WB)[None, None, None, :]
+    r4 = rows64[None, :, None, None]
+    rm4 = rmask[None, :, None, None]
+    base = w_ptr + r4 * KW + bi * WB + wi
     # The first tile before waiting on the previous kernel: weights never depend on it (gemv.py).
-    words_next = tl.load(base, mask=rm3 & (cb < KB), other=0)
+    words_next = tl.load(base, mask=rm4 & (bi < KB), other=0)
     _wait(PDL)
-    rstd = _rstd_rows(x_ptr, m64, mmask, K, eps, NORM, NORM_BLOCK, BLOCK_M)[:, None, None]
-    xrow = m64[:, None, None] * K
-    xmask = mmask[:, None, None]
-    acc = tl.zeros([BLOCK_M, BLOCK_N, L], tl.float32)
+    rstd = _rstd_rows(x_ptr, m64, mmask, K, eps, NORM, NORM_BLOCK, BLOCK_M)[:, None, None, None]
+    xrow = m64[:, None, None, None] * K
+    xmask = mmask[:, None, None, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N, NB, WB], tl.float32)
     for b0 in range(0, KB, NB):
         words = words_next ^ -2139062144  # 0x80808080: q + 128 in every byte
-        b = b0 + cb
+        b = b0 + bi
         bmask = b < KB
         high = words >> 16
         if not PER_ROW:
-            soff = r3 * KB + b
-            s = tl.load(s_ptr + soff, mask=rm3 & bmask, other=0.0).to(tl.float32)
+            soff = r4 * KB + b
+            s = tl.load(s_ptr + soff, mask=rm4 & bmask, other=0.0).to(tl.float32)
             if MINS:
-                mn = tl.load(m_ptr + soff, mask=rm3 & bmask, other=0.0).to(tl.float32)
+                mn = tl.load(m_ptr + soff, mask=rm4 & bmask, other=0.0).to(tl.float32)
         for j in tl.static_range(4):
             q = _unpack(words if j < 2 else high, 8 * (j % 2), 8, ASM) - 128.0
             if PER_ROW:
-                w = q  # exact integers; the row's scale multiplies the sums below
+                w = q  # the row's scale multiplies the sums below
             elif MINS:
-                w = (q * s + mn).to(dt).to(tl.float32)
+                w = q * s + mn
             else:
-                w = (q * s).to(dt).to(tl.float32)
-            idx = b * GROUP + j * WB + cw
+                w = q * s
+            idx = b * GROUP + j * WB + wi
             xv = _load_xm(x_ptr, g_ptr, xrow + idx, idx, xmask & bmask, rstd, NORM)
-            acc += w * xv.to(tl.float32)  # (1, BLOCK_N, L) x (BLOCK_M, 1, L)
-        words_next = tl.load(base + (b0 + NB) * WB, mask=rm3 & (b0 + NB + cb < KB), other=0)
-    y = tl.sum(acc, 2)
+            acc += w * xv.to(tl.float32)  # (1, BLOCK_N, NB, WB) x (BLOCK_M, 1, NB, WB)
+        words_next = tl.load(base + (b0 + NB) * WB, mask=rm4 & (b0 + NB + bi < KB), other=0)
+    y = tl.sum(tl.sum(acc, 3), 2)
     if PER_ROW:
         s_row = tl.load(s_ptr + rows64, mask=rmask, other=0.0).to(tl.float32)
         y = y * s_row[None, :]
@@ -111,40 +112,37 @@ def _few_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, K, K
               NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
               GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Layout as in gemv._rows_int4: nibble i of word w in group g is input g*GROUP + i*GROUP/8 + w.
-    # Tile columns as in _few_int8: column c is word c % WS of group c // WS; 3-D tiles, the next
-    # weight tile loaded last in the body (see _few_int8 why).
-    dt = x_ptr.dtype.element_ty
+    # 4-D tiles (input rows, weight rows, groups, words), the next weight tile loaded last in the
+    # body: see _few_int8 why.
     NG: tl.constexpr = BLOCK_K // GROUP
     WS: tl.constexpr = GROUP // 8
-    L: tl.constexpr = NG * WS
-    c = tl.arange(0, L)[None, None, :]
-    cg = c // WS
-    cw = c % WS
-    r3 = rows64[None, :, None]
-    rm3 = rmask[None, :, None]
-    base = w_ptr + r3 * KW + c
-    words_next = tl.load(base, mask=rm3 & (cg < KG), other=0)
+    gi = tl.arange(0, NG)[None, None, :, None]
+    wi = tl.arange(0, WS)[None, None, None, :]
+    r4 = rows64[None, :, None, None]
+    rm4 = rmask[None, :, None, None]
+    base = w_ptr + r4 * KW + gi * WS + wi
+    words_next = tl.load(base, mask=rm4 & (gi < KG), other=0)
     _wait(PDL)
-    rstd = _rstd_rows(x_ptr, m64, mmask, K, eps, NORM, NORM_BLOCK, BLOCK_M)[:, None, None]
-    xrow = m64[:, None, None] * K
-    xmask = mmask[:, None, None]
-    acc = tl.zeros([BLOCK_M, BLOCK_N, L], tl.float32)
+    rstd = _rstd_rows(x_ptr, m64, mmask, K, eps, NORM, NORM_BLOCK, BLOCK_M)[:, None, None, None]
+    xrow = m64[:, None, None, None] * K
+    xmask = mmask[:, None, None, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N, NG, WS], tl.float32)
     for g0 in range(0, KG, NG):
         words = words_next
-        g = g0 + cg
+        g = g0 + gi
         gmask = g < KG
         high = words >> 12  # nibbles 5..7 down to bits 8..19
-        soff = r3 * KG + g
-        s = tl.load(s_ptr + soff, mask=rm3 & gmask, other=0.0).to(tl.float32)
-        mn = tl.load(m_ptr + soff, mask=rm3 & gmask, other=0.0).to(tl.float32)
+        soff = r4 * KG + g
+        s = tl.load(s_ptr + soff, mask=rm4 & gmask, other=0.0).to(tl.float32)
+        mn = tl.load(m_ptr + soff, mask=rm4 & gmask, other=0.0).to(tl.float32)
         for i in tl.static_range(8):
             q = _unpack(words if i < 5 else high, 4 * i - 12 * (i >= 5), 4, ASM)
-            w = (q * s + mn).to(dt).to(tl.float32)  # (1, BLOCK_N, L)
-            idx = g * GROUP + i * WS + cw
+            w = q * s + mn
+            idx = g * GROUP + i * WS + wi
             xv = _load_xm(x_ptr, g_ptr, xrow + idx, idx, xmask & gmask, rstd, NORM)
-            acc += w * xv.to(tl.float32)  # (1, BLOCK_N, L) x (BLOCK_M, 1, L)
-        words_next = tl.load(base + (g0 + NG) * WS, mask=rm3 & (g0 + NG + cg < KG), other=0)
-    y = tl.sum(acc, 2)
+            acc += w * xv.to(tl.float32)
+        words_next = tl.load(base + (g0 + NG) * WS, mask=rm4 & (g0 + NG + gi < KG), other=0)
+    y = tl.sum(tl.sum(acc, 3), 2)
     if NORM == 2:
         y = y * tl.reshape(rstd, [BLOCK_M, 1])
     return y
