@@ -14,6 +14,12 @@ passes per format:
    w13: RMSNorm folded in, w13: SwiGLU, wo and w2: residual, output: float32 logits), as ms per
    whole-model step, weights GB/s, the step's cost against the one-row step and the aggregate
    speed-up (M / step time against 1 / one-row time). The target of issue 18: x >= 5 at M = 8.
+   For fma, w13 (two products a program with SwiGLU) is also timed at half the tile's rows and the
+   faster kept (the "fmt:M:swiglu" tile key of gemv_few.py).
+
+At the end: the faster multi-row kernel per (format, M), for gemv_rows.ROWS_KERNELS, and the best
+fma tiles as a TORCHCHAT_GEMV_FEW_TILES value (gemv_few._CONFIGS). To time the whole decode step
+with a choice forced, bench/cuda_batch_bench.py under TORCHCHAT_ROWS_KERNEL=fma (or dot).
 
 Every kernel's output (each tile, each M, each fusion) is checked once against F.linear on the
 dequantized weight (relative error < 1e-2, as tests/kernels/test_cuda_batch.py bounds it): a
@@ -21,7 +27,7 @@ mismatch stops the run with exit status 1 rather than timing a wrong kernel.
 
     PYTHONPATH=. python3 bench/cuda_rows_bench.py                          # 7B, int4 and int8, ~3 min on an H100
     PYTHONPATH=. python3 bench/cuda_rows_bench.py --formats int4 --rows 8 --out rows.json
-    PYTHONPATH=. python3 bench/cuda_rows_bench.py --tiles 1                # first candidates only: fewer compiles
+    PYTHONPATH=. python3 bench/cuda_rows_bench.py --tiles 4                # every candidate tile (more compiles)
     TRITON_INTERPRET=1 PYTHONPATH=. python3 bench/cuda_rows_bench.py --smoke  # CPU check, tiny shapes
 
 --smoke runs tiny shapes in float32 on the CPU through Triton's interpreter, each call timed once
@@ -38,19 +44,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GROUPS = {"int4": 128, "int8": 0}
-# Candidate tiles (weight rows per program, inputs per step, warps) per kernel, format and M. fma:
-# the accumulator is M' x rows x L float32 (M' = M rounded up to a power of two, L = inputs / 8 words
-# for int4, / 4 for int8), kept at 32-64 registers a thread; dot: the shipped tile and the runner-up
-# of its sweep (gemv_rows.py's comment), the same for every M (its programs always take 16 rows).
+# Candidate tiles (weight rows per program, inputs per step, warps) per kernel, format and M, best
+# guess first. fma: from compiling for sm_90 without a GPU (ptxas -v), tiles of 65-170 registers a
+# thread without spills (the accumulator is M' x rows x L float32, M' = M rounded up to a power of
+# two, L = inputs / 8 words for int4, / 4 for int8); dot: the shipped tile and the runner-up of its
+# sweep (gemv_rows.py's comment), the same for every M (its programs always take 16 rows).
 FMA_TILES = {
-    "int4": {2: [(32, 512, 4), (64, 512, 8), (16, 1024, 4)],
-             4: [(32, 512, 4), (16, 512, 4), (16, 1024, 8)],
-             8: [(16, 512, 4), (8, 1024, 4), (32, 256, 4), (16, 256, 4)],
-             16: [(16, 256, 4), (8, 512, 4), (16, 512, 8)]},
-    "int8": {2: [(32, 256, 4), (16, 512, 4), (64, 256, 8)],
-             4: [(32, 256, 4), (16, 256, 4), (16, 512, 8)],
-             8: [(16, 256, 4), (8, 512, 4), (32, 128, 4)],
-             16: [(16, 128, 4), (8, 256, 4), (16, 256, 8)]},
+    "int4": {2: [(32, 512, 4), (16, 1024, 8), (64, 512, 8), (16, 512, 4)],
+             4: [(16, 512, 4), (32, 512, 8), (16, 1024, 8), (32, 256, 4)],
+             8: [(16, 512, 4), (32, 512, 8), (8, 512, 4), (16, 256, 4)],
+             16: [(16, 256, 4), (32, 256, 8), (8, 256, 4), (16, 512, 8)]},
+    "int8": {2: [(32, 256, 4), (32, 256, 8), (16, 512, 8), (16, 256, 4)],
+             4: [(16, 256, 4), (32, 256, 8), (16, 512, 8), (8, 256, 4)],
+             8: [(16, 256, 4), (32, 256, 8), (8, 256, 4), (16, 128, 4)],
+             16: [(16, 128, 4), (8, 256, 4), (16, 256, 8), (8, 128, 4)]},
 }
 DOT_TILES = {"int4": [(64, 512, 8), (32, 512, 4)], "int8": [(32, 256, 4), (16, 512, 8)]}
 # --smoke: rows of 128 and 256 inputs (the int4 group and the int8 per-channel block are 128).
@@ -186,13 +193,14 @@ class Bench:
 
         return graph_time(calls, 4) / len(sets)
 
+    def shape_ms(self, v: Variant, sh: Shape, fused: bool) -> float:
+        """ms this shape takes in one step with this variant (its output checked first)."""
+        self.check(v, sh, fused)
+        return self.seconds(v, sh, fused) * sh.count * 1e3
+
     def step_ms(self, v: Variant, fused: bool) -> float:
         """ms of one whole-model step of this variant (every shape, checked first)."""
-        total = 0.0
-        for sh in self.shapes:
-            self.check(v, sh, fused)
-            total += self.seconds(v, sh, fused) * sh.count
-        return total * 1e3
+        return sum(self.shape_ms(v, sh, fused) for sh in self.shapes)
 
 
 def _shapes(model: str, smoke: bool) -> list[Shape]:
@@ -246,11 +254,22 @@ def run_format(bench: Bench, rows: list[int], smoke: bool, tiles: int) -> list[d
     print(f"-- {bench.fmt}: each kernel at its best tile, with the model's fused prologue and epilogues", flush=True)
     results = []
     for (kernel, m), v in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        ms = bench.step_ms(v, fused=True)
-        results.append({"format": bench.fmt, "kernel": kernel, "m": m, "tile": v.tile, "step_ms": ms,
-                        "plain_step_ms": sweep[v], "gb_s": gb / ms * 1e3,
+        ms, swiglu_tile = 0.0, None
+        for sh in bench.shapes:
+            t = bench.shape_ms(v, sh, fused=True)
+            if sh.role == "w13" and kernel == "fma" and v.tile[0] >= 2:
+                # SwiGLU runs two products in a program, about 1.7x the registers: try half the rows.
+                bn, bk, w = v.tile
+                half = Variant(kernel, m, (bn // 2, bk, w))
+                t_half = bench.shape_ms(half, sh, fused=True)
+                swiglu_tile = half.tile if t_half < t else v.tile
+                t = min(t, t_half)
+            ms += t
+        results.append({"format": bench.fmt, "kernel": kernel, "m": m, "tile": v.tile, "swiglu_tile": swiglu_tile,
+                        "step_ms": ms, "plain_step_ms": sweep[v], "gb_s": gb / ms * 1e3,
                         "sweep": {w.name: sweep[w] for w in sweep if (w.kernel, w.m) == (kernel, m)}})
-        print(f"  {v.name:<24} {ms:8.3f} ms/step (fused)", flush=True)
+        note = f" (w13 with SwiGLU at {_tile_name(swiglu_tile)})" if swiglu_tile else ""
+        print(f"  {v.name:<24} {ms:8.3f} ms/step (fused){note}", flush=True)
     one = next(r for r in results if r["kernel"] == "gemv")["step_ms"]
     for r in results:
         r["x_one_row_step"] = r["step_ms"] / one
@@ -268,7 +287,10 @@ def print_table(results: list[dict]) -> None:
     few, kernels = {}, {}
     for r in results:
         if r["kernel"] == "fma":
-            few[f"{r['format']}:{min(16, 1 << (r['m'] - 1).bit_length())}"] = r["tile"]
+            key = f"{r['format']}:{min(16, 1 << (r['m'] - 1).bit_length())}"
+            few[key] = r["tile"]
+            if r["swiglu_tile"] is not None:
+                few[key + ":swiglu"] = r["swiglu_tile"]
         if r["kernel"] != "gemv":
             key = (r["format"], r["m"])
             if key not in kernels or r["step_ms"] < kernels[key]["step_ms"]:
@@ -283,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="7B", help="params table whose layer shapes to time (default 7B)")
     p.add_argument("--formats", nargs="+", default=list(GROUPS), choices=list(GROUPS))
     p.add_argument("--rows", type=int, nargs="+", default=[2, 4, 8, 16], help="input rows M (1..16)")
-    p.add_argument("--tiles", type=int, default=4, help="candidate tiles per kernel and M, at most (default 4: all)")
+    p.add_argument("--tiles", type=int, default=3,
+                   help="candidate tiles of each kernel per M, at most (default 3; 4: all, about 12 more compiles a format)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     a = p.parse_args(argv)

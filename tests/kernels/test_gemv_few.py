@@ -128,3 +128,6 @@ def test_few_tiles_follow_the_environment(monkeypatch):
     assert pick_few_config("int4", 8, 4096, 4096, 512).block_k == 512  # still a multiple of the group
     assert pick_few_config("int8_asym", 2, 40, 4096, 32).block_n == 8  # int8's tile, shrunk to 40 rows
     assert pick_few_config("int8", 2, 4096, 256, 128).block_k == 256  # no longer than the row
+    monkeypatch.delenv("TORCHCHAT_GEMV_FEW_TILES")
+    assert pick_few_config("int4", 8, 11008, 4096, 128, swiglu=True).block_n == 8  # "int4:8:swiglu"
+    assert pick_few_config("int4", 2, 11008, 4096, 128, swiglu=True).block_n == 32  # no "int4:2*": "int4"

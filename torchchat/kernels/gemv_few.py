@@ -190,18 +190,27 @@ def _gemv_few_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
     _store_rows(y, up, x_ptr, r_ptr, y_ptr, m64, mmask, rows64, rmask, N, res_scale, SWIGLU, RESIDUAL)
 
 
-# Tiles: (weight rows per program, inputs per step, warps), per format and per BLOCK_M class ("fmt:8":
-# 5..8 rows), else per format. NOT MEASURED: first guesses that keep the accumulator at about 64
-# float32 registers a thread (BLOCK_M * BLOCK_N * L / (32 * warps), L = BLOCK_K / 8 words for int4,
-# / 4 for int8); bench/cuda_rows_bench.py sweeps candidates on a GPU and prints the best.
+# Tiles: (weight rows per program, inputs per step, warps), looked up as "fmt:BLOCK_M:swiglu" (the
+# stacked w1|w3 product), then "fmt:BLOCK_M" (e.g. "int4:8": 5..8 rows), then "fmt". NOT MEASURED:
+# guesses from compiling for sm_90 without a GPU (ptxas -v): the accumulator is BLOCK_M * BLOCK_N * L
+# float32 (L = BLOCK_K / 8 words for int4, / 4 for int8) over 32 * warps threads; these tiles stay
+# at 65-170 registers a thread without spills. With swiglu two products run one after the other
+# and take about 1.7x the registers (int4 8 rows 16x512w4: 255 and 44 bytes spilled), hence the
+# halved tiles. bench/cuda_rows_bench.py sweeps candidates on a GPU and prints the best.
 # Override with TORCHCHAT_GEMV_FEW_TILES='{"int4:8": [block_n, block_k, num_warps], "int4": [...], ...}'.
 _CONFIGS = {
     "int4": GemvConfig(block_n=32, block_k=512, num_warps=4),
+    "int4:4": GemvConfig(block_n=16, block_k=512, num_warps=4),
     "int4:8": GemvConfig(block_n=16, block_k=512, num_warps=4),
+    "int4:8:swiglu": GemvConfig(block_n=8, block_k=512, num_warps=4),
     "int4:16": GemvConfig(block_n=16, block_k=256, num_warps=4),
+    "int4:16:swiglu": GemvConfig(block_n=8, block_k=256, num_warps=4),
     "int8": GemvConfig(block_n=32, block_k=256, num_warps=4),
+    "int8:4": GemvConfig(block_n=16, block_k=256, num_warps=4),
     "int8:8": GemvConfig(block_n=16, block_k=256, num_warps=4),
+    "int8:8:swiglu": GemvConfig(block_n=8, block_k=256, num_warps=4),
     "int8:16": GemvConfig(block_n=16, block_k=128, num_warps=4),
+    "int8:16:swiglu": GemvConfig(block_n=8, block_k=128, num_warps=4),
 }
 
 
@@ -210,9 +219,9 @@ def block_m(m: int) -> int:
     return min(MAX_BLOCK_M, triton.next_power_of_2(max(m, 1)))
 
 
-def pick_few_config(fmt: str, m: int, n: int, k: int, block: int) -> GemvConfig:
-    """The tile for m input rows, n outputs of k inputs; `block`: the format's packing block, which
-    a step must be a multiple of."""
+def pick_few_config(fmt: str, m: int, n: int, k: int, block: int, swiglu: bool = False) -> GemvConfig:
+    """The tile for m input rows, n outputs of k inputs (of each half with `swiglu`); `block`: the
+    format's packing block, which a step must be a multiple of."""
     if fmt not in FORMATS:
         raise FewRowsError(f"the few-rows CUDA-core kernel takes {', '.join(FORMATS)}, not {fmt!r}")
     tiles = dict(_CONFIGS)
@@ -221,7 +230,8 @@ def pick_few_config(fmt: str, m: int, n: int, k: int, block: int) -> GemvConfig:
         for key, tile in json.loads(text).items():
             tiles[key] = GemvConfig(*tile)
     kind = "int8" if fmt == "int8_asym" else fmt  # one more load per group: int8's tiles
-    base = tiles.get(f"{kind}:{block_m(m)}", tiles[kind])
+    key = f"{kind}:{block_m(m)}"
+    base = tiles.get(f"{key}:swiglu" if swiglu else key) or tiles.get(key) or tiles[kind]
     block_k = max(min(base.block_k, triton.next_power_of_2(k)), block)
     block_n = min(base.block_n, triton.next_power_of_2(n))
     return GemvConfig(block_n, block_k, base.num_warps, base.num_stages)
@@ -242,7 +252,7 @@ def gemv_few(x: Tensor, fmt: str, groupsize: int, weight: Tensor, scales: Tensor
     n_w = weight.shape[0]
     n = n_w // 2 if swiglu else n_w
     block = pack_block(fmt, groupsize)
-    cfg = config or pick_few_config(fmt, m, n, k, block)
+    cfg = config or pick_few_config(fmt, m, n, k, block, swiglu)
     if cfg.block_k % block:
         raise FewRowsError(f"a step of {cfg.block_k} inputs is not a multiple of {fmt}'s block of {block}")
     bm = block_m(m)
