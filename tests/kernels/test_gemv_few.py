@@ -131,3 +131,19 @@ def test_few_tiles_follow_the_environment(monkeypatch):
     monkeypatch.delenv("TORCHCHAT_GEMV_FEW_TILES")
     assert pick_few_config("int4", 8, 11008, 4096, 128, swiglu=True).block_n == 8  # "int4:8:swiglu"
     assert pick_few_config("int4", 2, 11008, 4096, 128, swiglu=True).block_n == 32  # no "int4:2*": "int4"
+
+
+def test_the_rows_bench_runs_end_to_end_at_a_toy_size():
+    """bench/cuda_rows_bench.py --smoke (tiny shapes, the interpreter, one format and M): the script
+    a GPU run depends on, checked here so that a typo costs no GPU time."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, str(root / "bench" / "cuda_rows_bench.py"), "--smoke", "--formats", "int4",
+                           "--rows", "2"], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "fma M=2" in proc.stdout and "TORCHCHAT_GEMV_FEW_TILES=" in proc.stdout
