@@ -57,13 +57,13 @@ def test_fma_rows_equal_the_dot_rows_on_the_gpu(fmt, group, m):
     args = (fmt, group, st["weight"], st.get("scales"), st.get("mins"))
     wd = dequantize(*args, torch.bfloat16).float()
     x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
-    res = torch.randn(m, n, device="cuda", generator=gen, dtype=torch.bfloat16)
+    res = torch.randn(m, 2 * n, device="cuda", generator=gen, dtype=torch.bfloat16)  # no SwiGLU: 2n outputs
     for extra in ({}, {"rms_only": True, "eps": 1e-5, "swiglu": True}, {"residual": res, "res_scale": 0.5},
                   {"out_dtype": torch.float32}):
         fma = gemv_few(x, *args, **extra)
         dot = gemv_rows(x, *args, kernel="dot", **extra)
         assert fma.dtype == dot.dtype and fma.shape == dot.shape
-        assert rel_err(fma, dot) < 1e-2, extra
+        assert rel_err(fma, dot) < 1.5e-2, extra  # a bf16 rounding of each output and weight (dot only)
     expect = F.linear(x.float(), wd)
     assert rel_err(gemv_few(x, *args, out_dtype=torch.float32), expect) < 1e-2
 
