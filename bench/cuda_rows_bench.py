@@ -45,15 +45,17 @@ from pathlib import Path
 
 GROUPS = {"int4": 128, "int8": 0}
 # Candidate tiles (weight rows per program, inputs per step, warps) per kernel, format and M, best
-# guess first. fma: from compiling for sm_90 without a GPU (ptxas -v), tiles of 65-170 registers a
-# thread without spills (the accumulator is M' x rows x L float32, M' = M rounded up to a power of
-# two, L = inputs / 8 words for int4, / 4 for int8); dot: the shipped tile and the runner-up of its
+# guess first. fma: from compiling for sm_90 without a GPU (ptxas -v, cuobjdump -sass), tiles of
+# 65-170 registers a thread without spills (the accumulator is M' x rows x L float32, M' = M rounded
+# up to a power of two, L = inputs / 8 words for int4, / 4 for int8), ordered by fewest instructions
+# per weight word (int4, 8 rows, 16x512w4: about 100 in the loop, 64 of them the products' FMAs);
+# tiles of more rows per thread than these spill, of fewer reload each input more often. dot: the shipped tile and the runner-up of its
 # sweep (gemv_rows.py's comment), the same for every M (its programs always take 16 rows).
 FMA_TILES = {
     "int4": {2: [(32, 512, 4), (16, 1024, 8), (64, 512, 8), (16, 512, 4)],
-             4: [(16, 512, 4), (32, 512, 8), (16, 1024, 8), (32, 256, 4)],
+             4: [(32, 256, 4), (32, 512, 8), (16, 512, 4), (16, 1024, 8)],
              8: [(16, 512, 4), (32, 512, 8), (8, 512, 4), (16, 256, 4)],
-             16: [(16, 256, 4), (32, 256, 8), (8, 256, 4), (16, 512, 8)]},
+             16: [(16, 256, 4), (32, 256, 8), (16, 512, 8), (8, 256, 4)]},
     "int8": {2: [(32, 256, 4), (32, 256, 8), (16, 512, 8), (16, 256, 4)],
              4: [(16, 256, 4), (32, 256, 8), (16, 512, 8), (8, 256, 4)],
              8: [(16, 256, 4), (32, 256, 8), (8, 256, 4), (16, 128, 4)],

@@ -200,7 +200,7 @@ def _gemv_few_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
 # Override with TORCHCHAT_GEMV_FEW_TILES='{"int4:8": [block_n, block_k, num_warps], "int4": [...], ...}'.
 _CONFIGS = {
     "int4": GemvConfig(block_n=32, block_k=512, num_warps=4),
-    "int4:4": GemvConfig(block_n=16, block_k=512, num_warps=4),
+    "int4:4": GemvConfig(block_n=32, block_k=256, num_warps=4),
     "int4:8": GemvConfig(block_n=16, block_k=512, num_warps=4),
     "int4:8:swiglu": GemvConfig(block_n=8, block_k=512, num_warps=4),
     "int4:16": GemvConfig(block_n=16, block_k=256, num_warps=4),
