@@ -61,7 +61,11 @@ def _few_int8(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, K, K
     # accumulator in the layout of the load issued last in the loop body and converts the other
     # operand (through shared memory) every field: the next weight tile is therefore loaded at the
     # end of the body, not at its start as in gemv.py, which makes the input slice the one converted
-    # (smaller than the weight tile while BLOCK_M <= BLOCK_N; seen in the sm_90 TTGIR).
+    # (smaller than the weight tile while BLOCK_M <= BLOCK_N; seen in the sm_90 TTGIR). A load of
+    # fewer elements than the program has threads is no layout anchor, so with BLOCK_M * L < 32 *
+    # num_warps the inputs are loaded straight in the accumulator's layout, no conversion at all;
+    # such tiles hold fewer weight rows per thread, though, and reload each input more often (int4,
+    # 8 rows: 64x128w8 counts ~300 SASS instructions per word against 16x512w4's ~160).
     NB: tl.constexpr = BLOCK_K // GROUP
     WB: tl.constexpr = GROUP // 4
     bi = tl.arange(0, NB)[None, None, :, None]
