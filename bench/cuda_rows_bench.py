@@ -45,12 +45,13 @@ from pathlib import Path
 
 GROUPS = {"int4": 128, "int8": 0}
 # Candidate tiles (weight rows per program, inputs per step, warps) per kernel, format and M, best
-# guess first. fma: from compiling for sm_90 without a GPU (ptxas -v, cuobjdump -sass), tiles of
+# guess first. fma: from compiling for sm_90 without a GPU (bench/few_rows_sm90_report.py), tiles of
 # 65-170 registers a thread without spills (the accumulator is M' x rows x L float32, M' = M rounded
 # up to a power of two, L = inputs / 8 words for int4, / 4 for int8), ordered by fewest instructions
 # per weight word (int4, 8 rows, 16x512w4: about 100 in the loop, 64 of them the products' FMAs);
-# tiles of more rows per thread than these spill, of fewer reload each input more often. dot: the shipped tile and the runner-up of its
-# sweep (gemv_rows.py's comment), the same for every M (its programs always take 16 rows).
+# tiles of more rows per thread than these spill, of fewer reload each input more often. dot: the
+# shipped tile and the runner-up of its sweep (gemv_rows.py's comment), the same for every M (its
+# programs always take 16 rows).
 FMA_TILES = {
     "int4": {2: [(32, 512, 4), (16, 1024, 8), (64, 512, 8), (16, 512, 4)],
              4: [(32, 256, 4), (32, 512, 8), (16, 512, 4), (16, 1024, 8)],
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--formats", nargs="+", default=list(GROUPS), choices=list(GROUPS))
     p.add_argument("--rows", type=int, nargs="+", default=[2, 4, 8, 16], help="input rows M (1..16)")
     p.add_argument("--tiles", type=int, default=3,
-                   help="candidate tiles of each kernel per M, at most (default 3; 4: all, about 12 more compiles a format)")
+                   help="candidate tiles of each kernel per M, at most (default 3; 4: all, ~12 more compiles a format)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     a = p.parse_args(argv)
