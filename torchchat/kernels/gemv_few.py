@@ -198,9 +198,9 @@ def _gemv_few_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
 # stacked w1|w3 product), then "fmt:BLOCK_M" (e.g. "int4:8": 5..8 rows), then "fmt". NOT MEASURED:
 # guesses from compiling for sm_90 without a GPU (bench/few_rows_sm90_report.py): the accumulator
 # is BLOCK_M * BLOCK_N * L float32 (L = BLOCK_K / 8 words for int4, / 4 for int8) over 32 * warps
-# threads; these tiles stay at 65-170 registers a thread without spills. With swiglu two products run one after the other
-# and take about 1.7x the registers (int4 8 rows 16x512w4: 255 and 44 bytes spilled), hence the
-# halved tiles. bench/cuda_rows_bench.py sweeps candidates on a GPU and prints the best.
+# threads; these tiles stay at 65-170 registers a thread without spills. With swiglu two products
+# run one after the other and take about 1.7x the registers (int4 8 rows 16x512w4: 255 and 44 bytes
+# spilled), hence the halved tiles. bench/cuda_rows_bench.py sweeps candidates on a GPU and prints the best.
 # Override with TORCHCHAT_GEMV_FEW_TILES='{"int4:8": [block_n, block_k, num_warps], "int4": [...], ...}'.
 _CONFIGS = {
     "int4": GemvConfig(block_n=32, block_k=512, num_warps=4),
