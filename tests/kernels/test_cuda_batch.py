@@ -1,5 +1,6 @@
 """On a CUDA machine: small-batch decode on the fused path. The multi-row GEMV on the tensor cores at
-a 7B layer's shape against F.linear on the dequantized weight; the engine's decode forward captured as
+a 7B layer's shape against F.linear on the dequantized weight, and the CUDA-core few-rows kernel
+(gemv_few.py) against it; the engine's decode forward captured as
 one CUDA graph per batch bucket, each replayed without capturing again; concurrent greedy sequences
 through BatchEngine with CUDA graphs equal to each alone; and a 7B-shape (bf16) batch step against
 each row's batch-1 step."""
@@ -35,6 +36,36 @@ def test_gemv_rows_at_a_7b_layer_shape(fmt, group, m):
     y = gemv_rows(x, fmt, group, st["weight"], st.get("scales"), st.get("mins"), residual=res, res_scale=0.5)
     expect = res.float() + 0.5 * F.linear(x.float(), wd.float())
     assert rel_err(y, expect) < 1e-2  # one bf16 rounding of the product and one of the sum
+
+
+
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int4", 32), ("int8", 0), ("int8", 32)])
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 16])
+def test_fma_rows_equal_the_dot_rows_on_the_gpu(fmt, group, m):
+    """The CUDA-core kernel (gemv_few.py, with its PTX unpacking) against the tensor-core kernel and
+    F.linear at a 7B layer's shape, with the prologue and epilogues the layers fuse."""
+    pytest.importorskip("triton")
+    from torchchat.kernels.formats import dequantize, empty_storage, quantize_into
+    from torchchat.kernels.gemv_few import gemv_few
+    from torchchat.kernels.gemv_rows import gemv_rows
+
+    n, k = 4096, 4096
+    gen = torch.Generator(device="cuda").manual_seed(100 + m)
+    w = torch.randn(2 * n, k, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
+    st = empty_storage(fmt, 2 * n, k, group, torch.bfloat16, "cuda")
+    quantize_into(st, fmt, group, 0, w)
+    args = (fmt, group, st["weight"], st.get("scales"), st.get("mins"))
+    wd = dequantize(*args, torch.bfloat16).float()
+    x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+    res = torch.randn(m, 2 * n, device="cuda", generator=gen, dtype=torch.bfloat16)  # no SwiGLU: 2n outputs
+    for extra in ({}, {"rms_only": True, "eps": 1e-5, "swiglu": True}, {"residual": res, "res_scale": 0.5},
+                  {"out_dtype": torch.float32}):
+        fma = gemv_few(x, *args, **extra)
+        dot = gemv_rows(x, *args, kernel="dot", **extra)
+        assert fma.dtype == dot.dtype and fma.shape == dot.shape
+        assert rel_err(fma, dot) < 1.5e-2, extra  # a bf16 rounding of each output and weight (dot only)
+    expect = F.linear(x.float(), wd)
+    assert rel_err(gemv_few(x, *args, out_dtype=torch.float32), expect) < 1e-2
 
 
 def _tiny_fused(dtype=torch.float32):

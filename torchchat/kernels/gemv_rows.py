@@ -13,7 +13,9 @@ rounding of q * s [+ m]) before the product, which accumulates in float32, so th
 prefill path's F.linear on the dequantized weight up to summation order; per-channel int8 multiplies
 the integers and scales the float32 sums by the row's scale instead (exact integers in bf16). The
 prologue and epilogues round as gemv.py's do. The one-row path keeps its own kernel (gemv.py), whose
-tiles are tuned for streaming one vector and compile to the same code as before.
+tiles are tuned for streaming one vector and compile to the same code as before. For integer
+formats a second kernel, gemv_few.py, multiplies a few rows on the CUDA cores instead (no operand
+layout change per nibble field); ROWS_KERNELS below says which kernel serves which (format, M).
 
 Import only on CUDA machines (or with TRITON_INTERPRET=1 for the CPU tests): this module imports triton.
 """
@@ -215,16 +217,27 @@ def _gemv_rows_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mmask = m < M
     m64 = m.to(tl.int64)
-    dt = x_ptr.dtype.element_ty
     rstd = _rstd_rows(x_ptr, m64, mmask, K, eps, NORM, NORM_BLOCK, BLOCK_M)
     y = _mrows(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64, rmask, m64, mmask, rstd, K, KW, KB,
-               FMT, GROUP, PER_ROW, NORM, IEEE, ASM, BLOCK_M, BLOCK_N, BLOCK_K).to(dt)
+               FMT, GROUP, PER_ROW, NORM, IEEE, ASM, BLOCK_M, BLOCK_N, BLOCK_K)
+    up = y
     if SWIGLU:
         up = _mrows(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, rows64 + ROWS2, rmask, m64, mmask, rstd, K, KW, KB,
-                    FMT, GROUP, PER_ROW, NORM, IEEE, ASM, BLOCK_M, BLOCK_N, BLOCK_K).to(dt)
+                    FMT, GROUP, PER_ROW, NORM, IEEE, ASM, BLOCK_M, BLOCK_N, BLOCK_K)
+    _store_rows(y, up, x_ptr, r_ptr, y_ptr, m64, mmask, rows64, rmask, N, res_scale, SWIGLU, RESIDUAL)
+
+
+@triton.jit
+def _store_rows(y, up, x_ptr, r_ptr, y_ptr, m64, mmask, rows64, rmask, N, res_scale,
+                SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr):
+    """The epilogues, rounded as gemv.py's: y (BLOCK_M, BLOCK_N) float32 products of input rows m64
+    with weight rows rows64 (`up`: with the w3 rows, for SWIGLU) -> Y[m64, rows64] (M, N)."""
+    dt = x_ptr.dtype.element_ty
+    y = y.to(dt)
+    if SWIGLU:
         a = y.to(tl.float32)
         y = (a / (1.0 + tl.exp(-a))).to(dt)  # silu, as PyTorch computes it
-        y = (y.to(tl.float32) * up.to(tl.float32)).to(dt)
+        y = (y.to(tl.float32) * up.to(dt).to(tl.float32)).to(dt)
     out = m64[:, None] * N + rows64[None, :]
     omask = mmask[:, None] & rmask[None, :]
     if RESIDUAL:
@@ -265,16 +278,53 @@ def pick_rows_config(fmt: str, n: int, k: int, block: int) -> GemvConfig:
     return GemvConfig(block_n, block_k, base.num_warps, base.num_stages)
 
 
+# Which kernel multiplies M input rows of each format: "dot" (tl.dot on the tensor cores, this module)
+# or "fma" (gemv_few.py: CUDA cores, integer formats only), as (up to M rows, kernel) pairs, the first
+# that covers M wins; past the last pair, "dot". NOT MEASURED YET: every format keeps "dot", the
+# behaviour from before gemv_few.py; flip an entry (say "int4": ((8, "fma"),)) once
+# bench/cuda_rows_bench.py has shown the fma kernel ahead on the GPU at those M.
+ROWS_KERNELS: dict[str, tuple[tuple[int, str], ...]] = {
+    "float": ((16, "dot"),),
+    "int8": ((16, "dot"),),
+    "int8_asym": ((16, "dot"),),
+    "int4": ((16, "dot"),),
+}
+KERNELS = ("dot", "fma")
+_FMA_FORMATS = ("int8", "int8_asym", "int4")  # gemv_few.FORMATS, without importing it here
+
+
+def rows_kernel(fmt: str, m: int) -> str:
+    """"dot" or "fma": the kernel for m rows of `fmt`, from ROWS_KERNELS. TORCHCHAT_ROWS_KERNEL=dot|fma
+    forces one (for benchmarking) wherever it applies: the float format has no fma kernel."""
+    forced = os.environ.get("TORCHCHAT_ROWS_KERNEL", "")
+    if forced:
+        if forced not in KERNELS:
+            raise ValueError(f"TORCHCHAT_ROWS_KERNEL={forced!r}: expected one of {', '.join(KERNELS)}")
+        return forced if fmt in _FMA_FORMATS else "dot"
+    return next((kernel for rows, kernel in ROWS_KERNELS[fmt] if m <= rows), "dot")
+
+
 def gemv_rows(x: Tensor, fmt: str, groupsize: int, weight: Tensor, scales: Tensor | None = None,
               mins: Tensor | None = None, *, norm_weight: Tensor | None = None, eps: float = 0.0,
               rms_only: bool = False, swiglu: bool = False, residual: Tensor | None = None,
               res_scale: float = 1.0, out_dtype: torch.dtype | None = None,
-              config: GemvConfig | None = None) -> Tensor:
+              config: GemvConfig | None = None, kernel: str | None = None) -> Tensor:
     """Y = epilogue(prologue(X) W^T) for the rows of X, each weight tile read once per 16 rows.
 
     x: (M, K) contiguous, the model dtype; the other arguments as torchchat.kernels.gemv.gemv's,
-    per row (residual: (M, N)). Returns (M, N) in `out_dtype` (default x's dtype)."""
+    per row (residual: (M, N)). Returns (M, N) in `out_dtype` (default x's dtype). `kernel`: "dot"
+    or "fma" (integer formats; `config` is then a gemv_few tile), default rows_kernel(fmt, M)."""
     m, k = x.shape
+    kernel = kernel or rows_kernel(fmt, m)
+    if kernel == "fma":
+        # Imported here: gemv_few imports this module's prologue and epilogue helpers.
+        from torchchat.kernels.gemv_few import gemv_few
+
+        return gemv_few(x, fmt, groupsize, weight, scales, mins, norm_weight=norm_weight, eps=eps,
+                        rms_only=rms_only, swiglu=swiglu, residual=residual, res_scale=res_scale,
+                        out_dtype=out_dtype, config=config)
+    if kernel != "dot":
+        raise ValueError(f"kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
     n_w = weight.shape[0]
     n = n_w // 2 if swiglu else n_w
     block = pack_block(fmt, groupsize) if fmt != "float" else 0
