@@ -41,3 +41,8 @@ def test_cuda_pt2_generates_the_eager_greedy_text(stories260k_dir, tmp_path):
     launched = _torchchat("generate", "--aoti-package-path", str(pt2), *tok, *run, env={"TORCHCHAT_AOTI_GRAPH": "0"})
     assert launched.returncode == 0, launched.stderr[-2000:]
     assert launched.stdout.strip() == a
+    # A second prompt in the same process calls the package again after its decode step was captured
+    # (a multi-threaded container failed exactly there): both samples give the same text.
+    twice = _torchchat("generate", "--aoti-package-path", str(pt2), *tok, *run, "--num-samples", "2")
+    assert twice.returncode == 0, twice.stderr[-2000:]
+    assert twice.stdout.count(a[len(PROMPT):len(PROMPT) + 60]) == 2, twice.stdout

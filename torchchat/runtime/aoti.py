@@ -54,10 +54,11 @@ class AOTIRuntime(ExportedRuntime):
     backend = "aoti"
     precompiled = True  # see torchchat.generation.steps.Steps
 
-    def __init__(self, path: Path, metadata: ArtifactMetadata, run):
+    def __init__(self, path: Path, metadata: ArtifactMetadata, run, graphable: bool = False):
         super().__init__(path, metadata)
         self._run = run  # (tokens, input_pos) -> logits
-        if self.device.type == "cuda" and os.environ.get("TORCHCHAT_AOTI_GRAPH", "1") != "0":
+        # graphable: loaded single-threaded (aoti_archive.load_package), the form a capture leaves working.
+        if graphable and self.device.type == "cuda" and os.environ.get("TORCHCHAT_AOTI_GRAPH", "1") != "0":
             # The compiled model launches its kernels on the current stream, allocates through the
             # caching allocator and keeps the KV cache in buffers of fixed address, so a decode step
             # can be captured into a CUDA graph and replayed (one graph: one input shape, one cache).
@@ -82,7 +83,7 @@ class AOTIRuntime(ExportedRuntime):
             raise ExportError(f"{flag}: {path} carries no torchchat metadata; export it with `torchchat.py export`")
         metadata = ArtifactMetadata.from_json(text, str(path))
         _check_device(metadata, path)
-        return cls(path, metadata, compiled)
+        return cls(path, metadata, compiled, graphable=True)
 
     @classmethod
     def load_shared_library(cls, path: Path) -> "AOTIRuntime":

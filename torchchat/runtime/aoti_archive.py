@@ -99,7 +99,11 @@ def load_package(path: Path, flag: str):
     root = check_package(path, flag)
     before = _extraction_dirs()
     try:
-        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), MODEL_NAME, False, 1, -1)
+        # Single-threaded: torchchat calls a model from one thread at a time, and the container's
+        # multi-threaded mode tracks each run with a CUDA event that it queries before the next call,
+        # which fails once a call has been captured into a CUDA graph (runtime/aoti.py captures the
+        # decode step).
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), MODEL_NAME, True, 1, -1)
     except Exception as e:  # RuntimeError from dlopen, miniz, the model container; c10::Error subclasses
         _remove_extraction_dirs(str(e), before, root)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
