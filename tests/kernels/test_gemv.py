@@ -146,8 +146,12 @@ def test_gemv_rows_matches_the_reference_per_row(device, fmt, group, m, dtype):
     assert rel_err(folded, F.linear(x.float() * rms, wd.float())) < tol
     logits = gemv_rows(x, *args, out_dtype=torch.float32)
     assert logits.dtype == torch.float32 and rel_err(logits, plain) < tol
-    # Row i alone gives row i of the batch: rows do not leak into each other.
-    assert rel_err(gemv_rows(x[1:2].contiguous(), *args), plain[1:2]) < 1e-6
+    # Row i alone gives row i of the batch: rows do not leak into each other. (Through the same kernel:
+    # int4 takes the CUDA-core kernel up to 8 rows and tensor cores beyond, which round differently.)
+    from torchchat.kernels.gemv_rows import rows_kernel
+
+    alone = gemv_rows(x[1:2].contiguous(), *args, kernel=rows_kernel(fmt, m))
+    assert rel_err(alone, plain[1:2]) < 1e-6
 
 
 def test_gemv_rows_more_than_one_block_of_rows(device):

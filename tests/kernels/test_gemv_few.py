@@ -99,8 +99,10 @@ def test_the_kernel_choice_follows_the_table_and_the_environment(monkeypatch, de
     from torchchat.kernels.gemv_few import gemv_few
 
     monkeypatch.delenv("TORCHCHAT_ROWS_KERNEL", raising=False)
-    # Unmeasured: the shipped table keeps the tensor-core kernel everywhere.
-    assert {rows_mod.rows_kernel(f, m) for f in rows_mod.ROWS_KERNELS for m in (1, 2, 8, 16, 40)} == {"dot"}
+    # The shipped table (measured on the H100): int4 on the CUDA cores up to 8 rows, tensor cores beyond
+    # and for every other format.
+    assert [rows_mod.rows_kernel("int4", m) for m in (1, 2, 8, 9, 16, 40)] == ["fma"] * 3 + ["dot"] * 3
+    assert {rows_mod.rows_kernel(f, m) for f in ("float", "int8", "int8_asym") for m in (1, 2, 8, 16, 40)} == {"dot"}
     monkeypatch.setitem(rows_mod.ROWS_KERNELS, "int4", ((4, "fma"), (16, "dot")))
     assert [rows_mod.rows_kernel("int4", m) for m in (2, 4, 5, 17)] == ["fma", "fma", "dot", "dot"]
     assert rows_mod.rows_kernel("int8", 2) == "dot"
@@ -121,7 +123,8 @@ def test_few_tiles_follow_the_environment(monkeypatch):
     from torchchat.kernels.gemv_few import pick_few_config
 
     monkeypatch.delenv("TORCHCHAT_GEMV_FEW_TILES", raising=False)
-    assert pick_few_config("int4", 8, 4096, 4096, 128).block_n == 16  # the "int4:8" entry
+    assert pick_few_config("int4", 4, 4096, 4096, 128).block_n == 32  # the "int4:4" entry
+    assert pick_few_config("int4", 4, 11008, 4096, 128, swiglu=True).block_n == 16  # "int4:4:swiglu"
     monkeypatch.setenv("TORCHCHAT_GEMV_FEW_TILES", '{"int4:8": [64, 256, 8], "int8": [8, 1024, 4]}')
     cfg = pick_few_config("int4", 7, 4096, 4096, 128)
     assert (cfg.block_n, cfg.block_k, cfg.num_warps) == (64, 256, 8)
@@ -129,8 +132,8 @@ def test_few_tiles_follow_the_environment(monkeypatch):
     assert pick_few_config("int8_asym", 2, 40, 4096, 32).block_n == 8  # int8's tile, shrunk to 40 rows
     assert pick_few_config("int8", 2, 4096, 256, 128).block_k == 256  # no longer than the row
     monkeypatch.delenv("TORCHCHAT_GEMV_FEW_TILES")
-    assert pick_few_config("int4", 8, 11008, 4096, 128, swiglu=True).block_n == 8  # "int4:8:swiglu"
-    assert pick_few_config("int4", 2, 11008, 4096, 128, swiglu=True).block_n == 32  # no "int4:2*": "int4"
+    assert pick_few_config("int4", 2, 11008, 4096, 128, swiglu=True).block_n == 8  # "int4:2:swiglu"
+    assert pick_few_config("int8", 1, 11008, 4096, 128, swiglu=True).block_n == 32  # no "int8:1*": "int8"
 
 
 def test_the_rows_bench_runs_end_to_end_at_a_toy_size():

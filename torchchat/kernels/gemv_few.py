@@ -203,12 +203,16 @@ def _gemv_few_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
 # spilled), hence the halved tiles. bench/cuda_rows_bench.py sweeps candidates on a GPU and prints the best.
 # Override with TORCHCHAT_GEMV_FEW_TILES='{"int4:8": [block_n, block_k, num_warps], "int4": [...], ...}'.
 _CONFIGS = {
-    "int4": GemvConfig(block_n=32, block_k=512, num_warps=4),
-    "int4:4": GemvConfig(block_n=32, block_k=256, num_warps=4),
-    "int4:8": GemvConfig(block_n=16, block_k=512, num_warps=4),
-    "int4:8:swiglu": GemvConfig(block_n=8, block_k=512, num_warps=4),
-    "int4:16": GemvConfig(block_n=16, block_k=256, num_warps=4),
-    "int4:16:swiglu": GemvConfig(block_n=8, block_k=256, num_warps=4),
+    # int4: the best of bench/cuda_rows_bench.py's sweep on the H100 (2026-12-06, 7B shapes).
+    "int4": GemvConfig(block_n=32, block_k=512, num_warps=8),
+    "int4:2": GemvConfig(block_n=16, block_k=1024, num_warps=8),
+    "int4:2:swiglu": GemvConfig(block_n=8, block_k=1024, num_warps=8),
+    "int4:4": GemvConfig(block_n=32, block_k=512, num_warps=8),
+    "int4:4:swiglu": GemvConfig(block_n=16, block_k=512, num_warps=8),
+    "int4:8": GemvConfig(block_n=32, block_k=512, num_warps=8),
+    "int4:8:swiglu": GemvConfig(block_n=32, block_k=512, num_warps=8),
+    "int4:16": GemvConfig(block_n=32, block_k=256, num_warps=8),
+    "int4:16:swiglu": GemvConfig(block_n=32, block_k=256, num_warps=8),
     "int8": GemvConfig(block_n=32, block_k=256, num_warps=4),
     "int8:4": GemvConfig(block_n=16, block_k=256, num_warps=4),
     "int8:8": GemvConfig(block_n=16, block_k=256, num_warps=4),

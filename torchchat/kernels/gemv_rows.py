@@ -287,7 +287,10 @@ ROWS_KERNELS: dict[str, tuple[tuple[int, str], ...]] = {
     "float": ((16, "dot"),),
     "int8": ((16, "dot"),),
     "int8_asym": ((16, "dot"),),
-    "int4": ((16, "dot"),),
+    # int4: the CUDA-core kernel up to 8 rows (H100, 7B shapes, bench/cuda_rows_bench.py, fused table:
+    # whole-step GEMVs at 2/4/8 rows 3.84/7.15/10.32 ms against the dot kernel's 14.66/14.97/15.43),
+    # tensor cores at 16 (16.46 ms against 20.74).
+    "int4": ((8, "fma"), (16, "dot")),
 }
 KERNELS = ("dot", "fma")
 _FMA_FORMATS = ("int8", "int8_asym", "int4")  # gemv_few.FORMATS, without importing it here
