@@ -71,3 +71,39 @@ def test_precompiled_cuda_runtimes_graph_their_decode_step_without_compile():
     assert not isinstance(cpu_steps.decode(SamplingParams()), CudaGraphStep)
     fused = Steps(forward, cuda, CompileOptions(decode=True), graph_key=lambda: "k").decode(SamplingParams())
     assert isinstance(fused, CudaGraphStep) and fused.capture_error_mode == "global"
+
+def test_cpu_decode_steps_compile_over_their_own_code_with_module_guards_filtered(monkeypatch):
+    from torchchat.generation import steps as steps_mod
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append((fn, kw)) or fn)
+    steps = Steps(lambda t, p: torch.zeros(1, t.shape[1], 8), torch.device("cpu"), CompileOptions(decode=True))
+    steps.decode(SamplingParams(temperature=0))
+    steps.decode(SamplingParams(temperature=1.0))
+    (a, kw), (b, _) = seen
+    assert a.__code__ is not b.__code__  # each step's graphs in a cache of its own
+    assert kw["options"]["guard_filter_fn"] is steps_mod._skip_module_guards
+
+
+def test_filtered_guards_still_see_a_buffer_reallocated():
+    """The decode step keeps the guards on module buffers: a KV-cache-like buffer of a new size
+    recompiles instead of running the old graph."""
+    class M(torch.nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(8))
+            self.register_buffer("cache", torch.arange(n, dtype=torch.float32))
+
+        def forward(self, tokens, pos):  # logits: the cache padded to 8 (argmax: its last index)
+            logits = torch.nn.functional.pad(self.cache, (0, 8 - self.cache.shape[0])) * self.w
+            return logits.view(1, 1, 8).expand(1, tokens.shape[1], 8)
+
+    m = M(4)
+    step = Steps(m, torch.device("cpu"), CompileOptions(decode=True)).decode(SamplingParams(temperature=0))
+    tok = torch.zeros(1, 1, dtype=torch.long)
+    assert int(step(tok, torch.tensor([0]))) == 3
+    m.register_buffer("cache", torch.arange(6, dtype=torch.float32))
+    assert int(step(tok, torch.tensor([0]))) == 5
+    with torch.no_grad():  # parameters are read at each call, so new values need no guard
+        m.w.copy_(torch.tensor([0, 1.0, 0, 0, 0, 0, 0, 0]))
+    assert int(step(tok, torch.tensor([0]))) == 1
