@@ -68,8 +68,9 @@ class CudaGraphStep:
 
     def __init__(self, fn: Callable[..., Tensor], key: Callable[[], Hashable], capture_error_mode: str = "global"):
         self.fn, self.key = fn, key
-        # "relaxed" for an AOT Inductor package: its model container queries the CUDA event of its
-        # previous run before each call, which a "global" capture refuses.
+        # "relaxed" for an AOT Inductor package: the compiled model's host code is not ours to audit
+        # for calls a "global" capture refuses (its multi-threaded container queried a CUDA event per
+        # call; runtime/aoti_archive.py now loads it single-threaded). Relaxed is what ran on the H100.
         self.capture_error_mode = capture_error_mode
         self._key: Hashable = None
         # input shapes -> (graph, static inputs, output buffer)
