@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchchat.kernels import dequant
 from torchchat.kernels.attention import attention_decode
 from torchchat.kernels.formats import dequantize, empty_storage, quantize_into
 from torchchat.kernels.gemv import gemv
@@ -30,8 +31,18 @@ from torchchat.model.rope import apply_rope
 from torchchat.model.transformer import RMSNorm
 
 
-# Weights dequantized at a time for inputs of several rows (prefill): 16 MB of bf16 scratch.
-_DEQUANT_ELEMENTS = 1 << 23
+# Weights dequantized at a time for inputs of several rows (prefill): 16 MB of bf16 scratch, 64 MB on
+# a GPU (a 7B prefill is then ~200 slices of three launches each, instead of ~800).
+_DEQUANT_ELEMENTS = {"cuda": 1 << 25}
+_DEQUANT_ELEMENTS_DEFAULT = 1 << 23
+
+
+def _dequantize(fmt: str, groupsize: int, weight: Tensor, scales: Tensor | None, mins: Tensor | None,
+                dtype: torch.dtype) -> Tensor:
+    """formats.dequantize, by one Triton kernel for integer formats on CUDA (dequant.py says why)."""
+    if weight.is_cuda and fmt != "float":
+        return dequant.dequantize(fmt, groupsize, weight, scales, mins, dtype)
+    return dequantize(fmt, groupsize, weight, scales, mins, dtype)
 
 
 # Most rows a decode batch runs through the multi-row kernels; more (never from the engine, whose
@@ -102,7 +113,7 @@ class FusedLinear(nn.Module):
         if self.fmt == "float":
             return self.weight[rows]
         mins = self.mins[rows] if self.mins is not None else None
-        return dequantize(self.fmt, self.groupsize, self.weight[rows], self.scales[rows], mins, self.dtype)
+        return _dequantize(self.fmt, self.groupsize, self.weight[rows], self.scales[rows], mins, self.dtype)
 
     def linear(self, x: Tensor, rows: slice = slice(None)) -> Tensor:
         """F.linear over a row range of the stored weight, as the unfused layer for those rows computes.
@@ -111,7 +122,7 @@ class FusedLinear(nn.Module):
             return F.linear(x, self.weight[rows])
         start, stop, _ = rows.indices(self.out_features)
         out = torch.empty(*x.shape[:-1], stop - start, dtype=x.dtype, device=x.device)
-        step = max(1, _DEQUANT_ELEMENTS // self.in_features)
+        step = max(1, _DEQUANT_ELEMENTS.get(x.device.type, _DEQUANT_ELEMENTS_DEFAULT) // self.in_features)
         for a in range(start, stop, step):
             b = min(a + step, stop)
             out[..., a - start : b - start] = F.linear(x, self.dequantized(slice(a, b)))
@@ -159,7 +170,7 @@ class FusedEmbedding(nn.Module):
         """ids (B, S) -> (B, S, dim) in the model dtype."""
         t, rows = self.table, ids.reshape(-1)
         mins = t.mins[rows] if t.mins is not None else None
-        out = dequantize(t.fmt, t.groupsize, t.weight[rows], t.scales[rows], mins, t.dtype)
+        out = _dequantize(t.fmt, t.groupsize, t.weight[rows], t.scales[rows], mins, t.dtype)
         return out.view(*ids.shape, t.in_features)
 
     def extra_repr(self) -> str:
