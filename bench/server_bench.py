@@ -91,7 +91,17 @@ def one_request(host: str, port: int, prompt: str, max_tokens: int) -> tuple[flo
     return (first if first is not None else end), end, tokens
 
 
-def run_round(host: str, port: int, clients: int, requests: int, max_tokens: int) -> dict:
+_serial = iter(range(1 << 62))
+
+
+def prompt_for(i: int, distinct: bool) -> str:
+    """Request i's prompt. `distinct`: a number never used before leads it, so no request's prompt
+    starts with another's past the chat template and prefix reuse cannot skip its prefill."""
+    text = PROMPTS[i % len(PROMPTS)]
+    return f"Story {next(_serial)}. {text}" if distinct else text
+
+
+def run_round(host: str, port: int, clients: int, requests: int, max_tokens: int, distinct: bool = False) -> dict:
     ttfts: list[float] = []
     tokens = [0]
     lock = threading.Lock()
@@ -104,7 +114,7 @@ def run_round(host: str, port: int, clients: int, requests: int, max_tokens: int
                 if i >= requests:
                     return
                 next_index[0] += 1
-            ttft, _, n = one_request(host, port, PROMPTS[i % len(PROMPTS)], max_tokens)
+            ttft, _, n = one_request(host, port, prompt_for(i, distinct), max_tokens)
             with lock:
                 ttfts.append(ttft)
                 tokens[0] += n
@@ -129,6 +139,9 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=32, help="Requests per round (at least the concurrency)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--runs", type=int, default=3, help="Rounds per concurrency level (the median is printed)")
+    p.add_argument("--distinct-prompts", action="store_true",
+                   help="Start every prompt with a new number, so no request reuses another's cached prompt "
+                        "(without it the same few prompts recur and later rounds prefill only their last token)")
     p.add_argument("server_args", nargs=argparse.REMAINDER,
                    help="After --: model flags for the server (default: stories260K fp32)")
     args = p.parse_args()
@@ -143,7 +156,7 @@ def main() -> int:
         for prompt in PROMPTS[:2]:  # warm-up: first-call allocations, caches
             one_request(host, int(port), prompt, args.max_tokens)
         print(f"server {base}; streaming greedy chat requests, {args.max_tokens} tokens each; "
-              f"median of {args.runs} rounds")
+              f"median of {args.runs} rounds; {'distinct' if args.distinct_prompts else 'recurring'} prompts")
         print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'TTFT med (s)':>12} {'TTFT p90 (s)':>12} {'tok/s':>7} "
               f"{'per client':>10} {'x 1 client':>10}")
         single = None
@@ -151,8 +164,8 @@ def main() -> int:
             n = max(args.requests, c)
             # One untimed round first: the batch buckets this level reaches are compiled (--compile) or
             # captured (CUDA graphs) the first time they run, seconds that would land in the first round.
-            run_round(host, int(port), c, c, args.max_tokens)
-            rounds = [run_round(host, int(port), c, n, args.max_tokens) for _ in range(args.runs)]
+            run_round(host, int(port), c, c, args.max_tokens, args.distinct_prompts)
+            rounds = [run_round(host, int(port), c, n, args.max_tokens, args.distinct_prompts) for _ in range(args.runs)]
             med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
             if c == 1:
                 single = med["tok_s"]
