@@ -177,3 +177,47 @@ def test_gemv_rows_tiles_follow_the_environment(monkeypatch):
     assert (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages) == (32, 1024, 4, 2)
     assert pick_rows_config("int4", 4096, 4096, 2048).block_k == 2048  # still a multiple of the group
     assert pick_rows_config("int8", 40, 64, 32).block_k == 64  # 16 columns per byte field at least
+
+
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("variant,stages", [(1, 1), (1, 3), (2, 1), (2, 3)])
+def test_gemv_int4_variants(device, group, variant, stages):
+    """The vector-tile int4 loops (GemvConfig.variant): variant 1 is the float32 math of variant 0 summed
+    in another order; variant 2 dequantizes and multiplies in float16 pairs (about 1e-3 relative error:
+    gemv.py says where it rounds). Fused RMSNorm scaling, SwiGLU and residual, over a ragged last tile."""
+    gen = torch.Generator().manual_seed(group + variant)
+    n, k = 40, 384  # block_k 256: the second tile is half masked
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(device)
+    x = torch.randn(k, generator=gen).to(device)
+    res = torch.randn(n // 2, generator=gen).to(device)
+    q, s, m = _stored("int4", group, w, torch.float32)
+    wd = dequantize("int4", group, q, s, m, torch.float32)
+    cfg = GemvConfig(16, max(256, group), 4, stages, variant)
+    tol = 1e-6 if variant == 1 else 4e-3
+    base = GemvConfig(16, max(256, group), 4)
+    y = gemv(x, "int4", group, q, s, m, config=cfg)
+    assert rel_err(y, wd.double() @ x.double()) < (1e-5 if variant == 1 else tol)
+    fused = dict(rms_only=True, eps=1e-5, swiglu=True, residual=res, res_scale=0.5)
+    assert rel_err(gemv(x, "int4", group, q, s, m, config=cfg, **fused),
+                   gemv(x, "int4", group, q, s, m, config=base, **fused)) < tol
+
+
+def test_gemv_int4_variant_bf16_matches_the_modules(device):
+    """Variant 2 in a bfloat16 model: within the tolerance the other formats meet against the modules."""
+    gen = torch.Generator().manual_seed(5)
+    n, k = 24, 256
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16).to(device)
+    x = torch.randn(k, generator=gen).to(torch.bfloat16).to(device)
+    st = _stored("int4", 64, w, torch.bfloat16)
+    wd = dequantize("int4", 64, *st, torch.bfloat16)
+    y = gemv(x, "int4", 64, *st, config=GemvConfig(8, 256, 4, 1, 2))
+    assert y.dtype == torch.bfloat16 and rel_err(y, _reference(x, wd)) < 1.5e-2
+
+
+def test_gemv_tiles_take_the_variant_field(monkeypatch):
+    """TORCHCHAT_GEMV_TILES' fifth field picks the int4 loop variant; without it, variant 0."""
+    from torchchat.kernels.gemv import pick_config
+
+    monkeypatch.setenv("TORCHCHAT_GEMV_TILES", '{"int4": [32, 512, 4, 1, 2], "int4:small": [16, 1024, 8]}')
+    assert pick_config("int4", 12288, 4096, 128) == GemvConfig(32, 512, 4, 1, 2)
+    assert pick_config("int4", 4096, 4096, 128).variant == 0

@@ -272,16 +272,176 @@ def _rows_int4(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KG,
     return _scale_rms(tl.sum(tl.sum(acc, 2), 1), rstd, NORM)
 
 
+# Variants of the int4 loop (GemvConfig.variant), both on a [BLOCK_N, NG, WS // V, V] tile with V = 4
+# words, the 16 bytes a thread loads with one instruction, so that the compiler keeps the last axis
+# inside a thread:
+# 1: today's float32 math, but the products of a thread's V words are summed in registers before the
+#    group's scale and minimum are applied (the loop above applies them to every word of every row),
+#    and the accumulator holds one value per group slice instead of one per word. Same products,
+#    summed in another order.
+# 2: packed half-precision math: one lop3 turns two nibbles of a word into a float16 pair, and every
+#    later operation on a pair is one instruction (HFMA2), so a weight costs about 2.5 instructions
+#    instead of 3 for the float32 unpack, subtract and FMA alone. Each weight is dequantized to
+#    float16 (w = q s + m, one rounding: finer than the model-dtype dequantization bfloat16 models
+#    are checked against), multiplied by x rounded to float16 (exact for bfloat16 x of magnitude
+#    6e-5 .. 65504), and a word's 4 products per half are summed in float16 before float32 takes
+#    over: about 1e-3 relative error per product sum, against about 1e-7 for variant 0 and 1.
+#    Needs a CUDA GPU for the packed path; elsewhere (the CPU interpreter) the same roundings are
+#    emulated in float32.
+
+
+@triton.jit
+def _x_half_pair(lo, hi):
+    """float32 lo, hi -> one int32 holding the float16 pair (lo in the low half): cvt.rn.f16x2."""
+    return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _x_pair(x_ptr, g_ptr, idx, xmask, rstd, j: tl.constexpr, NORM: tl.constexpr, WS: tl.constexpr):
+    """The inputs of nibbles j and j + 4 of the words at idx, as float16 pairs ([1, ...] for broadcast)."""
+    lo = _load_x(x_ptr, g_ptr, idx + j * WS, xmask, rstd, NORM)
+    hi = _load_x(x_ptr, g_ptr, idx + (j + 4) * WS, xmask, rstd, NORM)
+    return _x_half_pair(lo, hi)[None, :, :, :]
+
+
+@triton.jit
+def _dot_word_f16x2(words, x04, x15, x26, x37, s2, m2):
+    """The float32 dot product of each word's 8 nibbles with their inputs, in packed float16 math.
+    Nibble pairs (i, i + 4) sit in the halves of one register after a lop3 with magic 0x6400 (1024.0):
+    1024 + q for nibbles 0/4 and 2/6 (after a shift by 8), 1024 + 16 q for 1/5 and 3/7, taken off
+    exactly by a subtract or an FMA by 1/16. Then w = q s + m and the products with x, per pair."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 a, b, c, d, t, k, sc, bs;
+        .reg .b16 lo, hi;
+        .reg .f32 flo, fhi;
+        mov.b32 k, 0x64006400;
+        mov.b32 sc, 0x2C002C00;
+        mov.b32 bs, 0xD400D400;
+        lop3.b32 a, $1, 0x000F000F, k, 0xEA;
+        lop3.b32 b, $1, 0x00F000F0, k, 0xEA;
+        shr.b32 t, $1, 8;
+        lop3.b32 c, t, 0x000F000F, k, 0xEA;
+        lop3.b32 d, t, 0x00F000F0, k, 0xEA;
+        sub.f16x2 a, a, k;
+        fma.rn.f16x2 b, b, sc, bs;
+        sub.f16x2 c, c, k;
+        fma.rn.f16x2 d, d, sc, bs;
+        fma.rn.f16x2 a, a, $6, $7;
+        fma.rn.f16x2 b, b, $6, $7;
+        fma.rn.f16x2 c, c, $6, $7;
+        fma.rn.f16x2 d, d, $6, $7;
+        mul.rn.f16x2 a, a, $2;
+        fma.rn.f16x2 a, b, $3, a;
+        fma.rn.f16x2 a, c, $4, a;
+        fma.rn.f16x2 a, d, $5, a;
+        mov.b32 {lo, hi}, a;
+        cvt.f32.f16 flo, lo;
+        cvt.f32.f16 fhi, hi;
+        add.f32 $0, flo, fhi;
+        }""",
+        "=f,r,r,r,r,r,r,r", [words, x04, x15, x26, x37, s2, m2], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _int4_step_vec(x_ptr, g_ptr, s_ptr, m_ptr, words, g0, gi, ci, vi, rows64, rmask, K, KG, rstd,
+                   NORM: tl.constexpr, ASM: tl.constexpr, NG: tl.constexpr, WS: tl.constexpr,
+                   GROUP: tl.constexpr, V: tl.constexpr, VARIANT: tl.constexpr):
+    """One [BLOCK_N, NG, WS // V, V] tile of words from group g0: its [BLOCK_N, NG, WS // V, 1] share."""
+    g = g0 + gi
+    gmask = g < KG
+    wi = ci[:, None] * V + vi[None, :]  # (WS // V, V): the word within its group
+    idx = g[:, None, None] * GROUP + wi[None, :, :]  # nibble i of the word: input idx + i * WS
+    xmask = gmask[:, None, None]
+    soff = rows64[:, None] * KG + g[None, :]
+    smask = rmask[:, None] & gmask[None, :]
+    # Used broadcast over the words ([BLOCK_N, NG, 1, 1]) before any other op, so the loads take the
+    # words' register layout (an op on the 2-d tensor first costs a conversion through shared memory).
+    s = tl.load(s_ptr + soff, mask=smask, other=0.0)[:, :, None, None].to(tl.float32)
+    m = tl.load(m_ptr + soff, mask=smask, other=0.0)[:, :, None, None].to(tl.float32)
+    if VARIANT == 1:
+        high = words >> 12
+        dq = tl.zeros(words.shape, tl.float32)
+        xs = tl.zeros([1, NG, WS // V, V], tl.float32)
+        for i in tl.static_range(8):
+            xv = _load_x(x_ptr, g_ptr, idx + i * WS, xmask, rstd, NORM)[None, :, :, :]
+            dq += _unpack(words if i < 5 else high, 4 * i - 12 * (i >= 5), 4, ASM) * xv
+            xs += xv
+        part = tl.sum(dq, 3, keep_dims=True) * s + m * tl.sum(xs, 3, keep_dims=True)
+    elif ASM:
+        s2 = _x_half_pair(s, s)
+        m2 = _x_half_pair(m, m)
+        part = tl.sum(_dot_word_f16x2(words, _x_pair(x_ptr, g_ptr, idx, xmask, rstd, 0, NORM, WS),
+                                      _x_pair(x_ptr, g_ptr, idx, xmask, rstd, 1, NORM, WS),
+                                      _x_pair(x_ptr, g_ptr, idx, xmask, rstd, 2, NORM, WS),
+                                      _x_pair(x_ptr, g_ptr, idx, xmask, rstd, 3, NORM, WS), s2, m2), 3, keep_dims=True)
+    else:
+        # The packed path's roundings in float32 (for the CPU interpreter, which runs no PTX).
+        high = words >> 12
+        s16 = s.to(tl.float16).to(tl.float32)
+        m16 = m.to(tl.float16).to(tl.float32)
+        halves = tl.zeros(words.shape, tl.float32)
+        dq = tl.zeros(words.shape, tl.float32)
+        for i in tl.static_range(8):
+            xv = _load_x(x_ptr, g_ptr, idx + i * WS, xmask, rstd, NORM).to(tl.float16).to(tl.float32)[None, :, :, :]
+            q = _unpack(words if i < 5 else high, 4 * i - 12 * (i >= 5), 4, ASM)
+            w = (q * s16 + m16).to(tl.float16).to(tl.float32)
+            halves = (halves + w * xv).to(tl.float16).to(tl.float32)
+            if i == 3:  # the low halves (nibbles 0..3) are done; the high halves start afresh
+                dq = halves
+                halves = tl.zeros(words.shape, tl.float32)
+        part = tl.sum(dq + halves, 3, keep_dims=True)
+    return part
+
+
+@triton.jit
+def _rows_int4_vec(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KG,
+                   NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, STAGES: tl.constexpr,
+                   VARIANT: tl.constexpr):
+    NG: tl.constexpr = BLOCK_K // GROUP
+    WS: tl.constexpr = GROUP // 8
+    V: tl.constexpr = 4
+    gi = tl.arange(0, NG)
+    ci = tl.arange(0, WS // V)
+    vi = tl.arange(0, V)
+    wofs = (gi[:, None, None] * WS + ci[None, :, None] * V + vi[None, None, :])[None, :, :, :]
+    base = w_ptr + rows64[:, None, None, None] * KW + wofs
+    rm = rmask[:, None, None, None]
+    acc = tl.zeros([BLOCK_N, NG, WS // V, 1], tl.float32)
+    if STAGES == 1:
+        words_next = tl.load(base, mask=rm & (gi < KG)[None, :, None, None], other=0)
+        _wait(PDL)
+        rstd = _rstd(x_ptr, K, eps, NORM, NORM_BLOCK)
+        for g0 in range(0, KG, NG):
+            words = words_next
+            words_next = tl.load(base + (g0 + NG) * WS, mask=rm & (g0 + NG + gi < KG)[None, :, None, None], other=0)
+            acc += _int4_step_vec(x_ptr, g_ptr, s_ptr, m_ptr, words, g0, gi, ci, vi, rows64, rmask, K, KG, rstd,
+                                  NORM, ASM, NG, WS, GROUP, V, VARIANT)
+    else:
+        _wait(PDL)
+        rstd = _rstd(x_ptr, K, eps, NORM, NORM_BLOCK)
+        for g0 in tl.range(0, KG, NG, num_stages=STAGES):
+            words = tl.load(base + g0 * WS, mask=rm & (g0 + gi < KG)[None, :, None, None], other=0)
+            acc += _int4_step_vec(x_ptr, g_ptr, s_ptr, m_ptr, words, g0, gi, ci, vi, rows64, rmask, K, KG, rstd,
+                                  NORM, ASM, NG, WS, GROUP, V, VARIANT)
+    return _scale_rms(tl.sum(tl.sum(tl.sum(acc, 3), 2), 1), rstd, NORM)
+
+
 @triton.jit
 def _rows(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KB,
           FMT: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, NORM: tl.constexpr,
           NORM_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
-          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, VARIANT: tl.constexpr):
     if FMT == 0:
         y = _rows_float(x_ptr, g_ptr, eps, w_ptr, rows64, rmask, K, NORM, NORM_BLOCK, EVEN_K, PDL, BLOCK_N, BLOCK_K)
     elif FMT == 1 or FMT == 3:
         y = _rows_int8(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KB, NORM, NORM_BLOCK, PDL, ASM,
                        BLOCK_N, BLOCK_K, GROUP, PER_ROW, FMT == 3, STAGES)
+    elif VARIANT:
+        y = _rows_int4_vec(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KB, NORM, NORM_BLOCK, PDL,
+                           ASM, BLOCK_N, BLOCK_K, GROUP, STAGES, VARIANT)
     else:
         y = _rows_int4(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KB, NORM, NORM_BLOCK, PDL, ASM,
                        BLOCK_N, BLOCK_K, GROUP, STAGES)
@@ -294,7 +454,7 @@ def _gemv_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
                  FMT: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, NORM: tl.constexpr,
                  SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
                  ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK: tl.constexpr,
-                 STAGES: tl.constexpr):
+                 STAGES: tl.constexpr, VARIANT: tl.constexpr):
     """Rows [pid*BLOCK_N, ...) of y = epilogue(W prologue(x)); x (K,), y (N,)."""
     if PDL:  # let the next kernel's programs get ready as soon as all of ours have started
         tl.extra.cuda.gdc_launch_dependents()
@@ -303,10 +463,10 @@ def _gemv_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
     rows64 = rows.to(tl.int64)
     dt = x_ptr.dtype.element_ty
     y = _rows(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64, rmask, K, KW, KB,
-              FMT, GROUP, PER_ROW, NORM, NORM_BLOCK, EVEN_K, PDL, ASM, BLOCK_N, BLOCK_K, STAGES).to(dt)
+              FMT, GROUP, PER_ROW, NORM, NORM_BLOCK, EVEN_K, PDL, ASM, BLOCK_N, BLOCK_K, STAGES, VARIANT).to(dt)
     if SWIGLU:
         up = _rows(x_ptr, g_ptr, eps, w_ptr, s_ptr, m_ptr, rows64 + ROWS2, rmask, K, KW, KB,
-                   FMT, GROUP, PER_ROW, NORM, NORM_BLOCK, EVEN_K, PDL, ASM, BLOCK_N, BLOCK_K, STAGES).to(dt)
+                   FMT, GROUP, PER_ROW, NORM, NORM_BLOCK, EVEN_K, PDL, ASM, BLOCK_N, BLOCK_K, STAGES, VARIANT).to(dt)
         a = y.to(tl.float32)
         y = (a / (1.0 + tl.exp(-a))).to(dt)  # silu, as PyTorch computes it
         y = (y.to(tl.float32) * up.to(tl.float32)).to(dt)
@@ -325,11 +485,13 @@ class GemvConfig:
     block_k: int  # inputs per loop step (a multiple of the group for grouped formats)
     num_warps: int = 4
     num_stages: int = 1
+    # int4 only: 0 the per-word loop (_rows_int4), 1 or 2 the vector-tile loops (_rows_int4_vec).
+    variant: int = 0
 
 
 # Tile shapes measured best on the H100 (`python -m torchchat.kernels.tune`) per format, per size class of
 # the layer's outputs: "fmt:small" (<= SMALL_ROWS), "fmt:large" (> LARGE_ROWS), else "fmt". Other GPUs
-# can override them: TORCHCHAT_GEMV_TILES='{"int4": [block_n, block_k, num_warps(, num_stages)], ...}'.
+# can override them: TORCHCHAT_GEMV_TILES='{"int4": [block_n, block_k, num_warps(, num_stages(, variant))], ...}'.
 SMALL_ROWS, LARGE_ROWS = 8192, 12288
 _CONFIGS = {
     "float": GemvConfig(block_n=2, block_k=2048, num_warps=4),
@@ -348,7 +510,7 @@ _CONFIGS = {
 def _tiles(text: str) -> dict[str, GemvConfig]:
     tiles = dict(_CONFIGS)
     if text:
-        for key, fields in json.loads(text).items():  # [block_n, block_k, num_warps(, num_stages)]
+        for key, fields in json.loads(text).items():  # [block_n, block_k, num_warps(, num_stages(, variant))]
             tiles[key] = GemvConfig(*fields)
     return tiles
 
@@ -365,7 +527,12 @@ def pick_config(fmt: str, n: int, k: int, block: int) -> GemvConfig:
     if fmt != "float":
         block_k = max(block_k, block)
     block_n = min(base.block_n, triton.next_power_of_2(n))
-    return GemvConfig(block_n, block_k, base.num_warps, base.num_stages)
+    return GemvConfig(block_n, block_k, base.num_warps, base.num_stages, base.variant)
+
+
+def kernel_constexprs(cfg: GemvConfig) -> dict:
+    """The tile's compile-time arguments of _gemv_kernel (also what bench/gemv_sm90_report.py compiles)."""
+    return dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages, VARIANT=cfg.variant)
 
 
 def gemv(x: Tensor, fmt: str, groupsize: int, weight: Tensor, scales: Tensor | None = None,
@@ -394,8 +561,8 @@ def gemv(x: Tensor, fmt: str, groupsize: int, weight: Tensor, scales: Tensor | N
         n, k, weight.shape[1], k // block if block else 1, n, eps, res_scale,
         FMT=_FMT_CODE[fmt], GROUP=block, PER_ROW=fmt == "int8" and groupsize == 0,
         NORM=2 if rms_only else int(norm_weight is not None), SWIGLU=swiglu, RESIDUAL=residual is not None,
-        EVEN_K=k % cfg.block_k == 0, PDL=use_pdl, ASM=x.is_cuda, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        NORM_BLOCK=min(8192, triton.next_power_of_2(k)), STAGES=cfg.num_stages,
+        EVEN_K=k % cfg.block_k == 0, PDL=use_pdl, ASM=x.is_cuda,
+        NORM_BLOCK=min(8192, triton.next_power_of_2(k)), **kernel_constexprs(cfg),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl,
     )
     return out

@@ -102,16 +102,25 @@ def _role_args(role: str, fmt: str, k: int, n: int):
 
 
 def _tile_name(tile) -> str:
-    stages = f"s{tile.num_stages}" if tile.num_stages > 1 else ""
-    return f"{tile.block_n}x{tile.block_k}w{tile.num_warps}{stages}"
+    stages = f"s{tile.num_stages}" if tile.num_stages > 1 or tile.variant else ""
+    variant = f"v{tile.variant}" if tile.variant else ""
+    return f"{tile.block_n}x{tile.block_k}w{tile.num_warps}{stages}{variant}"
 
 
 def _tile_fields(name: str) -> list[int]:
-    """Inverse of _tile_name: [block_n, block_k, num_warps(, num_stages)]."""
+    """Inverse of _tile_name: [block_n, block_k, num_warps(, num_stages(, variant))]."""
     bn, rest = name.split("x")
     bk, rest = rest.split("w")
+    rest, _, variant = rest.partition("v")
     w, _, stages = rest.partition("s")
-    return [int(bn), int(bk), int(w)] + ([int(stages)] if stages else [])
+    return [int(bn), int(bk), int(w)] + ([int(stages)] if stages else []) + ([int(variant)] if variant else [])
+
+
+def _tile_config(name: str):
+    """The GemvConfig a tile name stands for."""
+    from torchchat.kernels.gemv import GemvConfig
+
+    return GemvConfig(*_tile_fields(name))
 
 
 def _time_shape(fmt: str, role: str, n_w: int, k: int) -> dict:
