@@ -12,7 +12,7 @@ g128 layer shapes with the prologue/epilogue each layer fuses, and the report gi
 Timings need the GPU (`python -m torchchat.kernels.tune`); this says why a tile may be slow.
 
     PYTHONPATH=. python3 bench/gemv_sm90_report.py                                # shipped tiles, 4 shapes
-    PYTHONPATH=. python3 bench/gemv_sm90_report.py --tiles 32x512w4 32x512w4r4 --roles qkv
+    PYTHONPATH=. python3 bench/gemv_sm90_report.py --tiles 32x512w4 32x1024w4s3v2 --roles qkv
     PYTHONPATH=. python3 bench/gemv_sm90_report.py --dump-loop 32x512w4 --roles wo   # the loop's SASS
 """
 from __future__ import annotations
@@ -116,7 +116,7 @@ def report(role: str, tile) -> str:
     top = ", ".join(f"{op} {c}" for op, c in ops.most_common(9))
     return (f"{role:<4} {_tile_name(tile):<14} {regs:>3} regs, {spill:>4} B spilled; loop {len(loop):>4} SASS = "
             f"{len(loop) / weights:.2f}/weight; loads {all_bytes:>3} B/thread/trip "
-            f"(weights {weights / 2:.0f})\n      {top}")
+            f"(weight bytes {weights / 2:.0f})\n      {top}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiles", nargs="*", default=[],
-                   help="tiles as tune.py names them (32x512w4, 16x1024w4s3, 32x512w4r4); default: the shipped pick")
+                   help="tiles as tune.py names them (32x512w4, 16x1024w4s3, 32x1024w4s3v2); default: the shipped pick")
     p.add_argument("--roles", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--dump-loop", metavar="TILE", help="print the main loop's SASS of this tile (first role)")
     a = p.parse_args(argv)

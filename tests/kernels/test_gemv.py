@@ -183,7 +183,7 @@ def test_gemv_rows_tiles_follow_the_environment(monkeypatch):
 @pytest.mark.parametrize("variant,stages", [(1, 1), (1, 3), (2, 1), (2, 3)])
 def test_gemv_int4_variants(device, group, variant, stages):
     """The vector-tile int4 loops (GemvConfig.variant): variant 1 is the float32 math of variant 0 summed
-    in another order; variant 2 dequantizes and multiplies in float16 pairs (about 1e-3 relative error:
+    in another order; variant 2 dequantizes and multiplies in float16 pairs (about 2e-3 relative error:
     gemv.py says where it rounds). Fused RMSNorm scaling, SwiGLU and residual, over a ragged last tile."""
     gen = torch.Generator().manual_seed(group + variant)
     n, k = 40, 384  # block_k 256: the second tile is half masked
