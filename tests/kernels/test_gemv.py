@@ -221,3 +221,78 @@ def test_gemv_tiles_take_the_variant_field(monkeypatch):
     monkeypatch.setenv("TORCHCHAT_GEMV_TILES", '{"int4": [32, 512, 4, 1, 2], "int4:small": [16, 1024, 8]}')
     assert pick_config("int4", 12288, 4096, 128) == GemvConfig(32, 512, 4, 1, 2)
     assert pick_config("int4", 4096, 4096, 128).variant == 0
+
+
+def _simulate_ptx(text: str, operands: dict[str, int]) -> float:
+    """Run the straight-line PTX of gemv._dot4_f16x2_asm on the CPU: the few instructions it uses, with
+    float16 halves rounded as the GPU rounds them (a float64 FMA is exact for float16 operands)."""
+    import numpy as np
+
+    def half(bits: int) -> float:
+        return float(np.array([bits & 0xFFFF], np.uint16).view(np.float16)[0])
+
+    def bits16(v: float) -> int:
+        return int(np.array([v], np.float16).view(np.uint16)[0])
+
+    def pair(fn, *regs):
+        lo = fn(*(half(r) for r in regs))
+        hi = fn(*(half(r >> 16) for r in regs))
+        return bits16(lo) | bits16(hi) << 16
+
+    reg = dict(operands)
+    val = lambda t: reg[t] if t in reg else int(t, 0)  # noqa: E731
+    for line in text.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}." or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        if op == "mov.b32" and args.startswith("{"):
+            lo, hi, src = (a.strip(" {}") for a in args.replace("}", ",").split(",") if a.strip(" {}"))
+            reg[lo], reg[hi] = val(src) & 0xFFFF, val(src) >> 16
+            continue
+        d, *a = (t.strip() for t in args.split(","))
+        if op == "mov.b32":
+            reg[d] = val(a[0])
+        elif op == "lop3.b32":
+            assert a[3] == "0xEA"  # (a & b) | c
+            reg[d] = (val(a[0]) & val(a[1])) | val(a[2])
+        elif op == "shr.b32":
+            reg[d] = (val(a[0]) & 0xFFFFFFFF) >> int(a[1])
+        elif op == "fma.rn.f16x2":
+            reg[d] = pair(lambda x, y, z: x * y + z, val(a[0]), val(a[1]), val(a[2]))
+        elif op == "mul.rn.f16x2":
+            reg[d] = pair(lambda x, y: x * y, val(a[0]), val(a[1]))
+        elif op == "cvt.f32.f16":
+            reg[d] = half(val(a[0]))
+        elif op == "add.f32":
+            reg[d] = float(np.float32(reg[a[0]]) + np.float32(reg[a[1]]))
+        else:
+            raise AssertionError(f"the simulator does not know {op}")
+    return reg["$0"]
+
+
+def test_dot4_ptx_computes_the_nibble_dot_product():
+    """The packed-float16 PTX of int4 variant 2 (which only a GPU runs), simulated instruction by
+    instruction: four words' nibbles times their inputs, q s rounded to float16, the nibble pairing
+    and the x / 16 of odd pairs as gemv._int4_step_vec feeds them."""
+    import numpy as np
+
+    from torchchat.kernels.gemv import _dot4_f16x2_asm
+
+    rng = np.random.default_rng(0)
+    bits16 = lambda v: int(np.array([v], np.float16).view(np.uint16)[0])  # noqa: E731
+    for _ in range(20):
+        words = rng.integers(0, 2**32, 4, dtype=np.uint64)
+        x = rng.standard_normal((4, 8)) * 3  # x[v, i]: the input of nibble i of word v
+        s, m = float(np.float16(rng.uniform(1e-3, 2e-2))), 0.0
+        ops = {f"${1 + v}": int(words[v]) for v in range(4)}
+        for v in range(4):
+            for j in range(4):
+                f = 1 / 16 if j % 2 else 1.0
+                ops[f"${5 + 4 * v + j}"] = bits16(x[v, j] * f) | bits16(x[v, j + 4] * f) << 16
+        ops["$21"] = bits16(s) | bits16(s) << 16
+        ops["$22"] = bits16(-1024 * s) | bits16(-1024 * s) << 16
+        got = _simulate_ptx(_dot4_f16x2_asm(), ops)
+        q = np.array([[(int(words[v]) >> 4 * i) & 15 for i in range(8)] for v in range(4)])
+        want = float((q * s * x).sum()) + m
+        assert abs(got - want) < 5e-3 * float(np.abs(q * s * x).sum()), (got, want)
