@@ -31,7 +31,8 @@ GRIDS = {
              # by their SASS per weight and registers on sm_90a (bench/gemv_sm90_report.py).
              (32, 512, 4, 1, 1), (64, 512, 4, 1, 1),
              (32, 512, 4, 1, 2), (16, 1024, 4, 1, 2), (32, 1024, 4, 1, 2), (32, 1024, 4, 3, 2), (64, 512, 4, 1, 2),
-             (32, 512, 4, 3, 2), (16, 1024, 4, 3, 2), (64, 1024, 8, 3, 2), (16, 1024, 8, 1, 2)],
+             (32, 512, 4, 3, 2), (16, 1024, 4, 3, 2), (64, 1024, 8, 3, 2), (16, 1024, 8, 1, 2), (16, 512, 2, 1, 2),
+             (8, 1024, 4, 1, 2)],
 }
 GROUPS = {"float": 0, "int8": 0, "int4": 128}
 # A tile whose product is further than this from the float64 one is reported as an error, not timed
