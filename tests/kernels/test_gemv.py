@@ -177,3 +177,122 @@ def test_gemv_rows_tiles_follow_the_environment(monkeypatch):
     assert (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages) == (32, 1024, 4, 2)
     assert pick_rows_config("int4", 4096, 4096, 2048).block_k == 2048  # still a multiple of the group
     assert pick_rows_config("int8", 40, 64, 32).block_k == 64  # 16 columns per byte field at least
+
+
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("variant,stages", [(1, 1), (1, 3), (2, 1), (2, 3)])
+def test_gemv_int4_variants(device, group, variant, stages):
+    """The vector-tile int4 loops (GemvConfig.variant): variant 1 is the float32 math of variant 0 summed
+    in another order; variant 2 dequantizes and multiplies in float16 pairs (about 2e-3 relative error:
+    gemv.py says where it rounds). Fused RMSNorm scaling, SwiGLU and residual, over a ragged last tile."""
+    gen = torch.Generator().manual_seed(group + variant)
+    n, k = 40, 384  # block_k 256: the second tile is half masked
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(device)
+    x = torch.randn(k, generator=gen).to(device)
+    res = torch.randn(n // 2, generator=gen).to(device)
+    q, s, m = _stored("int4", group, w, torch.float32)
+    wd = dequantize("int4", group, q, s, m, torch.float32)
+    cfg = GemvConfig(16, max(256, group), 4, stages, variant)
+    tol = 1e-6 if variant == 1 else 4e-3
+    base = GemvConfig(16, max(256, group), 4)
+    y = gemv(x, "int4", group, q, s, m, config=cfg)
+    assert rel_err(y, wd.double() @ x.double()) < (1e-5 if variant == 1 else tol)
+    fused = dict(rms_only=True, eps=1e-5, swiglu=True, residual=res, res_scale=0.5)
+    assert rel_err(gemv(x, "int4", group, q, s, m, config=cfg, **fused),
+                   gemv(x, "int4", group, q, s, m, config=base, **fused)) < tol
+
+
+def test_gemv_int4_variant_bf16_matches_the_modules(device):
+    """Variant 2 in a bfloat16 model: within the tolerance the other formats meet against the modules."""
+    gen = torch.Generator().manual_seed(5)
+    n, k = 24, 256
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16).to(device)
+    x = torch.randn(k, generator=gen).to(torch.bfloat16).to(device)
+    st = _stored("int4", 64, w, torch.bfloat16)
+    wd = dequantize("int4", 64, *st, torch.bfloat16)
+    y = gemv(x, "int4", 64, *st, config=GemvConfig(8, 256, 4, 1, 2))
+    assert y.dtype == torch.bfloat16 and rel_err(y, _reference(x, wd)) < 1.5e-2
+
+
+def test_gemv_tiles_take_the_variant_field(monkeypatch):
+    """TORCHCHAT_GEMV_TILES' fifth field picks the int4 loop variant; without it, variant 0."""
+    from torchchat.kernels.gemv import pick_config
+
+    monkeypatch.setenv("TORCHCHAT_GEMV_TILES", '{"int4": [32, 512, 4, 1, 2], "int4:small": [16, 1024, 8]}')
+    assert pick_config("int4", 12288, 4096, 128) == GemvConfig(32, 512, 4, 1, 2)
+    assert pick_config("int4", 4096, 4096, 128).variant == 0
+
+
+def _simulate_ptx(text: str, operands: dict[str, int]) -> float:
+    """Run the straight-line PTX of gemv._dot4_f16x2_asm on the CPU: the few instructions it uses, with
+    float16 halves rounded as the GPU rounds them (a float64 FMA is exact for float16 operands)."""
+    import numpy as np
+
+    def half(bits: int) -> float:
+        return float(np.array([bits & 0xFFFF], np.uint16).view(np.float16)[0])
+
+    def bits16(v: float) -> int:
+        return int(np.array([v], np.float16).view(np.uint16)[0])
+
+    def pair(fn, *regs):
+        lo = fn(*(half(r) for r in regs))
+        hi = fn(*(half(r >> 16) for r in regs))
+        return bits16(lo) | bits16(hi) << 16
+
+    reg = dict(operands)
+    val = lambda t: reg[t] if t in reg else int(t, 0)  # noqa: E731
+    for line in text.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}." or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        if op == "mov.b32" and args.startswith("{"):
+            lo, hi, src = (a.strip(" {}") for a in args.replace("}", ",").split(",") if a.strip(" {}"))
+            reg[lo], reg[hi] = val(src) & 0xFFFF, val(src) >> 16
+            continue
+        d, *a = (t.strip() for t in args.split(","))
+        if op == "mov.b32":
+            reg[d] = val(a[0])
+        elif op == "lop3.b32":
+            assert a[3] == "0xEA"  # (a & b) | c
+            reg[d] = (val(a[0]) & val(a[1])) | val(a[2])
+        elif op == "shr.b32":
+            reg[d] = (val(a[0]) & 0xFFFFFFFF) >> int(a[1])
+        elif op == "fma.rn.f16x2":
+            reg[d] = pair(lambda x, y, z: x * y + z, val(a[0]), val(a[1]), val(a[2]))
+        elif op == "mul.rn.f16x2":
+            reg[d] = pair(lambda x, y: x * y, val(a[0]), val(a[1]))
+        elif op == "cvt.f32.f16":
+            reg[d] = half(val(a[0]))
+        elif op == "add.f32":
+            reg[d] = float(np.float32(reg[a[0]]) + np.float32(reg[a[1]]))
+        else:
+            raise AssertionError(f"the simulator does not know {op}")
+    return reg["$0"]
+
+
+def test_dot4_ptx_computes_the_nibble_dot_product():
+    """The packed-float16 PTX of int4 variant 2 (which only a GPU runs), simulated instruction by
+    instruction: four words' nibbles times their inputs, q s rounded to float16, the nibble pairing
+    and the x / 16 of odd pairs as gemv._int4_step_vec feeds them."""
+    import numpy as np
+
+    from torchchat.kernels.gemv import _dot4_f16x2_asm
+
+    rng = np.random.default_rng(0)
+    bits16 = lambda v: int(np.array([v], np.float16).view(np.uint16)[0])  # noqa: E731
+    for _ in range(20):
+        words = rng.integers(0, 2**32, 4, dtype=np.uint64)
+        x = rng.standard_normal((4, 8)) * 3  # x[v, i]: the input of nibble i of word v
+        s, m = float(np.float16(rng.uniform(1e-3, 2e-2))), 0.0
+        ops = {f"${1 + v}": int(words[v]) for v in range(4)}
+        for v in range(4):
+            for j in range(4):
+                f = 1 / 16 if j % 2 else 1.0
+                ops[f"${5 + 4 * v + j}"] = bits16(x[v, j] * f) | bits16(x[v, j + 4] * f) << 16
+        ops["$21"] = bits16(s) | bits16(s) << 16
+        ops["$22"] = bits16(-1024 * s) | bits16(-1024 * s) << 16
+        got = _simulate_ptx(_dot4_f16x2_asm(), ops)
+        q = np.array([[(int(words[v]) >> 4 * i) & 15 for i in range(8)] for v in range(4)])
+        want = float((q * s * x).sum()) + m
+        assert abs(got - want) < 5e-3 * float(np.abs(q * s * x).sum()), (got, want)

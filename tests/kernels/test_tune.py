@@ -45,6 +45,9 @@ def test_tile_names_round_trip():
     assert _tile_name(GemvConfig(16, 512, 4, 3)) == "16x512w4s3"
     assert _tile_fields("16x512w4") == [16, 512, 4]
     assert _tile_fields("8x1024w8s4") == [8, 1024, 8, 4]
+    assert _tile_name(GemvConfig(32, 512, 4, 1, 2)) == "32x512w4s1v2"
+    assert _tile_fields("32x512w4s1v2") == [32, 512, 4, 1, 2]
+    assert _tile_fields("32x1024w4s3v1") == [32, 1024, 4, 3, 1]
 
 
 def test_best_tile_is_time_weighted_over_shapes():

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 ROLES = ("qkv", "wo", "w13", "w2", "output")  # the batch-1 GEMVs of one decode step, in layer order
-# Candidate tiles per format, (rows per program, inputs per step, warps[, pipeline stages]). One stage:
+# Candidate tiles per format, (rows per program, inputs per step, warps[, pipeline stages[, int4 loop
+# variant]]). One stage:
 # the integer loops prefetch the next tile into registers by hand; more: Triton's pipeliner keeps that
 # many tiles in flight through shared memory (gemv.py).
 GRIDS = {
@@ -25,9 +26,18 @@ GRIDS = {
              (32, 1024, 4), (8, 512, 4, 3), (16, 512, 4, 3), (16, 512, 4, 4), (8, 1024, 4, 3), (32, 512, 4, 3)],
     "int4": [(16, 512, 8), (16, 512, 4), (32, 512, 4), (32, 512, 8), (16, 1024, 8), (16, 1024, 4), (32, 1024, 4),
              (64, 512, 4), (8, 512, 4, 3), (16, 512, 4, 3), (16, 512, 4, 4), (8, 1024, 4, 3), (16, 1024, 4, 3),
-             (32, 512, 4, 3), (4, 1024, 4, 4)],
+             (32, 512, 4, 3), (4, 1024, 4, 4),
+             # The vector-tile loops (gemv.py, fifth field: variant 1 float32, 2 packed float16), chosen
+             # by their SASS per weight and registers on sm_90a (bench/gemv_sm90_report.py).
+             (32, 512, 4, 1, 1), (64, 512, 4, 1, 1),
+             (32, 512, 4, 1, 2), (16, 1024, 4, 1, 2), (32, 1024, 4, 1, 2), (32, 1024, 4, 3, 2), (64, 512, 4, 1, 2),
+             (32, 512, 4, 3, 2), (16, 1024, 4, 3, 2), (64, 1024, 8, 3, 2), (16, 1024, 8, 1, 2), (16, 512, 2, 1, 2),
+             (8, 1024, 4, 1, 2)],
 }
 GROUPS = {"float": 0, "int8": 0, "int4": 128}
+# A tile whose product is further than this from the float64 one is reported as an error, not timed
+# into the choice (int4 variant 2 rounds to float16 on purpose: about 1e-3; the others about 1e-6).
+MAX_REL_ERR = 1e-2
 ROTATE_BYTES = 400_000_000  # weights cycled through per timing: > 8x the L2, so every read comes from memory
 
 
@@ -102,16 +112,25 @@ def _role_args(role: str, fmt: str, k: int, n: int):
 
 
 def _tile_name(tile) -> str:
-    stages = f"s{tile.num_stages}" if tile.num_stages > 1 else ""
-    return f"{tile.block_n}x{tile.block_k}w{tile.num_warps}{stages}"
+    stages = f"s{tile.num_stages}" if tile.num_stages > 1 or tile.variant else ""
+    variant = f"v{tile.variant}" if tile.variant else ""
+    return f"{tile.block_n}x{tile.block_k}w{tile.num_warps}{stages}{variant}"
 
 
 def _tile_fields(name: str) -> list[int]:
-    """Inverse of _tile_name: [block_n, block_k, num_warps(, num_stages)]."""
+    """Inverse of _tile_name: [block_n, block_k, num_warps(, num_stages(, variant))]."""
     bn, rest = name.split("x")
     bk, rest = rest.split("w")
+    rest, _, variant = rest.partition("v")
     w, _, stages = rest.partition("s")
-    return [int(bn), int(bk), int(w)] + ([int(stages)] if stages else [])
+    return [int(bn), int(bk), int(w)] + ([int(stages)] if stages else []) + ([int(variant)] if variant else [])
+
+
+def _tile_config(name: str):
+    """The GemvConfig a tile name stands for."""
+    from torchchat.kernels.gemv import GemvConfig
+
+    return GemvConfig(*_tile_fields(name))
 
 
 def _time_shape(fmt: str, role: str, n_w: int, k: int) -> dict:
@@ -141,10 +160,13 @@ def _time_shape(fmt: str, role: str, n_w: int, k: int) -> dict:
                 gemv(x, fmt, group, st["weight"], st.get("scales"), st.get("mins"), config=tile, **extra)
         try:
             t = graph_time(call, 4) / len(sets)
+            tiled = gemv(x, fmt, group, probe["weight"], probe.get("scales"), probe.get("mins"), config=tile).double()
         except Exception as e:  # a tile the compiler rejects (resources): report, go on
             row["configs"][_tile_name(tile)] = f"error {type(e).__name__}"
             continue
-        row["configs"][_tile_name(tile)] = byt / t / 1e9
+        # Every tile's product is checked too, so that a loop variant that computes wrong cannot win.
+        err = ((tiled - ref).norm() / ref.norm()).item()
+        row["configs"][_tile_name(tile)] = byt / t / 1e9 if err < MAX_REL_ERR else f"error rel_err {err:.1e}"
     row["best"] = max((v, c) for c, v in row["configs"].items() if isinstance(v, float))
     row["default"] = row["configs"].get(_tile_name(default))
     return row
