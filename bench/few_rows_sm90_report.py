@@ -27,9 +27,9 @@ BLOCKS = {"int8": 128, "int4": 128}  # int8 per channel, int4 group 128: the 7B 
 _SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([^;]*);")
 
 
-def _kernel(kernel: str, fmt: str, rows: int, tile: tuple[int, int, int], swiglu: bool, norm: int):
-    """The jitted kernel and its constexprs for this tile."""
-    bn, bk, warps = tile
+def _kernel(kernel: str, fmt: str, rows: int, tile: tuple[int, ...], swiglu: bool, norm: int):
+    """The jitted kernel and its constexprs for this tile ((rows, inputs, warps[, mma's steps ahead]))."""
+    bn, bk, warps, depth = (*tile, 1)[:4]
     common = dict(NORM=norm, SWIGLU=swiglu, RESIDUAL=False, PDL=True, ASM=True, BLOCK_N=bn, BLOCK_K=bk,
                   NORM_BLOCK=512)
     if kernel == "fma":
@@ -46,7 +46,7 @@ def _kernel(kernel: str, fmt: str, rows: int, tile: tuple[int, int, int], swiglu
         raise SystemExit("--kernel mma takes int4 only")
     from torchchat.kernels.gemv_mma import BLOCK_M, _gemv_mma_kernel
 
-    return _gemv_mma_kernel, dict(GROUP=BLOCKS[fmt], IEEE=False, NW=warps, BLOCK_M=BLOCK_M, **common)
+    return _gemv_mma_kernel, dict(GROUP=BLOCKS[fmt], IEEE=False, NW=warps, DEPTH=depth, BLOCK_M=BLOCK_M, **common)
 
 
 def _loop_body(sass: str) -> list[str]:
@@ -65,7 +65,7 @@ def _opcodes(instructions) -> collections.Counter:
     return collections.Counter(i.split()[0].split(".")[0] for i in instructions)
 
 
-def compile_report(fmt: str, rows: int, tile: tuple[int, int, int], swiglu: bool, norm: int,
+def compile_report(fmt: str, rows: int, tile: tuple[int, ...], swiglu: bool, norm: int,
                    kernel: str = "fma") -> str:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -73,7 +73,7 @@ def compile_report(fmt: str, rows: int, tile: tuple[int, int, int], swiglu: bool
 
     fn, consts = _kernel(kernel, fmt, rows, tile, swiglu, norm)
     consts = {k: consts[k] for k in fn.arg_names if k in consts}  # in the kernel's parameter order
-    bn, bk, warps = tile
+    bn, bk, warps = tile[:3]
     names = ["x_ptr", "g_ptr", "w_ptr", "s_ptr", "m_ptr", "r_ptr", "y_ptr", "M", "N", "K", "KW", "KB", "ROWS2",
              "eps", "res_scale"]
     types = ["*bf16", "*bf16", "*i32", "*bf16", "*bf16", "*bf16", "*bf16"] + ["i32"] * 6 + ["fp32", "fp32"]
@@ -104,7 +104,8 @@ def compile_report(fmt: str, rows: int, tile: tuple[int, int, int], swiglu: bool
     top = ", ".join(f"{op} {n}" for op, n in loop.most_common(10))
     conv = ", ".join(f"{n}x {t}" for t, n in conversions.items())
     smem = sum(loop[op] for op in ("STS", "LDS", "LDSM", "STSM", "BAR", "SHFL"))
-    return (f"{kernel} {bn}x{bk}w{warps}: {regs} registers, {spill} bytes spilled; {sum(ops.values())} SASS "
+    name = "{}x{}w{}".format(*tile) + (f"a{tile[3]}" if len(tile) > 3 else "")
+    return (f"{kernel} {name}: {regs} registers, {spill} bytes spilled; {sum(ops.values())} SASS "
             f"instructions, {sum(ops.values()) / words:.0f} per word a thread loads a step; loop body "
             f"{sum(loop.values())} ({sum(loop.values()) / words:.1f} a word; shared memory, barriers and shuffles "
             f"{smem}): {top}\n    convert_layout: {conv or 'none'}; local_alloc: {ttgir.count('ttg.local_alloc')}")
@@ -116,15 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", default="int4", choices=list(FMT))
     p.add_argument("--rows", type=int, default=8, help="input rows M (1..16)")
     p.add_argument("--tiles", nargs="+", default=["16x512w4", "32x512w8", "8x512w4", "64x128w8"],
-                   help="tiles as ROWSxINPUTSwWARPS")
+                   help="tiles as ROWSxINPUTSwWARPS, for mma optionally aN (steps loaded ahead, 1 or 2)")
     p.add_argument("--swiglu", action="store_true", help="the w13 variant (two products a program)")
     p.add_argument("--norm", type=int, default=0, choices=[0, 1, 2], help="the NORM prologue (2: folded RMSNorm)")
     a = p.parse_args(argv)
     for text in a.tiles:
-        bn, rest = text.split("x")
-        bk, warps = rest.split("w")
-        print(f"{a.format} M={a.rows} " + compile_report(a.format, a.rows, (int(bn), int(bk), int(warps)), a.swiglu,
-                                                         a.norm, a.kernel), flush=True)
+        tile = tuple(int(v) for v in re.fullmatch(r"(\d+)x(\d+)w(\d+)(?:a(\d))?", text).groups() if v)
+        print(f"{a.format} M={a.rows} " + compile_report(a.format, a.rows, tile, a.swiglu, a.norm, a.kernel), flush=True)
     return 0
 
 

@@ -16,7 +16,8 @@ from torchchat.kernels.formats import dequantize  # noqa: E402
 from torchchat.kernels.gemv import GemvConfig  # noqa: E402
 
 # (group, inputs, tile): 384 inputs with steps of 256 leave a half step at the end of each row.
-CASES = [(128, 384, (64, 256, 4)), (128, 256, (32, 128, 2)), (32, 256, (16, 128, 1)), (64, 384, (64, 256, 4)),
+# A 4th tile field of 2: weights loaded two steps ahead.
+CASES = [(128, 384, (64, 256, 4)), (128, 256, (32, 128, 2)), (32, 256, (16, 128, 1, 2)), (64, 384, (64, 256, 4, 2)),
          (256, 512, (16, 256, 1))]
 
 
@@ -93,6 +94,8 @@ def test_mma_rows_reject_what_they_do_not_take(device):
         gemv_mma(x, "int4", 128, *stored, config=GemvConfig(32, 256, 4))
     with pytest.raises(MmaRowsError, match="multiple of 128"):
         gemv_mma(x, "int4", 128, *stored, config=GemvConfig(64, 64, 4))
+    with pytest.raises(MmaRowsError, match="ahead 1 or 2"):
+        gemv_mma(x, "int4", 128, *stored, config=GemvConfig(64, 128, 4, 3))
 
 
 def test_mma_is_chosen_by_the_environment_for_int4_only(monkeypatch, device):

@@ -84,7 +84,7 @@ def _ar(N: tl.constexpr, AXIS: tl.constexpr, RANK: tl.constexpr):
 @triton.jit
 def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, m64, mmask, K, KW, KG, eps,
               NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
-              IEEE: tl.constexpr, GROUP: tl.constexpr, NW: tl.constexpr,
+              IEEE: tl.constexpr, GROUP: tl.constexpr, NW: tl.constexpr, DEPTH: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """(BLOCK_N, BLOCK_M) float32 products of weight rows row0 + [0, BLOCK_N) with the prologue'd
     input rows m64."""
@@ -106,10 +106,15 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, m64, mmask, K, KW, KG,
     rmask = row0 + row < N
     rows64 = (row0 + row).to(tl.int64)
     wgrp = word // WS
-    sgrp = (16 * bb + 4 * _ar(4, 5, 7)) // WS
+    sgrp = (16 * bb + 4 * _ar(4, 5, 7)) // WS  # a word's group does not depend on v (WS >= 4)
     soff = rows64 * KG + sgrp
     base = w_ptr + rows64 * KW + word
+    STEP: tl.constexpr = BLOCK_K // GROUP  # groups a step
+    # Weights never depend on the previous kernel: the first steps are loaded
+    # before waiting on it (gemv.py), DEPTH steps ahead of their use from then on.
     words_next = tl.load(base, mask=rmask & (wgrp < KG), other=0)
+    if DEPTH == 2:
+        words_next2 = tl.load(base + STEP * WS, mask=rmask & (STEP + wgrp < KG), other=0)
     _wait(PDL)
     rstd = _rstd_rows(x_ptr, m64, mmask, K, eps, NORM, NORM_BLOCK, BLOCK_M)
     # Operand column 128 b + 32 v + 16 c + 8 h + 2 q + e holds nibble t = 4 c + 2 h + e of word
@@ -124,9 +129,12 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, m64, mmask, K, KW, KG,
     col = (cw // WS) * GROUP + ct * WS + cw % WS
     xrow = m64[:, None] * K
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for g0 in range(0, KG, BLOCK_K // GROUP):
+    for g0 in range(0, KG, STEP):
         words = words_next
-        # A word's group does not depend on v (WS >= 4): one scale per (b, row, q), broadcast over v.
+        if DEPTH == 2:
+            words_next = words_next2
+        # Scales are loaded where they are used: prefetched with the words (as bf16 or float32)
+        # they cost ~45 more registers a thread at 64x256w4 (sm_90a), a program fewer an SM.
         smask = rmask & (g0 + sgrp < KG)
         s = tl.load(s_ptr + soff + g0, mask=smask, other=0.0).to(tl.float32)
         mn = tl.load(m_ptr + soff + g0, mask=smask, other=0.0).to(tl.float32)
@@ -157,8 +165,11 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, m64, mmask, K, KW, KG,
             idx = g0 * GROUP + col
             xv = _load_xm(x_ptr, g_ptr, xrow + idx[None, :], idx[None, :], mmask[:, None] & (idx < K)[None, :],
                           rstd[:, None], NORM)
-        words_next = tl.load(base + (g0 + BLOCK_K // GROUP) * WS, mask=rmask & (g0 + BLOCK_K // GROUP + wgrp < KG),
-                             other=0)
+        ahead = g0 + DEPTH * STEP
+        if DEPTH == 2:
+            words_next2 = tl.load(base + ahead * WS, mask=rmask & (ahead + wgrp < KG), other=0)
+        else:
+            words_next = tl.load(base + ahead * WS, mask=rmask & (ahead + wgrp < KG), other=0)
         if IEEE:  # float32 models, and the CPU interpreter (see gemv_rows._mdot)
             acc = tl.dot(w.to(tl.float32), tl.trans(xv.to(tl.float32)), acc, input_precision="ieee")
         else:
@@ -174,7 +185,7 @@ def _gemv_mma_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
                      M, N, K, KW, KB, ROWS2, eps, res_scale,
                      GROUP: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
                      IEEE: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr, NW: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     DEPTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      NORM_BLOCK: tl.constexpr):
     """Outputs [pid0*BLOCK_N, ...) of input rows [pid1*BLOCK_M, ...): X (M, K), Y (M, N)."""
     if PDL:  # let the next kernel's programs get ready as soon as all of ours have started
@@ -184,11 +195,11 @@ def _gemv_mma_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
     mmask = m < M
     m64 = m.to(tl.int64)
     y = _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, m64, mmask, K, KW, KB, eps,
-                  NORM, NORM_BLOCK, PDL, ASM, IEEE, GROUP, NW, BLOCK_M, BLOCK_N, BLOCK_K)
+                  NORM, NORM_BLOCK, PDL, ASM, IEEE, GROUP, NW, DEPTH, BLOCK_M, BLOCK_N, BLOCK_K)
     up = y
     if SWIGLU:
         up = _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0 + ROWS2, N + ROWS2, m64, mmask, K, KW, KB, eps,
-                       NORM, NORM_BLOCK, PDL, ASM, IEEE, GROUP, NW, BLOCK_M, BLOCK_N, BLOCK_K)
+                       NORM, NORM_BLOCK, PDL, ASM, IEEE, GROUP, NW, DEPTH, BLOCK_M, BLOCK_N, BLOCK_K)
     rows = row0 + tl.arange(0, BLOCK_N)
     _store_rows(tl.trans(y), tl.trans(up), x_ptr, r_ptr, y_ptr, m64, mmask, rows.to(tl.int64), rows < N, N,
                 res_scale, SWIGLU, RESIDUAL)
@@ -201,7 +212,9 @@ def _gemv_mma_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
 # bench/cuda_rows_bench.py sweeps its MMA_TILES on the GPU and prints the best per shape class.
 # block_n is a multiple of 16 per warp (a warp's MMA rows); 4 or 8 warps take Hopper's warpgroup MMA,
 # 1 or 2 the warp-level one (more, smaller programs). block_k is a multiple of 128 and of the group.
-# Override with TORCHCHAT_GEMV_MMA_TILES='{"int4": [block_n, block_k, num_warps], "int4:small": [...], ...}'.
+# The 4th field (GemvConfig.num_stages) is how many steps of weights the loop loads ahead by hand, 1
+# or 2 (more bytes in flight a program, 16-32 more registers), not Triton's pipeliner, which stays off.
+# Override with TORCHCHAT_GEMV_MMA_TILES='{"int4": [block_n, block_k, num_warps(, ahead)], "int4:small": ...}'.
 SMALL_N = 8192
 _CONFIGS = {
     "int4": GemvConfig(block_n=64, block_k=256, num_warps=4),
@@ -242,9 +255,10 @@ def gemv_mma(x: Tensor, fmt: str, groupsize: int, weight: Tensor, scales: Tensor
     n = n_w // 2 if swiglu else n_w
     block = pack_block(fmt, groupsize)
     cfg = config or pick_mma_config(fmt, n, k, block, swiglu)
-    if cfg.block_k % max(block, 128) or cfg.block_n % (16 * cfg.num_warps):
-        raise MmaRowsError(f"tile {cfg.block_n}x{cfg.block_k}w{cfg.num_warps}: the step must be a multiple of 128 "
-                           f"inputs and of the group ({block}), the rows of 16 per warp")
+    if cfg.block_k % max(block, 128) or cfg.block_n % (16 * cfg.num_warps) or cfg.num_stages not in (1, 2):
+        raise MmaRowsError(f"tile {cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}: the step must be a "
+                           f"multiple of 128 inputs and of the group ({block}), the rows of 16 per warp, the "
+                           "steps loaded ahead 1 or 2")
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, BLOCK_M))
     use_pdl = pdl_enabled(x)
@@ -254,8 +268,8 @@ def gemv_mma(x: Tensor, fmt: str, groupsize: int, weight: Tensor, scales: Tensor
         m, n, k, weight.shape[1], k // block, n, eps, res_scale,
         GROUP=block, NORM=2 if rms_only else int(norm_weight is not None), SWIGLU=swiglu,
         RESIDUAL=residual is not None, IEEE=x.dtype == torch.float32 or not x.is_cuda, PDL=use_pdl,
-        ASM=x.is_cuda, NW=cfg.num_warps, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        NORM_BLOCK=min(512, triton.next_power_of_2(k)),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=use_pdl,
+        ASM=x.is_cuda, NW=cfg.num_warps, DEPTH=cfg.num_stages, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, NORM_BLOCK=min(512, triton.next_power_of_2(k)),
+        num_warps=cfg.num_warps, num_stages=1, launch_pdl=use_pdl,
     )
     return out
