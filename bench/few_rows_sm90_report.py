@@ -27,7 +27,7 @@ BLOCKS = {"int8": 128, "int4": 128}  # int8 per channel, int4 group 128: the 7B 
 _SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([^;]*);")
 
 
-def _kernel(kernel: str, fmt: str, rows: int, tile: tuple[int, ...], swiglu: bool, norm: int):
+def _kernel(kernel: str, fmt: str, rows: int, tile: tuple[int, ...], swiglu: bool, norm: int, packed: bool = True):
     """The jitted kernel and its constexprs for this tile ((rows, inputs, warps[, mma's steps ahead]))."""
     bn, bk, warps, depth = (*tile, 1)[:4]
     common = dict(NORM=norm, SWIGLU=swiglu, RESIDUAL=False, PDL=True, ASM=True, BLOCK_N=bn, BLOCK_K=bk,
@@ -46,7 +46,7 @@ def _kernel(kernel: str, fmt: str, rows: int, tile: tuple[int, ...], swiglu: boo
         raise SystemExit("--kernel mma takes int4 only")
     from torchchat.kernels.gemv_mma import BLOCK_M, _gemv_mma_kernel
 
-    return _gemv_mma_kernel, dict(GROUP=BLOCKS[fmt], IEEE=False, NW=warps, DEPTH=depth, BLOCK_M=BLOCK_M, **common)
+    return _gemv_mma_kernel, dict(GROUP=BLOCKS[fmt], IEEE=False, PACKED=packed, NW=warps, DEPTH=depth, BLOCK_M=BLOCK_M, **common)
 
 
 def _loop_body(sass: str) -> list[str]:
@@ -66,12 +66,12 @@ def _opcodes(instructions) -> collections.Counter:
 
 
 def compile_report(fmt: str, rows: int, tile: tuple[int, ...], swiglu: bool, norm: int,
-                   kernel: str = "fma") -> str:
+                   kernel: str = "fma", packed: bool = True) -> str:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn, consts = _kernel(kernel, fmt, rows, tile, swiglu, norm)
+    fn, consts = _kernel(kernel, fmt, rows, tile, swiglu, norm, packed)
     consts = {k: consts[k] for k in fn.arg_names if k in consts}  # in the kernel's parameter order
     bn, bk, warps = tile[:3]
     names = ["x_ptr", "g_ptr", "w_ptr", "s_ptr", "m_ptr", "r_ptr", "y_ptr", "M", "N", "K", "KW", "KB", "ROWS2",
@@ -119,11 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiles", nargs="+", default=["16x512w4", "32x512w8", "8x512w4", "64x128w8"],
                    help="tiles as ROWSxINPUTSwWARPS, for mma optionally aN (steps loaded ahead, 1 or 2)")
     p.add_argument("--swiglu", action="store_true", help="the w13 variant (two products a program)")
+    p.add_argument("--float32-dequant", action="store_true",
+                   help="mma: dequantize in float32 (TORCHCHAT_MMA_PACKED=0), not in packed 16-bit pairs")
     p.add_argument("--norm", type=int, default=0, choices=[0, 1, 2], help="the NORM prologue (2: folded RMSNorm)")
     a = p.parse_args(argv)
     for text in a.tiles:
         tile = tuple(int(v) for v in re.fullmatch(r"(\d+)x(\d+)w(\d+)(?:a(\d))?", text).groups() if v)
-        print(f"{a.format} M={a.rows} " + compile_report(a.format, a.rows, tile, a.swiglu, a.norm, a.kernel), flush=True)
+        print(f"{a.format} M={a.rows} " + compile_report(a.format, a.rows, tile, a.swiglu, a.norm, a.kernel,
+                                                         not a.float32_dequant), flush=True)
     return 0
 
 

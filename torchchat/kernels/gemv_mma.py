@@ -2,27 +2,35 @@
 tile: Y = epilogue(prologue(X) W^T), X (M, K), for the small-batch decode of int4 weights.
 
 Why a third kernel beside gemv_rows.py's "dot" and gemv_few.py's "fma": the dot kernel multiplies
-each nibble field of a tile separately (eight tl.dot calls a step, each on a (rows, words) slice
-whose input columns are gathered with a stride of GROUP/8), so every field of every step changes
-the layout of both operands through shared memory; the fma kernel avoids that but spends one FMA
-per weight and input row on the CUDA cores, which at 8 rows is the limit (H100 figures in
-gemv_rows.ROWS_KERNELS). Here the eight fields of each loaded word are unpacked, dequantized and
-joined in registers into one (BLOCK_N, BLOCK_K) operand (`tl.join`: the new dimension stays in the
-thread that holds the word) and multiplied once per step. A dot's sum does not care about the order
-of its K dimension as long as both operands share it, so the operand's columns are in packed order,
-not input order: column 8 j + t is nibble t of the tile's word j, i.e. input
-(j // WS) * GROUP + t * WS + j % WS with WS = GROUP / 8 words a group, and the input rows are
-gathered in that order (a fixed index per tile, read from L1/L2; the inputs are a few kB).
+each nibble field of a tile separately (eight tl.dot calls a step on (rows, words) slices with
+gathered input columns), and every field stages both operands through shared memory (sm_90a: 16
+local_allocs, 48 ldmatrix, 40 shared stores and 16 barriers a step at 64x512w8); the fma kernel
+avoids the staging but spends an FMA per weight and input row. Here one loop step loads a
+(BLOCK_N, BLOCK_K) weight tile, unpacks and dequantizes all eight nibble fields in registers, joins
+them (`tl.join`: the new axis stays in the thread that holds the word) and multiplies once, with
+no data movement between the load and the tensor cores:
 
-The weights are the dot's left operand (M side, W_LEFT): (BLOCK_N, BLOCK_K) @ (BLOCK_K, BLOCK_M)
-with BLOCK_M = 16 input rows (tl.dot's smallest N), so the big operand is the one built in registers
-and the small one (the input rows, the same for every weight row) is the one staged in shared memory.
-W_LEFT=False puts the input rows on the M side as gemv_rows does, for comparison
-(bench/few_rows_sm90_report.py counts both).
+- The weights are the MMA's M side, (BLOCK_N, BLOCK_K) @ (BLOCK_K, 16 input rows): the big operand
+  is the one built in registers, the small one (the input rows, shared by every weight row) is
+  staged in shared memory, once a step.
+- A dot's sum does not depend on the order of its K axis as long as both operands share it, and
+  the order of the weight rows is the program's own; both are chosen so that each lane already holds
+  what the MMA's register operand wants it to hold: the words are loaded as a (NB, S, 2, NW, 8, 4, 4)
+  tile (16-word blocks, row 16 NW s + 16 w + 8 r + g, word 16 b + 4 q + v), which Triton's default
+  layout gives 4 words a thread, lanes (g, q) and warps w, exactly the rows and the column quads of
+  warp w's lanes in the MMA operand; the operand's columns are then (b, v, c, h, q, e) for nibble
+  c + 2 h + 4 e (warpgroup MMA, 4 or 8 warps) or (b, v, c, q, h, e) (warp MMA, 1 or 2 warps, whose
+  lanes hold 4 consecutive columns), so the conversion to the operand layout is a renaming of
+  registers (sm_90a: no shared memory, no shuffles for the weights). The input rows are gathered
+  in the same column order: for group 128 loaded contiguously and renamed, else index by index.
+- On CUDA with a 16-bit model the weights are dequantized two at a time in one 32-bit register
+  (_pair: 3 instructions a pair against 7 in float32; the pair is the operand's two halves, e = 0, 1),
+  else in float32 (_field), which the CPU interpreter runs.
 
-Roundings: each weight is dequantized to the model dtype as formats.dequantize computes it (q * s + m
-in float32, one rounding), the products accumulate in float32 (the dot kernel's numerics, up to
-summation order). The prologue and epilogues are gemv_rows.py's own helpers.
+Roundings: each weight is q * s + m rounded once to the model dtype, as formats.dequantize rounds it
+(in float32 then to the model dtype: the same value for bf16, whose q * s + m is exact in float32;
+see _pair), and the products accumulate in float32: the dot kernel's numerics, up to summation order.
+The prologue and epilogues are gemv_rows.py's own helpers.
 
 Import only on CUDA machines (or with TRITON_INTERPRET=1 for the CPU tests): this module imports triton.
 """
@@ -60,6 +68,43 @@ def _field(words, high, I: tl.constexpr, s, mn, ASM: tl.constexpr):
 
 
 @triton.jit
+def _pair(words2, s2, m2, I: tl.constexpr):
+    """Nibbles I and I + 4 of every word, dequantized to the model dtype in pairs, (..., 2).
+
+    words2, s2, m2: each word, scale and minimum (in the model dtype) twice along a new minor axis, so that one asm
+    instance (pack=2) sees both halves of a 32-bit register pair: one lop3 puts nibble I in the low
+    and nibble I + 4 in the high 16 bits, as the mantissas of 128 + q (bf16) or 1024 + q (fp16); one
+    packed FMA subtracts that bias exactly and a second computes q * s + m with a single rounding.
+    formats.dequantize rounds the float32 q * s + m to the model dtype instead; in bf16 that is the
+    same value: with q 4 bits and s, m 8, the float32 sum is exact unless q * s < 2^-12 |m|, and then
+    both round to m. fp16 (11-bit s and m) may differ by a unit in rare cases."""
+    if s2.dtype == tl.bfloat16:
+        magic: tl.constexpr = "0x43004300"  # 128.0, twice
+        one: tl.constexpr = "0x3F803F80"
+        bias: tl.constexpr = "0xC300C300"  # -128.0
+        kind: tl.constexpr = "bf16x2"
+    else:
+        magic: tl.constexpr = "0x64006400"  # 1024.0
+        one: tl.constexpr = "0x3C003C00"
+        bias: tl.constexpr = "0xE400E400"  # -1024.0
+        kind: tl.constexpr = "f16x2"
+    if I == 0:
+        shift: tl.constexpr = "0"
+    elif I == 1:
+        shift: tl.constexpr = "4"
+    elif I == 2:
+        shift: tl.constexpr = "8"
+    else:
+        shift: tl.constexpr = "12"
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t, u, c1, cb; shr.u32 t, $1, " + shift + "; mov.b32 c1, " + one + "; mov.b32 cb, "
+        + bias + "; lop3.b32 u, t, 0x000F000F, " + magic + ", 0xEA; fma.rn." + kind + " u, u, c1, cb; fma.rn."
+        + kind + " $0, u, $3, $4; }",
+        "=r,r,r,r,r", [words2, s2, m2], dtype=s2.dtype, is_pure=True, pack=2,
+    )
+
+
+@triton.jit
 def _ar(N: tl.constexpr, AXIS: tl.constexpr, RANK: tl.constexpr):
     """arange(N) as a rank-RANK tensor along AXIS (size 1 elsewhere)."""
     v = tl.arange(0, N)
@@ -84,8 +129,8 @@ def _ar(N: tl.constexpr, AXIS: tl.constexpr, RANK: tl.constexpr):
 @triton.jit
 def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, m64, mmask, K, KW, KG, eps,
               NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
-              IEEE: tl.constexpr, GROUP: tl.constexpr, NW: tl.constexpr, DEPTH: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              IEEE: tl.constexpr, PACKED: tl.constexpr, GROUP: tl.constexpr, NW: tl.constexpr,
+              DEPTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """(BLOCK_N, BLOCK_M) float32 products of weight rows row0 + [0, BLOCK_N) with the prologue'd
     input rows m64."""
     dt = x_ptr.dtype.element_ty
@@ -117,15 +162,15 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, m64, mmask, K, KW, KG,
         words_next2 = tl.load(base + STEP * WS, mask=rmask & (STEP + wgrp < KG), other=0)
     _wait(PDL)
     rstd = _rstd_rows(x_ptr, m64, mmask, K, eps, NORM, NORM_BLOCK, BLOCK_M)
-    # Operand column 128 b + 32 v + 16 c + 8 h + 2 q + e holds nibble t = 4 c + 2 h + e of word
+    # Operand column 128 b + 32 v + 16 c + 8 h + 2 q + e holds nibble t = c + 2 h + 4 e of word
     # 16 b + 4 q + v: its input (within the step) is (word // WS) * GROUP + t * WS + word % WS.
     cc = tl.arange(0, BLOCK_K)
     if V3:
         cw = 16 * (cc // 128) + 4 * ((cc // 2) % 4) + (cc // 32) % 4
-        ct = 4 * ((cc // 16) % 2) + 2 * ((cc // 8) % 2) + cc % 2
+        ct = (cc // 16) % 2 + 2 * ((cc // 8) % 2) + 4 * (cc % 2)
     else:
         cw = 16 * (cc // 128) + 4 * ((cc // 4) % 4) + (cc // 32) % 4
-        ct = 4 * ((cc // 16) % 2) + 2 * ((cc // 2) % 2) + cc % 2
+        ct = (cc // 16) % 2 + 2 * ((cc // 2) % 2) + 4 * (cc % 2)
     col = (cw // WS) * GROUP + ct * WS + cw % WS
     xrow = m64[:, None] * K
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -136,31 +181,46 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, m64, mmask, K, KW, KG,
         # Scales are loaded where they are used: prefetched with the words (as bf16 or float32)
         # they cost ~45 more registers a thread at 64x256w4 (sm_90a), a program fewer an SM.
         smask = rmask & (g0 + sgrp < KG)
-        s = tl.load(s_ptr + soff + g0, mask=smask, other=0.0).to(tl.float32)
-        mn = tl.load(m_ptr + soff + g0, mask=smask, other=0.0).to(tl.float32)
-        high = words >> 12  # nibbles 5..7 down to bits 8..19 (_unpack takes fields below bit 23)
-        # Axes (c, h, e) appended: nibble 4 c + 2 h + e. e is joined last, so it is the minor register
-        # axis: each float32 pair (e = 0, 1) rounds into one bf16x2 register, as the operand holds it.
-        f = tl.join(tl.join(tl.join(_field(words, high, 0, s, mn, ASM), _field(words, high, 4, s, mn, ASM)),
-                            tl.join(_field(words, high, 2, s, mn, ASM), _field(words, high, 6, s, mn, ASM))),
-                    tl.join(tl.join(_field(words, high, 1, s, mn, ASM), _field(words, high, 5, s, mn, ASM)),
-                            tl.join(_field(words, high, 3, s, mn, ASM), _field(words, high, 7, s, mn, ASM))))
+        s = tl.load(s_ptr + soff + g0, mask=smask, other=0.0)
+        mn = tl.load(m_ptr + soff + g0, mask=smask, other=0.0)
+        # Operand axes (c, h, e) appended to each word: nibble t = c + 2 h + 4 e of the word.
+        if PACKED:
+            # e is the pair axis, the two halves of one register: (e, c, h) built, then renamed.
+            w2 = tl.join(words, words)
+            s2 = tl.broadcast_to(s.to(dt), words.shape)
+            s2 = tl.join(s2, s2)
+            m2 = tl.broadcast_to(mn.to(dt), words.shape)
+            m2 = tl.join(m2, m2)
+            f = tl.join(tl.join(_pair(w2, s2, m2, 0), _pair(w2, s2, m2, 1)),
+                        tl.join(_pair(w2, s2, m2, 2), _pair(w2, s2, m2, 3)))
+            f = tl.permute(f, 0, 1, 2, 3, 4, 5, 6, 8, 9, 7)
+        else:
+            s = s.to(tl.float32)
+            mn = mn.to(tl.float32)
+            high = words >> 12  # nibbles 5..7 down to bits 8..19 (_unpack takes fields below bit 23)
+            # e joined last, so the minor register axis: each float32 pair (e = 0, 1) rounds into one
+            # 32-bit register of two halves, as the operand holds it.
+            f = tl.join(tl.join(tl.join(_field(words, high, 0, s, mn, ASM), _field(words, high, 1, s, mn, ASM)),
+                                tl.join(_field(words, high, 2, s, mn, ASM), _field(words, high, 3, s, mn, ASM))),
+                        tl.join(tl.join(_field(words, high, 4, s, mn, ASM), _field(words, high, 5, s, mn, ASM)),
+                                tl.join(_field(words, high, 6, s, mn, ASM), _field(words, high, 7, s, mn, ASM))))
+            f = f.to(dt)
         # (b, s, r, w, g, q, v, c, h, e) -> rows (s, w, r, g), columns (b, v, c, h, q, e)
         if V3:
-            w = tl.reshape(tl.permute(f.to(dt), 1, 3, 2, 4, 0, 6, 7, 8, 5, 9), [BLOCK_N, BLOCK_K])
+            w = tl.reshape(tl.permute(f, 1, 3, 2, 4, 0, 6, 7, 8, 5, 9), [BLOCK_N, BLOCK_K])
         else:
-            w = tl.reshape(tl.permute(f.to(dt), 1, 3, 2, 4, 0, 6, 7, 5, 8, 9), [BLOCK_N, BLOCK_K])
+            w = tl.reshape(tl.permute(f, 1, 3, 2, 4, 0, 6, 7, 5, 8, 9), [BLOCK_N, BLOCK_K])
         if WS == 16:
-            # Group 128: the step's inputs in order are (b, c, h, e, q, v) (input 16 t + word within
+            # Group 128: the step's inputs in order are (b, e, h, c, q, v) (input 16 t + word within
             # a group): loaded contiguously, then only renamed into the operand's column order.
             idx = g0 * GROUP + cc
             xv = _load_xm(x_ptr, g_ptr, xrow + idx[None, :], idx[None, :], mmask[:, None] & (idx < K)[None, :],
                           rstd[:, None], NORM)
             xv = tl.reshape(xv, [BLOCK_M, NB, 2, 2, 2, 4, 4])
             if V3:
-                xv = tl.reshape(tl.permute(xv, 0, 1, 6, 2, 3, 5, 4), [BLOCK_M, BLOCK_K])
+                xv = tl.reshape(tl.permute(xv, 0, 1, 6, 4, 3, 5, 2), [BLOCK_M, BLOCK_K])
             else:
-                xv = tl.reshape(tl.permute(xv, 0, 1, 6, 2, 5, 3, 4), [BLOCK_M, BLOCK_K])
+                xv = tl.reshape(tl.permute(xv, 0, 1, 6, 4, 5, 3, 2), [BLOCK_M, BLOCK_K])
         else:  # other groups: each column gathered from its input
             idx = g0 * GROUP + col
             xv = _load_xm(x_ptr, g_ptr, xrow + idx[None, :], idx[None, :], mmask[:, None] & (idx < K)[None, :],
@@ -184,7 +244,8 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, m64, mmask, K, KW, KG,
 def _gemv_mma_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
                      M, N, K, KW, KB, ROWS2, eps, res_scale,
                      GROUP: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                     IEEE: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr, NW: tl.constexpr,
+                     IEEE: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr, PACKED: tl.constexpr,
+                     NW: tl.constexpr,
                      DEPTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      NORM_BLOCK: tl.constexpr):
     """Outputs [pid0*BLOCK_N, ...) of input rows [pid1*BLOCK_M, ...): X (M, K), Y (M, N)."""
@@ -195,11 +256,11 @@ def _gemv_mma_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
     mmask = m < M
     m64 = m.to(tl.int64)
     y = _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, m64, mmask, K, KW, KB, eps,
-                  NORM, NORM_BLOCK, PDL, ASM, IEEE, GROUP, NW, DEPTH, BLOCK_M, BLOCK_N, BLOCK_K)
+                  NORM, NORM_BLOCK, PDL, ASM, IEEE, PACKED, GROUP, NW, DEPTH, BLOCK_M, BLOCK_N, BLOCK_K)
     up = y
     if SWIGLU:
         up = _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0 + ROWS2, N + ROWS2, m64, mmask, K, KW, KB, eps,
-                       NORM, NORM_BLOCK, PDL, ASM, IEEE, GROUP, NW, DEPTH, BLOCK_M, BLOCK_N, BLOCK_K)
+                       NORM, NORM_BLOCK, PDL, ASM, IEEE, PACKED, GROUP, NW, DEPTH, BLOCK_M, BLOCK_N, BLOCK_K)
     rows = row0 + tl.arange(0, BLOCK_N)
     _store_rows(tl.trans(y), tl.trans(up), x_ptr, r_ptr, y_ptr, m64, mmask, rows.to(tl.int64), rows < N, N,
                 res_scale, SWIGLU, RESIDUAL)
@@ -221,6 +282,12 @@ _CONFIGS = {
     "int4:small": GemvConfig(block_n=32, block_k=256, num_warps=2),
     "int4:swiglu": GemvConfig(block_n=64, block_k=256, num_warps=4),
 }
+
+
+def packed_dequant(x: Tensor) -> bool:
+    """Whether the weights are dequantized two at a time in 16-bit registers (_pair: PTX, so CUDA
+    only, 16-bit models only), else in float32 (_field). TORCHCHAT_MMA_PACKED=0 forces float32."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and os.environ.get("TORCHCHAT_MMA_PACKED") != "0"
 
 
 def pick_mma_config(fmt: str, n: int, k: int, block: int, swiglu: bool = False) -> GemvConfig:
@@ -268,7 +335,7 @@ def gemv_mma(x: Tensor, fmt: str, groupsize: int, weight: Tensor, scales: Tensor
         m, n, k, weight.shape[1], k // block, n, eps, res_scale,
         GROUP=block, NORM=2 if rms_only else int(norm_weight is not None), SWIGLU=swiglu,
         RESIDUAL=residual is not None, IEEE=x.dtype == torch.float32 or not x.is_cuda, PDL=use_pdl,
-        ASM=x.is_cuda, NW=cfg.num_warps, DEPTH=cfg.num_stages, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n,
+        ASM=x.is_cuda, PACKED=packed_dequant(x), NW=cfg.num_warps, DEPTH=cfg.num_stages, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, NORM_BLOCK=min(512, triton.next_power_of_2(k)),
         num_warps=cfg.num_warps, num_stages=1, launch_pdl=use_pdl,
     )
