@@ -68,13 +68,15 @@ FMA_TILES = {
              16: [(16, 128, 4), (8, 256, 4), (16, 256, 8), (8, 128, 4)]},
 }
 DOT_TILES = {"int4": [(64, 512, 8), (32, 512, 4)], "int8": [(32, 256, 4), (16, 512, 8)]}
-# mma (int4 only; the same code for every M <= 16, as its programs always take 16 rows): from
-# compiling for sm_90a without a GPU (bench/few_rows_sm90_report.py --kernel mma), none spilling,
-# with and without SwiGLU. Warpgroup tiles (4 or 8 warps: 64 rows a group) about 37-40 SASS
-# instructions a weight word in the loop; warp tiles (1 or 2 warps) about 46-52, but 2-4x the programs
-# for a 4096-row layer (64 rows a program give only 64 programs on 132 SMs). --mma-tiles caps the list.
-MMA_TILES = [(64, 256, 4), (128, 128, 8), (128, 256, 8), (64, 128, 4), (32, 256, 2), (32, 128, 2), (16, 256, 1),
-             (16, 128, 1)]
+# mma (int4 only; the same code for every M <= 16, as its programs always take 16 rows; a 4th field:
+# weight steps loaded ahead): from compiling for sm_90a without a GPU (bench/few_rows_sm90_report.py
+# --kernel mma), none spilling with or without SwiGLU. Warpgroup tiles (4 or 8 warps, 64 rows a group)
+# run 23-28 SASS instructions a weight word in the loop, warp tiles (1 or 2 warps) 31-38 but give 2-4x
+# the programs for a 4096-row layer (64 rows a program: 64 programs on 132 SMs). Ordered by a guess of
+# bytes in flight an SM (registers -> programs an SM, times a program's loaded-ahead words) and
+# instructions a word; --mma-tiles caps the list.
+MMA_TILES = [(64, 256, 4, 2), (128, 256, 8), (64, 256, 4), (128, 128, 8, 2), (64, 128, 4, 2), (32, 256, 2, 2),
+             (32, 512, 2), (16, 256, 1, 2)]
 MMA_SMOKE_TILES = [(16, 128, 1), (64, 128, 4)]
 # --smoke: rows of 128 and 256 inputs (the int4 group and the int8 per-channel block are 128).
 SMOKE_SHAPES = [("qkv", 96, 128), ("wo", 32, 128), ("w13", 128, 128), ("w2", 32, 256), ("output", 40, 128)]
@@ -98,7 +100,7 @@ class Shape:
 class Variant:
     kernel: str  # "gemv" (one row), "dot", "fma" or "mma"
     m: int
-    tile: tuple[int, int, int] | None  # None: the shipped pick per shape (gemv.pick_config)
+    tile: tuple[int, ...] | None  # (rows, inputs, warps[, mma: steps ahead]); None: gemv.pick_config's
 
     @property
     def name(self) -> str:
@@ -106,7 +108,10 @@ class Variant:
 
 
 def _tile_name(tile) -> str:
-    return "shipped" if tile is None else "{}x{}w{}".format(*tile)
+    """64x256w4, or 64x256w4a2 with mma's 4th field (weight steps loaded ahead)."""
+    if tile is None:
+        return "shipped"
+    return "{}x{}w{}".format(*tile) + (f"a{tile[3]}" if len(tile) > 3 else "")
 
 
 class Bench:

@@ -266,21 +266,23 @@ def _gemv_mma_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
                 res_scale, SWIGLU, RESIDUAL)
 
 
-# Tiles (weight rows per program, inputs per step, warps), looked up as "int4:swiglu" (the stacked
-# w1|w3 product: two products a program), "int4:small" (at most SMALL_N outputs: a 7B model's wo and w2,
-# whose 4096 rows give few programs), then "int4". NOT MEASURED: first guesses from compiling for
-# sm_90a without a GPU (bench/few_rows_sm90_report.py --kernel mma; no spills, 96-224 registers);
-# bench/cuda_rows_bench.py sweeps its MMA_TILES on the GPU and prints the best per shape class.
+# Tiles (weight rows per program, inputs per step, warps, weight steps loaded ahead), looked up as
+# "int4:swiglu" (the stacked w1|w3 product: two products a program), "int4:small" (at most SMALL_N
+# outputs: a 7B model's wo and w2, whose 4096 rows give few programs), then "int4". NOT MEASURED: first
+# guesses from compiling for sm_90a without a GPU (bench/few_rows_sm90_report.py --kernel mma: no
+# spills; packed dequantization 23-28 SASS instructions a weight word in the loop for 4 or 8 warps);
+# bench/cuda_rows_bench.py sweeps its MMA_TILES on the GPU and prints the best per class.
 # block_n is a multiple of 16 per warp (a warp's MMA rows); 4 or 8 warps take Hopper's warpgroup MMA,
 # 1 or 2 the warp-level one (more, smaller programs). block_k is a multiple of 128 and of the group.
 # The 4th field (GemvConfig.num_stages) is how many steps of weights the loop loads ahead by hand, 1
-# or 2 (more bytes in flight a program, 16-32 more registers), not Triton's pipeliner, which stays off.
-# Override with TORCHCHAT_GEMV_MMA_TILES='{"int4": [block_n, block_k, num_warps(, ahead)], "int4:small": ...}'.
+# or 2 (more bytes in flight a program, ~50 more registers at 64x256w4), not Triton's pipeliner,
+# which stays off. Override with
+# TORCHCHAT_GEMV_MMA_TILES='{"int4": [block_n, block_k, num_warps(, ahead)], "int4:small": [...], ...}'.
 SMALL_N = 8192
 _CONFIGS = {
-    "int4": GemvConfig(block_n=64, block_k=256, num_warps=4),
-    "int4:small": GemvConfig(block_n=32, block_k=256, num_warps=2),
-    "int4:swiglu": GemvConfig(block_n=64, block_k=256, num_warps=4),
+    "int4": GemvConfig(block_n=64, block_k=256, num_warps=4, num_stages=2),
+    "int4:small": GemvConfig(block_n=32, block_k=256, num_warps=2, num_stages=2),
+    "int4:swiglu": GemvConfig(block_n=64, block_k=256, num_warps=4, num_stages=2),
 }
 
 
