@@ -257,11 +257,15 @@ def _mma_class(sh: Shape) -> str:
 
 
 def _mma_fused(bench: Bench, tiles: list[tuple[int, int, int]], m: int) -> tuple[float, dict[str, tuple]]:
-    """The fused step of mma at M rows with the best of `tiles` per tile class: (ms, {class: tile})."""
+    """The fused step of mma at M rows with the best of `tiles` per tile class: (ms, {class: tile}).
+    For w13 each tile's rows are halved (gemv_mma multiplies both halves in one product)."""
     per = {}  # (class, tile) -> ms over the class's shapes
     for sh in bench.shapes:
         for t in tiles:
-            key = (_mma_class(sh), t)
+            cls = _mma_class(sh)
+            if cls == "int4:swiglu":  # both halves are one product: half the rows a half, same registers
+                t = (t[0] // 2, *t[1:])
+            key = (cls, t)
             per[key] = per.get(key, 0.0) + bench.shape_ms(Variant("mma", m, t), sh, fused=True)
     best: dict[str, tuple] = {}
     for (cls, t), ms in per.items():

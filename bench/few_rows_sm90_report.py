@@ -100,7 +100,8 @@ def compile_report(fmt: str, rows: int, tile: tuple[int, ...], swiglu: bool, nor
                                       for line in ttgir.splitlines() if "ttg.convert_layout" in line)
     ops = _opcodes(i for m in map(_SASS_LINE.match, sass.splitlines()) if m for i in [m.group(2).strip()])
     loop = _opcodes(_loop_body(sass))
-    words = bn * bk // (8 if fmt == "int4" else 4) / (32 * warps)
+    rows = 2 * bn if kernel == "mma" and swiglu else bn  # mma: both SwiGLU halves in one product
+    words = rows * bk // (8 if fmt == "int4" else 4) / (32 * warps)
     top = ", ".join(f"{op} {n}" for op, n in loop.most_common(10))
     conv = ", ".join(f"{n}x {t}" for t, n in conversions.items())
     smem = sum(loop[op] for op in ("STS", "LDS", "LDSM", "STSM", "BAR", "SHFL"))
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", default="int4", choices=list(FMT))
     p.add_argument("--rows", type=int, default=8, help="input rows M (1..16)")
     p.add_argument("--tiles", nargs="+", default=["16x512w4", "32x512w8", "8x512w4", "64x128w8"],
-                   help="tiles as ROWSxINPUTSwWARPS, for mma optionally aN (steps loaded ahead, 1 or 2)")
+                   help="tiles as ROWSxINPUTSwWARPS, for mma optionally aN (steps loaded ahead, 1 to 4)")
     p.add_argument("--swiglu", action="store_true", help="the w13 variant (two products a program)")
     p.add_argument("--float32-dequant", action="store_true",
                    help="mma: dequantize in float32 (TORCHCHAT_MMA_PACKED=0), not in packed 16-bit pairs")

@@ -16,8 +16,8 @@ from torchchat.kernels.formats import dequantize  # noqa: E402
 from torchchat.kernels.gemv import GemvConfig  # noqa: E402
 
 # (group, inputs, tile): 384 inputs with steps of 256 leave a half step at the end of each row.
-# A 4th tile field of 2: weights loaded two steps ahead.
-CASES = [(128, 384, (64, 256, 4)), (128, 256, (32, 128, 2)), (32, 256, (16, 128, 1, 2)), (64, 384, (64, 256, 4, 2)),
+# A 4th tile field: weight steps loaded ahead (640 inputs in 5 steps of 128 with 4 in flight).
+CASES = [(128, 384, (64, 256, 4)), (128, 640, (32, 128, 2, 4)), (32, 256, (16, 128, 1, 2)), (64, 384, (64, 256, 4, 2)),
          (256, 512, (16, 256, 1))]
 
 
@@ -94,8 +94,8 @@ def test_mma_rows_reject_what_they_do_not_take(device):
         gemv_mma(x, "int4", 128, *stored, config=GemvConfig(32, 256, 4))
     with pytest.raises(MmaRowsError, match="multiple of 128"):
         gemv_mma(x, "int4", 128, *stored, config=GemvConfig(64, 64, 4))
-    with pytest.raises(MmaRowsError, match="ahead 1 or 2"):
-        gemv_mma(x, "int4", 128, *stored, config=GemvConfig(64, 128, 4, 3))
+    with pytest.raises(MmaRowsError, match="ahead 1 to 4"):
+        gemv_mma(x, "int4", 128, *stored, config=GemvConfig(64, 128, 4, 5))
 
 
 def test_mma_is_chosen_by_the_environment_for_int4_only(monkeypatch, device):
@@ -107,6 +107,11 @@ def test_mma_is_chosen_by_the_environment_for_int4_only(monkeypatch, device):
     assert {rows_mod.rows_kernel(f, 8) for f in ("float", "int8", "int8_asym")} == {"dot"}
     stored, _, x, _ = _case(128, 2, 16, 128, torch.float32, device, 2)
     assert torch.equal(rows_mod.gemv_rows(x, "int4", 128, *stored), gemv_mma(x, "int4", 128, *stored))
+    # The default tiles, SwiGLU's (both halves in one product) included.
+    stored, wd, x, _ = _case(128, 3, 96, 256, torch.float32, device, 3)
+    gate, up = (x.double() @ wd.double().T).split(48, dim=1)
+    y = rows_mod.gemv_rows(x, "int4", 128, *stored, swiglu=True)
+    assert y.shape == (3, 48) and rel_err(y, F.silu(gate) * up) < 1e-5
 
 
 def test_mma_tiles_follow_the_environment(monkeypatch):

@@ -127,16 +127,19 @@ def _ar(N: tl.constexpr, AXIS: tl.constexpr, RANK: tl.constexpr):
 
 
 @triton.jit
-def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, m64, mmask, K, KW, KG, eps,
+def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, KW, KG, eps,
               NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
               IEEE: tl.constexpr, PACKED: tl.constexpr, GROUP: tl.constexpr, NW: tl.constexpr,
-              DEPTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(BLOCK_N, BLOCK_M) float32 products of weight rows row0 + [0, BLOCK_N) with the prologue'd
-    input rows m64."""
+              DEPTH: tl.constexpr, HALVES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """(HALVES * BLOCK_N, BLOCK_M) float32 products of weight rows row0 + [0, BLOCK_N) (and, with
+    HALVES = 2, then of rows ROWS2 + row0 + [0, BLOCK_N): SwiGLU's w3 half, in the same dot, so that
+    both halves share the steps, the input tile and one ring of loads) with the prologue'd input rows
+    m64; rows past N (of each half) give zeros."""
     dt = x_ptr.dtype.element_ty
     WS: tl.constexpr = GROUP // 8
     NB: tl.constexpr = BLOCK_K // 128  # blocks of 16 words (one per quad of lanes)
-    S: tl.constexpr = BLOCK_N // (16 * NW)
+    S: tl.constexpr = HALVES * BLOCK_N // (16 * NW)
     # Hopper's warpgroup MMA (4 warps a group) spreads each lane's operand columns as (2 q + e, + 8 h);
     # the warp-level MMA (fewer warps) takes them as (4 q + 2 h + e) (kWidth 4): the column order
     # follows, so that either way the operand needs no data movement.
@@ -148,8 +151,9 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, m64, mmask, K, KW, KG,
     bb = _ar(NB, 0, 7)
     row = 16 * NW * _ar(S, 1, 7) + 8 * _ar(2, 2, 7) + 16 * _ar(NW, 3, 7) + _ar(8, 4, 7)
     word = 16 * bb + 4 * _ar(4, 5, 7) + _ar(4, 6, 7)
-    rmask = row0 + row < N
-    rows64 = (row0 + row).to(tl.int64)
+    local = row % BLOCK_N
+    rmask = row0 + local < N
+    rows64 = (row0 + local + (row // BLOCK_N) * ROWS2).to(tl.int64)
     wgrp = word // WS
     sgrp = (16 * bb + 4 * _ar(4, 5, 7)) // WS  # a word's group does not depend on v (WS >= 4)
     soff = rows64 * KG + sgrp
@@ -157,9 +161,14 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, m64, mmask, K, KW, KG,
     STEP: tl.constexpr = BLOCK_K // GROUP  # groups a step
     # Weights never depend on the previous kernel: the first steps are loaded
     # before waiting on it (gemv.py), DEPTH steps ahead of their use from then on.
-    words_next = tl.load(base, mask=rmask & (wgrp < KG), other=0)
-    if DEPTH == 2:
-        words_next2 = tl.load(base + STEP * WS, mask=rmask & (STEP + wgrp < KG), other=0)
+    # A ring of DEPTH tiles in flight (w1 the next to use), rotated by one each step.
+    w1 = tl.load(base, mask=rmask & (wgrp < KG), other=0)
+    if DEPTH >= 2:
+        w2 = tl.load(base + STEP * WS, mask=rmask & (STEP + wgrp < KG), other=0)
+    if DEPTH >= 3:
+        w3 = tl.load(base + 2 * STEP * WS, mask=rmask & (2 * STEP + wgrp < KG), other=0)
+    if DEPTH >= 4:
+        w4 = tl.load(base + 3 * STEP * WS, mask=rmask & (3 * STEP + wgrp < KG), other=0)
     _wait(PDL)
     rstd = _rstd_rows(x_ptr, m64, mmask, K, eps, NORM, NORM_BLOCK, BLOCK_M)
     # Operand column 128 b + 32 v + 16 c + 8 h + 2 q + e holds nibble t = c + 2 h + 4 e of word
@@ -173,11 +182,15 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, m64, mmask, K, KW, KG,
         ct = (cc // 16) % 2 + 2 * ((cc // 2) % 2) + 4 * (cc % 2)
     col = (cw // WS) * GROUP + ct * WS + cw % WS
     xrow = m64[:, None] * K
-    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    acc = tl.zeros([HALVES * BLOCK_N, BLOCK_M], tl.float32)
     for g0 in range(0, KG, STEP):
-        words = words_next
-        if DEPTH == 2:
-            words_next = words_next2
+        words = w1
+        if DEPTH >= 2:
+            w1 = w2
+        if DEPTH >= 3:
+            w2 = w3
+        if DEPTH >= 4:
+            w3 = w4
         # Scales are loaded where they are used: prefetched with the words (as bf16 or float32)
         # they cost ~45 more registers a thread at 64x256w4 (sm_90a), a program fewer an SM.
         smask = rmask & (g0 + sgrp < KG)
@@ -186,13 +199,13 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, m64, mmask, K, KW, KG,
         # Operand axes (c, h, e) appended to each word: nibble t = c + 2 h + 4 e of the word.
         if PACKED:
             # e is the pair axis, the two halves of one register: (e, c, h) built, then renamed.
-            w2 = tl.join(words, words)
+            wpair = tl.join(words, words)
             s2 = tl.broadcast_to(s.to(dt), words.shape)
             s2 = tl.join(s2, s2)
             m2 = tl.broadcast_to(mn.to(dt), words.shape)
             m2 = tl.join(m2, m2)
-            f = tl.join(tl.join(_pair(w2, s2, m2, 0), _pair(w2, s2, m2, 1)),
-                        tl.join(_pair(w2, s2, m2, 2), _pair(w2, s2, m2, 3)))
+            f = tl.join(tl.join(_pair(wpair, s2, m2, 0), _pair(wpair, s2, m2, 1)),
+                        tl.join(_pair(wpair, s2, m2, 2), _pair(wpair, s2, m2, 3)))
             f = tl.permute(f, 0, 1, 2, 3, 4, 5, 6, 8, 9, 7)
         else:
             s = s.to(tl.float32)
@@ -207,9 +220,9 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, m64, mmask, K, KW, KG,
             f = f.to(dt)
         # (b, s, r, w, g, q, v, c, h, e) -> rows (s, w, r, g), columns (b, v, c, h, q, e)
         if V3:
-            w = tl.reshape(tl.permute(f, 1, 3, 2, 4, 0, 6, 7, 8, 5, 9), [BLOCK_N, BLOCK_K])
+            w = tl.reshape(tl.permute(f, 1, 3, 2, 4, 0, 6, 7, 8, 5, 9), [HALVES * BLOCK_N, BLOCK_K])
         else:
-            w = tl.reshape(tl.permute(f, 1, 3, 2, 4, 0, 6, 7, 5, 8, 9), [BLOCK_N, BLOCK_K])
+            w = tl.reshape(tl.permute(f, 1, 3, 2, 4, 0, 6, 7, 5, 8, 9), [HALVES * BLOCK_N, BLOCK_K])
         if WS == 16:
             # Group 128: the step's inputs in order are (b, e, h, c, q, v) (input 16 t + word within
             # a group): loaded contiguously, then only renamed into the operand's column order.
@@ -226,10 +239,15 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, m64, mmask, K, KW, KG,
             xv = _load_xm(x_ptr, g_ptr, xrow + idx[None, :], idx[None, :], mmask[:, None] & (idx < K)[None, :],
                           rstd[:, None], NORM)
         ahead = g0 + DEPTH * STEP
-        if DEPTH == 2:
-            words_next2 = tl.load(base + ahead * WS, mask=rmask & (ahead + wgrp < KG), other=0)
+        nxt = tl.load(base + ahead * WS, mask=rmask & (ahead + wgrp < KG), other=0)
+        if DEPTH == 1:
+            w1 = nxt
+        elif DEPTH == 2:
+            w2 = nxt
+        elif DEPTH == 3:
+            w3 = nxt
         else:
-            words_next = tl.load(base + ahead * WS, mask=rmask & (ahead + wgrp < KG), other=0)
+            w4 = nxt
         if IEEE:  # float32 models, and the CPU interpreter (see gemv_rows._mdot)
             acc = tl.dot(w.to(tl.float32), tl.trans(xv.to(tl.float32)), acc, input_precision="ieee")
         else:
@@ -255,12 +273,14 @@ def _gemv_mma_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mmask = m < M
     m64 = m.to(tl.int64)
-    y = _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, m64, mmask, K, KW, KB, eps,
-                  NORM, NORM_BLOCK, PDL, ASM, IEEE, PACKED, GROUP, NW, DEPTH, BLOCK_M, BLOCK_N, BLOCK_K)
-    up = y
-    if SWIGLU:
-        up = _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0 + ROWS2, N + ROWS2, m64, mmask, K, KW, KB, eps,
-                       NORM, NORM_BLOCK, PDL, ASM, IEEE, PACKED, GROUP, NW, DEPTH, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, KW, KB, eps,
+                    NORM, NORM_BLOCK, PDL, ASM, IEEE, PACKED, GROUP, NW, DEPTH, 2 if SWIGLU else 1,
+                    BLOCK_M, BLOCK_N, BLOCK_K)
+    if SWIGLU:  # rows [0, BLOCK_N) of the product are w1's, the next BLOCK_N w3's
+        y, up = tl.split(tl.permute(tl.reshape(acc, [2, BLOCK_N, BLOCK_M]), 1, 2, 0))
+    else:
+        y = acc
+        up = y
     rows = row0 + tl.arange(0, BLOCK_N)
     _store_rows(tl.trans(y), tl.trans(up), x_ptr, r_ptr, y_ptr, m64, mmask, rows.to(tl.int64), rows < N, N,
                 res_scale, SWIGLU, RESIDUAL)
@@ -272,17 +292,19 @@ def _gemv_mma_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
 # guesses from compiling for sm_90a without a GPU (bench/few_rows_sm90_report.py --kernel mma: no
 # spills; packed dequantization 23-28 SASS instructions a weight word in the loop for 4 or 8 warps);
 # bench/cuda_rows_bench.py sweeps its MMA_TILES on the GPU and prints the best per class.
-# block_n is a multiple of 16 per warp (a warp's MMA rows); 4 or 8 warps take Hopper's warpgroup MMA,
-# 1 or 2 the warp-level one (more, smaller programs). block_k is a multiple of 128 and of the group.
-# The 4th field (GemvConfig.num_stages) is how many steps of weights the loop loads ahead by hand, 1
-# or 2 (more bytes in flight a program, ~50 more registers at 64x256w4), not Triton's pipeliner,
-# which stays off. Override with
+# block_n rows (with swiglu 2 block_n: both halves are one product) are a multiple of 16 a warp (a
+# warp's MMA rows); 4 or 8 warps take Hopper's warpgroup MMA, 1 or 2 the warp-level one (more,
+# smaller programs). block_k is a multiple of 128 and of the group. The 4th field
+# (GemvConfig.num_stages) is how many steps of weights the loop loads ahead by hand, 1 to 4, not
+# Triton's pipeliner, which stays off. A layer has N * block_k * ahead / 2 bytes of weights in flight
+# whatever block_n is (one wave of programs): 1 MB for a 4096-row layer at 256 x 2, an eighth of it;
+# a deep ring of short steps (e.g. 64x128w4a4) adds the fewest registers for it. Override with
 # TORCHCHAT_GEMV_MMA_TILES='{"int4": [block_n, block_k, num_warps(, ahead)], "int4:small": [...], ...}'.
 SMALL_N = 8192
 _CONFIGS = {
     "int4": GemvConfig(block_n=64, block_k=256, num_warps=4, num_stages=2),
     "int4:small": GemvConfig(block_n=32, block_k=256, num_warps=2, num_stages=2),
-    "int4:swiglu": GemvConfig(block_n=64, block_k=256, num_warps=4, num_stages=2),
+    "int4:swiglu": GemvConfig(block_n=32, block_k=256, num_warps=4, num_stages=2),  # 64 rows a program
 }
 
 
@@ -304,7 +326,7 @@ def pick_mma_config(fmt: str, n: int, k: int, block: int, swiglu: bool = False) 
     key = f"{fmt}:swiglu" if swiglu else f"{fmt}:small" if n <= SMALL_N else fmt
     base = tiles.get(key) or tiles[fmt]
     block_k = max(min(base.block_k, triton.next_power_of_2(k)), block, 128)
-    block_n = max(16 * base.num_warps, min(base.block_n, triton.next_power_of_2(n)))
+    block_n = max(16 * base.num_warps // (2 if swiglu else 1), min(base.block_n, triton.next_power_of_2(n)))
     return GemvConfig(block_n, block_k, base.num_warps, base.num_stages)
 
 
@@ -324,10 +346,11 @@ def gemv_mma(x: Tensor, fmt: str, groupsize: int, weight: Tensor, scales: Tensor
     n = n_w // 2 if swiglu else n_w
     block = pack_block(fmt, groupsize)
     cfg = config or pick_mma_config(fmt, n, k, block, swiglu)
-    if cfg.block_k % max(block, 128) or cfg.block_n % (16 * cfg.num_warps) or cfg.num_stages not in (1, 2):
-        raise MmaRowsError(f"tile {cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}: the step must be a "
-                           f"multiple of 128 inputs and of the group ({block}), the rows of 16 per warp, the "
-                           "steps loaded ahead 1 or 2")
+    halves = 2 if swiglu else 1
+    if cfg.block_k % max(block, 128) or halves * cfg.block_n % (16 * cfg.num_warps) or cfg.num_stages not in (1, 2, 3, 4):
+        raise MmaRowsError(f"tile {cfg.block_n}x{cfg.block_k}w{cfg.num_warps}a{cfg.num_stages}: the step must be a "
+                           f"multiple of 128 inputs and of the group ({block}), the rows (of both halves with swiglu) "
+                           "a multiple of 16 per warp, the steps loaded ahead 1 to 4")
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, BLOCK_M))
     use_pdl = pdl_enabled(x)
