@@ -70,13 +70,13 @@ FMA_TILES = {
 DOT_TILES = {"int4": [(64, 512, 8), (32, 512, 4)], "int8": [(32, 256, 4), (16, 512, 8)]}
 # mma (int4 only; the same code for every M <= 16, as its programs always take 16 rows; a 4th field:
 # weight steps loaded ahead): from compiling for sm_90a without a GPU (bench/few_rows_sm90_report.py
-# --kernel mma), none spilling with or without SwiGLU. Warpgroup tiles (4 or 8 warps, 64 rows a group)
-# run 23-28 SASS instructions a weight word in the loop, warp tiles (1 or 2 warps) 31-38 but give 2-4x
-# the programs for a 4096-row layer (64 rows a program: 64 programs on 132 SMs). Ordered by a guess of
-# bytes in flight an SM (registers -> programs an SM, times a program's loaded-ahead words) and
-# instructions a word; --mma-tiles caps the list.
-MMA_TILES = [(64, 256, 4, 2), (128, 256, 8), (64, 256, 4), (128, 128, 8, 2), (64, 128, 4, 2), (32, 256, 2, 2),
-             (32, 512, 2), (16, 256, 1, 2)]
+# --kernel mma), none spilling with or without SwiGLU (w13 takes each tile at half the rows: both
+# halves are one product). Warpgroup tiles (4 or 8 warps, 64 rows a group) run 23-31 SASS
+# instructions a weight word in the loop, warp tiles (2 warps) 33-36 but give 2-4x the programs for
+# a 4096-row layer. A layer's bytes in flight are N * block_k * ahead / 2 whatever the rows (one wave):
+# ordered by that, then by instructions a word; --mma-tiles caps the list.
+MMA_TILES = [(64, 256, 4, 2), (128, 256, 8), (128, 128, 8, 4), (64, 128, 4, 4), (128, 256, 8, 2), (64, 256, 4, 3),
+             (32, 256, 2, 2), (32, 128, 2, 4)]
 MMA_SMOKE_TILES = [(16, 128, 1), (64, 128, 4)]
 # --smoke: rows of 128 and 256 inputs (the int4 group and the int8 per-channel block are 128).
 SMOKE_SHAPES = [("qkv", 96, 128), ("wo", 32, 128), ("w13", 128, 128), ("w2", 32, 256), ("output", 40, 128)]

@@ -303,7 +303,7 @@ def _gemv_mma_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
 SMALL_N = 8192
 _CONFIGS = {
     "int4": GemvConfig(block_n=64, block_k=256, num_warps=4, num_stages=2),
-    "int4:small": GemvConfig(block_n=32, block_k=256, num_warps=2, num_stages=2),
+    "int4:small": GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=4),
     "int4:swiglu": GemvConfig(block_n=32, block_k=256, num_warps=4, num_stages=2),  # 64 rows a program
 }
 
