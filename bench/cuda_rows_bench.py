@@ -274,7 +274,8 @@ def _mma_fused(bench: Bench, tiles: list[tuple[int, int, int]], m: int) -> tuple
     return sum(per[cls, t] for cls, t in best.items()), best
 
 
-def run_format(bench: Bench, rows: list[int], smoke: bool, tiles: int, kernels: list[str], mma_tiles: int) -> list[dict]:
+def run_format(bench: Bench, rows: list[int], smoke: bool, tiles: int, kernels: list[str],
+               mma_tiles: int) -> list[dict]:
     variants = _variants(bench.fmt, rows, smoke, tiles, kernels, mma_tiles)
     gb = bench.step_bytes() / 1e9
     print(f"\n== {bench.fmt} (group {bench.group or 'per channel'}): {gb:.2f} GB of weights per step; "

@@ -46,7 +46,8 @@ def _kernel(kernel: str, fmt: str, rows: int, tile: tuple[int, ...], swiglu: boo
         raise SystemExit("--kernel mma takes int4 only")
     from torchchat.kernels.gemv_mma import BLOCK_M, _gemv_mma_kernel
 
-    return _gemv_mma_kernel, dict(GROUP=BLOCKS[fmt], IEEE=False, PACKED=packed, NW=warps, DEPTH=depth, BLOCK_M=BLOCK_M, **common)
+    return _gemv_mma_kernel, dict(GROUP=BLOCKS[fmt], IEEE=False, PACKED=packed, NW=warps, DEPTH=depth, BLOCK_M=BLOCK_M,
+                                  **common)
 
 
 def _loop_body(sass: str) -> list[str]:

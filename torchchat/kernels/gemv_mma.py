@@ -71,9 +71,9 @@ def _field(words, high, I: tl.constexpr, s, mn, ASM: tl.constexpr):
 def _pair(words2, s2, m2, I: tl.constexpr):
     """Nibbles I and I + 4 of every word, dequantized to the model dtype in pairs, (..., 2).
 
-    words2, s2, m2: each word, scale and minimum (in the model dtype) twice along a new minor axis, so that one asm
-    instance (pack=2) sees both halves of a 32-bit register pair: one lop3 puts nibble I in the low
-    and nibble I + 4 in the high 16 bits, as the mantissas of 128 + q (bf16) or 1024 + q (fp16); one
+    words2, s2, m2: each word, scale and minimum (in the model dtype) twice along a new minor axis,
+    so that one asm instance (pack=2) makes both halves of one 32-bit register: one lop3 puts nibble
+    I in the low and nibble I + 4 in the high 16 bits, as the mantissas of 128 + q (bf16) or 1024 + q (fp16); one
     packed FMA subtracts that bias exactly and a second computes q * s + m with a single rounding.
     formats.dequantize rounds the float32 q * s + m to the model dtype instead; in bf16 that is the
     same value: with q 4 bits and s, m 8, the float32 sum is exact unless q * s < 2^-12 |m|, and then
@@ -159,9 +159,8 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, 
     soff = rows64 * KG + sgrp
     base = w_ptr + rows64 * KW + word
     STEP: tl.constexpr = BLOCK_K // GROUP  # groups a step
-    # Weights never depend on the previous kernel: the first steps are loaded
-    # before waiting on it (gemv.py), DEPTH steps ahead of their use from then on.
-    # A ring of DEPTH tiles in flight (w1 the next to use), rotated by one each step.
+    # A ring of DEPTH steps of words in flight (w1 the next to use), rotated by one each step. Weights
+    # never depend on the previous kernel: the first DEPTH steps are loaded before waiting on it.
     w1 = tl.load(base, mask=rmask & (wgrp < KG), other=0)
     if DEPTH >= 2:
         w2 = tl.load(base + STEP * WS, mask=rmask & (STEP + wgrp < KG), other=0)
@@ -191,8 +190,8 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, 
             w2 = w3
         if DEPTH >= 4:
             w3 = w4
-        # Scales are loaded where they are used: prefetched with the words (as bf16 or float32)
-        # they cost ~45 more registers a thread at 64x256w4 (sm_90a), a program fewer an SM.
+        # Scales are loaded where they are used: prefetched with the words (as bf16 or float32) they
+        # cost ~45 more registers a thread at 64x256w4 (sm_90a, float32 dequantization).
         smask = rmask & (g0 + sgrp < KG)
         s = tl.load(s_ptr + soff + g0, mask=smask, other=0.0)
         mn = tl.load(m_ptr + soff + g0, mask=smask, other=0.0)
@@ -263,9 +262,8 @@ def _gemv_mma_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
                      M, N, K, KW, KB, ROWS2, eps, res_scale,
                      GROUP: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
                      IEEE: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr, PACKED: tl.constexpr,
-                     NW: tl.constexpr,
-                     DEPTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     NORM_BLOCK: tl.constexpr):
+                     NW: tl.constexpr, DEPTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, NORM_BLOCK: tl.constexpr):
     """Outputs [pid0*BLOCK_N, ...) of input rows [pid1*BLOCK_M, ...): X (M, K), Y (M, N)."""
     if PDL:  # let the next kernel's programs get ready as soon as all of ours have started
         tl.extra.cuda.gdc_launch_dependents()
@@ -347,7 +345,8 @@ def gemv_mma(x: Tensor, fmt: str, groupsize: int, weight: Tensor, scales: Tensor
     block = pack_block(fmt, groupsize)
     cfg = config or pick_mma_config(fmt, n, k, block, swiglu)
     halves = 2 if swiglu else 1
-    if cfg.block_k % max(block, 128) or halves * cfg.block_n % (16 * cfg.num_warps) or cfg.num_stages not in (1, 2, 3, 4):
+    if (cfg.block_k % max(block, 128) or halves * cfg.block_n % (16 * cfg.num_warps)
+            or cfg.num_stages not in (1, 2, 3, 4)):
         raise MmaRowsError(f"tile {cfg.block_n}x{cfg.block_k}w{cfg.num_warps}a{cfg.num_stages}: the step must be a "
                            f"multiple of 128 inputs and of the group ({block}), the rows (of both halves with swiglu) "
                            "a multiple of 16 per warp, the steps loaded ahead 1 to 4")
@@ -360,8 +359,8 @@ def gemv_mma(x: Tensor, fmt: str, groupsize: int, weight: Tensor, scales: Tensor
         m, n, k, weight.shape[1], k // block, n, eps, res_scale,
         GROUP=block, NORM=2 if rms_only else int(norm_weight is not None), SWIGLU=swiglu,
         RESIDUAL=residual is not None, IEEE=x.dtype == torch.float32 or not x.is_cuda, PDL=use_pdl,
-        ASM=x.is_cuda, PACKED=packed_dequant(x), NW=cfg.num_warps, DEPTH=cfg.num_stages, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, NORM_BLOCK=min(512, triton.next_power_of_2(k)),
+        ASM=x.is_cuda, PACKED=packed_dequant(x), NW=cfg.num_warps, DEPTH=cfg.num_stages, BLOCK_M=BLOCK_M,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NORM_BLOCK=min(512, triton.next_power_of_2(k)),
         num_warps=cfg.num_warps, num_stages=1, launch_pdl=use_pdl,
     )
     return out

@@ -15,7 +15,9 @@ the integers and scales the float32 sums by the row's scale instead (exact integ
 prologue and epilogues round as gemv.py's do. The one-row path keeps its own kernel (gemv.py), whose
 tiles are tuned for streaming one vector and compile to the same code as before. For integer
 formats a second kernel, gemv_few.py, multiplies a few rows on the CUDA cores instead (no operand
-layout change per nibble field); ROWS_KERNELS below says which kernel serves which (format, M).
+layout change per nibble field), and for int4 a third, gemv_mma.py, on the tensor cores with one dot
+per weight tile built in the MMA's register layout; ROWS_KERNELS below says which kernel serves
+which (format, M).
 
 Import only on CUDA machines (or with TRITON_INTERPRET=1 for the CPU tests): this module imports triton.
 """
