@@ -169,7 +169,11 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, 
     if DEPTH >= 4:
         w4 = tl.load(base + 3 * STEP * WS, mask=rmask & (3 * STEP + wgrp < KG), other=0)
     _wait(PDL)
-    rstd = _rstd_rows(x_ptr, m64, mmask, K, eps, NORM, NORM_BLOCK, BLOCK_M)
+    # NORM 2 scales the finished sums by 1/rms(x): the squares are summed from the input tiles the
+    # loop loads anyway (ss), not in a pass of their own over 16 rows of K inputs before it, which
+    # each program would read from L2 (up to 128 kB a program at 16 rows, as much as its weights).
+    rstd = _rstd_rows(x_ptr, m64, mmask, K, eps, NORM if NORM == 1 else 0, NORM_BLOCK, BLOCK_M)
+    ss = tl.zeros([BLOCK_M, BLOCK_K // 8], tl.float32)
     # Operand column 128 b + 32 v + 16 c + 8 h + 2 q + e holds nibble t = c + 2 h + 4 e of word
     # 16 b + 4 q + v: its input (within the step) is (word // WS) * GROUP + t * WS + word % WS.
     cc = tl.arange(0, BLOCK_K)
@@ -228,6 +232,8 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, 
             idx = g0 * GROUP + cc
             xv = _load_xm(x_ptr, g_ptr, xrow + idx[None, :], idx[None, :], mmask[:, None] & (idx < K)[None, :],
                           rstd[:, None], NORM)
+            if NORM == 2:  # 8 neighbours at a time: each thread's own contiguous inputs
+                ss += tl.sum(tl.reshape(xv.to(tl.float32) * xv.to(tl.float32), [BLOCK_M, BLOCK_K // 8, 8]), 2)
             xv = tl.reshape(xv, [BLOCK_M, NB, 2, 2, 2, 4, 4])
             if V3:
                 xv = tl.reshape(tl.permute(xv, 0, 1, 6, 4, 3, 5, 2), [BLOCK_M, BLOCK_K])
@@ -237,6 +243,8 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, 
             idx = g0 * GROUP + col
             xv = _load_xm(x_ptr, g_ptr, xrow + idx[None, :], idx[None, :], mmask[:, None] & (idx < K)[None, :],
                           rstd[:, None], NORM)
+            if NORM == 2:  # every input of the step once, in another order
+                ss += tl.sum(tl.reshape(xv.to(tl.float32) * xv.to(tl.float32), [BLOCK_M, BLOCK_K // 8, 8]), 2)
         ahead = g0 + DEPTH * STEP
         nxt = tl.load(base + ahead * WS, mask=rmask & (ahead + wgrp < KG), other=0)
         if DEPTH == 1:
@@ -252,7 +260,7 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, 
         else:
             acc = tl.dot(w, tl.trans(xv), acc)
     if NORM == 2:  # the norm weight is folded into W: norm(x) W^T = rstd * (x W^T)
-        acc = acc * rstd[None, :]
+        acc = acc * (1.0 / tl.sqrt(tl.sum(ss, 1) / K + eps))[None, :]
     return acc
 
 
