@@ -1,7 +1,8 @@
 """The few-rows GEMV kernels side by side on a CUDA GPU (issues 17, 18): for a model's layer shapes
 (default Llama-2-7B) and the int4 (group 128) and int8 (per channel) formats, the time of the one-row
-kernel (gemv.py) and of the two multi-row kernels, "dot" (gemv_rows.py, tensor cores) and "fma"
-(gemv_few.py, CUDA cores), at M = 2, 4, 8, 16 input rows, each with a few candidate tiles.
+kernel (gemv.py) and of the multi-row kernels, "dot" (gemv_rows.py, tensor cores, a dot per nibble
+field), "fma" (gemv_few.py, CUDA cores) and, for int4, "mma" (gemv_mma.py, tensor cores, one dot
+per weight tile), at M = 2, 4, 8, 16 input rows, each with a few candidate tiles.
 
 Every time is a CUDA graph of many calls cycling over copies of the weights larger than the L2 (as
 the tile sweep torchchat/kernels/tune.py times), so each call reads its weights from memory. Two
@@ -15,11 +16,14 @@ passes per format:
    whole-model step, weights GB/s, the step's cost against the one-row step and the aggregate
    speed-up (M / step time against 1 / one-row time). The target of issue 18: x >= 5 at M = 8.
    For fma, w13 (two products a program with SwiGLU) is also timed at half the tile's rows and the
-   faster kept (the "fmt:M:swiglu" tile key of gemv_few.py).
+   faster kept (the "fmt:M:swiglu" tile key of gemv_few.py). For mma, every swept tile is timed
+   fused on each shape and the best kept per tile class of gemv_mma.py ("int4" for qkv and output,
+   "int4:small" for wo and w2, "int4:swiglu" for w13): the step is the sum of the classes' best.
 
-At the end: the faster multi-row kernel per (format, M), for gemv_rows.ROWS_KERNELS, and the best
-fma tiles as a TORCHCHAT_GEMV_FEW_TILES value (gemv_few._CONFIGS). To time the whole decode step
-with a choice forced, bench/cuda_batch_bench.py under TORCHCHAT_ROWS_KERNEL=fma (or dot).
+At the end: the faster multi-row kernel per (format, M), for gemv_rows.ROWS_KERNELS, the best
+fma tiles as a TORCHCHAT_GEMV_FEW_TILES value (gemv_few._CONFIGS) and the best mma tiles as a
+TORCHCHAT_GEMV_MMA_TILES value (gemv_mma._CONFIGS). To time the whole decode step with a choice
+forced, bench/cuda_batch_bench.py under TORCHCHAT_ROWS_KERNEL=fma (or dot, or mma).
 
 Every kernel's output (each tile, each M, each fusion) is checked once against F.linear on the
 dequantized weight (relative error < 1e-2, as tests/kernels/test_cuda_batch.py bounds it): a
@@ -28,6 +32,7 @@ mismatch stops the run with exit status 1 rather than timing a wrong kernel.
     PYTHONPATH=. python3 bench/cuda_rows_bench.py                          # 7B, int4 and int8, ~3 min on an H100
     PYTHONPATH=. python3 bench/cuda_rows_bench.py --formats int4 --rows 8 --out rows.json
     PYTHONPATH=. python3 bench/cuda_rows_bench.py --tiles 4                # every candidate tile (more compiles)
+    PYTHONPATH=. python3 bench/cuda_rows_bench.py --formats int4 --kernels dot fma mma   # issue 17's comparison
     TRITON_INTERPRET=1 PYTHONPATH=. python3 bench/cuda_rows_bench.py --smoke  # CPU check, tiny shapes
 
 --smoke runs tiny shapes in float32 on the CPU through Triton's interpreter, each call timed once
@@ -63,6 +68,16 @@ FMA_TILES = {
              16: [(16, 128, 4), (8, 256, 4), (16, 256, 8), (8, 128, 4)]},
 }
 DOT_TILES = {"int4": [(64, 512, 8), (32, 512, 4)], "int8": [(32, 256, 4), (16, 512, 8)]}
+# mma (int4 only; the same code for every M <= 16, as its programs always take 16 rows; a 4th field:
+# weight steps loaded ahead): from compiling for sm_90a without a GPU (bench/few_rows_sm90_report.py
+# --kernel mma), none spilling with or without SwiGLU (w13 takes each tile at half the rows: both
+# halves are one product). Warpgroup tiles (4 or 8 warps, 64 rows a group) run 23-31 SASS
+# instructions a weight word in the loop, warp tiles (2 warps) 33-36 but give 2-4x the programs for
+# a 4096-row layer. A layer's bytes in flight are N * block_k * ahead / 2 whatever the rows (one wave):
+# ordered by that, then by instructions a word; --mma-tiles caps the list.
+MMA_TILES = [(64, 256, 4, 2), (128, 256, 8), (128, 128, 8, 4), (64, 128, 4, 4), (128, 256, 8, 2), (64, 256, 4, 3),
+             (32, 256, 2, 2), (32, 128, 2, 4)]
+MMA_SMOKE_TILES = [(16, 128, 1), (64, 128, 4)]
 # --smoke: rows of 128 and 256 inputs (the int4 group and the int8 per-channel block are 128).
 SMOKE_SHAPES = [("qkv", 96, 128), ("wo", 32, 128), ("w13", 128, 128), ("w2", 32, 256), ("output", 40, 128)]
 SMOKE_TILES = [(16, 128, 4)]
@@ -83,9 +98,9 @@ class Shape:
 
 @dataclass(frozen=True)
 class Variant:
-    kernel: str  # "gemv" (one row), "dot" or "fma"
+    kernel: str  # "gemv" (one row), "dot", "fma" or "mma"
     m: int
-    tile: tuple[int, int, int] | None  # None: the shipped pick per shape (gemv.pick_config)
+    tile: tuple[int, ...] | None  # (rows, inputs, warps[, mma: steps ahead]); None: gemv.pick_config's
 
     @property
     def name(self) -> str:
@@ -93,7 +108,10 @@ class Variant:
 
 
 def _tile_name(tile) -> str:
-    return "shipped" if tile is None else "{}x{}w{}".format(*tile)
+    """64x256w4, or 64x256w4a2 with mma's 4th field (weight steps loaded ahead)."""
+    if tile is None:
+        return "shipped"
+    return "{}x{}w{}".format(*tile) + (f"a{tile[3]}" if len(tile) > 3 else "")
 
 
 class Bench:
@@ -216,19 +234,49 @@ def _shapes(model: str, smoke: bool) -> list[Shape]:
     return [Shape(role, n, k, 1 if role == "output" else config.n_layers) for role, n, k in layer_shapes(config)]
 
 
-def _variants(fmt: str, rows: list[int], smoke: bool, tiles: int) -> list[Variant]:
-    """Every candidate of the sweep: the one-row kernel's shipped tiles, then dot and fma per M (the
-    first `tiles` candidates of each)."""
+def _variants(fmt: str, rows: list[int], smoke: bool, tiles: int, kernels: list[str], mma_tiles: int) -> list[Variant]:
+    """Every candidate of the sweep: the one-row kernel's shipped tiles, then each of `kernels` per M
+    (the first `tiles` candidates of dot and fma, `mma_tiles` of mma, which takes int4 only)."""
     out = [Variant("gemv", 1, None)]
     for m in rows:
-        out += [Variant("dot", m, t) for t in (SMOKE_TILES if smoke else DOT_TILES[fmt])[:tiles]]
-        fma = FMA_TILES[fmt].get(m) or FMA_TILES[fmt][min(16, 1 << (m - 1).bit_length())]
-        out += [Variant("fma", m, t) for t in (SMOKE_TILES if smoke else fma)[:tiles]]
+        if "dot" in kernels:
+            out += [Variant("dot", m, t) for t in (SMOKE_TILES if smoke else DOT_TILES[fmt])[:tiles]]
+        if "fma" in kernels:
+            fma = FMA_TILES[fmt].get(m) or FMA_TILES[fmt][min(16, 1 << (m - 1).bit_length())]
+            out += [Variant("fma", m, t) for t in (SMOKE_TILES if smoke else fma)[:tiles]]
+        if "mma" in kernels and fmt == "int4":
+            out += [Variant("mma", m, t) for t in (MMA_SMOKE_TILES if smoke else MMA_TILES)[:mma_tiles]]
     return out
 
 
-def run_format(bench: Bench, rows: list[int], smoke: bool, tiles: int) -> list[dict]:
-    variants = _variants(bench.fmt, rows, smoke, tiles)
+def _mma_class(sh: Shape) -> str:
+    """gemv_mma's tile key for this shape (pick_mma_config): w13 "int4:swiglu", few outputs "int4:small"."""
+    from torchchat.kernels.gemv_mma import SMALL_N
+
+    return "int4:swiglu" if sh.role == "w13" else "int4:small" if sh.n_w <= SMALL_N else "int4"
+
+
+def _mma_fused(bench: Bench, tiles: list[tuple[int, int, int]], m: int) -> tuple[float, dict[str, tuple]]:
+    """The fused step of mma at M rows with the best of `tiles` per tile class: (ms, {class: tile}).
+    For w13 each tile's rows are halved (gemv_mma multiplies both halves in one product)."""
+    per = {}  # (class, tile) -> ms over the class's shapes
+    for sh in bench.shapes:
+        for t in tiles:
+            cls = _mma_class(sh)
+            if cls == "int4:swiglu":  # both halves are one product: half the rows a half, same registers
+                t = (t[0] // 2, *t[1:])
+            key = (cls, t)
+            per[key] = per.get(key, 0.0) + bench.shape_ms(Variant("mma", m, t), sh, fused=True)
+    best: dict[str, tuple] = {}
+    for (cls, t), ms in per.items():
+        if cls not in best or ms < per[cls, best[cls]]:
+            best[cls] = t
+    return sum(per[cls, t] for cls, t in best.items()), best
+
+
+def run_format(bench: Bench, rows: list[int], smoke: bool, tiles: int, kernels: list[str],
+               mma_tiles: int) -> list[dict]:
+    variants = _variants(bench.fmt, rows, smoke, tiles, kernels, mma_tiles)
     gb = bench.step_bytes() / 1e9
     print(f"\n== {bench.fmt} (group {bench.group or 'per channel'}): {gb:.2f} GB of weights per step; "
           f"sweep of {len(variants)} kernel/tile/M candidates on the plain product", flush=True)
@@ -257,8 +305,10 @@ def run_format(bench: Bench, rows: list[int], smoke: bool, tiles: int) -> list[d
     print(f"-- {bench.fmt}: each kernel at its best tile, with the model's fused prologue and epilogues", flush=True)
     results = []
     for (kernel, m), v in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        ms, swiglu_tile = 0.0, None
-        for sh in bench.shapes:
+        ms, swiglu_tile, mma_tiles_best = 0.0, None, None
+        if kernel == "mma":
+            ms, mma_tiles_best = _mma_fused(bench, [w.tile for w in sweep if (w.kernel, w.m) == (kernel, m)], m)
+        for sh in (bench.shapes if kernel != "mma" else []):
             t = bench.shape_ms(v, sh, fused=True)
             if sh.role == "w13" and kernel == "fma" and v.tile[0] >= 2:
                 # SwiGLU runs two products in a program, about 1.7x the registers: try half the rows.
@@ -269,9 +319,11 @@ def run_format(bench: Bench, rows: list[int], smoke: bool, tiles: int) -> list[d
                 t = min(t, t_half)
             ms += t
         results.append({"format": bench.fmt, "kernel": kernel, "m": m, "tile": v.tile, "swiglu_tile": swiglu_tile,
-                        "step_ms": ms, "plain_step_ms": sweep[v], "gb_s": gb / ms * 1e3,
+                        "mma_tiles": mma_tiles_best, "step_ms": ms, "plain_step_ms": sweep[v], "gb_s": gb / ms * 1e3,
                         "sweep": {w.name: sweep[w] for w in sweep if (w.kernel, w.m) == (kernel, m)}})
         note = f" (w13 with SwiGLU at {_tile_name(swiglu_tile)})" if swiglu_tile else ""
+        if mma_tiles_best:
+            note = " (per class: " + ", ".join(f"{c} {_tile_name(t)}" for c, t in sorted(mma_tiles_best.items())) + ")"
         print(f"  {v.name:<24} {ms:8.3f} ms/step (fused){note}", flush=True)
     one = next(r for r in results if r["kernel"] == "gemv")["step_ms"]
     for r in results:
@@ -287,8 +339,10 @@ def print_table(results: list[dict]) -> None:
         print(f"{r['format']:>6} {r['kernel']:>6} {r['m']:>3} {_tile_name(r['tile']):>12} {r['step_ms']:8.3f} "
               f"{r['gb_s']:6.0f} {r['x_one_row_step']:10.2f} {r['aggregate_x']:11.2f}")
     # What to ship: the faster kernel per (format, M), and the best fma tiles as the environment value.
-    few, kernels = {}, {}
+    few, kernels, mma = {}, {}, {}
     for r in results:
+        if r["kernel"] == "mma":
+            mma[r["m"]] = r["mma_tiles"]
         if r["kernel"] == "fma":
             key = f"{r['format']}:{min(16, 1 << (r['m'] - 1).bit_length())}"
             few[key] = r["tile"]
@@ -301,6 +355,8 @@ def print_table(results: list[dict]) -> None:
     print("\nfaster multi-row kernel per (format, M): " +
           ", ".join(f"{f} M={m}: {r['kernel']} ({r['aggregate_x']:.2f}x)" for (f, m), r in sorted(kernels.items())))
     print("TORCHCHAT_GEMV_FEW_TILES='" + json.dumps(few) + "'")
+    for m, tiles in sorted(mma.items()):  # one kernel for every M: the tiles of the M that matters most
+        print(f"mma tiles at M={m}: TORCHCHAT_GEMV_MMA_TILES='" + json.dumps(tiles) + "'")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, nargs="+", default=[2, 4, 8, 16], help="input rows M (1..16)")
     p.add_argument("--tiles", type=int, default=3,
                    help="candidate tiles of each kernel per M, at most (default 3; 4: all, ~12 more compiles a format)")
+    p.add_argument("--kernels", nargs="+", default=["dot", "fma", "mma"], choices=["dot", "fma", "mma"],
+                   help="multi-row kernels to time (the one-row kernel always is; mma: int4 only)")
+    p.add_argument("--mma-tiles", type=int, default=len(MMA_TILES),
+                   help=f"mma candidate tiles, at most (default all {len(MMA_TILES)}: nothing measured yet)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     a = p.parse_args(argv)
@@ -335,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for fmt in a.formats:
             bench = Bench(fmt, shapes, a.rows, device, dtype, rotate)
-            results += run_format(bench, a.rows, a.smoke, a.tiles)
+            results += run_format(bench, a.rows, a.smoke, a.tiles, a.kernels, a.mma_tiles)
             del bench
             if device == "cuda":
                 torch.cuda.empty_cache()

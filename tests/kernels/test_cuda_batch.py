@@ -1,6 +1,6 @@
 """On a CUDA machine: small-batch decode on the fused path. The multi-row GEMV on the tensor cores at
 a 7B layer's shape against F.linear on the dequantized weight, and the CUDA-core few-rows kernel
-(gemv_few.py) against it; the engine's decode forward captured as
+(gemv_few.py) and the one-dot int4 kernel (gemv_mma.py) against it; the engine's decode forward captured as
 one CUDA graph per batch bucket, each replayed without capturing again; concurrent greedy sequences
 through BatchEngine with CUDA graphs equal to each alone; and a 7B-shape (bf16) batch step against
 each row's batch-1 step."""
@@ -66,6 +66,43 @@ def test_fma_rows_equal_the_dot_rows_on_the_gpu(fmt, group, m):
         assert rel_err(fma, dot) < 1.5e-2, extra  # a bf16 rounding of each output and weight (dot only)
     expect = F.linear(x.float(), wd)
     assert rel_err(gemv_few(x, *args, out_dtype=torch.float32), expect) < 1e-2
+
+
+# Both MMA kinds (warpgroup: 4 or 8 warps; warp: 1 or 2), both prefetch depths, packed and float32
+# dequantization: the PTX pieces the CPU interpreter cannot run.
+@pytest.mark.parametrize("tile", [(64, 256, 4), (128, 128, 8, 2), (32, 256, 2, 2), (16, 256, 1)])
+@pytest.mark.parametrize("group", [128, 32])
+@pytest.mark.parametrize("packed", [True, False])
+def test_mma_rows_equal_the_dot_rows_on_the_gpu(monkeypatch, tile, group, packed):
+    """The one-dot int4 kernel (gemv_mma.py) against the per-field tensor-core kernel and F.linear at
+    a 7B layer's shape (11008 inputs: a last step past the row's end), 5 rows, every fusion."""
+    pytest.importorskip("triton")
+    from torchchat.kernels.formats import dequantize, empty_storage, quantize_into
+    from torchchat.kernels.gemv import GemvConfig
+    from torchchat.kernels.gemv_mma import gemv_mma
+    from torchchat.kernels.gemv_rows import gemv_rows
+
+    monkeypatch.setenv("TORCHCHAT_MMA_PACKED", "1" if packed else "0")
+    n, k, m = 4096, 11008, 5
+    gen = torch.Generator(device="cuda").manual_seed(group)
+    w = torch.randn(2 * n, k, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
+    st = empty_storage("int4", 2 * n, k, group, torch.bfloat16, "cuda")
+    quantize_into(st, "int4", group, 0, w)
+    args = ("int4", group, st["weight"], st["scales"], st["mins"])
+    wd = dequantize(*args, torch.bfloat16).float()
+    x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+    res = torch.randn(m, 2 * n, device="cuda", generator=gen, dtype=torch.bfloat16)
+    cfg = GemvConfig(*tile)
+    for extra in ({}, {"rms_only": True, "eps": 1e-5, "swiglu": True}, {"residual": res, "res_scale": 0.5},
+                  {"out_dtype": torch.float32}):
+        mma = gemv_mma(x, *args, config=cfg, **extra)
+        dot = gemv_rows(x, *args, kernel="dot", **extra)
+        assert mma.dtype == dot.dtype and mma.shape == dot.shape
+        assert rel_err(mma, dot) < 1.5e-2, extra  # both round each weight alike: summation order, output rounding
+    logits = gemv_mma(x, *args, config=cfg, out_dtype=torch.float32)
+    assert rel_err(logits, F.linear(x.float(), wd)) < 1e-2
+    # Row i alone gives row i of the batch.
+    assert rel_err(gemv_mma(x[2:3].contiguous(), *args, config=cfg, out_dtype=torch.float32), logits[2:3]) < 1e-6
 
 
 def _tiny_fused(dtype=torch.float32):

@@ -150,3 +150,4 @@ def test_the_rows_bench_runs_end_to_end_at_a_toy_size():
                            "--rows", "2"], capture_output=True, text=True, env=env, cwd=root, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "fma M=2" in proc.stdout and "TORCHCHAT_GEMV_FEW_TILES=" in proc.stdout
+    assert "mma M=2" in proc.stdout and "TORCHCHAT_GEMV_MMA_TILES=" in proc.stdout

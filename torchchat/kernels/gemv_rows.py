@@ -15,7 +15,9 @@ the integers and scales the float32 sums by the row's scale instead (exact integ
 prologue and epilogues round as gemv.py's do. The one-row path keeps its own kernel (gemv.py), whose
 tiles are tuned for streaming one vector and compile to the same code as before. For integer
 formats a second kernel, gemv_few.py, multiplies a few rows on the CUDA cores instead (no operand
-layout change per nibble field); ROWS_KERNELS below says which kernel serves which (format, M).
+layout change per nibble field), and for int4 a third, gemv_mma.py, on the tensor cores with one dot
+per weight tile built in the MMA's register layout; ROWS_KERNELS below says which kernel serves
+which (format, M).
 
 Import only on CUDA machines (or with TRITON_INTERPRET=1 for the CPU tests): this module imports triton.
 """
@@ -278,11 +280,11 @@ def pick_rows_config(fmt: str, n: int, k: int, block: int) -> GemvConfig:
     return GemvConfig(block_n, block_k, base.num_warps, base.num_stages)
 
 
-# Which kernel multiplies M input rows of each format: "dot" (tl.dot on the tensor cores, this module)
-# or "fma" (gemv_few.py: CUDA cores, integer formats only), as (up to M rows, kernel) pairs, the first
-# that covers M wins; past the last pair, "dot". NOT MEASURED YET: every format keeps "dot", the
-# behaviour from before gemv_few.py; flip an entry (say "int4": ((8, "fma"),)) once
-# bench/cuda_rows_bench.py has shown the fma kernel ahead on the GPU at those M.
+# Which kernel multiplies M input rows of each format: "dot" (tl.dot on the tensor cores, this module),
+# "fma" (gemv_few.py: CUDA cores, integer formats only) or "mma" (gemv_mma.py: tensor cores, one dot per
+# int4 weight tile, int4 only), as (up to M rows, kernel) pairs, the first that covers M wins; past the
+# last pair, "dot". "mma" is NOT MEASURED YET and serves nothing by default: bench/cuda_rows_bench.py
+# --kernels dot fma mma times the three side by side.
 ROWS_KERNELS: dict[str, tuple[tuple[int, str], ...]] = {
     "float": ((16, "dot"),),
     "int8": ((16, "dot"),),
@@ -292,18 +294,21 @@ ROWS_KERNELS: dict[str, tuple[tuple[int, str], ...]] = {
     # tensor cores at 16 (16.46 ms against 20.74).
     "int4": ((8, "fma"), (16, "dot")),
 }
-KERNELS = ("dot", "fma")
+KERNELS = ("dot", "fma", "mma")
 _FMA_FORMATS = ("int8", "int8_asym", "int4")  # gemv_few.FORMATS, without importing it here
+_MMA_FORMATS = ("int4",)  # gemv_mma.FORMATS
 
 
 def rows_kernel(fmt: str, m: int) -> str:
-    """"dot" or "fma": the kernel for m rows of `fmt`, from ROWS_KERNELS. TORCHCHAT_ROWS_KERNEL=dot|fma
-    forces one (for benchmarking) wherever it applies: the float format has no fma kernel."""
+    """"dot", "fma" or "mma": the kernel for m rows of `fmt`, from ROWS_KERNELS.
+    TORCHCHAT_ROWS_KERNEL=dot|fma|mma forces one (for benchmarking) wherever it applies, "dot"
+    elsewhere: the float format has no fma kernel, only int4 has an mma one."""
     forced = os.environ.get("TORCHCHAT_ROWS_KERNEL", "")
     if forced:
         if forced not in KERNELS:
             raise ValueError(f"TORCHCHAT_ROWS_KERNEL={forced!r}: expected one of {', '.join(KERNELS)}")
-        return forced if fmt in _FMA_FORMATS else "dot"
+        applies = {"dot": True, "fma": fmt in _FMA_FORMATS, "mma": fmt in _MMA_FORMATS}[forced]
+        return forced if applies else "dot"
     return next((kernel for rows, kernel in ROWS_KERNELS[fmt] if m <= rows), "dot")
 
 
@@ -315,8 +320,9 @@ def gemv_rows(x: Tensor, fmt: str, groupsize: int, weight: Tensor, scales: Tenso
     """Y = epilogue(prologue(X) W^T) for the rows of X, each weight tile read once per 16 rows.
 
     x: (M, K) contiguous, the model dtype; the other arguments as torchchat.kernels.gemv.gemv's,
-    per row (residual: (M, N)). Returns (M, N) in `out_dtype` (default x's dtype). `kernel`: "dot"
-    or "fma" (integer formats; `config` is then a gemv_few tile), default rows_kernel(fmt, M)."""
+    per row (residual: (M, N)). Returns (M, N) in `out_dtype` (default x's dtype). `kernel`: "dot",
+    "fma" (integer formats; `config` is then a gemv_few tile) or "mma" (int4; a gemv_mma tile),
+    default rows_kernel(fmt, M)."""
     m, k = x.shape
     kernel = kernel or rows_kernel(fmt, m)
     if kernel == "fma":
@@ -324,6 +330,12 @@ def gemv_rows(x: Tensor, fmt: str, groupsize: int, weight: Tensor, scales: Tenso
         from torchchat.kernels.gemv_few import gemv_few
 
         return gemv_few(x, fmt, groupsize, weight, scales, mins, norm_weight=norm_weight, eps=eps,
+                        rms_only=rms_only, swiglu=swiglu, residual=residual, res_scale=res_scale,
+                        out_dtype=out_dtype, config=config)
+    if kernel == "mma":
+        from torchchat.kernels.gemv_mma import gemv_mma  # imported here, as gemv_few above
+
+        return gemv_mma(x, fmt, groupsize, weight, scales, mins, norm_weight=norm_weight, eps=eps,
                         rms_only=rms_only, swiglu=swiglu, residual=residual, res_scale=res_scale,
                         out_dtype=out_dtype, config=config)
     if kernel != "dot":
