@@ -1,9 +1,11 @@
 """The one-kernel dequantization (torchchat/kernels/dequant.py) against formats.dequantize, which the
 prefill path used before. float32 outputs are exact in Triton's interpreter (q * s + m without FMA).
-Otherwise one unit in the last place is allowed: on a GPU an FMA may round once where PyTorch rounds
-twice, and the interpreter rounds float32 -> bfloat16 ties of negative values toward zero (measured:
--0.0394287109375 gave -0.039306640625, where round-to-nearest-even gives -0.03955078125; int8 codes
-times bf16 scales hit such ties often), which a GPU's cvt.rn does not."""
+Otherwise the allowance is one unit in the last place of the output dtype plus float32's rounding of
+the product q * s: on a GPU the compiler fuses q * s + m into one FMA, which skips that rounding (under
+cancellation, q s close to -m, that is many units of the small result: the H100 run of this test
+failed float32 int4 / int8_asym on a one-unit bound), and the interpreter rounds float32 -> bfloat16
+ties of negative values toward zero (measured: -0.0394287109375 gave -0.039306640625, where
+round-to-nearest-even gives -0.03955078125; int8 codes times bf16 scales hit such ties often)."""
 from __future__ import annotations
 
 import pytest
@@ -43,12 +45,16 @@ def test_dequant_matches_reference(fmt, group, n, k, dtype):
     if DEVICE == "cpu" and dtype == torch.float32:
         assert torch.equal(got, want)
     else:
-        _assert_within_one_ulp(got, want)
+        _assert_close(got, want, st)
 
 
-def _assert_within_one_ulp(got: torch.Tensor, want: torch.Tensor) -> None:
+def _assert_close(got: torch.Tensor, want: torch.Tensor, st: dict[str, torch.Tensor]) -> None:
+    """|got - want| <= one unit of want's dtype at want + float32's unit at |q s| (<= |want| + |m|)."""
     ulp = torch.finfo(want.dtype).eps * want.float().abs().clamp(min=torch.finfo(want.dtype).tiny)
-    assert ((got.float() - want.float()).abs() <= ulp).all()
+    mins = st.get("mins")
+    m = mins.float().repeat_interleave(want.shape[1] // mins.shape[1], dim=1).abs() if mins is not None else 0.0
+    product = torch.finfo(torch.float32).eps * (want.float().abs() + m)
+    assert ((got.float() - want.float()).abs() <= ulp + product).all()
 
 
 def test_row_slice_of_a_larger_weight():
@@ -57,4 +63,4 @@ def test_row_slice_of_a_larger_weight():
     rows = slice(8, 29)
     want = dequantize("int4", 32, st["weight"][rows], st["scales"][rows], st["mins"][rows], torch.bfloat16)
     got = dequant.dequantize("int4", 32, st["weight"][rows], st["scales"][rows], st["mins"][rows], torch.bfloat16)
-    _assert_within_one_ulp(got, want)
+    _assert_close(got, want, {"mins": st["mins"][rows]})
