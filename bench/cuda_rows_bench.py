@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernels", nargs="+", default=["dot", "fma", "mma"], choices=["dot", "fma", "mma"],
                    help="multi-row kernels to time (the one-row kernel always is; mma: int4 only)")
     p.add_argument("--mma-tiles", type=int, default=len(MMA_TILES),
-                   help=f"mma candidate tiles, at most (default all {len(MMA_TILES)}: nothing measured yet)")
+                   help=f"mma candidate tiles, at most (default all {len(MMA_TILES)}: never swept on a GPU yet)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     a = p.parse_args(argv)

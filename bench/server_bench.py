@@ -11,6 +11,7 @@ tokens/s summed over clients, per client, and as a multiple of one client's.
 
     python3 bench/server_bench.py
     python3 bench/server_bench.py --shape stories15M --concurrency 1 4 8 16 --requests 32 --max-tokens 64
+    python3 bench/server_bench.py --distinct-prompts ...         # no request reuses another's cached prompt
     python3 bench/server_bench.py --url http://127.0.0.1:5000   # an already running server
     python3 bench/server_bench.py -- --checkpoint-path ... --max-concurrent 4   # server flags after --
 """

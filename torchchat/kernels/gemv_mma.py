@@ -297,7 +297,9 @@ def _gemv_mma_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
 # outputs: a 7B model's wo and w2, whose 4096 rows give few programs), then "int4". NOT MEASURED: first
 # guesses from compiling for sm_90a without a GPU (bench/few_rows_sm90_report.py --kernel mma: no
 # spills; packed dequantization 23-28 SASS instructions a weight word in the loop for 4 or 8 warps);
-# bench/cuda_rows_bench.py sweeps its MMA_TILES on the GPU and prints the best per class.
+# bench/cuda_rows_bench.py sweeps its MMA_TILES on the GPU and prints the best per class. These are
+# first guesses, not swept: on the H100 a 7B step of 8 rows took 13.55 ms with them against 11.85 ms
+# on gemv_few's swept tiles (docs/performance.md), so ROWS_KERNELS does not pick this kernel yet.
 # block_n rows (with swiglu 2 block_n: both halves are one product) are a multiple of 16 a warp (a
 # warp's MMA rows); 4 or 8 warps take Hopper's warpgroup MMA, 1 or 2 the warp-level one (more,
 # smaller programs). block_k is a multiple of 128 and of the group. The 4th field
