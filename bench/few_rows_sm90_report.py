@@ -50,6 +50,21 @@ def _kernel(kernel: str, fmt: str, rows: int, tile: tuple[int, ...], swiglu: boo
                                   **common)
 
 
+def assemble_sm90(ptx_text: str) -> tuple[str, str]:
+    """(ptxas -v's report, cuobjdump's SASS) of PTX assembled for sm_90a with the tools in the triton wheel."""
+    import triton
+
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as d:
+        ptx, cubin = Path(d) / "k.ptx", Path(d) / "k.cubin"
+        ptx.write_text(ptx_text)
+        info = subprocess.run([str(tools / "ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", str(cubin)],
+                              capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+    return info, sass
+
+
 def _loop_body(sass: str) -> list[str]:
     """The instructions of the largest loop: from a backward branch's target to the branch."""
     lines = [(int(m.group(1), 16), m.group(2).strip()) for m in map(_SASS_LINE.match, sass.splitlines()) if m]
@@ -86,14 +101,7 @@ def compile_report(fmt: str, rows: int, tile: tuple[int, ...], swiglu: bool, nor
                     constexprs={(list(signature).index(k),): v for k, v in consts.items()},
                     attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    with tempfile.TemporaryDirectory() as d:
-        ptx, cubin = Path(d) / "k.ptx", Path(d) / "k.cubin"
-        ptx.write_text(compiled.asm["ptx"])
-        info = subprocess.run([str(tools / "ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", str(cubin)],
-                              capture_output=True, text=True, check=True).stderr
-        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
-                              check=True).stdout
+    info, sass = assemble_sm90(compiled.asm["ptx"])
     regs = re.search(r"Used (\d+) registers", info).group(1)
     spill = re.search(r"(\d+) bytes spill stores", info).group(1)
     ttgir = compiled.asm["ttgir"]

@@ -20,9 +20,8 @@ from __future__ import annotations
 import argparse
 import collections
 import re
-import subprocess
-import tempfile
-from pathlib import Path
+
+from few_rows_sm90_report import assemble_sm90
 
 GROUP = 128
 # The 7B int4 g128 decode GEMVs: (N rows stored, K, fused prologue/epilogue) as modules.py runs them.
@@ -60,15 +59,7 @@ def _compile(role: str, tile) -> tuple[str, str]:
                     attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 64),
                             options={"num_warps": tile.num_warps, "num_stages": tile.num_stages})
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    with tempfile.TemporaryDirectory() as d:
-        ptx, cubin = Path(d) / "k.ptx", Path(d) / "k.cubin"
-        ptx.write_text(kernel.asm["ptx"])
-        info = subprocess.run([str(tools / "ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", str(cubin)],
-                              capture_output=True, text=True, check=True).stderr
-        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
-                              check=True).stdout
-    return info, sass
+    return assemble_sm90(kernel.asm["ptx"])
 
 
 def _instructions(sass: str) -> list[tuple[int, str]]:
