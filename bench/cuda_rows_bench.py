@@ -75,8 +75,12 @@ DOT_TILES = {"int4": [(64, 512, 8), (32, 512, 4)], "int8": [(32, 256, 4), (16, 5
 # instructions a weight word in the loop, warp tiles (2 warps) 33-36 but give 2-4x the programs for
 # a 4096-row layer. A layer's bytes in flight are N * block_k * ahead / 2 whatever the rows (one wave):
 # ordered by that, then by instructions a word; --mma-tiles caps the list.
-MMA_TILES = [(64, 256, 4, 2), (128, 256, 8), (128, 128, 8, 4), (64, 128, 4, 4), (128, 256, 8, 2), (64, 256, 4, 3),
-             (32, 256, 2, 2), (32, 128, 2, 4)]
+# Sixth session: tiles of one warp and 16 rows give a 4096-row layer 256 programs (the 64-128-row
+# first guesses after them give 32-64 for 132 SMs, which is where their 13.55 ms 8-row 7B step went);
+# 16x256w1a4 won the first sweep (9.47 ms fused against 11.7-14.5 for the others), its neighbours follow.
+MMA_TILES = [(16, 256, 1, 4), (16, 128, 1, 4), (16, 256, 1, 3), (16, 256, 1, 2), (32, 256, 2, 4), (32, 512, 2, 3),
+             (16, 512, 1, 4), (64, 512, 4, 3), (64, 256, 4, 2), (128, 256, 8), (128, 128, 8, 4), (64, 128, 4, 4),
+             (128, 256, 8, 2), (64, 256, 4, 3), (32, 256, 2, 2), (32, 128, 2, 4)]
 MMA_SMOKE_TILES = [(16, 128, 1), (64, 128, 4)]
 # --smoke: rows of 128 and 256 inputs (the int4 group and the int8 per-channel block are 128).
 SMOKE_SHAPES = [("qkv", 96, 128), ("wo", 32, 128), ("w13", 128, 128), ("w2", 32, 256), ("output", 40, 128)]

@@ -70,7 +70,7 @@ def test_fma_rows_equal_the_dot_rows_on_the_gpu(fmt, group, m):
 
 # Both MMA kinds (warpgroup: 4 or 8 warps; warp: 1 or 2), both prefetch depths, packed and float32
 # dequantization: the PTX pieces the CPU interpreter cannot run.
-@pytest.mark.parametrize("tile", [(64, 256, 4), (128, 128, 8, 2), (32, 256, 2, 2), (16, 256, 1)])
+@pytest.mark.parametrize("tile", [(64, 256, 4), (128, 128, 8, 2), (32, 256, 2, 2), (16, 256, 1), (16, 256, 1, 4)])
 @pytest.mark.parametrize("group", [128, 32])
 @pytest.mark.parametrize("packed", [True, False])
 def test_mma_rows_equal_the_dot_rows_on_the_gpu(monkeypatch, tile, group, packed):

@@ -162,3 +162,32 @@ def test_weights_are_materialized_one_matrix_at_a_time(cfg, device):
     fuse_model(model, source, LinearQuant("int4", 32), device, torch.float32)
     matrices = [n for n in fetched if len(shapes[n]) == 2]
     assert set(fetched) == set(shapes) and sorted(matrices) == sorted(set(matrices))  # each matrix once
+
+
+def test_short_prompt_prefill_takes_the_multi_row_kernels(cfg, device, monkeypatch):
+    """A prompt of a few tokens is multiplied by the multi-row int4 kernels (modules.SHORT_PREFILL_ROWS)
+    instead of by dequantized weights: the same logits up to summation order, and the kernels ran (on a
+    CPU too here, through the interpreter, though the shipped path is CUDA's)."""
+    from torchchat.kernels import modules
+
+    monkeypatch.setattr(modules, "_SHORT_PREFILL_DEVICES", ("cuda", "cpu"))
+    fused, _ = _fused(cfg, device, torch.float32, LinearQuant("int4", 32))
+    prompt = [3, 1, 4, 1, 5, 9, 2]
+    calls = []
+    real = modules.gemv_rows
+    monkeypatch.setattr(modules, "gemv_rows", lambda x, *a, **k: calls.append(tuple(x.shape)) or real(x, *a, **k))
+
+    def prefill():
+        fused.setup_caches(1, 64)
+        with torch.no_grad():
+            return fused(torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device))
+
+    short = prefill()
+    # q|k|v, wo, w1|w3 with SwiGLU, w2 per layer; the output projection keeps its own path.
+    assert calls == [(len(prompt), cfg.dim), (len(prompt), cfg.dim), (len(prompt), cfg.dim),
+                     (len(prompt), cfg.hidden_dim)] * cfg.n_layers
+    monkeypatch.setattr(modules, "SHORT_PREFILL_ROWS", {})
+    calls.clear()
+    dequantized = prefill()
+    assert calls == []
+    assert rel_err(short, dequantized) < 1e-5

@@ -294,25 +294,24 @@ def _gemv_mma_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
 
 # Tiles (weight rows per program, inputs per step, warps, weight steps loaded ahead), looked up as
 # "int4:swiglu" (the stacked w1|w3 product: two products a program), "int4:small" (at most SMALL_N
-# outputs: a 7B model's wo and w2, whose 4096 rows give few programs), then "int4". NOT MEASURED: first
-# guesses from compiling for sm_90a without a GPU (bench/few_rows_sm90_report.py --kernel mma: no
-# spills; packed dequantization 23-28 SASS instructions a weight word in the loop for 4 or 8 warps);
-# bench/cuda_rows_bench.py sweeps its MMA_TILES on the GPU and prints the best per class. These are
-# first guesses, not swept: on the H100 a 7B step of 8 rows took 13.55 ms with them against 11.85 ms
-# on gemv_few's swept tiles (docs/performance.md), so ROWS_KERNELS does not pick this kernel yet.
-# block_n rows (with swiglu 2 block_n: both halves are one product) are a multiple of 16 a warp (a
-# warp's MMA rows); 4 or 8 warps take Hopper's warpgroup MMA, 1 or 2 the warp-level one (more,
-# smaller programs). block_k is a multiple of 128 and of the group. The 4th field
-# (GemvConfig.num_stages) is how many steps of weights the loop loads ahead by hand, 1 to 4, not
-# Triton's pipeliner, which stays off. A layer has N * block_k * ahead / 2 bytes of weights in flight
-# whatever block_n is (one wave of programs): 1 MB for a 4096-row layer at 256 x 2, an eighth of it;
-# a deep ring of short steps (e.g. 64x128w4a4) adds the fewest registers for it. Override with
+# outputs: a 7B model's wo and w2), then "int4". Swept on the H100 (sixth session, 2026-12-06,
+# bench/cuda_rows_bench.py --kernels fma mma): one warp and 16 rows a program (8 of each half with
+# SwiGLU), four steps loaded ahead. First sweep (8 rows, 256 inputs a step everywhere): 9.47 ms for
+# the fused 8-row 7B step against 11.70 for gemv_few's fma kernel; second sweep (its neighbours):
+# 128 inputs a step for "int4" and "int4:small", 8.75 ms at 4 and 8 rows and 9.15 at 16, against fma's
+# 9.81 / 11.66 / 23.59 in the same run. Tiles of 64-128 rows give a 4096-row layer 32-64 programs for
+# 132 SMs and took 11.7-14.5 ms; 16x512w1a4 (twice the registers
+# for the ring) 14.5. block_n rows (with swiglu 2 block_n: both halves are one product) are a multiple
+# of 16 a warp (a warp's MMA rows); 4 or 8 warps take Hopper's warpgroup MMA, 1 or 2 the warp-level
+# one. block_k is a multiple of 128 and of the group. The 4th field (GemvConfig.num_stages) is how
+# many steps of weights the loop loads ahead by hand, 1 to 4, not Triton's pipeliner, which stays
+# off. Override with
 # TORCHCHAT_GEMV_MMA_TILES='{"int4": [block_n, block_k, num_warps(, ahead)], "int4:small": [...], ...}'.
 SMALL_N = 8192
 _CONFIGS = {
-    "int4": GemvConfig(block_n=64, block_k=256, num_warps=4, num_stages=2),
-    "int4:small": GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=4),
-    "int4:swiglu": GemvConfig(block_n=32, block_k=256, num_warps=4, num_stages=2),  # 64 rows a program
+    "int4": GemvConfig(block_n=16, block_k=128, num_warps=1, num_stages=4),
+    "int4:small": GemvConfig(block_n=16, block_k=128, num_warps=1, num_stages=4),
+    "int4:swiglu": GemvConfig(block_n=8, block_k=256, num_warps=1, num_stages=4),  # 8 rows of each half
 }
 
 

@@ -283,16 +283,17 @@ def pick_rows_config(fmt: str, n: int, k: int, block: int) -> GemvConfig:
 # Which kernel multiplies M input rows of each format: "dot" (tl.dot on the tensor cores, this module),
 # "fma" (gemv_few.py: CUDA cores, integer formats only) or "mma" (gemv_mma.py: tensor cores, one dot per
 # int4 weight tile, int4 only), as (up to M rows, kernel) pairs, the first that covers M wins; past the
-# last pair, "dot". "mma" is NOT MEASURED YET and serves nothing by default: bench/cuda_rows_bench.py
-# --kernels dot fma mma times the three side by side.
+# last pair, "dot". bench/cuda_rows_bench.py --kernels dot fma mma times them side by side.
 ROWS_KERNELS: dict[str, tuple[tuple[int, str], ...]] = {
     "float": ((16, "dot"),),
     "int8": ((16, "dot"),),
     "int8_asym": ((16, "dot"),),
-    # int4: the CUDA-core kernel up to 8 rows (H100, 7B shapes, bench/cuda_rows_bench.py, fused table:
-    # whole-step GEMVs at 2/4/8 rows 3.84/7.15/10.32 ms against the dot kernel's 14.66/14.97/15.43),
-    # tensor cores at 16 (16.46 ms against 20.74).
-    "int4": ((8, "fma"), (16, "dot")),
+    # int4 (H100, 7B shapes, bench/cuda_rows_bench.py, fused whole-step GEMVs): the CUDA-core kernel's
+    # cost grows with the rows (4/8/16 rows 9.81/11.66/23.59 ms); the one-dot tensor-core kernel costs
+    # about the same for 1 to 16 rows (its programs take 16): 8.75/8.75/9.15 ms in the same run (sixth
+    # session). Two rows stay on the CUDA cores (3.84 ms in the fifth session's run).
+    # Past 16 rows (a short prompt's prefill, modules.SHORT_PREFILL_ROWS) each 16 rows are one more pass.
+    "int4": ((2, "fma"), (64, "mma")),
 }
 KERNELS = ("dot", "fma", "mma")
 _FMA_FORMATS = ("int8", "int8_asym", "int4")  # gemv_few.FORMATS, without importing it here
