@@ -288,12 +288,12 @@ ROWS_KERNELS: dict[str, tuple[tuple[int, str], ...]] = {
     "float": ((16, "dot"),),
     "int8": ((16, "dot"),),
     "int8_asym": ((16, "dot"),),
-    # int4 (H100, 7B shapes, bench/cuda_rows_bench.py, fused whole-step GEMVs): the CUDA-core kernel's
-    # cost grows with the rows (4/8/16 rows 9.81/11.66/23.59 ms); the one-dot tensor-core kernel costs
-    # about the same for 1 to 16 rows (its programs take 16): 8.75/8.75/9.15 ms in the same run (sixth
-    # session). Two rows stay on the CUDA cores (3.84 ms in the fifth session's run).
-    # Past 16 rows (a short prompt's prefill, modules.SHORT_PREFILL_ROWS) each 16 rows are one more pass.
-    "int4": ((2, "fma"), (64, "mma")),
+    # int4 (H100, 7B shapes, sixth session). Whole decode steps (bench/cuda_batch_bench.py, CUDA graphs):
+    # the CUDA-core kernel's cost grows with the rows, 4/8 rows 8.37/12.07 ms; the one-dot tensor-core
+    # kernel's barely moves (its programs take 16 rows), 4/8/16 rows 10.09/10.34/11.52 ms. Crossing near
+    # 6 rows by that slope; 5 stays on fma. Past 16 rows (a short prompt's prefill,
+    # modules.SHORT_PREFILL_ROWS) each 16 rows are one more pass.
+    "int4": ((5, "fma"), (64, "mma")),
 }
 KERNELS = ("dot", "fma", "mma")
 _FMA_FORMATS = ("int8", "int8_asym", "int4")  # gemv_few.FORMATS, without importing it here
