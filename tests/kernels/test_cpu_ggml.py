@@ -366,6 +366,56 @@ def test_interleave_refuses_bad_input():
         cpu.interleave(twice, cpu.Q4_1 | cpu.X16, 256)
 
 
+THP = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+# Run in a fresh process: tensors other tests keep alive could share the chunk and keep it mapped.
+_HUGE_CHECK = r"""
+import torch
+from torchchat.kernels import cpu
+
+def mapping_of(addr):
+    entry = None
+    for line in open("/proc/self/smaps").read().splitlines():
+        head = line.split()
+        if "-" in head[0] and not head[0].endswith(":"):
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            entry = {"range": (lo, hi)} if lo <= addr < hi else None
+        elif entry is not None and head[0] == "VmFlags:":
+            entry["VmFlags"] = head[1:]
+            return entry
+    return entry
+
+g = torch.Generator().manual_seed(0)
+packed = [torch.randint(0, 256, (16 * 40, 32 * 18), dtype=torch.uint8, generator=g) for _ in range(3)]
+for p in packed:
+    p.view(-1, 18)[:, :2] = torch.tensor([0.01], dtype=torch.float16).view(torch.uint8)
+x16 = [cpu.interleave(p, cpu.Q4_0, 1024) for p in packed]
+first = mapping_of(x16[0].data_ptr())
+assert first is not None and "hg" in first["VmFlags"], first  # hg: madvise(MADV_HUGEPAGE)
+assert first["range"][0] % (2 << 20) == 0, first
+for p, t in zip(packed, x16):
+    assert t.data_ptr() % 4096 == 0
+    assert mapping_of(t.data_ptr())["range"] == first["range"]
+    assert torch.equal(cpu.deinterleave(t, cpu.Q4_0 | cpu.X16, 1024), p)
+addr = x16[0].data_ptr()
+del t
+x16.pop(0)
+assert mapping_of(addr) is not None  # the other two still live there
+x16.clear()
+assert mapping_of(addr) is None, "the chunk outlived its tensors"
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not os.path.exists(THP)
+                    or "[never]" in open(THP).read(), reason="transparent huge pages off or not Linux")
+def test_interleaved_weights_share_huge_page_chunks_and_free_them():
+    # Small weights (under 2 MiB, as most of stories110M's are) side by side in one 2 MiB-aligned mapping
+    # advised for huge pages, unmapped with the last of them.
+    out = subprocess.run([sys.executable, "-c", _HUGE_CHECK], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
 # ---- decode attention: only the positions the mask allows are read ----
 def _reference_attention(q, k, v, pos, window):
     """scaled_dot_product_attention with the causal (or sliding-window) mask row of each position."""

@@ -19,6 +19,9 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
 #endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace tcc {
 namespace {
@@ -377,6 +380,76 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 
+// Interleaved weights live in memory backed by transparent huge pages (Linux, THP "always" or
+// "madvise"). A decode step streams every weight once: with 4 KiB pages the hardware prefetcher stops at
+// each page boundary and every 4 KiB costs a TLB miss. Measured on a 2-vCPU EPYC, one thread, all
+// linears of a Llama-3.2-1B forward (distinct weights, A/B in one process): Q4_K 39.3 -> 34.3 ms, Q4_0
+// 35.3 -> 31.7, Q8_0 69.5 -> 65.3, Q6_K 48.5 -> 47.3.
+//
+// Most weights of a small model are under 2 MiB (stories110M's are ~1 MB), so tensors are placed one
+// after another in 2 MiB-aligned chunks of at least 32 MiB: a bump allocator, a chunk unmapped when the
+// last tensor in it is freed. Pages are only made resident where tensors are written, so the chunks'
+// unused tails cost address space, not memory (at most the rest of one 2 MiB page per chunk).
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+struct HugeChunk {
+  uint8_t* base;
+  size_t len, used;
+  int64_t refs;  // tensors alive in it, plus one while it takes new ones
+};
+std::mutex huge_mu;
+HugeChunk* huge_open = nullptr;
+
+void huge_release(HugeChunk* c) {  // under huge_mu
+  if (--c->refs == 0) {
+    munmap(c->base, c->len);
+    delete c;
+  }
+}
+
+HugeChunk* huge_chunk(size_t len) {
+  constexpr size_t kHuge = size_t(2) << 20;
+  void* raw = mmap(nullptr, len + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  const uintptr_t start = (uintptr_t)raw, aligned = (start + kHuge - 1) & ~(uintptr_t)(kHuge - 1);
+  if (aligned > start) munmap(raw, aligned - start);
+  const uintptr_t end = start + len + kHuge;
+  if (end > aligned + len) munmap((void*)(aligned + len), end - (aligned + len));
+  madvise((void*)aligned, len, MADV_HUGEPAGE);  // advice only: where it fails, small pages
+  return new HugeChunk{(uint8_t*)aligned, len, 0, 1};
+}
+#endif
+
+at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHuge = size_t(2) << 20, kChunk = size_t(32) << 20, kAlign = 4096;
+  size_t nbytes = 1;
+  for (int64_t d : sizes) nbytes *= (size_t)d;
+  nbytes = (nbytes + kAlign - 1) / kAlign * kAlign;
+  if (nbytes > 0) {
+    std::lock_guard<std::mutex> lock(huge_mu);
+    if (huge_open == nullptr || huge_open->len - huge_open->used < nbytes) {
+      if (huge_open != nullptr) huge_release(huge_open);  // full: no new tensors go there
+      huge_open = huge_chunk(std::max(kChunk, (nbytes + kHuge - 1) / kHuge * kHuge));
+    }
+    if (huge_open != nullptr) {
+      HugeChunk* c = huge_open;
+      void* p = c->base + c->used;
+      c->used += nbytes;
+      c->refs++;
+      return at::from_blob(p, sizes, [c](void*) {
+        std::lock_guard<std::mutex> lock(huge_mu);
+        if (c == huge_open && c->refs == 2) {  // its last tensor: give the chunk back rather than keep it open
+          huge_open = nullptr;
+          huge_release(c);
+        }
+        huge_release(c);
+      }, options);
+    }
+  }
+#endif
+  return at::empty(sizes, options);
+}
+
 // Rows (n, k) of a weight in the file's layout -> the interleaved layout (common.h), n a multiple of 16.
 at::Tensor ggml_interleave(const at::Tensor& w, int64_t qtype, int64_t k) {
   TORCH_CHECK(!is_x16((int)qtype) && x16_block_bytes((int)qtype) > 0, "ggml_interleave: type ", qtype,
@@ -385,7 +458,7 @@ at::Tensor ggml_interleave(const at::Tensor& w, int64_t qtype, int64_t k) {
   check_weight(w, qtype, n, k, "ggml_interleave");
   TORCH_CHECK(n % 16 == 0, "ggml_interleave: ", n, " rows is not a multiple of 16");
   const int64_t nb = k / block_elems((int)qtype), rb = w.size(1), xrb = nb * x16_block_bytes((int)qtype);
-  at::Tensor out = at::empty({n, xrb}, w.options());
+  at::Tensor out = empty_huge({n, xrb}, w.options());
   const uint8_t* src = w.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, n / 16, 1, [&](int64_t b, int64_t e) {
