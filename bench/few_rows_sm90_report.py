@@ -27,7 +27,8 @@ BLOCKS = {"int8": 128, "int4": 128}  # int8 per channel, int4 group 128: the 7B 
 _SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([^;]*);")
 
 
-def _kernel(kernel: str, fmt: str, rows: int, tile: tuple[int, ...], swiglu: bool, norm: int, packed: bool = True):
+def _kernel(kernel: str, fmt: str, rows: int, tile: tuple[int, ...], swiglu: bool, norm: int, packed: bool = True,
+            split: int = 1):
     """The jitted kernel and its constexprs for this tile ((rows, inputs, warps[, mma's steps ahead]))."""
     bn, bk, warps, depth = (*tile, 1)[:4]
     common = dict(NORM=norm, SWIGLU=swiglu, RESIDUAL=False, PDL=True, ASM=True, BLOCK_N=bn, BLOCK_K=bk,
@@ -47,7 +48,7 @@ def _kernel(kernel: str, fmt: str, rows: int, tile: tuple[int, ...], swiglu: boo
     from torchchat.kernels.gemv_mma import BLOCK_M, _gemv_mma_kernel
 
     return _gemv_mma_kernel, dict(GROUP=BLOCKS[fmt], IEEE=False, PACKED=packed, NW=warps, DEPTH=depth, BLOCK_M=BLOCK_M,
-                                  **common)
+                                  SPLIT=split, **common)
 
 
 def assemble_sm90(ptx_text: str) -> tuple[str, str]:
@@ -82,17 +83,22 @@ def _opcodes(instructions) -> collections.Counter:
 
 
 def compile_report(fmt: str, rows: int, tile: tuple[int, ...], swiglu: bool, norm: int,
-                   kernel: str = "fma", packed: bool = True) -> str:
+                   kernel: str = "fma", packed: bool = True, split: int = 1) -> str:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn, consts = _kernel(kernel, fmt, rows, tile, swiglu, norm, packed)
+    fn, consts = _kernel(kernel, fmt, rows, tile, swiglu, norm, packed, split)
     consts = {k: consts[k] for k in fn.arg_names if k in consts}  # in the kernel's parameter order
     bn, bk, warps = tile[:3]
     names = ["x_ptr", "g_ptr", "w_ptr", "s_ptr", "m_ptr", "r_ptr", "y_ptr", "M", "N", "K", "KW", "KB", "ROWS2",
              "eps", "res_scale"]
     types = ["*bf16", "*bf16", "*i32", "*bf16", "*bf16", "*bf16", "*bf16"] + ["i32"] * 6 + ["fp32", "fp32"]
+    if kernel == "mma":  # its split-K buffers and slice length
+        names[7:7] = ["part_ptr", "count_ptr"]
+        types[7:7] = ["*fp32", "*i32"]
+        names.insert(names.index("KB") + 1, "KSL")
+        types.insert(names.index("KSL"), "i32")
     signature = dict(zip(names, types)) | {k: "constexpr" for k in consts}
     # Pointers and the sizes the 7B shapes have are multiples of 16, as Triton specializes them at a launch.
     aligned = [names.index(n) for n in ("x_ptr", "g_ptr", "w_ptr", "s_ptr", "m_ptr", "r_ptr", "y_ptr", "N", "K",

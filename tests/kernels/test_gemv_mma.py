@@ -128,3 +128,45 @@ def test_mma_tiles_follow_the_environment(monkeypatch):
     assert pick_mma_config("int4", 40000, 4096, 128).block_n == 128
     monkeypatch.setenv("TORCHCHAT_GEMV_MMA_TILES", '{"int4:small": [128, 128, 8]}')
     assert pick_mma_config("int4", 40, 4096, 128).block_n == 128  # not shrunk below 16 rows a warp
+
+
+@pytest.mark.parametrize("tile,split", [((16, 128, 1, 4), 3), ((64, 256, 4), 2)])
+@pytest.mark.parametrize("m", [5, 20])
+def test_mma_split_k_adds_up_to_the_whole_product(device, tile, split, m):
+    """K shared by `split` programs a tile (1280 inputs: 10 steps of 128 in slices of 4, 4 and 2; 5 of
+    256 in 3 and 2), with every prologue and epilogue; NORM 2's sums of squares are split too. Twice in a
+    row: the last program of each tile resets its counter, so a second launch adds up the same."""
+    from torchchat.kernels.gemv_mma import _COUNTERS, gemv_mma
+
+    n, k = 45, 1280
+    stored, wd, x, gen = _case(128, m, 2 * n, k, torch.float32, device, 13 * m + split)
+    g = (torch.rand(k, generator=gen) + 0.5).to(device)
+    res = torch.randn(m, n, generator=gen).to(device)
+    args = ("int4", 128, *stored)
+    cfg = GemvConfig(*tile)
+    for _ in range(2):
+        plain = gemv_mma(x, *args, config=cfg, split=split)
+        assert rel_err(plain, x.double() @ wd.double().T) < 1e-5
+        fused = gemv_mma(x, *args, norm_weight=g, eps=1e-5, swiglu=True, residual=res, res_scale=0.5, config=cfg,
+                         split=split)
+        expect = torch.stack([_reference(x[i], wd, norm=g, swiglu=True, residual=res[i], res_scale=0.5)
+                              for i in range(m)])
+        assert rel_err(fused, expect) < 1e-5
+        rms = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+        y = gemv_mma(x, *args, rms_only=True, eps=1e-5, config=cfg, split=split)
+        assert rel_err(y, F.linear(x * rms, wd)) < 1e-5
+        assert rel_err(y, gemv_mma(x, *args, rms_only=True, eps=1e-5, config=cfg, split=1)) < 1e-6
+    assert int(_COUNTERS[x.device].count_nonzero()) == 0
+
+
+def test_mma_split_follows_the_programs_and_the_environment(monkeypatch):
+    from torchchat.kernels.gemv_mma import SPLIT_MIN_STEPS, SPLIT_TARGET, pick_split
+
+    monkeypatch.delenv("TORCHCHAT_MMA_SPLIT_TARGET", raising=False)
+    assert pick_split(SPLIT_TARGET, 32) == 1  # enough programs already
+    assert pick_split(256, 32) == min(-(-SPLIT_TARGET // 256), 32 // SPLIT_MIN_STEPS)
+    assert pick_split(256, 2 * SPLIT_MIN_STEPS - 1) == 1  # too short a loop to share
+    monkeypatch.setenv("TORCHCHAT_MMA_SPLIT_TARGET", "0")
+    assert pick_split(16, 1000) == 1
+    monkeypatch.setenv("TORCHCHAT_MMA_SPLIT_TARGET", "4096")
+    assert pick_split(256, 1000) == 16

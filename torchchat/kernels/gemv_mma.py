@@ -127,7 +127,7 @@ def _ar(N: tl.constexpr, AXIS: tl.constexpr, RANK: tl.constexpr):
 
 
 @triton.jit
-def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, KW, KG, eps,
+def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, KW, KG0, KG, eps,
               NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
               IEEE: tl.constexpr, PACKED: tl.constexpr, GROUP: tl.constexpr, NW: tl.constexpr,
               DEPTH: tl.constexpr, HALVES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -135,7 +135,9 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, 
     """(HALVES * BLOCK_N, BLOCK_M) float32 products of weight rows row0 + [0, BLOCK_N) (and, with
     HALVES = 2, then of rows ROWS2 + row0 + [0, BLOCK_N): SwiGLU's w3 half, in the same dot, so that
     both halves share the steps, the input tile and one ring of loads) with the prologue'd input rows
-    m64; rows past N (of each half) give zeros."""
+    m64, over the groups [KG0, KG) of each row; rows past N (of each half) give zeros. Also returns the
+    (BLOCK_M,) sums of the squared inputs of those groups (NORM 2's, zeros otherwise): the caller scales
+    by 1/rms once every group's share is in."""
     dt = x_ptr.dtype.element_ty
     WS: tl.constexpr = GROUP // 8
     NB: tl.constexpr = BLOCK_K // 128  # blocks of 16 words (one per quad of lanes)
@@ -161,13 +163,13 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, 
     STEP: tl.constexpr = BLOCK_K // GROUP  # groups a step
     # A ring of DEPTH steps of words in flight (w1 the next to use), rotated by one each step. Weights
     # never depend on the previous kernel: the first DEPTH steps are loaded before waiting on it.
-    w1 = tl.load(base, mask=rmask & (wgrp < KG), other=0)
+    w1 = tl.load(base + KG0 * WS, mask=rmask & (KG0 + wgrp < KG), other=0)
     if DEPTH >= 2:
-        w2 = tl.load(base + STEP * WS, mask=rmask & (STEP + wgrp < KG), other=0)
+        w2 = tl.load(base + (KG0 + STEP) * WS, mask=rmask & (KG0 + STEP + wgrp < KG), other=0)
     if DEPTH >= 3:
-        w3 = tl.load(base + 2 * STEP * WS, mask=rmask & (2 * STEP + wgrp < KG), other=0)
+        w3 = tl.load(base + (KG0 + 2 * STEP) * WS, mask=rmask & (KG0 + 2 * STEP + wgrp < KG), other=0)
     if DEPTH >= 4:
-        w4 = tl.load(base + 3 * STEP * WS, mask=rmask & (3 * STEP + wgrp < KG), other=0)
+        w4 = tl.load(base + (KG0 + 3 * STEP) * WS, mask=rmask & (KG0 + 3 * STEP + wgrp < KG), other=0)
     _wait(PDL)
     # NORM 2 scales the finished sums by 1/rms(x): the squares are summed from the input tiles the
     # loop loads anyway (ss), not in a pass of their own over 16 rows of K inputs before it, which
@@ -186,7 +188,8 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, 
     col = (cw // WS) * GROUP + ct * WS + cw % WS
     xrow = m64[:, None] * K
     acc = tl.zeros([HALVES * BLOCK_N, BLOCK_M], tl.float32)
-    for g0 in range(0, KG, STEP):
+    KEND = KG * GROUP  # this slice's inputs end here (its weights past it are masked to zero too)
+    for g0 in range(KG0, KG, STEP):
         words = w1
         if DEPTH >= 2:
             w1 = w2
@@ -230,7 +233,7 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, 
             # Group 128: the step's inputs in order are (b, e, h, c, q, v) (input 16 t + word within
             # a group): loaded contiguously, then only renamed into the operand's column order.
             idx = g0 * GROUP + cc
-            xv = _load_xm(x_ptr, g_ptr, xrow + idx[None, :], idx[None, :], mmask[:, None] & (idx < K)[None, :],
+            xv = _load_xm(x_ptr, g_ptr, xrow + idx[None, :], idx[None, :], mmask[:, None] & (idx < KEND)[None, :],
                           rstd[:, None], NORM)
             if NORM == 2:  # 8 neighbours at a time: each thread's own contiguous inputs
                 ss += tl.sum(tl.reshape(xv.to(tl.float32) * xv.to(tl.float32), [BLOCK_M, BLOCK_K // 8, 8]), 2)
@@ -241,7 +244,7 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, 
                 xv = tl.reshape(tl.permute(xv, 0, 1, 6, 4, 5, 3, 2), [BLOCK_M, BLOCK_K])
         else:  # other groups: each column gathered from its input
             idx = g0 * GROUP + col
-            xv = _load_xm(x_ptr, g_ptr, xrow + idx[None, :], idx[None, :], mmask[:, None] & (idx < K)[None, :],
+            xv = _load_xm(x_ptr, g_ptr, xrow + idx[None, :], idx[None, :], mmask[:, None] & (idx < KEND)[None, :],
                           rstd[:, None], NORM)
             if NORM == 2:  # every input of the step once, in another order
                 ss += tl.sum(tl.reshape(xv.to(tl.float32) * xv.to(tl.float32), [BLOCK_M, BLOCK_K // 8, 8]), 2)
@@ -259,29 +262,65 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, 
             acc = tl.dot(w.to(tl.float32), tl.trans(xv.to(tl.float32)), acc, input_precision="ieee")
         else:
             acc = tl.dot(w, tl.trans(xv), acc)
-    if NORM == 2:  # the norm weight is folded into W: norm(x) W^T = rstd * (x W^T)
-        acc = acc * (1.0 / tl.sqrt(tl.sum(ss, 1) / K + eps))[None, :]
-    return acc
+    return acc, tl.sum(ss, 1)
 
 
 # One compiled kernel for every M and for w2's odd number of groups (KG only offsets the scales).
-@triton.jit(do_not_specialize=["M", "KB"])
-def _gemv_mma_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr,
-                     M, N, K, KW, KB, ROWS2, eps, res_scale,
+@triton.jit(do_not_specialize=["M", "KB", "KSL"])
+def _gemv_mma_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr, part_ptr, count_ptr,
+                     M, N, K, KW, KB, KSL, ROWS2, eps, res_scale, SPLIT: tl.constexpr,
                      GROUP: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
                      IEEE: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr, PACKED: tl.constexpr,
                      NW: tl.constexpr, DEPTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, NORM_BLOCK: tl.constexpr):
-    """Outputs [pid0*BLOCK_N, ...) of input rows [pid1*BLOCK_M, ...): X (M, K), Y (M, N)."""
+    """Outputs [pid0*BLOCK_N, ...) of input rows [pid1*BLOCK_M, ...): X (M, K), Y (M, N); with SPLIT > 1,
+    the share of groups [pid2*KSL, ...) of each row, the last of the SPLIT programs of a tile to finish
+    adding up all shares (from part_ptr) and running the epilogue."""
     if PDL:  # let the next kernel's programs get ready as soon as all of ours have started
         tl.extra.cuda.gdc_launch_dependents()
+    HB: tl.constexpr = (2 if SWIGLU else 1) * BLOCK_N
     row0 = tl.program_id(0) * BLOCK_N
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mmask = m < M
     m64 = m.to(tl.int64)
-    acc = _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, KW, KB, eps,
-                    NORM, NORM_BLOCK, PDL, ASM, IEEE, PACKED, GROUP, NW, DEPTH, 2 if SWIGLU else 1,
-                    BLOCK_M, BLOCK_N, BLOCK_K)
+    kg0 = tl.program_id(2) * KSL
+    acc, ssum = _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, KW, kg0,
+                          tl.minimum(kg0 + KSL, KB), eps, NORM, NORM_BLOCK, PDL, ASM, IEEE, PACKED, GROUP, NW,
+                          DEPTH, 2 if SWIGLU else 1, BLOCK_M, BLOCK_N, BLOCK_K)
+    if SPLIT > 1:
+        # Split K: every program stores its share; the tile's counter tells the last one to arrive,
+        # which sums the SPLIT shares (in slice order: the same sum whichever program is last) and
+        # resets the counter for the next launch (CUDA graphs replay the same buffers).
+        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        PART: tl.constexpr = HB * BLOCK_M + BLOCK_M
+        own = part_ptr + (tile * SPLIT + tl.program_id(2)) * PART
+        ai = tl.arange(0, HB)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+        tl.store(own + ai, acc)
+        tl.store(own + HB * BLOCK_M + tl.arange(0, BLOCK_M), ssum)
+        tl.debug_barrier()  # every thread's share stored before the release below
+        done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT - 1:
+            acc = tl.zeros([HB, BLOCK_M], tl.float32)
+            ssum = tl.zeros([BLOCK_M], tl.float32)
+            first = part_ptr + tile * SPLIT * PART
+            for j in range(SPLIT):
+                acc += tl.load(first + j * PART + ai, cache_modifier=".cg")
+                ssum += tl.load(first + j * PART + HB * BLOCK_M + tl.arange(0, BLOCK_M), cache_modifier=".cg")
+            tl.store(count_ptr + tile, 0)
+            _mma_finish(acc, ssum, x_ptr, r_ptr, y_ptr, row0, m64, mmask, N, K, eps, res_scale, NORM, SWIGLU,
+                        RESIDUAL, BLOCK_M, BLOCK_N)
+    else:
+        _mma_finish(acc, ssum, x_ptr, r_ptr, y_ptr, row0, m64, mmask, N, K, eps, res_scale, NORM, SWIGLU,
+                    RESIDUAL, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _mma_finish(acc, ssum, x_ptr, r_ptr, y_ptr, row0, m64, mmask, N, K, eps, res_scale, NORM: tl.constexpr,
+                SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The epilogue of a tile's whole product acc (HALVES * BLOCK_N, BLOCK_M); ssum: NORM 2's sums of
+    squared inputs per input row."""
+    if NORM == 2:  # the norm weight is folded into W: norm(x) W^T = rstd * (x W^T)
+        acc = acc * (1.0 / tl.sqrt(ssum / K + eps))[None, :]
     if SWIGLU:  # rows [0, BLOCK_N) of the product are w1's, the next BLOCK_N w3's
         y, up = tl.split(tl.permute(tl.reshape(acc, [2, BLOCK_N, BLOCK_M]), 1, 2, 0))
     else:
@@ -315,6 +354,40 @@ _CONFIGS = {
 }
 
 
+# Split K: a 4096-row layer at 16 rows a program is 256 one-warp programs, about two warps per SM of an
+# H100: too few loads in flight to stream the weights at full speed (~400 GB/s at 8 rows, sixth
+# session). Each tile's K is then shared by `split` programs, so that about SPLIT_TARGET programs run,
+# each at least SPLIT_MIN_STEPS loop steps long. TORCHCHAT_MMA_SPLIT_TARGET overrides the target (0:
+# never split).
+SPLIT_TARGET = 1024
+SPLIT_MIN_STEPS = 4
+
+
+def pick_split(tiles: int, steps: int) -> int:
+    """How many programs share each of `tiles` tiles' `steps` loop steps."""
+    target = int(os.environ.get("TORCHCHAT_MMA_SPLIT_TARGET", SPLIT_TARGET))
+    if target <= tiles:
+        return 1
+    return max(1, min(triton.cdiv(target, tiles), steps // SPLIT_MIN_STEPS))
+
+
+_COUNTERS: dict[torch.device, Tensor] = {}
+
+
+def _counters(device: torch.device, tiles: int) -> Tensor:
+    """Per-tile arrival counters of the split-K kernel: zeros, and zeros again after every launch (the
+    last program of a tile resets its own), so one buffer serves every launch and CUDA graph replay on
+    the device. Launches on one stream run one after another (with PDL a kernel touches the counters
+    only after waiting for the previous one), which is what lets them share it."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise MmaRowsError("the split-K counters are made outside CUDA graph capture: run the shapes once first")
+        buf = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
 def packed_dequant(x: Tensor) -> bool:
     """Whether the weights are dequantized two at a time in 16-bit registers (_pair: PTX, so CUDA
     only, 16-bit models only), else in float32 (_field). TORCHCHAT_MMA_PACKED=0 forces float32."""
@@ -341,11 +414,11 @@ def gemv_mma(x: Tensor, fmt: str, groupsize: int, weight: Tensor, scales: Tensor
              mins: Tensor | None = None, *, norm_weight: Tensor | None = None, eps: float = 0.0,
              rms_only: bool = False, swiglu: bool = False, residual: Tensor | None = None,
              res_scale: float = 1.0, out_dtype: torch.dtype | None = None,
-             config: GemvConfig | None = None) -> Tensor:
+             config: GemvConfig | None = None, split: int | None = None) -> Tensor:
     """Y = epilogue(prologue(X) W^T) for the rows of X on the tensor cores, one dot per weight tile,
     each tile read once per 16 rows. Arguments and result as gemv_rows.gemv_rows's: x (M, K)
     contiguous in the model dtype -> (M, N) in `out_dtype` (default x's dtype). int4 only
-    (MmaRowsError otherwise)."""
+    (MmaRowsError otherwise). `split`: programs sharing each tile's K (default: pick_split's)."""
     if fmt not in FORMATS:
         raise MmaRowsError(f"the one-dot tensor-core kernel takes {', '.join(FORMATS)}, not {fmt!r}")
     m, k = x.shape
@@ -360,12 +433,24 @@ def gemv_mma(x: Tensor, fmt: str, groupsize: int, weight: Tensor, scales: Tensor
                            f"multiple of 128 inputs and of the group ({block}), the rows (of both halves with swiglu) "
                            "a multiple of 16 per warp, the steps loaded ahead 1 to 4")
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, BLOCK_M))
+    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, BLOCK_M)
+    kb = k // block
+    step_groups = cfg.block_k // block
+    steps = triton.cdiv(kb, step_groups)
+    split = max(1, min(pick_split(tiles, steps) if split is None else split, steps))
+    ksl = triton.cdiv(steps, split) * step_groups  # groups a slice: whole steps
+    split = triton.cdiv(kb, ksl)  # (so that no slice is empty)
+    if split > 1:
+        part = torch.empty(tiles * split * (halves * cfg.block_n + 1) * BLOCK_M, dtype=torch.float32, device=x.device)
+        counts = _counters(x.device, tiles)
+    else:
+        part = counts = out  # not read
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, BLOCK_M), split)
     use_pdl = pdl_enabled(x)
     _gemv_mma_kernel[grid](
         x, norm_weight if norm_weight is not None else x, weight, scales, mins,
-        residual if residual is not None else x, out,
-        m, n, k, weight.shape[1], k // block, n, eps, res_scale,
+        residual if residual is not None else x, out, part, counts,
+        m, n, k, weight.shape[1], kb, ksl, n, eps, res_scale, SPLIT=split,
         GROUP=block, NORM=2 if rms_only else int(norm_weight is not None), SWIGLU=swiglu,
         RESIDUAL=residual is not None, IEEE=x.dtype == torch.float32 or not x.is_cuda, PDL=use_pdl,
         ASM=x.is_cuda, PACKED=packed_dequant(x), NW=cfg.num_warps, DEPTH=cfg.num_stages, BLOCK_M=BLOCK_M,
