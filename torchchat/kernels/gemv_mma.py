@@ -127,7 +127,7 @@ def _ar(N: tl.constexpr, AXIS: tl.constexpr, RANK: tl.constexpr):
 
 
 @triton.jit
-def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, KW, KG0, KG, eps,
+def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, KW, KB, KG0, KG, eps,
               NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
               IEEE: tl.constexpr, PACKED: tl.constexpr, GROUP: tl.constexpr, NW: tl.constexpr,
               DEPTH: tl.constexpr, HALVES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -135,7 +135,7 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, 
     """(HALVES * BLOCK_N, BLOCK_M) float32 products of weight rows row0 + [0, BLOCK_N) (and, with
     HALVES = 2, then of rows ROWS2 + row0 + [0, BLOCK_N): SwiGLU's w3 half, in the same dot, so that
     both halves share the steps, the input tile and one ring of loads) with the prologue'd input rows
-    m64, over the groups [KG0, KG) of each row; rows past N (of each half) give zeros. Also returns the
+    m64, over the groups [KG0, KG) of each row (of KB); rows past N (of each half) give zeros. Also returns the
     (BLOCK_M,) sums of the squared inputs of those groups (NORM 2's, zeros otherwise): the caller scales
     by 1/rms once every group's share is in."""
     dt = x_ptr.dtype.element_ty
@@ -158,7 +158,7 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, 
     rows64 = (row0 + local + (row // BLOCK_N) * ROWS2).to(tl.int64)
     wgrp = word // WS
     sgrp = (16 * bb + 4 * _ar(4, 5, 7)) // WS  # a word's group does not depend on v (WS >= 4)
-    soff = rows64 * KG + sgrp
+    soff = rows64 * KB + sgrp
     base = w_ptr + rows64 * KW + word
     STEP: tl.constexpr = BLOCK_K // GROUP  # groups a step
     # A ring of DEPTH steps of words in flight (w1 the next to use), rotated by one each step. Weights
@@ -265,7 +265,7 @@ def _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, 
     return acc, tl.sum(ss, 1)
 
 
-# One compiled kernel for every M and for w2's odd number of groups (KG only offsets the scales).
+# One compiled kernel for every M and for w2's odd number of groups (KB only offsets the scales).
 @triton.jit(do_not_specialize=["M", "KB", "KSL"])
 def _gemv_mma_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr, part_ptr, count_ptr,
                      M, N, K, KW, KB, KSL, ROWS2, eps, res_scale, SPLIT: tl.constexpr,
@@ -284,7 +284,7 @@ def _gemv_mma_kernel(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, r_ptr, y_ptr, part_ptr, 
     mmask = m < M
     m64 = m.to(tl.int64)
     kg0 = tl.program_id(2) * KSL
-    acc, ssum = _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, KW, kg0,
+    acc, ssum = _mma_int4(x_ptr, g_ptr, w_ptr, s_ptr, m_ptr, row0, N, ROWS2, m64, mmask, K, KW, KB, kg0,
                           tl.minimum(kg0 + KSL, KB), eps, NORM, NORM_BLOCK, PDL, ASM, IEEE, PACKED, GROUP, NW,
                           DEPTH, 2 if SWIGLU else 1, BLOCK_M, BLOCK_N, BLOCK_K)
     if SPLIT > 1:
