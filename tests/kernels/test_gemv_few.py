@@ -99,9 +99,9 @@ def test_the_kernel_choice_follows_the_table_and_the_environment(monkeypatch, de
     from torchchat.kernels.gemv_few import gemv_few
 
     monkeypatch.delenv("TORCHCHAT_ROWS_KERNEL", raising=False)
-    # The shipped table (measured on the H100): int4 on the CUDA cores up to 5 rows, the one-dot int4
+    # The shipped table (measured on the H100): int4 on the CUDA cores up to 2 rows, the one-dot int4
     # kernel up to 64, the per-field tensor-core kernel beyond and for every other format.
-    assert [rows_mod.rows_kernel("int4", m) for m in (1, 2, 5, 6, 8, 16, 17, 80)] == ["fma"] * 3 + ["mma"] * 4 + ["dot"]
+    assert [rows_mod.rows_kernel("int4", m) for m in (1, 2, 3, 6, 8, 16, 17, 80)] == ["fma"] * 2 + ["mma"] * 5 + ["dot"]
     assert {rows_mod.rows_kernel(f, m) for f in ("float", "int8", "int8_asym") for m in (1, 2, 8, 16, 40)} == {"dot"}
     monkeypatch.setitem(rows_mod.ROWS_KERNELS, "int4", ((4, "fma"), (16, "dot")))
     assert [rows_mod.rows_kernel("int4", m) for m in (2, 4, 5, 17)] == ["fma", "fma", "dot", "dot"]

@@ -355,11 +355,13 @@ _CONFIGS = {
 
 
 # Split K: a 4096-row layer at 16 rows a program is 256 one-warp programs, about two warps per SM of an
-# H100: too few loads in flight to stream the weights at full speed (~400 GB/s at 8 rows, sixth
-# session). Each tile's K is then shared by `split` programs, so that about SPLIT_TARGET programs run,
-# each at least SPLIT_MIN_STEPS loop steps long. TORCHCHAT_MMA_SPLIT_TARGET overrides the target (0:
-# never split).
-SPLIT_TARGET = 1024
+# H100: too few loads in flight to stream the weights at full speed (~330 GB/s at 8 rows). Each tile's K
+# is then shared by `split` programs, so that about SPLIT_TARGET programs run, each at least
+# SPLIT_MIN_STEPS loop steps long. Whole 7B int4 steps at 8 / 16 rows (H100, seventh session,
+# bench/cuda_batch_bench.py): no split 10.64 / 10.96 ms, target 1024 7.36 / 7.78, 2048 6.73-6.74 /
+# 7.25, 4096 6.57 / 7.04, 8192 6.82 / 7.31. TORCHCHAT_MMA_SPLIT_TARGET overrides the target (0: never
+# split).
+SPLIT_TARGET = 4096
 SPLIT_MIN_STEPS = 4
 
 

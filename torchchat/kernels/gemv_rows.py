@@ -288,12 +288,13 @@ ROWS_KERNELS: dict[str, tuple[tuple[int, str], ...]] = {
     "float": ((16, "dot"),),
     "int8": ((16, "dot"),),
     "int8_asym": ((16, "dot"),),
-    # int4 (H100, 7B shapes, sixth session). Whole decode steps (bench/cuda_batch_bench.py, CUDA graphs):
-    # the CUDA-core kernel's cost grows with the rows, 4/8 rows 8.37/12.07 ms; the one-dot tensor-core
-    # kernel's barely moves (its programs take 16 rows), 4/8/16 rows 10.09/10.34/11.52 ms. Crossing near
-    # 6 rows by that slope; 5 stays on fma. Past 16 rows (a short prompt's prefill,
-    # modules.SHORT_PREFILL_ROWS) each 16 rows are one more pass.
-    "int4": ((5, "fma"), (64, "mma")),
+    # int4 (H100, 7B shapes). Whole decode steps (bench/cuda_batch_bench.py, CUDA graphs): the CUDA-core
+    # kernel's cost grows with the rows (seventh session: 2/3/4/6 rows 5.11/8.25/8.38/11.78 ms); the
+    # one-dot tensor-core kernel's barely moves (its programs take 16 rows), and since it splits K
+    # (gemv_mma.SPLIT_TARGET) 2/3/4/6/8/16 rows take 6.03/6.04/6.09/6.33/6.57/7.04 ms. So fma for 2 rows,
+    # mma from 3. Past 16 rows (a short prompt's prefill, modules.SHORT_PREFILL_ROWS) each 16 rows are
+    # one more pass.
+    "int4": ((2, "fma"), (64, "mma")),
 }
 KERNELS = ("dot", "fma", "mma")
 _FMA_FORMATS = ("int8", "int8_asym", "int4")  # gemv_few.FORMATS, without importing it here
