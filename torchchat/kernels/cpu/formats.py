@@ -39,9 +39,10 @@ SUPPORTED_QTYPES: frozenset[int] = frozenset(BLOCKS)
 NAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1", Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}
 
 # Row-interleaved layouts (csrc/common.h): type id | X16, 16 rows stored together block by block, made
-# at load time for the kernels (torchchat.kernels.cpu.interleave). Bytes per block and row: the file's.
+# at load time for the kernels (torchchat.kernels.cpu.interleave). Bytes per block and row; Q4_K's and
+# Q5_K's expanded 6-bit scales make them 148 and 180 instead of 144 and 176.
 X16 = 256
-X16_BLOCK_BYTES: dict[int, int] = {Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24, Q8_0: 34, Q4_K: 144, Q5_K: 176, Q6_K: 210}
+X16_BLOCK_BYTES: dict[int, int] = {Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24, Q8_0: 34, Q4_K: 148, Q5_K: 180, Q6_K: 210}
 for _q, _bytes in X16_BLOCK_BYTES.items():
     BLOCKS[_q | X16] = (BLOCKS[_q][0], _bytes)
     NAMES[_q | X16] = NAMES[_q] + "x16"

@@ -57,10 +57,11 @@ typedef void (*dequant_bf16_fn)(int qtype, const uint8_t* w, int64_t row_bytes, 
 //   Q5_0 (352 = 16 x 22):  d[r] f16 @0 | qh_r (4 bytes) @32 + 4r | qs chunk c=0..3 @96 + 64c + 4r + i
 //   Q5_1 (384 = 16 x 24):  d[r] @0 | m[r] @32 | qh_r @64 + 4r | qs chunk c=0..3 @128 + 64c + 4r + i
 //   Q8_0 (544 = 16 x 34):  d[r] f16 @0 | qs chunk c=0..7 @32 + 64c + 4r + i = qs_r[4c + i]
-//   Q4_K (2304 = 16 x 144): d[r] @0 | dmin[r] @32 | byte j=0..11 of the packed 6-bit scales and mins
-//        @64 + 16j + r | qs @256 + 512p + 64c + 4r + i = qs_r[32p + 4c + i], p=0..3, c=0..7
-//   Q5_K (2816 = 16 x 176): Q4_K's layout (its qs from the file's @48), then
-//        qh @2304 + 64c + 4r + i = qh_r[4c + i], c=0..7
+//   Q4_K (2368 = 16 x 148, 1.03x the file's 144): d[r] @0 | dmin[r] @32 | scale j=0..7 @64 + 16j + r,
+//        min j @192 + 16j + r (the 6-bit values, one byte each) | qs @320 + 512p + 64c + 4r + i =
+//        qs_r[32p + 4c + i], p=0..3, c=0..7
+//   Q5_K (2880 = 16 x 180, 1.02x the file's 176): Q4_K's layout (its qs from the file's @48), then
+//        qh @2368 + 64c + 4r + i = qh_r[4c + i], c=0..7
 //   Q6_K (3360 = 16 x 210): d[r] @0 | scales s=0..15 @32 + 16s + r | ql @288 + 1024h + 64c + 4r + i =
 //        ql_r[64h + 4c + i], c=0..15 | qh @2336 + 512h + 64c + 4r + i = qh_r[32h + 4c + i], c=0..7
 constexpr int kX16 = 256;
@@ -74,8 +75,8 @@ static inline int x16_block_bytes(int base) {
     case kQ5_0: return 22;
     case kQ5_1: return 24;
     case kQ8_0: return 34;
-    case kQ4_K: return 144;
-    case kQ5_K: return 176;
+    case kQ4_K: return 148;
+    case kQ5_K: return 180;
     case kQ6_K: return 210;
     default: return 0;
   }
