@@ -160,7 +160,7 @@ def test_mma_split_k_adds_up_to_the_whole_product(device, tile, split, m):
 
 
 def test_mma_split_follows_the_programs_and_the_environment(monkeypatch):
-    from torchchat.kernels.gemv_mma import SPLIT_MIN_STEPS, SPLIT_TARGET, pick_split
+    from torchchat.kernels.gemv_mma import SPLIT_MIN_STEPS, SPLIT_TARGET, MmaRowsError, pick_split
 
     monkeypatch.delenv("TORCHCHAT_MMA_SPLIT_TARGET", raising=False)
     assert pick_split(SPLIT_TARGET, 32) == 1  # enough programs already
@@ -170,3 +170,6 @@ def test_mma_split_follows_the_programs_and_the_environment(monkeypatch):
     assert pick_split(16, 1000) == 1
     monkeypatch.setenv("TORCHCHAT_MMA_SPLIT_TARGET", "4096")
     assert pick_split(256, 1000) == 16
+    monkeypatch.setenv("TORCHCHAT_MMA_SPLIT_TARGET", "many")
+    with pytest.raises(MmaRowsError, match="TORCHCHAT_MMA_SPLIT_TARGET='many'"):
+        pick_split(256, 1000)

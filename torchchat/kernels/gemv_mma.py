@@ -367,7 +367,11 @@ SPLIT_MIN_STEPS = 4
 
 def pick_split(tiles: int, steps: int) -> int:
     """How many programs share each of `tiles` tiles' `steps` loop steps."""
-    target = int(os.environ.get("TORCHCHAT_MMA_SPLIT_TARGET", SPLIT_TARGET))
+    text = os.environ.get("TORCHCHAT_MMA_SPLIT_TARGET", "")
+    try:
+        target = int(text) if text else SPLIT_TARGET
+    except ValueError:
+        raise MmaRowsError(f"TORCHCHAT_MMA_SPLIT_TARGET={text!r}: expected a whole number of programs (0: never split)") from None
     if target <= tiles:
         return 1
     return max(1, min(triton.cdiv(target, tiles), steps // SPLIT_MIN_STEPS))
