@@ -46,6 +46,55 @@ def test_joining_and_leaving_sequences_equal_serial_runs(built):
     assert got == expected
 
 
+def _count_prefill_forwards(engine):
+    """Wrap the engine's last-position forward (every prompt chunk here takes it): returns the list of
+    the batch sizes it was called with."""
+    calls = []
+    inner = engine.steps.forward_last
+
+    def counted(tokens, pos, **kw):
+        calls.append(tokens.size(0))
+        return inner(tokens, pos, **kw)
+
+    engine.steps.forward_last = counted
+    return calls
+
+
+def test_prompts_joining_together_share_one_prefill_forward(built):
+    tok = built.tokenizer
+    texts = ["Once upon a time", "Tim had a red ball.", "The cat sat", "Lily and Tom went"]
+    prompts = [tok.encode(t, bos=True) for t in texts]
+    assert len({len(p) for p in prompts}) > 1  # different lengths: the shorter ones are padded
+    expected = [serial(built, p, 15) for p in prompts]
+    engine = BatchEngine(built.runtime, max_batch=4, max_seq_len=128)
+    calls = _count_prefill_forwards(engine)
+    got, _ = drive(engine, [SequenceRequest(tuple(p), 15) for p in prompts], [0, 0, 0, 0])
+    assert got == expected
+    assert calls == [4]
+
+
+def test_joint_prefill_skips_a_busy_row_and_long_padding(built):
+    tok = built.tokenizer
+    short, other = tok.encode("The cat", bos=True), tok.encode("Tim had a red ball.", bos=True)
+    long_ = tok.encode("One day, a little bird named Blue flew over the big green hill and saw", bos=True)
+    reqs = [SequenceRequest(tuple(p), 12) for p in (other, short, long_, short)]
+    expected = [serial(built, r.prompt_ids, 12) for r in reqs]
+    engine = BatchEngine(built.runtime, max_batch=4, max_seq_len=128)
+    calls = _count_prefill_forwards(engine)
+    # Request 0 takes slot 0 and decodes; at step 1 requests 1-3 take slots 1, 2, 3 together. The short
+    # prompts (4 ids) padded to the long one (29) would be mostly padding: three forwards.
+    got, _ = drive(engine, reqs, [0, 1, 1, 1])
+    assert got == expected
+    assert calls == [1, 1, 1, 1]
+    # Two prompts of similar length in neighbouring rows, next to a busy one, do share a forward.
+    engine = BatchEngine(built.runtime, max_batch=4, max_seq_len=128)
+    calls = _count_prefill_forwards(engine)
+    reqs = [SequenceRequest(tuple(p), 12) for p in (long_, other, short)]
+    got, _ = drive(engine, reqs, [0, 1, 1])
+    assert got == [serial(built, r.prompt_ids, 12) for r in reqs]
+    assert calls == [1, 2]
+
+
 def test_prefix_reuse_prefills_only_the_new_tokens(built):
     tok = built.tokenizer
     engine = BatchEngine(built.runtime, max_batch=2, max_seq_len=128)

@@ -63,6 +63,32 @@ def test_decode_batch_matches_the_transformer(cfg, device, quant):
         assert rel_err(fused(tokens, pos), ref(tokens, pos)) < 1e-5
 
 
+@pytest.mark.parametrize("quant", ["float", pytest.param("int4", marks=pytest.mark.slow)])
+def test_prompts_of_several_rows_share_one_prefill_forward(cfg, device, quant):
+    """What BatchEngine does with prompts that join together: right-padded to the longest, each row at
+    its own positions, each row's own last position read (last_index). Same last logits and the same
+    K/V at the prompts' positions as prefilling each prompt alone into its row."""
+    fused, _ = _fused(cfg, device, torch.float32, QUANTS[quant], random_norms=quant != "float")
+    width = max(len(p) for p in PROMPTS)
+    with torch.no_grad():
+        fused.setup_caches(4, 64)
+        alone = [fused(torch.tensor([p], device=device), torch.arange(len(p), device=device), r)[0, -1]
+                 for r, p in enumerate(PROMPTS)]
+        kv_alone = [(layer.attention.kv_cache.k_cache.clone(), layer.attention.kv_cache.v_cache.clone())
+                    for layer in fused.layers]
+        fused.setup_caches(3, 64)  # new (zeroed) caches
+        tokens = torch.tensor([p + p[-1:] * (width - len(p)) for p in PROMPTS], device=device)
+        pos = torch.arange(width, device=device).expand(len(PROMPTS), -1).contiguous()
+        last = torch.tensor([len(p) - 1 for p in PROMPTS], device=device)
+        together = fused(tokens, pos, 0, last_only=True, last_index=last)[:, 0]
+    assert rel_err(together, torch.stack(alone)) < 1e-5
+    for layer, (k, v) in zip(fused.layers, kv_alone):
+        cache = layer.attention.kv_cache
+        for r, p in enumerate(PROMPTS):
+            assert rel_err(cache.k_cache[r, :, : len(p)], k[r, :, : len(p)]) < 1e-5
+            assert rel_err(cache.v_cache[r, :, : len(p)], v[r, :, : len(p)]) < 1e-5
+
+
 # In Triton's interpreter on a 2-core CPU: float 12 s, int8 27 s, int4 42 s.
 @pytest.mark.parametrize("quant", ["float", pytest.param("int8", marks=pytest.mark.slow),
                                    pytest.param("int4", marks=pytest.mark.slow)])

@@ -46,6 +46,10 @@ from torchchat.generation.steps import Steps
 # per generated token, in order, after penalties and bias; e.g. a grammar mask (generation/constraints.py).
 LogitsProcessor = Callable[[Seq[int], Tensor], Tensor]
 
+# Joining prompts share one forward while their right-padding stays within this multiple of their real
+# tokens (BatchEngine._prefill_groups).
+PREFILL_PAD_RATIO = 1.5
+
 
 @dataclass(frozen=True)
 class Penalties:
@@ -145,6 +149,10 @@ class BatchEngine:
         self.steps = steps or Steps(runtime.forward, runtime.device,
                                     forward_last=getattr(runtime, "forward_last", None))
         self.parallel_prefill = parallel_prefill and runtime.supports_parallel_prefill
+        # Joining prompts of several sequences in one forward (_prefill_groups): needs per-row positions
+        # and each row's own last position (EagerRuntime.forward_last's last_index), which steps made
+        # without a last-position forward lack.
+        self._batch_prefill = max_batch > 1 and self.parallel_prefill and self.steps.forward_last is not self.steps.forward
         # One slot decodes through a decoder that only produces tokens (see the module docstring).
         self._plain = PlainDecoder(self.steps, self.device, self.vocab_size) if max_batch == 1 else None
         self.draft: Draft | None = None
@@ -257,7 +265,7 @@ class BatchEngine:
         if not joining:  # most steps: a one-slot engine decoding pays only this line here
             return []
         budget = self.prefill_chunk
-        firsts: list[tuple[Sequence, Tensor]] = []
+        chunks: list[tuple[Sequence, list[int]]] = []
         out: list[TokenOut] = []
         for seq in sorted(joining, key=lambda s: s.t_added):
             if budget <= 0:
@@ -269,19 +277,67 @@ class BatchEngine:
                 if not seq.pending:
                     out.append(self._emit(seq, first))
                 continue
-            tokens = torch.tensor([chunk], dtype=torch.int64, device=self.device)
-            pos = torch.arange(seq.position, seq.position + len(chunk), device=self.device)
-            logits = self._prefill_forward(tokens, pos, seq.slot, last_only=not seq.request.prompt_logprobs)
-            seq.position += len(chunk)
-            self.slot_ids[seq.slot].extend(chunk)
-            self.prefilled_tokens += len(chunk)
-            if seq.request.prompt_logprobs:
-                self._prompt_logprobs(seq, chunk, logits[0])
-            if not seq.pending:
-                firsts.append((seq, logits[0, -1]))
+            chunks.append((seq, chunk))
+        firsts: list[tuple[Sequence, Tensor]] = []
+        for group in self._prefill_groups(chunks):
+            if len(group) == 1:
+                seq, chunk = group[0]
+                tokens = torch.tensor([chunk], dtype=torch.int64, device=self.device)
+                pos = torch.arange(seq.position, seq.position + len(chunk), device=self.device)
+                logits = self._prefill_forward(tokens, pos, seq.slot, last_only=not seq.request.prompt_logprobs)
+                if seq.request.prompt_logprobs:
+                    self._prompt_logprobs(seq, chunk, logits[0])
+                lasts = logits[:, -1]
+            else:
+                lasts = self._prefill_rows(group)
+            for (seq, chunk), last in zip(group, lasts):
+                seq.position += len(chunk)
+                self.slot_ids[seq.slot].extend(chunk)
+                self.prefilled_tokens += len(chunk)
+                if not seq.pending:
+                    firsts.append((seq, last))
         if firsts:
             out += self._sample([s for s, _ in firsts], torch.stack([l for _, l in firsts]))
         return out
+
+    def _prefill_groups(self, chunks: list[tuple[Sequence, list[int]]]) -> list[list[tuple[Sequence, list[int]]]]:
+        """The prompt chunks of one step, grouped into forwards. Sequences in consecutive cache rows
+        that want only their last position's logits share one forward (each prompt right-padded to the
+        longest): a forward reads every weight once, so on a GPU eight joining prompts cost about what
+        one does. A group grows while its padding stays at most PREFILL_PAD_RATIO times its real tokens
+        (on a CPU a prompt's forward is compute-bound and padding costs in full) and the padded
+        positions stay inside the cache."""
+        if not self._batch_prefill:
+            return [[c] for c in chunks]
+        groups: list[list[tuple[Sequence, list[int]]]] = []
+        for seq, chunk in sorted(chunks, key=lambda c: c[0].slot):
+            group = groups[-1] if groups else None
+            if group is not None and self._joins(group, seq, chunk):
+                group.append((seq, chunk))
+            else:
+                groups.append([(seq, chunk)])
+        return groups
+
+    def _joins(self, group: list[tuple[Sequence, list[int]]], seq: Sequence, chunk: list[int]) -> bool:
+        members = group + [(seq, chunk)]
+        if seq.slot != group[-1][0].slot + 1 or any(s.request.prompt_logprobs for s, _ in members):
+            return False
+        width = max(len(c) for _, c in members)
+        if any(s.position + width > self.max_seq_len for s, _ in members):
+            return False
+        return width * len(members) <= PREFILL_PAD_RATIO * sum(len(c) for _, c in members)
+
+    def _prefill_rows(self, group: list[tuple[Sequence, list[int]]]) -> Tensor:
+        """One forward for the chunks of sequences in consecutive cache rows -> each one's last-position
+        logits (N, V). A shorter chunk is padded at its end by repeating its last id; the padding's
+        K/V land at positions past the chunk, which that sequence writes again before it reads them."""
+        width = max(len(c) for _, c in group)
+        tokens = torch.tensor([c + c[-1:] * (width - len(c)) for _, c in group], dtype=torch.int64, device=self.device)
+        start = torch.tensor([s.position for s, _ in group], device=self.device).view(-1, 1)
+        pos = start + torch.arange(width, device=self.device).view(1, -1)
+        last = torch.tensor([len(c) - 1 for _, c in group], device=self.device)
+        forward = self.steps.prefill_forward(last_only=True)
+        return forward(tokens, pos, row=group[0][0].slot, last_index=last)[:, 0]
 
     def _prefill_one_by_one(self, seq: Sequence, chunk: list[int]) -> int:
         """A one-slot engine's sequential prefill: each prompt token through the plain decoder's fused

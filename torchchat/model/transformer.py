@@ -209,11 +209,14 @@ class Transformer(nn.Module):
             self.register_buffer("sliding_mask", sliding, persistent=False)  # (S_max, S_max)
         self.max_batch, self.max_seq, self._cache_dtype = max_batch, max_seq, dtype
 
-    def forward(self, tokens: Tensor, input_pos: Tensor, row: int = 0, last_only: bool = False) -> Tensor:
+    def forward(self, tokens: Tensor, input_pos: Tensor, row: int = 0, last_only: bool = False,
+                last_index: Tensor | None = None) -> Tensor:
         """tokens: (B, S) int64; input_pos: (S,) positions of those tokens, or (B, S) when the rows are
         sequences at different positions (batched serving). The rows use KV-cache rows [row, row + B).
         Returns logits (B, S, V) fp32, or (B, 1, V) for the last position alone with `last_only` (a
-        prefill samples from that one: the output matrix then multiplies one row instead of S)."""
+        prefill samples from that one: the output matrix then multiplies one row instead of S).
+        `last_index` (B,) int64, with `last_only`: row b's last position is last_index[b], not S - 1
+        (prompts of different lengths in one batch, each padded at its end)."""
         if self.max_seq < 0:
             raise RuntimeError("call Transformer.setup_caches(max_batch, max_seq) before forward")
         if input_pos.dim() == 1:
@@ -237,7 +240,7 @@ class Transformer(nn.Module):
             layer_rope, layer_mask = (local_rope, local_mask) if i in cfg.sliding_layers else (rope, mask)
             x = layer(x, layer_rope, layer_mask, input_pos, row) if row else layer(x, layer_rope, layer_mask, input_pos)
         if last_only:
-            x = x[:, -1:]
+            x = x[:, -1:] if last_index is None else x[torch.arange(x.size(0), device=x.device), last_index].unsqueeze(1)
         logits = self.output(self.norm(x))
         if cfg.logits_scaling != 1.0:
             logits = logits / cfg.logits_scaling

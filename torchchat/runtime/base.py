@@ -59,7 +59,10 @@ class EagerRuntime:
     def forward(self, tokens: Tensor, input_pos: Tensor, row: int = 0) -> Tensor:
         return self.model(tokens, input_pos, row) if row else self.model(tokens, input_pos)
 
-    def forward_last(self, tokens: Tensor, input_pos: Tensor, row: int = 0) -> Tensor:
+    def forward_last(self, tokens: Tensor, input_pos: Tensor, row: int = 0, last_index: Tensor | None = None) -> Tensor:
         """`forward`'s logits for the last position only, (B, 1, V): the output matrix multiplies one
-        row instead of S (what a prefill samples from)."""
-        return self.model(tokens, input_pos, row, last_only=True)
+        row instead of S (what a prefill samples from). `last_index` (B,): each row's own last
+        position (right-padded prompts of several sequences, see Transformer.forward)."""
+        if last_index is None:
+            return self.model(tokens, input_pos, row, last_only=True)
+        return self.model(tokens, input_pos, row, last_only=True, last_index=last_index)
