@@ -28,10 +28,6 @@ DEFAULT_SLOTS_CUDA = 16
 # this: a Llama 3.1 8B bf16 slot of 8192 positions is 1 GiB, and the model itself needs the rest.
 DEFAULT_KV_BUDGET_CPU = 4 << 30
 DEFAULT_KV_BUDGET_CUDA = 16 << 30
-# The model thread and the event loop share the GIL. Python lets a thread that wants it wait this long
-# before it asks the holder to let go (5 ms by default): after each step the model thread can wait that
-# long while the loop writes streamed chunks to many clients, and the accelerator idles meanwhile.
-GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 def _most_slots(device_type: str) -> int:
@@ -204,7 +200,6 @@ def _serve_on(sock, args, opening, options: ServerOptions) -> int:
     app = create_app(ModelWorker(engine, built.tokenizer), served, api_key=options.api_key,
                      other_models=lambda: downloaded_models(opening.spec.source.model_directory), on_ready=ready,
                      max_request_bytes=options.max_request_bytes)
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     config = uvicorn.Config(app, log_level="info" if options.verbose else "warning", access_log=options.verbose,
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)

@@ -130,6 +130,16 @@ class ModelWorker:
         try:
             while True:
                 item = await queue.get()
+                # When the event loop falls behind the model (many streams at once), a stream's tokens
+                # pile up here: hand them on as one Delta, one chunk to encode and send instead of
+                # several, so the loop's work per step shrinks as the load grows.
+                while isinstance(item, Delta) and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if not isinstance(nxt, Delta):
+                        yield item
+                        item = nxt
+                        break
+                    item = Delta(item.text + nxt.text, item.tokens + nxt.tokens)
                 if isinstance(item, Exception):
                     raise item
                 yield item
