@@ -268,45 +268,66 @@ void kv_update(const at::Tensor& k, const at::Tensor& v, const at::Tensor& table
 // ---- SwiGLU -------------------------------------------------------------------------------------
 // exp(x) for a SiLU: Cody-Waite range reduction to r in [-ln2/2, ln2/2] and a degree-6 Taylor
 // polynomial (relative error ~2e-7, a couple of float ulps), 2^n from the exponent bits. Written on
-// GCC/Clang vector types, 4 floats (SSE2, the baseline): with scalar code and -O3 GCC 12 turned the
-// clamps into branches and left the loop scalar (4-5 ns a value, a SwiGLU as slow as torch's two ops).
+// GCC/Clang vector types: with scalar code and -O3 GCC 12 turned the clamps into branches and left the
+// loop scalar (4-5 ns a value, a SwiGLU as slow as torch's two ops). VF is 4 floats (SSE2, the
+// baseline) or 8 (AVX2 + FMA, in a function compiled for them alone and called where the CPU has them).
 typedef float v4f __attribute__((vector_size(16)));
 typedef int32_t v4i __attribute__((vector_size(16)));
 
-inline v4f exp4(v4f x) {
-  const v4f lo = {-87.0f, -87.0f, -87.0f, -87.0f}, hi = {88.0f, 88.0f, 88.0f, 88.0f};
+template <typename VF, typename VI>
+__attribute__((always_inline)) inline VF expv(VF x) {
+  const VF lo = VF{} - 87.0f, hi = VF{} + 88.0f;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
-  const v4f magic = v4f{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
-  const v4f t = x * 1.44269504f + magic;
-  const v4f n = t - magic;
-  const v4f r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
-  v4f p = v4f{} + 1.0f / 720;
+  const VF magic = VF{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
+  const VF t = x * 1.44269504f + magic;
+  const VF n = t - magic;
+  const VF r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+  VF p = VF{} + 1.0f / 720;
   p = p * r + 1.0f / 120;
   p = p * r + 1.0f / 24;
   p = p * r + 1.0f / 6;
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const v4i bits = ((v4i)t - 0x4B400000 + 127) << 23;  // t's low bits hold n; 0x4B400000 is magic's bit pattern
-  return p * (v4f)bits;
+  const VI bits = ((VI)t - 0x4B400000 + 127) << 23;  // t's low bits hold n; 0x4B400000 is magic's bit pattern
+  return p * (VF)bits;
 }
 
 // g[i] = silu(g[i]) = g[i] / (1 + exp(-g[i])), in place.
-void silu_inplace(float* g, int64_t n) {
+template <typename VF, typename VI>
+__attribute__((always_inline)) inline void silu_loop(float* g, int64_t n) {
+  constexpr int64_t L = sizeof(VF) / sizeof(float);
   int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    v4f x;
+  for (; i + L <= n; i += L) {
+    VF x;
     std::memcpy(&x, g + i, sizeof(x));
-    x = x / (1.0f + exp4(-x));
+    x = x / (1.0f + expv<VF, VI>(-x));
     std::memcpy(g + i, &x, sizeof(x));
   }
   if (i < n) {  // the tail through one padded vector
-    v4f x = {};
+    VF x = {};
     std::memcpy(&x, g + i, (n - i) * sizeof(float));
-    x = x / (1.0f + exp4(-x));
+    x = x / (1.0f + expv<VF, VI>(-x));
     std::memcpy(g + i, &x, (n - i) * sizeof(float));
   }
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+__attribute__((target("avx2,fma"))) void silu_avx2(float* g, int64_t n) { silu_loop<v8f, v8i>(g, n); }
+bool has_avx2_fma() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");  // OS YMM state checked too
+  return yes;
+}
+#endif
+
+void silu_inplace(float* g, int64_t n) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (has_avx2_fma()) return silu_avx2(g, n);
+#endif
+  silu_loop<v4f, v4i>(g, n);
 }
 
 // x (..., 2H), the stacked w1|w3 projection -> silu(x[..., :H]) * x[..., H:], (..., H), in x's dtype:
