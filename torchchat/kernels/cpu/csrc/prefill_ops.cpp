@@ -4,9 +4,11 @@
 // ~2 ms of 13), each a separate pass over its operands plus its dispatch. Each operator here is one pass.
 //
 // Plain C++ built for the baseline instruction set (the compiler vectorizes the float loops with
-// SSE2), so it runs on every CPU that loads the library. Every result is rounded to the activations'
-// dtype at the points where the PyTorch code it replaces rounds (torchchat/model/transformer.py, rope.py),
-// so bf16 and float16 models give the same values up to the order of a sum (RMSNorm) and the exp (SiLU).
+// SSE2), so it runs on every CPU that loads the library; the two hot loops that gain from more (SiLU's
+// exp, float16 conversion) have a second version in a function compiled for AVX2+FMA / F16C alone,
+// chosen at run time by what the CPU and OS support. Every result is rounded to the activations' dtype
+// at the points where the PyTorch code it replaces rounds (torchchat/model/transformer.py, rope.py), so
+// bf16 and float16 models give the same values up to the order of a sum (RMSNorm) and the exp (SiLU).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
