@@ -23,6 +23,14 @@ pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"CPU kernels unavai
 BF16_STEP = 2.0**-7  # one bf16 step at the top of a binade, relative: the worst single rounding difference
 
 
+@pytest.fixture(params=["scalar", None], ids=["baseline-loops", "best"])
+def isa(request):
+    """The ops' SIMD loops (AVX2+FMA SiLU, F16C conversion) run unless the ISA is capped at scalar."""
+    cpu.set_isa(request.param)
+    yield request.param
+    cpu.set_isa(None)
+
+
 def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, fp32_rtol: float) -> None:
     assert got.dtype == want.dtype and got.shape == want.shape
     if dtype == torch.float32:
@@ -87,7 +95,7 @@ def test_rope_matches_apply_rope(dtype, b, s, h, d, rope_dim, per_row):
     (2, 5, 2, 64, 32, True, 1),  # batched rows at their own positions, partial rotary, rows [1, 3)
     (3, 4, 1, 8, 0, False, 0),  # a layer without RoPE
 ])
-def test_kv_update_matches_rope_and_cache_update(k_dtype, cache_dtype, b, s, h, d, rope_dim, per_row, row):
+def test_kv_update_matches_rope_and_cache_update(isa, k_dtype, cache_dtype, b, s, h, d, rope_dim, per_row, row):
     s_max = 160
     pos = torch.stack([torch.arange(s) + 9 * i for i in range(b)]) if per_row else torch.arange(s) + 2
     table = rope_table(s_max, max(rope_dim, 2), 10000.0)[pos][..., : rope_dim // 2, :]
@@ -118,7 +126,7 @@ def test_kv_update_rejects_what_it_cannot_write():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 128, 2 * 768), (3, 5, 2 * 7), (1, 1, 2 * 3), (4, 2 * 1)])
-def test_silu_mul_matches_torch(dtype, shape):
+def test_silu_mul_matches_torch(isa, dtype, shape):
     x = (4 * torch.randn(shape)).to(dtype)
     x.view(-1)[:4] = torch.tensor([0.0, -100.0, 100.0, -0.0], dtype=dtype)  # saturated and zero gates
     gate, up = x.chunk(2, dim=-1)

@@ -100,8 +100,9 @@ class Attention(nn.Module):
             if (self.native_ops and end == seqlen and input_pos.dim() == 1 and self.window == 0
                     and self.softcap is None):
                 # A prompt from position 0 (its positions are 0..S-1): the mask is plain causal, which
-                # SDPA's CPU flash kernel applies itself, skipping the blocks above the diagonal instead
-                # of converting and reading a mask (stories15M, 128 tokens: ~0.5 ms of a 9 ms prefill).
+                # SDPA's CPU flash kernel applies itself instead of converting and reading a mask
+                # (stories15M's (1, 6, 128, 48): 213-218 us a call against 232-239 us, plus the mask's
+                # two `where` ops a layer).
                 mask = None
         if seqlen == 1 and x.device.type == "cpu" and self.native_decode:
             # Reads the cache in its own element type (float16 where layout chose it).

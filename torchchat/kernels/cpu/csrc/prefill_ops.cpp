@@ -4,11 +4,12 @@
 // ~2 ms of 13), each a separate pass over its operands plus its dispatch. Each operator here is one pass.
 //
 // Plain C++ built for the baseline instruction set (the compiler vectorizes the float loops with
-// SSE2), so it runs on every CPU that loads the library; the two hot loops that gain from more (SiLU's
+// SSE2), so it runs on every CPU that loads the library. The two hot loops that gain from more (SiLU's
 // exp, float16 conversion) have a second version in a function compiled for AVX2+FMA / F16C alone,
-// chosen at run time by what the CPU and OS support. Every result is rounded to the activations' dtype
-// at the points where the PyTorch code it replaces rounds (torchchat/model/transformer.py, rope.py), so
-// bf16 and float16 models give the same values up to the order of a sum (RMSNorm) and the exp (SiLU).
+// chosen at run time by what the CPU and OS support; an ISA cap of `scalar` keeps the baseline loops.
+// Every result is rounded to the activations' dtype at the points where the PyTorch code it replaces
+// rounds (torchchat/model/transformer.py, rope.py), so bf16 and float16 models give the same values up
+// to the order of a sum (RMSNorm) and the exp (SiLU).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -20,6 +21,8 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#include "common.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -199,7 +202,7 @@ template <typename C>
 void store_floats(const float* x, C* y, int64_t n) {
 #if defined(__x86_64__) || defined(_M_X64)
   if constexpr (std::is_same_v<C, c10::Half>) {
-    if (has_f16c()) return floats_to_half_f16c(x, reinterpret_cast<uint16_t*>(y), n);
+    if (has_f16c() && simd_allowed()) return floats_to_half_f16c(x, reinterpret_cast<uint16_t*>(y), n);
   }
 #endif
   for (int64_t j = 0; j < n; j++) y[j] = static_cast<C>(x[j]);
@@ -279,8 +282,11 @@ typedef int32_t v4i __attribute__((vector_size(16)));
 template <typename VF, typename VI>
 __attribute__((always_inline)) inline VF expv(VF x) {
   const VF lo = VF{} - 87.0f, hi = VF{} + 88.0f;
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
+  // Clamped by bit masks (a vector comparison gives all-ones lanes): GCC and Clang both take these,
+  // while a vector ?: is newer in Clang.
+  VI below = x < lo, above = x > hi;
+  x = (VF)(((VI)lo & below) | ((VI)x & ~below));
+  x = (VF)(((VI)hi & above) | ((VI)x & ~above));
   const VF magic = VF{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
   const VF t = x * 1.44269504f + magic;
   const VF n = t - magic;
@@ -327,7 +333,7 @@ bool has_avx2_fma() {
 
 void silu_inplace(float* g, int64_t n) {
 #if defined(__x86_64__) || defined(_M_X64)
-  if (has_avx2_fma()) return silu_avx2(g, n);
+  if (has_avx2_fma() && simd_allowed()) return silu_avx2(g, n);
 #endif
   silu_loop<v4f, v4i>(g, n);
 }
