@@ -270,3 +270,17 @@ def test_native_eager_ops_match_pytorch(gguf_files, dtype):
     reference = run()
     for got, want in zip(native, reference):
         assert _rel(got, want) < 1e-2, _rel(got, want)
+
+
+@pytest.mark.slow
+def test_export_keeps_the_pytorch_ops(gguf_files):
+    """torch.export of an optimized model (as torchchat/export does) traces the PyTorch code, not the
+    eager-only fused ops: the artifact needs no more of the library than ggml_linear / decode attention."""
+    model = _packed_model(gguf_files["Q4_0", False], torch.float32)
+    optimize_for_decode(model)
+    model.setup_caches(1, 64)
+    with torch.no_grad():
+        ep = torch.export.export(model, (TOKENS, torch.arange(TOKENS.size(1))), strict=False)
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert any("ggml_linear" in t for t in targets)
+    assert not any(op in t for t in targets for op in ("rms_norm", "torchchat_cpu.rope", "kv_update", "silu_mul"))
