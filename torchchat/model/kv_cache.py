@@ -29,3 +29,12 @@ class KVCache(nn.Module):
             k_rows[rows, :, input_pos] = k.transpose(1, 2)
             v_rows[rows, :, input_pos] = v.transpose(1, 2)
         return k_rows, v_rows
+
+    def update_rotated(self, input_pos: Tensor, k: Tensor, v: Tensor, rope: Tensor, rope_dim: int,
+                       row: int = 0) -> tuple[Tensor, Tensor]:
+        """`update` for k, v still in (B, S, H_kv, D), rotating the first `rope_dim` values of each key
+        head by `rope` (S or B, S, rope_dim/2, 2) first (0: none), in one pass of the native CPU kernel
+        torchchat_cpu::kv_update. Eager CPU only (Attention.native_ops). Returns what `update` returns."""
+        bsz = k.size(0)
+        torch.ops.torchchat_cpu.kv_update(k, v, rope, rope_dim, input_pos, self.k_cache, self.v_cache, row)
+        return self.k_cache[row : row + bsz], self.v_cache[row : row + bsz]

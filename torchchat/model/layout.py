@@ -10,6 +10,9 @@ before it runs (never to what is saved or exported, whose parameter names stay M
 - Models with packed weights decode with torchchat_cpu::decode_attention: each step reads the cache
   positions its mask allows, not the whole cache (the matmul over all max_seq_len positions cost a
   third of a stories110M Q4_0 step at 512 positions). In fp32 their KV cache is float16.
+- They also run RMSNorm, RoPE (the keys' together with the cache write) and SwiGLU as single native
+  passes when eager (torchchat_cpu::rms_norm / rope / kv_update / silu_mul): a stories15M Q4_0 prefill
+  spent two thirds of its time in small aten ops around the matrix products.
 - On CPU in fp32, the output projection stored transposed (dim x vocab): MKL's GEMV reads that layout
   at about 3x the bandwidth of the row-major (vocab x dim) one for stories15M's 32000 x 288 (measured
   1.2 ms against 3.6 ms); in bf16 the transposed layout is the slow one, so it is left alone.
@@ -92,6 +95,10 @@ def optimize_for_decode(model: nn.Module) -> list[str]:
         for block in model.layers:
             block.attention.native_decode = block.attention.softcap is None  # (soft-capping: its own path)
         done.append("native decode attention")
+        for module in model.modules():
+            if hasattr(module, "native_ops"):  # RMSNorm, Attention, FeedForward: their eager CPU passes
+                module.native_ops = True
+        done.append("native eager norms, RoPE and SwiGLU")
         if model.norm.weight.dtype == torch.float32 and hasattr(model, "kv_cache_dtype"):
             # Keys and values in float16, as llama.cpp keeps them by default: each decode step reads half
             # the cache bytes (stories110M at position 144: 5 MB instead of 11 MB, next to 62 MB of

@@ -12,13 +12,25 @@ from torchchat.model.kv_cache import KVCache
 from torchchat.model.rope import apply_rope, rope_table
 
 
+def _native_eager(x: Tensor) -> bool:
+    """Whether a module whose `native_ops` is set runs torchchat_cpu's fused RMSNorm / RoPE + KV-cache
+    write / SwiGLU: only eagerly on the CPU. Each replaces a chain of small aten ops (a stories15M Q4_0
+    prefill of 128 tokens spent about two thirds of its time in ~3000 of them, the matrix products one
+    third); traced steps keep the PyTorch code, which Inductor fuses itself."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        # Set by torchchat.model.layout where torchchat's CPU kernels are loaded (see _native_eager).
+        self.native_ops = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.native_ops and x.dtype == self.weight.dtype and _native_eager(x):
+            return torch.ops.torchchat_cpu.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
@@ -47,6 +59,8 @@ class Attention(nn.Module):
         # Set by torchchat.model.layout where torchchat's CPU kernels are loaded: decode steps then
         # read only the cache positions the mask allows (torchchat_cpu::decode_attention).
         self.native_decode = False
+        # Set there too: eager CPU steps rotate q, and k while writing the cache, in native passes.
+        self.native_ops = False
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, row: int = 0) -> Tensor:
         """x: (B, S, dim); rope: (S, rope_dim/2, 2); mask: (1, 1, S, S_max) bool; input_pos: (S,); or, with
@@ -63,18 +77,33 @@ class Attention(nn.Module):
         v = v.reshape(bsz, seqlen, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.use_rope and self.rope_dim < self.head_dim:  # partial rotary: the first rope_dim dims of a head
-            q, k = (torch.cat([apply_rope(t[..., : self.rope_dim], rope), t[..., self.rope_dim :]], dim=-1) for t in (q, k))
-        elif self.use_rope:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
-        k, v = self.kv_cache.update(input_pos, k, v, row)  # (B, H_kv, S_max, D)
+        if self.native_ops and _native_eager(x):
+            rope_dim = self.rope_dim if self.use_rope else 0
+            if rope_dim:
+                q = torch.ops.torchchat_cpu.rope(q, rope, rope_dim)
+            q = q.transpose(1, 2)  # (B, H, S, D)
+            k, v = self.kv_cache.update_rotated(input_pos, k, v, rope, rope_dim, row)  # (B, H_kv, S_max, D)
+        else:
+            if self.use_rope and self.rope_dim < self.head_dim:  # partial rotary: the first rope_dim dims of a head
+                q, k = (torch.cat([apply_rope(t[..., : self.rope_dim], rope), t[..., self.rope_dim :]], dim=-1)
+                        for t in (q, k))
+            elif self.use_rope:
+                q, k = apply_rope(q, rope), apply_rope(k, rope)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
+            k, v = self.kv_cache.update(input_pos, k, v, row)  # (B, H_kv, S_max, D)
         if seqlen > 1 and x.device.type == "cpu" and not torch.compiler.is_compiling():
             # Eager prefill reads only the cache up to the last position written, not all S_max slots
             # (masked out anyway): a 128-token prompt in a 512 cache spent 4x the attention time.
             # Traced steps keep static shapes, and on CUDA reading the position would synchronize.
             end = int(input_pos.max()) + 1
             k, v, mask = k[:, :, :end], v[:, :, :end], mask[..., :end]
+            if (self.native_ops and end == seqlen and input_pos.dim() == 1 and self.window == 0
+                    and self.softcap is None):
+                # A prompt from position 0 (its positions are 0..S-1): the mask is plain causal, which
+                # SDPA's CPU flash kernel applies itself instead of converting and reading a mask
+                # (stories15M's (1, 6, 128, 48): 213-218 us a call against 232-239 us, plus the mask's
+                # two `where` ops a layer).
+                mask = None
         if seqlen == 1 and x.device.type == "cpu" and self.native_decode:
             # Reads the cache in its own element type (float16 where layout chose it).
             out = torch.ops.torchchat_cpu.decode_attention(q, k, v, input_pos, self.scale, self.window)
@@ -89,7 +118,8 @@ class Attention(nn.Module):
             out = _decode_attention(q, k, v, mask, self.scale)
         else:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                enable_gqa=self.n_heads != self.n_kv_heads,
             )
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim))
 
@@ -131,8 +161,11 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
         self.w13: nn.Linear | None = None  # w1|w3 stacked, set by torchchat.model.layout in their place
         self.gelu = cfg.activation == "gelu_tanh"
+        self.native_ops = False  # set by torchchat.model.layout (see _native_eager)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.native_ops and self.w13 is not None and not self.gelu and _native_eager(x):
+            return self.w2(torch.ops.torchchat_cpu.silu_mul(self.w13(x)))  # silu(gate) * up from gate|up
         if self.w13 is not None:
             gate, up = self.w13(x).chunk(2, dim=-1)
         else:
@@ -159,6 +192,9 @@ class Block(nn.Module):
         if self.sandwich:
             h = x + self.attention_post_norm(self.attention(self.attention_norm(x), rope, mask, input_pos, row))
             return h + self.ffn_post_norm(self.feed_forward(self.ffn_norm(h)))
+        if self.residual_multiplier == 1.0:  # (most models: a multiply by 1 is a whole pass in eager mode)
+            h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, row)
+            return h + self.feed_forward(self.ffn_norm(h))
         h = x + self.residual_multiplier * self.attention(self.attention_norm(x), rope, mask, input_pos, row)
         return h + self.residual_multiplier * self.feed_forward(self.ffn_norm(h))
 

@@ -71,6 +71,23 @@ def _register_fakes() -> None:
     def _attention_fake(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, scale: float, window: int) -> Tensor:
         return torch.empty_like(q)
 
+    @torch.library.register_fake("torchchat_cpu::rms_norm")
+    def _rms_norm_fake(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("torchchat_cpu::rope")
+    def _rope_fake(x: Tensor, table: Tensor, rope_dim: int) -> Tensor:
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("torchchat_cpu::kv_update")
+    def _kv_update_fake(k: Tensor, v: Tensor, table: Tensor, rope_dim: int, pos: Tensor, k_cache: Tensor,
+                        v_cache: Tensor, row: int) -> None:
+        return None
+
+    @torch.library.register_fake("torchchat_cpu::silu_mul")
+    def _silu_mul_fake(x: Tensor) -> Tensor:
+        return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
     @torch.library.register_fake("torchchat_cpu::ggml_embedding")
     def _embedding_fake(w: Tensor, ids: Tensor, qtype: int, k: int, dtype: torch.dtype) -> Tensor:
         return w.new_empty((*ids.shape, k), dtype=dtype)
@@ -96,6 +113,35 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, scale: float,
     (1,) shared or (B,) / (B, 1) per row. Reads only those positions, not the whole cache."""
     ensure_loaded()
     return torch.ops.torchchat_cpu.decode_attention(q, k, v, pos, scale, window)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm.forward in one pass: (x * rsqrt(mean(x^2) + eps)) in float32, rounded to x's dtype, times
+    weight (x's dtype). x (..., D); returns a contiguous tensor of x's shape and dtype."""
+    ensure_loaded()
+    return torch.ops.torchchat_cpu.rms_norm(x, weight, eps)
+
+
+def rope(x: Tensor, table: Tensor, rope_dim: int) -> Tensor:
+    """apply_rope on the first `rope_dim` values of each head (the rest copied): x (B, S, H, D) with a
+    contiguous head dimension; table (S, rope_dim/2, 2) or (B, S, rope_dim/2, 2) float32. Returns a
+    contiguous (B, S, H, D) in x's dtype."""
+    ensure_loaded()
+    return torch.ops.torchchat_cpu.rope(x, table, rope_dim)
+
+
+def kv_update(k: Tensor, v: Tensor, table: Tensor, rope_dim: int, pos: Tensor, k_cache: Tensor, v_cache: Tensor,
+              row: int = 0) -> None:
+    """Rotate the keys (rope_dim 0: not at all) and write keys and values into the caches in place:
+    k, v (B, S, H_kv, D); pos (S,) or (B, S); caches (B_max, H_kv, S_max, D), rows [row, row + B)."""
+    ensure_loaded()
+    torch.ops.torchchat_cpu.kv_update(k, v, table, rope_dim, pos, k_cache, v_cache, row)
+
+
+def silu_mul(x: Tensor) -> Tensor:
+    """SwiGLU on the stacked w1|w3 output: x (..., 2H) -> silu(x[..., :H]) * x[..., H:], (..., H)."""
+    ensure_loaded()
+    return torch.ops.torchchat_cpu.silu_mul(x)
 
 
 def _try_load() -> None:

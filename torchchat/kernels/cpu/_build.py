@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("ops.cpp", "repack.cpp", "kern_scalar.cpp", "kern_avx2.cpp", "kern_avx512.cpp", "kern_avx512vnni.cpp")
+SOURCES = ("ops.cpp", "prefill_ops.cpp", "repack.cpp", "kern_scalar.cpp", "kern_avx2.cpp", "kern_avx512.cpp", "kern_avx512vnni.cpp")
 HEADERS = ("common.h", "kern_x86.inc")
 LIB_NAME = "torchchat_cpu_kernels"
 # Measured on a 2-core VM (g++ 12): the torch headers of ops.cpp dominate.

@@ -107,6 +107,11 @@ struct KernelTable {
   bool k256;  // q4_kx / q5_kx / q6_kx take activations with blk 256 from kBufferedRows rows on (ActQ)
 };
 
+// Whether the path in use (TORCHCHAT_CPU_ISA, torchchat.kernels.cpu.set_isa) is above the scalar one.
+// The fused elementwise ops (prefill_ops.cpp) take their AVX2+FMA / F16C loops only then (and where the
+// CPU has them), so a scalar cap also tests their baseline loops.
+bool simd_allowed();
+
 extern const KernelTable scalar_table;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const KernelTable avx2_table;

@@ -485,6 +485,9 @@ at::Tensor ggml_deinterleave(const at::Tensor& w, int64_t qtype, int64_t k) {
 }
 
 }  // namespace
+
+bool simd_allowed() { return &table() != &scalar_table; }
+
 }  // namespace tcc
 
 TORCH_LIBRARY(torchchat_cpu, m) {
